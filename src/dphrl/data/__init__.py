@@ -1,0 +1,5 @@
+"""Datasets: one common example record, loaders, prompt templates, synthetic tasks."""
+
+from dphrl.data.example import Example
+
+__all__ = ["Example"]

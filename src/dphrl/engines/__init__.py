@@ -1,0 +1,5 @@
+"""Generation engines behind one interface: Hugging Face ``generate`` (default) and vLLM (lazy)."""
+
+from dphrl.engines.base import Engine, Generation
+
+__all__ = ["Engine", "Generation"]
