@@ -1,0 +1,96 @@
+"""Pack (prompt, response) pairs into tensors and compute response log-probs in one forward pass.
+
+Layout: prompts are left-padded to a common length P and responses right-padded to T, so every
+response starts at column P. One forward with ``logits_to_keep=T+1`` then yields the logits that
+predict exactly the response tokens: the LM head and the softmax never run on prompt positions.
+``resp_mask`` marks real response tokens *including* the EOS token (the policy gets gradient for
+stopping); padding is identified by position (length), never by token id, so a pad id equal to the
+EOS id cannot hide the EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # (B, P+T)
+    attention_mask: torch.Tensor  # (B, P+T)
+    position_ids: torch.Tensor  # (B, P+T)
+    resp_ids: torch.Tensor  # (B, T)
+    resp_mask: torch.Tensor  # (B, T) float, 1 on real response tokens (EOS included)
+    prompt_len: int  # P
+
+    def to(self, device: torch.device | str) -> Packed:
+        return Packed(
+            self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+            self.resp_ids.to(device), self.resp_mask.to(device), self.prompt_len,
+        )
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, resp_len: int | None = None) -> Packed:
+    """Left-pad prompts, right-pad responses (to ``resp_len`` or the longest response)."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"pack: {len(prompts)} prompts but {len(responses)} responses")
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    T = max(1, resp_len or max(len(r) for r in responses))
+    input_ids = torch.full((B, P + T), pad_id, dtype=torch.long)  # (B, P+T)
+    attn = torch.zeros((B, P + T), dtype=torch.long)  # (B, P+T)
+    resp_mask = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        if len(r) > T:
+            raise ValueError(f"pack: response {i} has {len(r)} tokens > resp_len {T}")
+        input_ids[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p) : P] = 1
+        if r:
+            input_ids[i, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
+            attn[i, P : P + len(r)] = 1
+            resp_mask[i, : len(r)] = 1.0
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P+T) positions count real tokens only
+    return Packed(input_ids, attn, position_ids, input_ids[:, P:].clone(), resp_mask, P)
+
+
+def pad_values(rows: list[list[float]], T: int, value: float = 0.0) -> torch.Tensor:
+    """Right-pad per-token float lists (e.g. stored log-probs) into a (B, T) tensor."""
+    out = torch.full((len(rows), T), value, dtype=torch.float32)  # (B, T)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    batch: Packed,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(y_t | x, y_<t) / temperature-scaled, for each response token; optionally the entropy.
+
+    Returns ``logp`` (B, T) and ``entropy`` (B, T) or None; values on padding are meaningless and
+    must be masked with ``batch.resp_mask``. The entropy carries gradient only with ``entropy_grad``
+    (an entropy bonus); otherwise it is a detached diagnostic that costs no autograd memory.
+    """
+    T = batch.resp_ids.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=T + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1, :].float()  # (B, T, V): position P-1+t predicts response token t
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)  # (B, T)
+    logp = logits.gather(-1, batch.resp_ids.unsqueeze(-1)).squeeze(-1) - logz  # (B, T)
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            probs = torch.softmax(logits, dim=-1)  # (B, T, V)
+            entropy = logz - (probs * logits).sum(-1)  # (B, T)
+    return logp, entropy

@@ -1,0 +1,288 @@
+"""Typed configuration for ``dphrl train`` / ``presample``: every field's help text is the reference.
+
+A YAML file gives values; ``key=value`` command-line overrides win. Unknown keys and bad values are
+reported with the key, the file (and line) and how to fix it. Fields left at ``None`` are filled by
+the chosen ``algorithm``'s defaults (the paper's settings) in ``__post_init__``; the fully resolved
+config is saved with every checkpoint and artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ALGORITHMS = ("grpo", "dapo", "rkl", "dph")
+DEFAULT_ETA = {"forward_kl": 0.01, "js": 0.2}
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it and says how to fix it."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train -------------------------------------------------------------------------
+    model: str = _f("", "Policy model: local dir, Hugging Face id, .gguf file, or a built-in name (smollm2-135m-instruct).")
+    algorithm: str = _f("dph", "One of grpo | dapo | rkl | dph. Fills the defaults of the fields left unset.")
+    dataset: dict = _f({}, "Training data spec for dphrl.data.loaders.load_dataset_spec, e.g. {type: gsm8k, path: ..., limit: 512}.")
+    reward: str = _f("", "Reward name (math, gsm8k, sql, bird, styles, ...) or module:function. Empty: the task's own.")
+    output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoints/ and final/ are written.")
+    seed: int = _f(0, "Seed for data order, sampling and initialisation.")
+    # --- divergence (dph) / KL (rkl) -----------------------------------------------------------
+    divergence: str | None = _f(None, "dph: registered f-divergence for the rehearsal term (forward_kl, js, alpha, ...). Default js.")
+    divergence_params: dict = _f({}, "Extra parameters of the divergence, e.g. {alpha: 0.5}.")
+    eta: float | None = _f(None, "dph: weight of the divergence term. Default 0.01 for forward_kl, 0.2 for js, else 0.1.")
+    reference_store: str = _f("", "dph: directory written by `dphrl presample` (required for dph).")
+    ref_prompts_per_step: int | None = _f(None, "dph: D_pef prompts whose stored samples enter each step. Default: prompts_per_step*|D_pef|/|D_exp| (>=1).")
+    kl_coef: float | None = _f(None, "rkl: coefficient of the reverse-KL loss to the frozen initial model. Default 0.01 (0 for others).")
+    kl_estimator: str = _f("k3", "rkl: reverse-KL estimator k1 | k2 | k3.")
+    # --- pre-sampling (dphrl presample writes reference_store) ---------------------------------
+    presample_n: int = _f(8, "presample: responses sampled per training prompt from the base model.")
+    split_threshold: float = _f(1.0, "presample: prompts with pass rate >= this go to D_pef, the rest to D_exp.")
+    keep_per_prompt: int = _f(0, "presample: correct responses stored per D_pef prompt (0 = all of them).")
+    # --- rollouts -------------------------------------------------------------------------------
+    prompts_per_step: int = _f(8, "Prompts per optimizer step (global, across processes).")
+    rollout_n: int = _f(8, "Responses sampled per prompt (GRPO group size).")
+    max_prompt_tokens: int = _f(512, "Prompts longer than this are dropped (with a count) when loading.")
+    max_new_tokens: int = _f(64, "Maximum response length in tokens.")
+    temperature: float = _f(1.0, "Sampling temperature; the training log-probs use the same temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling for rollouts (log-probs are renormalized over the nucleus).")
+    generation_batch_size: int = _f(64, "Sequences generated per engine call chunk.")
+    engine: str = _f("hf", "Generation engine: hf | vllm (vllm needs the optional extra and a GPU).")
+    dynamic_sampling: bool | None = _f(None, "Drop groups whose rewards are all equal and refill the batch (dapo default: true).")
+    max_refill_rounds: int = _f(3, "dynamic_sampling: extra generation rounds to refill the batch before training on fewer groups.")
+    overlong_buffer: int | None = _f(None, "DAPO soft overlong shaping: penalty ramps over the last N tokens (dapo default: max_new_tokens//4; 0 = off).")
+    overlong_penalty: float = _f(1.0, "DAPO soft overlong shaping: reward penalty at max_new_tokens.")
+    # --- policy loss ----------------------------------------------------------------------------
+    advantage: str = _f("grpo", "Advantage estimator: grpo | grpo_no_std | rloo.")
+    policy_loss: str = _f("ppo_clip", "Policy loss from dphrl.losses.POLICY_LOSSES.")
+    clip_low: float = _f(0.2, "PPO clip: ratio lower bound is 1 - clip_low.")
+    clip_high: float | None = _f(None, "PPO clip: ratio upper bound is 1 + clip_high (grpo/rkl default 0.2; dapo/dph 0.28).")
+    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages (dph default 3.0; null = off).")
+    loss_agg: str | None = _f(None, "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo/rkl default seq-mean-token-mean; dapo/dph token-mean).")
+    entropy_coef: float = _f(0.0, "Entropy bonus coefficient (0 in the paper).")
+    old_logprob: str = _f("rollout", "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward).")
+    # --- optimisation ---------------------------------------------------------------------------
+    max_steps: int = _f(20, "Optimizer steps (one rollout batch per step, times ppo_epochs x mini_batches updates).")
+    ppo_epochs: int = _f(1, "Passes over each rollout batch.")
+    mini_batches: int = _f(1, "Optimizer updates per epoch (the batch is split into this many mini-batches).")
+    micro_batch_size: int = _f(16, "Sequences per forward/backward (gradient accumulation inside a mini-batch).")
+    lr: float = _f(1e-6, "AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: list = _f([0.9, 0.999], "AdamW betas.")
+    lr_schedule: str = _f("constant", "constant | linear | cosine (after warmup).")
+    warmup_steps: int = _f(0, "Linear warmup updates.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping (0 = off).")
+    dtype: str = _f("float32", "float32 | bfloat16 (bf16 autocast where the hardware has it).")
+    lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: int = _f(32, "LoRA alpha.")
+    lora_target_modules: str = _f("all-linear", "LoRA target modules (peft syntax).")
+    # --- robustness, logging, checkpoints ------------------------------------------------------
+    max_reward_failure_frac: float = _f(0.2, "Stop with an error when more than this fraction of a step's rewards failed.")
+    reward_timeout_s: float = _f(10.0, "Per-item reward time-out (seconds).")
+    reward_workers: int = _f(0, "Process-pool workers for reward scoring (0 = in process).")
+    log_every: int = _f(1, "Log metrics every N steps.")
+    trackers: list = _f([], "Extra accelerate trackers: tensorboard, wandb (metrics.jsonl is always written).")
+    save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model).")
+    keep_last: int = _f(2, "Checkpoints kept.")
+    progress: bool = _f(True, "Show a progress bar.")
+
+    def __post_init__(self) -> None:
+        self.resolve()
+
+    # The algorithm presets: each fills only the fields the user left unset (None).
+    def resolve(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(_bad("algorithm", self.algorithm, f"one of {list(ALGORITHMS)}"))
+        a = self.algorithm
+        paper_like = a in ("dapo", "dph")
+        if self.clip_high is None:
+            self.clip_high = 0.28 if paper_like else 0.2
+        if self.loss_agg is None:
+            self.loss_agg = "token-mean" if paper_like else "seq-mean-token-mean"
+        if self.dynamic_sampling is None:
+            self.dynamic_sampling = a == "dapo"
+        if self.overlong_buffer is None:
+            self.overlong_buffer = self.max_new_tokens // 4 if a == "dapo" else 0
+        if self.kl_coef is None:
+            self.kl_coef = 0.01 if a == "rkl" else 0.0
+        if a == "dph":
+            if self.divergence is None:
+                self.divergence = "js"
+            if self.eta is None:
+                self.eta = DEFAULT_ETA.get(self.divergence, 0.1)
+            if self.dual_clip is None:
+                self.dual_clip = 3.0
+        self.validate()
+
+    def validate(self) -> None:
+        from dphrl import advantages, divergences, losses
+
+        def need(cond: bool, key: str, expected: str) -> None:
+            if not cond:
+                raise ConfigError(_bad(key, getattr(self, key), expected))
+
+        need(bool(self.model), "model", "a model path, hub id, .gguf file or built-in name")
+        need(self.prompts_per_step >= 1, "prompts_per_step", "an integer >= 1")
+        need(self.rollout_n >= 1, "rollout_n", "an integer >= 1")
+        need(self.rollout_n >= 2 or self.advantage == "none", "rollout_n", ">= 2 (group-normalized advantages need a group)")
+        need(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")
+        need(self.temperature > 0, "temperature", "> 0")
+        need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        need(self.max_steps >= 0, "max_steps", ">= 0")
+        need(self.ppo_epochs >= 1 and self.mini_batches >= 1, "ppo_epochs", ">= 1 (and mini_batches >= 1)")
+        need(self.micro_batch_size >= 1, "micro_batch_size", ">= 1")
+        need(self.lr > 0, "lr", "> 0")
+        need(0 <= self.clip_low < 1, "clip_low", "in [0, 1)")
+        need(self.clip_high is not None and self.clip_high >= 0, "clip_high", ">= 0")
+        need(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "null or > 1")
+        need(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant | linear | cosine")
+        need(self.dtype in ("float32", "bfloat16"), "dtype", "float32 | bfloat16")
+        need(self.engine in ("hf", "vllm"), "engine", "hf | vllm")
+        need(self.old_logprob in ("rollout", "recompute"), "old_logprob", "rollout | recompute")
+        need(0 <= self.max_reward_failure_frac <= 1, "max_reward_failure_frac", "in [0, 1]")
+        need(self.loss_agg in losses.AGGREGATIONS, "loss_agg", f"one of {sorted(losses.AGGREGATIONS)}")
+        need(self.policy_loss in losses.POLICY_LOSSES, "policy_loss", f"one of {sorted(losses.POLICY_LOSSES)}")
+        need(self.advantage in advantages.ADVANTAGES, "advantage", f"one of {sorted(advantages.ADVANTAGES)}")
+        need(self.kl_estimator in losses.KL_ESTIMATORS, "kl_estimator", f"one of {sorted(losses.KL_ESTIMATORS)}")
+        need(self.kl_coef is not None and self.kl_coef >= 0, "kl_coef", ">= 0")
+        if self.algorithm == "dph":
+            need(self.divergence in divergences.list_divergences(), "divergence", f"one of {divergences.list_divergences()}")
+            need(self.eta is not None and self.eta >= 0, "eta", ">= 0")
+            need(bool(self.reference_store), "reference_store",
+                 "the directory written by `dphrl presample` (dph trains on stored reference samples; run presample first)")
+        elif self.kl_coef and self.algorithm != "rkl":
+            raise ConfigError(f"kl_coef={self.kl_coef} is only used by algorithm 'rkl'; set algorithm: rkl or kl_coef: 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _bad(key: str, value: Any, expected: str) -> str:
+    return f"config key '{key}': got {value!r}, expected {expected}. Fix it in the YAML file or with `{key}=...`."
+
+
+def config_help(cls: type = TrainConfig) -> str:
+    """Markdown table of every key, its default and its help text (the config reference)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        rows.append(f"| `{f.name}` | `{json.dumps(default)}` | {f.metadata.get('help', '')} |")
+    return "\n".join(rows)
+
+
+def _coerce(key: str, raw: Any, typ: Any, where: str) -> Any:
+    """Convert ``raw`` (YAML value or override string) to the field's type, or raise ConfigError."""
+    if isinstance(typ, str):
+        typ = eval(typ, {"dict": dict, "list": list, "str": str, "int": int, "float": float, "bool": bool})  # noqa: S307
+    args = typing.get_args(typ)
+    optional = type(None) in args or typ is type(None)
+    base = next((a for a in args if a is not type(None)), typ) if isinstance(typ, types.UnionType) else typ
+    if isinstance(raw, str) and base is not str:
+        if optional and raw.lower() in ("null", "none", "~"):
+            return None
+        try:
+            raw = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config key '{key}' ({where}): cannot parse {raw!r}: {e}") from e
+    if raw is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' ({where}): null is not allowed, expected {base.__name__}")
+    try:
+        if base is bool:
+            if not isinstance(raw, bool):
+                raise TypeError
+            return raw
+        if base is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise TypeError
+            return int(raw)
+        if base is float:
+            if isinstance(raw, bool):
+                raise TypeError
+            return float(raw)
+        if base is str:
+            return str(raw)
+        if base in (dict, list):
+            if not isinstance(raw, base):
+                raise TypeError
+            return raw
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key '{key}' ({where}): got {raw!r}, expected {base.__name__}") from e
+    return raw
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Line number of each top-level key in a YAML text (for error messages)."""
+    lines: dict[str, int] = {}
+    node = yaml.compose(text)
+    if isinstance(node, yaml.MappingNode):
+        for k, _ in node.value:
+            lines[str(k.value)] = k.start_mark.line + 1
+    return lines
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig, **kw: Any):
+    """Build a config from a YAML file, ``key=value`` overrides and keyword arguments, validated."""
+    values: dict[str, Any] = {}
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+
+    def put(key: str, raw: Any, where: str) -> None:
+        if key not in names:
+            close = difflib.get_close_matches(key, list(names), n=3)
+            hint = f" Did you mean {close}?" if close else f" Valid keys: {sorted(names)}."
+            raise ConfigError(f"unknown config key '{key}' ({where}).{hint}")
+        values[key] = _coerce(key, raw, hints[key], where)
+
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+        lines = _yaml_lines(text)
+        for k, v in data.items():
+            put(str(k), v, f"{path}:{lines.get(str(k), '?')}")
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value (e.g. lr=1e-5)")
+        k, _, v = ov.partition("=")
+        if "." in k:  # nested dict keys: dataset.limit=32
+            top, _, sub = k.partition(".")
+            if top not in names or not isinstance(_default(names[top]), dict):
+                dict_keys = [n for n, f in names.items() if isinstance(_default(f), dict)]
+                raise ConfigError(f"override {ov!r}: only the dict keys {dict_keys} take dotted sub-keys")
+            cur = dict(values.get(top) or _default(names[top]))
+            cur[sub] = yaml.safe_load(v)
+            values[top] = cur
+            continue
+        put(k.strip(), v, "command line")
+    for k, v in kw.items():
+        put(k, v, "keyword argument")
+    return cls(**values)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

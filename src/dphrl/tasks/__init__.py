@@ -1,0 +1,1 @@
+"""Built-in synthetic tasks (the demo's multi-style arithmetic)."""

@@ -1,0 +1,579 @@
+"""The RL loop, read top to bottom: sample prompts -> generate -> score -> advantages -> update -> log.
+
+One class, ``Trainer``, runs every algorithm (grpo, dapo, rkl, dph); the algorithms differ only in
+which prompts are rolled out, which loss terms are added and the defaults filled by the config:
+
+    grpo : PPO-clip on group-normalized advantages of rollouts on all training prompts.
+    dapo : grpo + clip-higher, token-mean, dynamic sampling, soft overlong reward shaping.
+    rkl  : grpo + kl_coef * reverse-KL (k3) to a live frozen copy of the initial model.
+    dph  : PPO-clip on rollouts of D_exp prompts + eta * f-divergence on stored pi_ref samples of
+           D_pef prompts. No reference model exists: log pi_ref comes from the reference store.
+
+Rollout sequences and reference sequences are kept in separate lists and never share a micro-batch;
+each term is normalized by its own (global) token count. Distributed runs (accelerate DDP) shard
+prompts and reference samples evenly by rank and normalize with global counts, so the update of a
+global batch does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from dphrl import advantages as adv_lib
+from dphrl import divergences, losses
+from dphrl.batching import pack, pad_values, response_logprobs
+from dphrl.config import TrainConfig
+from dphrl.data.chat import encode_prompt
+from dphrl.data.example import Example
+from dphrl.engines.hf import HFEngine
+from dphrl.reference import ReferenceStore
+from dphrl.rewards.registry import get_reward, score_batch
+
+
+class RewardFailureError(RuntimeError):
+    """Too many reward evaluations failed in one step (see ``max_reward_failure_frac``)."""
+
+
+@dataclass
+class Seq:
+    """One training sequence: a rollout (with advantage) or a stored reference sample (with ref_logp)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    old_logp: list[float] | None = None  # rollouts: log pi_old per token
+    advantage: float = 0.0
+    ref_logp: list[float] | None = None  # dph reference samples: stored log pi_ref; rkl: live reference
+
+
+class PromptSampler:
+    """Shuffled passes over a list of indices; the permutation depends only on (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation()
+            take = min(k - len(out), self.n - self.pos)
+            out.extend(self._perm[self.pos : self.pos + take])
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.epoch, self.pos = s["epoch"], s["pos"]
+        self._perm = self._permutation()
+
+
+def load_examples(spec: dict) -> list[Example]:
+    """Build the training examples from a dataset spec (``type`` picks the loader)."""
+    if not spec:
+        raise ValueError("config key 'dataset' is empty: give a spec such as {type: gsm8k, path: ...}")
+    if spec.get("type") == "styles":
+        from dphrl.tasks.styles import examples_from_spec
+
+        return examples_from_spec(spec)
+    from dphrl.data.loaders import load_dataset_spec
+
+    return load_dataset_spec(spec)
+
+
+class Trainer:
+    """Runs ``cfg.max_steps`` RL steps of ``cfg.algorithm``; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        examples: list[Example] | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.cfg = cfg
+        mp = "bf16" if cfg.dtype == "bfloat16" else "no"
+        self.acc = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=cfg.trackers or None, project_dir=cfg.output_dir
+        )
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.out = Path(cfg.output_dir)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+
+        # --- model and tokenizer ------------------------------------------------------------------
+        if model is None or tokenizer is None:
+            from dphrl.models import load_model, load_tokenizer
+
+            tokenizer = tokenizer or load_tokenizer(cfg.model)
+            model = model or load_model(cfg.model)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if cfg.lora:
+            from dphrl.models import apply_lora
+
+            model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
+        self.ref_model: torch.nn.Module | None = None
+        if cfg.algorithm == "rkl" and cfg.kl_coef > 0 and not cfg.lora:
+            # rkl pays for a live frozen reference; with LoRA the base model (adapter off) is the reference
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.acc.device)
+
+        # --- data: which prompts are rolled out, which are rehearsed --------------------------------
+        examples = examples if examples is not None else load_examples(cfg.dataset)
+        self.reward_fn = get_reward(cfg.reward or examples[0].task)
+        self.store: ReferenceStore | None = None
+        if cfg.algorithm == "dph":
+            self.store = ReferenceStore(cfg.reference_store)
+            self.store.check_compatible(
+                model=cfg.model, tokenizer_hash=_tokenizer_hash(tokenizer), temperature=cfg.temperature, examples=examples
+            )
+            exp = set(self.store.exp_ids)
+            self.rollout_examples = [ex for ex in examples if ex.id in exp]
+            self.pef_ids = list(self.store.pef_ids)
+            if not self.rollout_examples:
+                raise ValueError(f"reference store {cfg.reference_store}: D_exp is empty; nothing to explore")
+            n_ref = cfg.ref_prompts_per_step or max(
+                1, round(cfg.prompts_per_step * len(self.pef_ids) / max(1, len(self.rollout_examples)))
+            )
+            self.ref_prompts_per_step = n_ref if self.pef_ids else 0
+            self.ref_sampler = PromptSampler(max(1, len(self.pef_ids)), cfg.seed + 1)
+        else:
+            self.rollout_examples = examples
+            self.pef_ids, self.ref_prompts_per_step = [], 0
+            self.ref_sampler = None
+        self.sampler = PromptSampler(len(self.rollout_examples), cfg.seed)
+        self._prompt_cache: dict[str, list[int]] = {}
+        if cfg.prompts_per_step % self.world:
+            raise ValueError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible by the "
+                             f"number of processes ({self.world})")
+
+        # --- optimisation ----------------------------------------------------------------------------
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        total_updates = max(1, cfg.max_steps * cfg.ppo_epochs * cfg.mini_batches)
+        self.scheduler = get_scheduler(
+            cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_updates
+        )
+        self.model = self.acc.prepare(model)
+        self.engine = HFEngine(self.acc.unwrap_model(self.model), tokenizer, batch_size=cfg.generation_batch_size)
+        self.step = 0
+        self.totals = {"nonfinite_skipped": 0, "reward_failures": 0}
+        if cfg.trackers:
+            self.acc.init_trackers("dphrl", config=_flat_config(cfg))
+
+    # ------------------------------------------------------------------------------------------
+    # the loop
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg.save(self.out / "config.yaml")
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.algorithm}", unit="step",
+                   disable=not (cfg.progress and self.acc.is_main_process))
+        last: dict = {}
+        while self.step < cfg.max_steps:
+            t0 = time.time()
+            rollouts, roll_metrics = self.collect_rollouts()  # generate -> score -> advantages
+            refs = self.reference_batch()  # dph: stored pi_ref samples of D_pef prompts
+            t1 = time.time()
+            upd_metrics = self.update(rollouts, refs)  # PPO epochs x mini-batches
+            t2 = time.time()
+            self.step += 1
+            metrics = {**roll_metrics, **upd_metrics, "time/rollout": t1 - t0, "time/update": t2 - t1, "time/step": t2 - t0}
+            metrics = self._reduce(metrics)
+            n_tok = metrics.get("response_length/mean", 0.0) * metrics.get("rollout/sequences", 0.0) * self.world
+            metrics["throughput/rollout_tokens_per_s"] = n_tok / max(1e-9, metrics["time/step"])
+            metrics["memory/peak_mb"] = _peak_memory_mb()
+            metrics["lr"] = self.scheduler.get_last_lr()[0]
+            metrics["step"] = self.step
+            last = metrics
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self.log(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}", s_per_step=f"{metrics['time/step']:.2f}")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        self.save_final()
+        self.acc.end_training()
+        return last
+
+    # ------------------------------------------------------------------------------------------
+    # phase 1: rollouts
+    # ------------------------------------------------------------------------------------------
+    def _encode(self, ex: Example) -> list[int]:
+        if ex.id not in self._prompt_cache:
+            self._prompt_cache[ex.id] = encode_prompt(self.tokenizer, ex.prompt)
+        return self._prompt_cache[ex.id]
+
+    def _local_prompts(self, k_global: int) -> list[Example]:
+        idx = self.sampler.next(k_global)  # same on every rank
+        per = k_global // self.world
+        return [self.rollout_examples[i] for i in idx[self.rank * per : (self.rank + 1) * per]]
+
+    def _generate_and_score(self, exs: list[Example], round_: int) -> tuple[list[list[Any]], torch.Tensor, torch.Tensor, int]:
+        cfg = self.cfg
+        seed = cfg.seed * 7_919 + self.step * 104_729 + round_ * 1_299_709 + self.rank * 15_485_863
+        gens = self.engine.generate(
+            [self._encode(ex) for ex in exs], cfg.rollout_n, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+        )
+        flat = [g for gs in gens for g in gs]
+        scored = score_batch(
+            self.reward_fn, [g.text for g in flat], [ex for ex in exs for _ in range(cfg.rollout_n)],
+            timeout_s=cfg.reward_timeout_s, num_workers=cfg.reward_workers,
+        )
+        fails = scored.failures + scored.timeouts
+        if flat and fails / len(flat) > cfg.max_reward_failure_frac:
+            raise RewardFailureError(
+                f"step {self.step + 1}: {fails} of {len(flat)} reward evaluations failed or timed out "
+                f"(> max_reward_failure_frac={cfg.max_reward_failure_frac}). Check the reward function "
+                f"'{cfg.reward or exs[0].task}' on a few samples; the last checkpoint is intact."
+            )
+        rewards = torch.tensor(scored.scores, dtype=torch.float32)  # (G*n,)
+        lengths = torch.tensor([len(g.response_ids) for g in flat], dtype=torch.float32)  # (G*n,)
+        return gens, rewards, lengths, fails
+
+    def collect_rollouts(self) -> tuple[list[Seq], dict[str, float]]:
+        """Generate rollout_n responses per prompt, score, shape, compute advantages, filter (dapo)."""
+        cfg, n = self.cfg, self.cfg.rollout_n
+        exs = self._local_prompts(cfg.prompts_per_step)
+        kept: list[tuple[list[Any], torch.Tensor, torch.Tensor]] = []  # (gens of a group, rewards, shaped)
+        all_rewards, all_lengths, all_finished, fails, rounds = [], [], [], 0, 0
+        while True:
+            gens, rewards, lengths, f = self._generate_and_score(exs, rounds)
+            fails += f
+            all_rewards.append(rewards)
+            all_lengths.append(lengths)
+            all_finished += [g.finished for gs in gens for g in gs]
+            shaped = rewards.clone()
+            if cfg.overlong_buffer:
+                shaped = shaped + adv_lib.overlong_penalty(
+                    lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
+                )
+            for g in range(len(exs)):
+                kept.append((gens[g], rewards[g * n : (g + 1) * n], shaped[g * n : (g + 1) * n]))
+            if not cfg.dynamic_sampling:
+                break
+            keep = [bool(adv_lib.dynamic_sampling_mask(r, n).all()) for _, r, _ in kept]
+            informative = [k for k, ok in zip(kept, keep) if ok]
+            n_global = int(self._sum(len(informative)))
+            if n_global >= cfg.prompts_per_step or rounds >= cfg.max_refill_rounds:
+                # never leave a rank empty: groups with zero advantage add no policy gradient
+                kept = informative[: cfg.prompts_per_step // self.world] or kept[:1]
+                break
+            kept = informative
+            rounds += 1
+            missing = cfg.prompts_per_step - n_global
+            exs = self._local_prompts(max(self.world, math.ceil(missing / self.world) * self.world))
+        shaped_all = torch.cat([s for _, _, s in kept])  # (G*n,)
+        advs, adv_metrics = adv_lib.compute_advantages(cfg.advantage, shaped_all, n)
+        seqs = []
+        for gi, (gens, _, _) in enumerate(kept):
+            for j, g in enumerate(gens):
+                seqs.append(Seq(g.prompt_ids, g.response_ids, old_logp=g.logprobs, advantage=float(advs[gi * n + j])))
+        if cfg.algorithm == "rkl" and cfg.kl_coef > 0:
+            self._attach_reference_logprobs(seqs)
+        rewards = torch.cat(all_rewards)
+        lengths = torch.cat(all_lengths)
+        self.totals["reward_failures"] += fails
+        metrics = {
+            "reward/mean": rewards.mean().item(),
+            "reward/pass_rate": (rewards >= 1.0).float().mean().item(),
+            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "reward/failures": float(fails),
+            "response_length/mean": lengths.mean().item(),
+            "response_length/max": lengths.max().item(),
+            "response/truncated_frac": 1.0 - float(np.mean(all_finished)),
+            "rollout/sequences": float(len(seqs)),
+            "rollout/groups_kept": float(len(kept)),
+            "rollout/refill_rounds": float(rounds),
+            **{k: float(v) for k, v in adv_metrics.items()},
+        }
+        return seqs, metrics
+
+    @torch.no_grad()
+    def _attach_reference_logprobs(self, seqs: list[Seq]) -> None:
+        """rkl: log pi_ref of every rollout token from the frozen initial model (one no-grad forward)."""
+        model = self.acc.unwrap_model(self.model)
+        for chunk in _chunks(seqs, self.cfg.micro_batch_size):
+            batch = pack([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], self.pad_id).to(self.acc.device)
+            if self.ref_model is not None:
+                lp, _ = response_logprobs(self.ref_model, batch, self.cfg.temperature)
+            else:  # LoRA: the base model with the adapter switched off is the initial policy
+                with model.disable_adapter():
+                    lp, _ = response_logprobs(model, batch, self.cfg.temperature)
+            for s, row in zip(chunk, lp.float().cpu()):
+                s.ref_logp = row[: len(s.response_ids)].tolist()
+
+    def reference_batch(self) -> list[Seq]:
+        """dph: the stored pi_ref samples of this step's D_pef prompts (this rank's even share)."""
+        if not self.ref_prompts_per_step:
+            return []
+        idx = self.ref_sampler.next(self.ref_prompts_per_step)
+        samples = [s for i in idx for s in self.store.samples[self.pef_ids[i]]]
+        mine = samples[self.rank :: self.world]  # shard evenly, never all on the last rank
+        return [Seq(s.prompt_ids, s.response_ids, ref_logp=s.ref_logprobs) for s in mine]
+
+    # ------------------------------------------------------------------------------------------
+    # phase 2: update
+    # ------------------------------------------------------------------------------------------
+    def update(self, rollouts: list[Seq], refs: list[Seq]) -> dict[str, float]:
+        cfg = self.cfg
+        M = cfg.mini_batches
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for epoch in range(cfg.ppo_epochs):
+            g = torch.Generator().manual_seed(cfg.seed + 31 * self.step + epoch)
+            r_perm = torch.randperm(len(rollouts), generator=g).tolist()
+            f_perm = torch.randperm(len(refs), generator=g).tolist()
+            for m in range(M):
+                roll_mb = [rollouts[i] for i in r_perm[m::M]]
+                ref_mb = [refs[i] for i in f_perm[m::M]]
+                for k, v in self.optimizer_step(roll_mb, ref_mb).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+        return {k: sums[k] / counts[k] for k in sums}
+
+    def optimizer_step(self, roll_mb: list[Seq], ref_mb: list[Seq]) -> dict[str, float]:
+        """One optimizer update on a mini-batch; rollout and reference micro-batches kept apart."""
+        cfg, dev = self.cfg, self.acc.device
+        if not roll_mb and not ref_mb:
+            raise RuntimeError("empty mini-batch on this process: lower mini_batches or raise prompts_per_step")
+        # global normalizers: each term is divided by its own token (or sequence) count over all ranks
+        g_roll_tok = self._sum(sum(len(s.response_ids) for s in roll_mb))
+        g_roll_seq = self._sum(len(roll_mb))
+        g_ref_tok = self._sum(sum(len(s.response_ids) for s in ref_mb))
+        micro = [("roll", c) for c in _chunks(roll_mb, cfg.micro_batch_size)]
+        micro += [("ref", c) for c in _chunks(ref_mb, cfg.micro_batch_size)]
+        self.optimizer.zero_grad(set_to_none=True)
+        acc_metrics: dict[str, float] = {}
+        bad = 0.0
+        for i, (kind, chunk) in enumerate(micro):
+            sync = i == len(micro) - 1
+            ctx = nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
+            with ctx:
+                batch = pack([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], self.pad_id).to(dev)
+                if kind == "roll":
+                    loss, m = self._rollout_loss(batch, chunk, g_roll_tok, g_roll_seq)
+                else:
+                    loss, m = self._reference_loss(batch, chunk, g_ref_tok)
+                if not torch.isfinite(loss):
+                    bad = 1.0
+                self.acc.backward(loss * self.world)  # DDP averages gradients over ranks; we want their sum
+            w = len(chunk)
+            for k, v in m.items():
+                acc_metrics[k] = acc_metrics.get(k, 0.0) + v * w
+                acc_metrics["_n_" + k] = acc_metrics.get("_n_" + k, 0.0) + w
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm)
+        grad_norm = float(grad_norm)
+        bad = self._sum(bad + (0.0 if math.isfinite(grad_norm) else 1.0))
+        out = {k: v / acc_metrics["_n_" + k] for k, v in acc_metrics.items() if not k.startswith("_n_")}
+        if bad:
+            # NaN/inf never reaches the weights: drop the gradients, skip the update, report it
+            self.optimizer.zero_grad(set_to_none=True)
+            self.totals["nonfinite_skipped"] += 1
+            out["update/nonfinite_skipped"] = 1.0
+            if self.acc.is_main_process:
+                tqdm.write(f"step {self.step + 1}: non-finite loss or gradient; update skipped")
+        else:
+            self.optimizer.step()
+            out["update/nonfinite_skipped"] = 0.0
+        self.scheduler.step()
+        out["grad_norm"] = grad_norm if math.isfinite(grad_norm) else -1.0
+        return out
+
+    def _rollout_loss(self, batch, chunk: list[Seq], g_tok: float, g_seq: float) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        T = batch.resp_ids.shape[1]
+        mask = batch.resp_mask  # (B, T)
+        logp, ent = response_logprobs(self.model, batch, cfg.temperature, with_entropy=True,
+                                      entropy_grad=cfg.entropy_coef > 0)
+        if cfg.old_logprob == "rollout":
+            old = pad_values([s.old_logp for s in chunk], T).to(logp.device)  # (B, T)
+        else:
+            old = logp.detach()
+        adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logp.device)  # (B,)
+        agg = dict(num_tokens=g_tok, num_seqs=g_seq, max_len=cfg.max_new_tokens)
+        loss, m = losses.POLICY_LOSSES[cfg.policy_loss](
+            logp, old, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+            agg=cfg.loss_agg, **agg,
+        )
+        m = dict(m)
+        m["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * losses.aggregate(ent, mask, cfg.loss_agg, **agg)
+        if cfg.algorithm == "rkl" and cfg.kl_coef > 0:
+            ref = pad_values([s.ref_logp for s in chunk], T).to(logp.device)  # (B, T)
+            kl = losses.kl_estimator(logp, ref, cfg.kl_estimator)  # (B, T)
+            loss = loss + cfg.kl_coef * losses.aggregate(kl, mask, cfg.loss_agg, **agg)
+            m["kl/value"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
+        return loss, m
+
+    def _reference_loss(self, batch, chunk: list[Seq], g_tok: float) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        T = batch.resp_ids.shape[1]
+        logp, _ = response_logprobs(self.model, batch, cfg.temperature)  # (B, T)
+        ref = pad_values([s.ref_logp for s in chunk], T).to(logp.device)  # (B, T)
+        div, m = divergences.divergence_loss(
+            cfg.divergence, logp, ref, batch.resp_mask, agg="token-mean", num_tokens=g_tok, **cfg.divergence_params
+        )
+        m = dict(m)
+        m["ref/sequences"] = float(len(chunk))
+        return cfg.eta * div, m
+
+    # ------------------------------------------------------------------------------------------
+    # logging and checkpoints
+    # ------------------------------------------------------------------------------------------
+    def _sum(self, x: float) -> float:
+        if self.world == 1:
+            return float(x)
+        t = torch.tensor([float(x)], device=self.acc.device)
+        return float(self.acc.reduce(t, reduction="sum").item())
+
+    def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return metrics
+        keys = sorted(metrics)
+        t = torch.tensor([float(metrics[k]) for k in keys], device=self.acc.device)
+        t = self.acc.reduce(t, reduction="mean")
+        return dict(zip(keys, t.tolist()))
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.cfg.trackers:
+            self.acc.log(metrics, step=self.step)
+
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def save_checkpoint(self) -> Path:
+        """Atomic checkpoint (temp dir then rename) of everything needed to resume exactly."""
+        ckdir = self.out / "checkpoints"
+        final = ckdir / f"step_{self.step:06d}"
+        tmp = ckdir / f".step_{self.step:06d}.tmp"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            torch.save({k: v.detach().cpu() for k, v in self._unwrapped().state_dict().items()}, tmp / "model.pt")
+            torch.save(
+                {
+                    "step": self.step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "sampler": self.sampler.state_dict(),
+                    "ref_sampler": self.ref_sampler.state_dict() if self.ref_sampler else None,
+                    "totals": self.totals,
+                },
+                tmp / "trainer_state.pt",
+            )
+            self.cfg.save(tmp / "config.yaml")
+        self.acc.wait_for_everyone()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+        torch.save(rng, tmp / f"rng_{self.rank}.pt")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            done = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
+            for old in done[: max(0, len(done) - self.cfg.keep_last)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def resume(self, path: str | Path = "latest") -> None:
+        """Restore model, optimizer, scheduler, RNG and data position from a checkpoint."""
+        if str(path) == "latest":
+            done = sorted(p for p in (self.out / "checkpoints").glob("step_*") if p.is_dir())
+            if not done:
+                raise FileNotFoundError(f"--resume latest: no checkpoint under {self.out / 'checkpoints'}")
+            path = done[-1]
+        path = Path(path)
+        self._unwrapped().load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
+        st = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.sampler.load_state_dict(st["sampler"])
+        if self.ref_sampler and st["ref_sampler"]:
+            self.ref_sampler.load_state_dict(st["ref_sampler"])
+        self.totals = st["totals"]
+        self.step = st["step"]
+        rng = torch.load(path / f"rng_{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if self.acc.is_main_process and (self.out / "metrics.jsonl").exists():  # drop log lines past the checkpoint
+            lines = (self.out / "metrics.jsonl").read_text().splitlines()
+            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+            (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in keep))
+
+    def save_final(self) -> Path:
+        """save_pretrained (+ tokenizer + resolved config): loadable by plain transformers."""
+        final = self.out / "final"
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            model = self._unwrapped()
+            if self.cfg.lora:
+                model = copy.deepcopy(model).merge_and_unload()
+            tmp = self.out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            self.cfg.save(tmp / "dphrl_config.yaml")
+            (tmp / "dphrl_totals.json").write_text(json.dumps({"step": self.step, **self.totals}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.acc.wait_for_everyone()
+        return final
+
+
+def _chunks(xs: list, k: int) -> list[list]:
+    return [xs[i : i + k] for i in range(0, len(xs), k)]
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _flat_config(cfg: TrainConfig) -> dict:
+    return {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in cfg.to_dict().items()}
+
+
+def _tokenizer_hash(tokenizer: Any) -> str:
+    from dphrl.models import tokenizer_hash
+
+    return tokenizer_hash(tokenizer)
