@@ -56,8 +56,8 @@ def sft_train(
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            log.append({"step": step, "loss": float(loss), "seconds": round(time.time() - t0, 1)})
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            log.append({"step": step, "loss": float(loss.detach()), "seconds": round(time.time() - t0, 1)})
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     model.eval()
     return log
 

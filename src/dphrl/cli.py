@@ -1,0 +1,197 @@
+"""Command line: ``dphrl {demo, sft, presample, train, eval, report, config}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _data_arg(s: str) -> tuple[str, dict]:
+    """``NAME=SPEC`` where SPEC is an inline YAML mapping or ``type:path`` (e.g. gsm8k:data/test.jsonl)."""
+    if "=" not in s:
+        raise argparse.ArgumentTypeError(f"--data {s!r}: expected NAME=SPEC, e.g. gsm8k=gsm8k:../shared/data/gsm8k/test.jsonl")
+    name, _, spec = s.partition("=")
+    if spec.strip().startswith("{"):
+        d = yaml.safe_load(spec)
+    else:
+        typ, _, path = spec.partition(":")
+        d = {"type": typ, "path": path} if path else {"type": typ}
+    return name, d
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from dphrl.config import config_help
+
+    print(config_help())
+    return 0
+
+
+def cmd_presample(args: argparse.Namespace) -> int:
+    from dphrl.config import load_config
+    from dphrl.engines.hf import HFEngine
+    from dphrl.models import load_model, load_tokenizer, tokenizer_hash
+    from dphrl.reference import presample
+    from dphrl.rewards import get_reward
+    from dphrl.trainer import load_examples
+
+    cfg = load_config(args.config, args.overrides)
+    tok, model = load_tokenizer(cfg.model), load_model(cfg.model)
+    examples = load_examples(cfg.dataset)
+    out = args.out or cfg.reference_store
+    if not out:
+        raise SystemExit("presample: set reference_store in the config (or pass --out DIR)")
+    manifest = presample(
+        HFEngine(model, tok, batch_size=cfg.generation_batch_size), tok, examples, get_reward(cfg.reward or examples[0].task),
+        out, model_name=cfg.model, tokenizer_hash=tokenizer_hash(tok), n=cfg.presample_n, temperature=cfg.temperature,
+        top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, threshold=cfg.split_threshold,
+        keep_per_prompt=cfg.keep_per_prompt, seed=cfg.seed, reward_timeout_s=cfg.reward_timeout_s,
+        reward_workers=cfg.reward_workers, progress=cfg.progress,
+    )
+    print(json.dumps(manifest["counts"], indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dphrl.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from dphrl.dryrun import dry_run
+
+        print(dry_run(cfg))
+        return 0
+    from dphrl.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    if args.resume:
+        trainer.resume(args.resume)
+    last = trainer.train()
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}, indent=1))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dphrl.engines.hf import HFEngine
+    from dphrl.evaluation.runner import evaluate, format_table
+    from dphrl.models import load_model, load_tokenizer
+    from dphrl.rewards import get_reward
+    from dphrl.trainer import load_examples
+
+    tok, model = load_tokenizer(args.model), load_model(args.model)
+    datasets, rewards = {}, {}
+    style_fn = None
+    for name, spec in args.data:
+        limit = spec.pop("limit", None) if args.limit is None else args.limit
+        exs = load_examples({**spec, **({"limit": limit} if limit else {})})
+        datasets[name] = exs
+        rewards[name] = get_reward(args.reward or exs[0].task)
+        if exs[0].task == "styles":
+            from dphrl.tasks.styles import style_of
+
+            style_fn = style_of
+    res = evaluate(
+        HFEngine(model, tok, batch_size=args.batch_size), tok, datasets, rewards, n=args.n,
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        out_dir=args.out, style_fn=style_fn, num_workers=args.reward_workers, model_name=args.model,
+    )
+    print(format_table(res))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dphrl.evaluation.report import write_report
+
+    paths = write_report([Path(p) for p in args.runs], Path(args.out))
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from dphrl.demo import build_base_model
+
+    build_base_model(Path(args.out), steps=args.steps, seed=args.seed)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dphrl.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds, sweep=args.sweep)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dphrl", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    d = sub.add_parser("demo", help="Reproduce diversity collapse and its cure on CPU (the main job).")
+    d.add_argument("--quick", action="store_true", help="Small version (< 5 min) for a first look and CI.")
+    d.add_argument("--seeds", type=int, default=1, help="Repeat over this many seeds; report mean ± std.")
+    d.add_argument("--sweep", action="store_true", help="Also sweep eta (DPH-F, DPH-JS) and kl_coef (RKL).")
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("sft", help="Build the demo base model from scratch (tokenizer + tiny Llama + SFT).")
+    s.add_argument("--out", default="runs/base")
+    s.add_argument("--steps", type=int, default=1500)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_sft)
+
+    for name, fn, hlp in (
+        ("presample", cmd_presample, "Sample the base model, split D_pef / D_exp, write the reference store."),
+        ("train", cmd_train, "Train with grpo | dapo | rkl | dph."),
+    ):
+        t = sub.add_parser(name, help=hlp)
+        t.add_argument("--config", help="YAML config (see `dphrl config` for every key).")
+        t.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys for dicts: dataset.limit=64).")
+        if name == "train":
+            t.add_argument("--resume", help="'latest' or a checkpoint directory.")
+            t.add_argument("--dry-run", action="store_true", help="Validate the config, build the data, print the plan.")
+        else:
+            t.add_argument("--out", help="Store directory (default: the config's reference_store).")
+        t.set_defaults(fn=fn)
+
+    e = sub.add_parser("eval", help="Pass@k, diversity and styles of a model on one or more datasets.")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", type=_data_arg, action="append", required=True,
+                   help="NAME=SPEC, SPEC an inline YAML mapping or type:path; repeat for several datasets.")
+    e.add_argument("--n", type=int, default=16)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--top-p", type=float, default=1.0)
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--limit", type=int, default=None, help="Evaluate the first N problems of each dataset.")
+    e.add_argument("--reward", default="", help="Reward name or module:function (default: the task's own).")
+    e.add_argument("--reward-workers", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--out", default="runs/eval")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("report", help="Markdown + HTML report (table, Pass@k curves, training curves) of runs.")
+    r.add_argument("runs", nargs="+")
+    r.add_argument("--out", default="runs/report")
+    r.set_defaults(fn=cmd_report)
+
+    c = sub.add_parser("config", help="Print the config reference (every key, default, meaning).")
+    c.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dphrl.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"dphrl: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
