@@ -185,7 +185,8 @@ def config_help(cls: type = TrainConfig) -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        rows.append(f"| `{f.name}` | `{json.dumps(default)}` | {f.metadata.get('help', '')} |")
+        text = f.metadata.get("help", "").replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{json.dumps(default)}` | {text} |")
     return "\n".join(rows)
 
 
