@@ -121,7 +121,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dphrl.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds, sweep=args.sweep)
+    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds, sweep=args.sweep, workers=args.workers)
     return 0
 
 
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="Small version (< 5 min) for a first look and CI.")
     d.add_argument("--seeds", type=int, default=1, help="Repeat over this many seeds; report mean ± std.")
     d.add_argument("--sweep", action="store_true", help="Also sweep eta (DPH-F, DPH-JS) and kl_coef (RKL).")
+    d.add_argument("--workers", type=int, default=2, help="Parallel single-threaded job processes (default 2 = cores).")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(fn=cmd_demo)
 

@@ -10,10 +10,12 @@ shares, mean ± std over seeds). ``--sweep`` adds the eta / kl_coef trade-off (P
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import shutil
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -102,6 +104,7 @@ def _evaluate(model, tok, size: DemoSize, out: Path, seed: int, domains: tuple[s
         HFEngine(model, tok, batch_size=256), tok, sets, styles.styles_reward, n=size.eval_n,
         max_new_tokens=size.max_new_tokens, seed=seed, out_dir=out, style_fn=styles.style_of,
         answer_fn=styles.final_answer, model_name=str(out), prompts_per_call=64, show_table=False,
+        progress=False,
     )
 
 
@@ -113,26 +116,40 @@ def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overri
         model=str(base), dataset=spec, reward="styles", output_dir=str(out), seed=seed,
         reference_store=str(store), prompts_per_step=size.prompts_per_step, rollout_n=size.rollout_n,
         max_new_tokens=size.max_new_tokens, lr=size.lr, max_steps=size.rl_steps, micro_batch_size=64,
-        generation_batch_size=256, progress=True, **overrides,
+        generation_batch_size=256, progress=False, **overrides,
     )
     trainer = Trainer(cfg)
     trainer.train()
     return trainer.acc.unwrap_model(trainer.model)
 
 
-def run_seed(root: Path, seed: int, size: DemoSize, sweep: bool) -> dict[str, Path]:
-    """Everything for one seed; returns run name -> run dir (each with eval/results.json)."""
+def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: DemoSize, seed: int,
+         domains: tuple[str, ...] | None, threads: int) -> str:
+    """One demo job in its own process: train (unless ``kw`` is None: the base model) and evaluate."""
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    if kw is None:
+        tok, model = load_tokenizer(str(base)), load_model(str(base))
+    else:
+        tok = load_tokenizer(str(base))
+        model = _train(base, store, out, size, seed, kw)
+    _evaluate(model, tok, size, out / "eval", seed, domains)
+    return f"{name} ({time.time() - t0:.0f} s)"
+
+
+def run_seed(root: Path, seed: int, size: DemoSize, sweep: bool, workers: int = 2) -> dict[str, Path]:
+    """Everything for one seed; returns run name -> run dir (each with eval/results.json).
+
+    Jobs (base evaluation, one training + evaluation per method) are independent once the reference
+    store exists, so they run in ``workers`` processes with one thread each: for models this small,
+    two single-threaded processes use two cores far better than one process with two threads.
+    """
     sd = root / f"seed{seed}"
     base = sd / "base_model"
     if not (base / "config.json").exists():
         _say(f"seed {seed}: building the base model (SFT, {size.sft_steps} steps)")
         build_base_model(base, size.sft_steps, seed, size)
     tok, model = load_tokenizer(str(base)), load_model(str(base))
-    runs: dict[str, Path] = {}
-    _say(f"seed {seed}: evaluating the base model")
-    runs["base"] = sd / "runs" / "base"
-    _evaluate(model, tok, size, runs["base"] / "eval", seed)
-
     store = sd / "store"
     _say(f"seed {seed}: presample {size.presample_n} responses x {size.train_prompts} prompts -> {store}")
     train = styles.make_examples("add", "train", limit=size.train_prompts)
@@ -142,19 +159,27 @@ def run_seed(root: Path, seed: int, size: DemoSize, sweep: bool) -> dict[str, Pa
         prompts_per_call=64,
     )
     _say(f"seed {seed}: D_pef {mf['counts']['d_pef']} prompts, D_exp {mf['counts']['d_exp']}, "
-         f"{mf['counts']['stored_samples']} stored samples")
+         f"{mf['counts']['stored_samples']} stored samples, mean pass rate {mf['mean_pass_rate']:.3f}")
 
-    jobs = [(name, kw) for name, kw in size.methods.items()]
+    jobs: list[tuple[str, dict | None]] = [("base", None)] + list(size.methods.items())
     if sweep:
         for name, (key, values) in size.sweep.items():
             jobs += [(f"{name}@{key}={v}", {**size.methods[name], key: v}) for v in values]
-    for name, kw in jobs:
-        out = sd / "runs" / name
-        _say(f"seed {seed}: train {name} {kw}")
-        trained = _train(base, store, out, size, seed, kw)
-        domains = None if "@" not in name else ("add (in-domain)",)
-        _evaluate(trained, tok, size, out / "eval", seed, domains)
-        runs[name] = out
+    runs = {name: sd / "runs" / name for name, _ in jobs}
+    args = [
+        (name, kw, base, store, runs[name], size, seed, ("add (in-domain)",) if "@" in name else None, 1)
+        for name, kw in jobs
+    ]
+    _say(f"seed {seed}: {len(jobs)} jobs (train + evaluate) on {workers} worker processes")
+    if workers <= 1:
+        for a in args:
+            _say(f"seed {seed}: done {_job(*a)}")
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            futs = [pool.submit(_job, *a) for a in args]
+            for f in as_completed(futs):
+                _say(f"seed {seed}: done {f.result()}")
     return runs
 
 
@@ -271,14 +296,13 @@ def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | 
     return "\n".join(lines)
 
 
-def run_demo(out: Path, quick: bool = False, seeds: int = 1, sweep: bool = False) -> dict:
+def run_demo(out: Path, quick: bool = False, seeds: int = 1, sweep: bool = False, workers: int = 2) -> dict:
     """Run the whole demo and write ``out/report`` (report.md/html, PNGs, summary.json/md)."""
     from dphrl.evaluation.report import print_table, write_report
 
     size = QUICK if quick else FULL
     t0 = time.time()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    all_runs = [run_seed(out, s, size, sweep) for s in range(seeds)]
+    all_runs = [run_seed(out, s, size, sweep, workers) for s in range(seeds)]
     rep = out / "report"
     if rep.exists():
         shutil.rmtree(rep)
