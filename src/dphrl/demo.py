@@ -280,7 +280,7 @@ def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | 
         f"{summary['seeds']} seed(s); mean ± std over seeds; in domain = a+b (RL task), out of domain = a-b. "
         f"Wall time {seconds / 60:.1f} min.",
         "",
-        "Style validity: " + styles.__doc__.split("How style validity arises")[1].split("\n\n")[0].strip(" ():\n"),
+        "How style validity arises: " + styles.VALIDITY_NOTE,
         "",
         f"| method | Pass@1 | Pass@{K} | effective styles | OOD Pass@1 | OOD Pass@{K} |",
         "|---|---|---|---|---|---|",

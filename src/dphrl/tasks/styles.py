@@ -29,6 +29,15 @@ from dphrl.data.example import Example
 from dphrl.rewards.registry import register_reward
 
 STYLES = ("A", "B", "C")
+VALIDITY_NOTE = (
+    "the grader accepts style S on a problem only if the problem is in S's acceptance set, a fixed "
+    "pseudo-random subset (a hash of the problem and the style) covering 70% (A), 50% (B) and 40% (C) "
+    "of the problems. Nothing in the prompt reveals it, so no policy can learn which style fits an "
+    "unseen problem: the only way to keep a high Pass@k is to keep several styles alive. It stands in "
+    "for procedures that fail on some problems for reasons the model cannot see in the question. The "
+    "base model learns every style's procedure by supervised fine-tuning on an even mixture; RL then "
+    "decides which styles survive."
+)
 DEFAULT_ACCEPT = {"A": 0.7, "B": 0.5, "C": 0.4}
 CHARS = "0123456789+-=:;cbABC"
 _INT = re.compile(r"-?\d+")
