@@ -256,7 +256,8 @@ class Trainer:
             raise RewardFailureError(
                 f"step {self.step + 1}: {fails} of {len(flat)} reward evaluations failed or timed out "
                 f"(> max_reward_failure_frac={cfg.max_reward_failure_frac}). Check the reward function "
-                f"'{cfg.reward or exs[0].task}' on a few samples; the last checkpoint is intact."
+                f"'{cfg.reward or exs[0].task}' on a few samples; the last checkpoint is intact. "
+                f"First error: {next(iter(scored.errors.values()), 'n/a')}"
             )
         rewards = torch.tensor(scored.scores, dtype=torch.float32)  # (G*n,)
         lengths = torch.tensor([len(g.response_ids) for g in flat], dtype=torch.float32)  # (G*n,)
@@ -463,10 +464,14 @@ class Trainer:
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
             return metrics
-        keys = sorted(metrics)
-        t = torch.tensor([float(metrics[k]) for k in keys], device=self.acc.device)
-        t = self.acc.reduce(t, reduction="mean")
-        return dict(zip(keys, t.tolist()))
+        # ranks may hold different keys (e.g. no reference samples on one rank: no div/* metrics);
+        # reduce over the union of keys, each averaged over the ranks that have it
+        from accelerate.utils import gather_object
+
+        keys = sorted(set(gather_object(sorted(metrics))))
+        t = torch.tensor([[float(metrics.get(k, 0.0)), float(k in metrics)] for k in keys], device=self.acc.device)
+        t = self.acc.reduce(t, reduction="sum")  # (K, 2): sum of values, number of ranks with the key
+        return {k: s / max(n, 1.0) for k, (s, n) in zip(keys, t.tolist())}
 
     def log(self, metrics: dict[str, float]) -> None:
         if not self.acc.is_main_process:
