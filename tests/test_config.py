@@ -57,11 +57,15 @@ def test_bad_value_range_names_the_key():
         TrainConfig(model="tiny", algorithm="grpo", temperature=0.0)
     with pytest.raises(ConfigError, match="'algorithm'"):
         TrainConfig(model="tiny", algorithm="ppo")
+    with pytest.raises(ConfigError, match="'keep_last'"):
+        TrainConfig(model="tiny", algorithm="grpo", keep_last=0)
     with pytest.raises(ConfigError, match="'kl_coef'"):
         load_config(overrides=["model=tiny", "algorithm=rkl", "kl_coef=-1"])
 
 
 def test_overrides_win_and_dotted_keys(tmp_path):
+    # PyYAML reads 1e-5 (no dot) as a string: it must still become the float 1e-5
+    assert load_config(_yaml(tmp_path, "model: tiny\nalgorithm: grpo\nlr: 1e-5\n")).lr == 1e-5
     p = _yaml(tmp_path, "model: tiny\nalgorithm: grpo\nlr: 0.001\ndataset:\n  type: gsm8k\n  path: x.jsonl\n")
     cfg = load_config(p, ["lr=3e-5", "rollout_n=4", "dataset.limit=5", "lora=true", "clip_high=null"])
     assert cfg.lr == 3e-5 and isinstance(cfg.lr, float)

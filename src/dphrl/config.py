@@ -156,6 +156,7 @@ class TrainConfig:
         need(self.engine in ("hf", "vllm"), "engine", "hf | vllm")
         need(self.old_logprob in ("rollout", "recompute"), "old_logprob", "rollout | recompute")
         need(0 <= self.max_reward_failure_frac <= 1, "max_reward_failure_frac", "in [0, 1]")
+        need(self.keep_last >= 1, "keep_last", "an integer >= 1 (0 would delete the checkpoint just written)")
         need(self.loss_agg in losses.AGGREGATIONS, "loss_agg", f"one of {sorted(losses.AGGREGATIONS)}")
         need(self.policy_loss in losses.POLICY_LOSSES, "policy_loss", f"one of {sorted(losses.POLICY_LOSSES)}")
         need(self.advantage in advantages.ADVANTAGES, "advantage", f"one of {sorted(advantages.ADVANTAGES)}")
