@@ -207,9 +207,12 @@ class Trainer:
             upd_metrics = self.update(rollouts, refs)  # PPO epochs x mini-batches
             t2 = time.time()
             self.step += 1
+            if self.store is not None:
+                roll_metrics["ref/sequences"] = float(len(refs))
+                roll_metrics["ref/tokens"] = float(sum(len(s.response_ids) for s in refs))
             metrics = {**roll_metrics, **upd_metrics, "time/rollout": t1 - t0, "time/update": t2 - t1, "time/step": t2 - t0}
             metrics = self._reduce(metrics)
-            n_tok = metrics.get("response_length/mean", 0.0) * metrics.get("rollout/sequences", 0.0) * self.world
+            n_tok = metrics.get("response_length/mean", 0.0) * metrics.get("rollout/sequences", 0.0)
             metrics["throughput/rollout_tokens_per_s"] = n_tok / max(1e-9, metrics["time/step"])
             metrics["memory/peak_mb"] = _peak_memory_mb()
             metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -223,7 +226,8 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         self.save_final()
-        self.acc.end_training()
+        for tracker in self.acc.trackers:  # flush trackers; keep the process group for later calls
+            tracker.finish()
         return last
 
     # ------------------------------------------------------------------------------------------
@@ -448,9 +452,7 @@ class Trainer:
         div, m = divergences.divergence_loss(
             cfg.divergence, logp, ref, batch.resp_mask, agg="token-mean", num_tokens=g_tok, **cfg.divergence_params
         )
-        m = dict(m)
-        m["ref/sequences"] = float(len(chunk))
-        return cfg.eta * div, m
+        return cfg.eta * div, dict(m)
 
     # ------------------------------------------------------------------------------------------
     # logging and checkpoints
@@ -471,7 +473,8 @@ class Trainer:
         keys = sorted(set(gather_object(sorted(metrics))))
         t = torch.tensor([[float(metrics.get(k, 0.0)), float(k in metrics)] for k in keys], device=self.acc.device)
         t = self.acc.reduce(t, reduction="sum")  # (K, 2): sum of values, number of ranks with the key
-        return {k: s / max(n, 1.0) for k, (s, n) in zip(keys, t.tolist())}
+        # counts are totals over ranks; everything else is a mean over the ranks that report it
+        return {k: s if k in _SUMMED else s / max(n, 1.0) for k, (s, n) in zip(keys, t.tolist())}
 
     def log(self, metrics: dict[str, float]) -> None:
         if not self.acc.is_main_process:
@@ -562,6 +565,9 @@ class Trainer:
             os.replace(tmp, final)
         self.acc.wait_for_everyone()
         return final
+
+
+_SUMMED = {"reward/failures", "rollout/sequences", "rollout/groups_kept", "ref/sequences", "ref/tokens"}
 
 
 def _chunks(xs: list, k: int) -> list[list]:
