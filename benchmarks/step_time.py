@@ -1,0 +1,606 @@
+"""Step-time benchmark: one RL step (rollout + update) of every algorithm, and TRL's GRPOTrainer.
+
+Every algorithm runs on the same tiny model (a random Llama built from a fixed seed), the same
+prompts, group size and lengths. Each measurement runs in a fresh subprocess, so peak memory (RSS on
+CPU, ``torch.cuda.max_memory_allocated`` on GPU) does not carry over from one algorithm to the next.
+The first step(s) are warm-up and excluded; the table reports medians over ``--steps`` steps (and
+over ``--rounds`` interleaved rounds, which spreads slow periods of a shared machine over all
+algorithms instead of hitting one of them).
+
+    python benchmarks/step_time.py                      # all algorithms + TRL, defaults below
+    python benchmarks/step_time.py --no-trl --steps 3   # only ours
+    python benchmarks/step_time.py --rounds 3 --out runs/bench.json
+
+What runs:
+
+* ``grpo``, ``dapo``, ``rkl``: ``--prompts`` prompts x ``--rollouts`` samples per step.
+* ``dph-forward_kl``, ``dph-js`` (``dph`` = ``dph-js``): the same number of rollout prompts, drawn
+  from D_exp, *plus* the stored pi_ref samples of ``ref_prompts_per_step`` D_pef prompts from a
+  reference store made by ``presample`` on the same model (so dph does extra forward/backward work
+  on reference tokens; the table prints how many).
+* ``trl``: ``trl.GRPOTrainer`` with beta 0 (no reference model), one iteration per batch, no vLLM,
+  the same lr, group size, max_new_tokens, temperature (top-k/top-p off), fp32, the same threads,
+  the same number of sequences per optimizer step (``per_device_train_batch_size`` =
+  ``--micro-batch``, ``gradient_accumulation_steps`` = prompts x rollouts / micro-batch, so that
+  TRL generates the whole batch in one call, like ours with ``generation_batch_size`` = batch), no
+  gradient checkpointing (TRL's default is on; ours has none).
+
+The task is synthetic: prompts "what is a+b?", a quarter of them marked easy (reward 1 always; they
+form D_pef for dph), the others rewarded on the parity of the first response character (about half
+correct, so DAPO's dynamic sampling rarely has to refill). Only the workload matters here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+OURS = ("grpo", "dapo", "rkl", "dph-forward_kl", "dph-js")
+ALIASES = {"dph": "dph-js", "dph-fkl": "dph-forward_kl", "dph-f": "dph-forward_kl"}
+MODEL_NAME = "bench-tiny-llama"
+# 58 characters + 6 chat special tokens = a 64-token vocabulary (as in docs/measurements)
+CHARS = string.digits + string.ascii_lowercase + " +-*/=?.,:;()" + "ABCDEFGHI"
+REWARD_NAME = "bench_parity"
+
+
+# ----------------------------------------------------------------------------------------------
+# shared setup (parent and workers build exactly the same tokenizer, examples and model)
+# ----------------------------------------------------------------------------------------------
+def bench_reward(response: str, example) -> float:
+    """Easy prompts always score 1; the others score 1 when the first character has an even code."""
+    if example.answer == "easy":
+        return 1.0
+    return float(bool(response) and ord(response[0]) % 2 == 0)
+
+
+def _register_reward() -> None:
+    from dphrl.rewards.registry import register_reward
+
+    register_reward(REWARD_NAME, bench_reward)
+
+
+def build_tokenizer():
+    from dphrl.data.tokenizer import build_char_tokenizer
+
+    return build_char_tokenizer(CHARS)
+
+
+def build_examples(n_examples: int, pef_frac: float) -> list:
+    from dphrl.data.example import Example
+
+    n_easy = round(n_examples * pef_frac)
+    out = []
+    for i in range(n_examples):
+        a, b = (7 * i + 3) % 50, (13 * i + 5) % 50
+        answer = "easy" if i < n_easy else str(a + b)
+        out.append(Example(id=f"q{i:04d}", prompt=[{"role": "user", "content": f"what is {a}+{b}?"}],
+                           answer=answer, task=REWARD_NAME))
+    return out
+
+
+def build_model(tok, hidden: int, layers: int, intermediate: int, heads: int, seed: int):
+    """A random tiny Llama (tied embeddings), like dphrl.testing.tiny_causal_lm with a free MLP width."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
+def _setup(spec: dict):
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    _register_reward()
+    tok = build_tokenizer()
+    examples = build_examples(spec["examples"], spec["pef_frac"])
+    model = build_model(tok, spec["hidden"], spec["layers"], spec["intermediate"], spec["heads"], spec["seed"])
+    return tok, examples, model
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Timer:
+    """Wrap a callable; accumulate its wall time (synchronizing CUDA) per measured step."""
+
+    def __init__(self, fn, sync):
+        self.fn, self.sync, self.total, self.calls = fn, sync, 0.0, 0
+
+    def __call__(self, *a, **kw):
+        self.sync()
+        t = time.perf_counter()
+        try:
+            return self.fn(*a, **kw)
+        finally:
+            self.sync()
+            self.total += time.perf_counter() - t
+            self.calls += 1
+
+    def take(self) -> float:
+        v, self.total = self.total, 0.0
+        return v
+
+
+def _sync_fn():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def _memory(rss_before: float) -> dict:
+    import torch
+
+    out = {"peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before}
+    if torch.cuda.is_available():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# worker: our Trainer
+# ----------------------------------------------------------------------------------------------
+def run_ours(spec: dict) -> dict:
+    import torch
+
+    from dphrl.config import TrainConfig
+    from dphrl.trainer import Trainer
+
+    tok, examples, model = _setup(spec)
+    name = spec["name"]
+    algo, _, div = name.partition("-")
+    extra = {}
+    if algo == "dph":
+        extra = dict(reference_store=spec["store"], divergence=div)
+        if spec.get("ref_prompts"):
+            extra["ref_prompts_per_step"] = spec["ref_prompts"]
+    n_steps = spec["warmup"] + spec["steps"]
+    cfg = TrainConfig(
+        model=MODEL_NAME, algorithm=algo, reward=REWARD_NAME, seed=spec["seed"],
+        prompts_per_step=spec["prompts"], rollout_n=spec["rollouts"], max_new_tokens=spec["max_new_tokens"],
+        temperature=spec["temperature"], lr=spec["lr"], max_steps=n_steps, micro_batch_size=spec["micro_batch"],
+        generation_batch_size=spec["gen_batch"], output_dir=str(Path(spec["workdir"]) / f"run-{name}"),
+        progress=False, **extra,
+    )
+    sync = _sync_fn()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _rss_mb()
+    tr = Trainer(cfg, model=model, tokenizer=tok, examples=examples)
+    # instance-level timers (the trainer's code is not changed)
+    gen_count = {"seqs": 0, "tokens": 0}
+    engine_generate = tr.engine.generate
+
+    def counting_generate(*a, **kw):
+        out = engine_generate(*a, **kw)
+        gen_count["seqs"] += sum(len(gs) for gs in out)
+        gen_count["tokens"] += sum(len(g.response_ids) for gs in out for g in gs)
+        return out
+
+    t_gen = tr.engine.generate = Timer(counting_generate, sync)
+    t_refl = tr._attach_reference_logprobs = Timer(tr._attach_reference_logprobs, sync)
+    t_fwd_roll = tr._rollout_loss = Timer(tr._rollout_loss, sync)
+    t_fwd_ref = tr._reference_loss = Timer(tr._reference_loss, sync)
+    t_bwd = tr.acc.backward = Timer(tr.acc.backward, sync)
+    t_opt = tr.optimizer.step = Timer(tr.optimizer.step, sync)
+    steps = []
+    for i in range(n_steps):
+        sync()
+        c0, t0 = time.process_time(), time.perf_counter()
+        rollouts, rm = tr.collect_rollouts()
+        refs = tr.reference_batch()
+        sync()
+        t1 = time.perf_counter()
+        um = tr.update(rollouts, refs)
+        sync()
+        t2, c2 = time.perf_counter(), time.process_time()
+        tr.step += 1
+        roll_tok = sum(len(s.response_ids) for s in rollouts)
+        ref_tok = sum(len(s.response_ids) for s in refs)
+        generated = dict(gen_count)
+        gen_count.update(seqs=0, tokens=0)
+        steps.append({
+            "step": i + 1, "warmup": i < spec["warmup"],
+            "step_s": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1, "cpu_s": c2 - c0,
+            "generate_s": t_gen.take(), "ref_logp_s": t_refl.take(),
+            "fwd_rollout_s": t_fwd_roll.take(), "fwd_ref_s": t_fwd_ref.take(), "backward_s": t_bwd.take(),
+            "optimizer_s": t_opt.take(),
+            "rollout_seqs": len(rollouts), "rollout_tokens": roll_tok,
+            "ref_seqs": len(refs), "ref_tokens": ref_tok, "generated_seqs": generated["seqs"], "generated_tokens": generated["tokens"],
+            "refill_rounds": rm["rollout/refill_rounds"], "reward_mean": rm["reward/mean"],
+            "loss_terms": {k: v for k, v in um.items() if k.startswith(("div/", "kl/", "pg/"))},
+        })
+    return {"name": name, "kind": "ours", "steps": steps, "memory": _memory(rss_before),
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "device": str(tr.acc.device), "threads": torch.get_num_threads(),
+            "ref_prompts_per_step": tr.ref_prompts_per_step}
+
+
+# ----------------------------------------------------------------------------------------------
+# worker: TRL GRPOTrainer
+# ----------------------------------------------------------------------------------------------
+def run_trl(spec: dict) -> dict:
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok, examples, model = _setup(spec)
+    by_prompt = {ex.prompt[0]["content"]: ex for ex in examples}
+
+    def reward(prompts, completions, **kw):
+        out = []
+        for p, c in zip(prompts, completions):
+            text = c[0]["content"] if isinstance(c, list) else c
+            content = p[-1]["content"] if isinstance(p, list) else p
+            out.append(bench_reward(text, by_prompt[content]))
+        return out
+
+    ds = Dataset.from_list([{"prompt": ex.prompt} for ex in examples])
+    batch = spec["prompts"] * spec["rollouts"]
+    if batch % spec["micro_batch"]:
+        raise SystemExit("trl: prompts x rollouts must be divisible by --micro-batch")
+    n_steps = spec["warmup"] + spec["steps"]
+    args = GRPOConfig(
+        output_dir=str(Path(spec["workdir"]) / "run-trl"),
+        per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=batch // spec["micro_batch"],
+        num_generations=spec["rollouts"], max_completion_length=spec["max_new_tokens"],
+        temperature=spec["temperature"], top_p=1.0, top_k=0,
+        beta=0.0, num_iterations=1, learning_rate=spec["lr"], lr_scheduler_type="constant",
+        max_steps=n_steps, use_vllm=False, bf16=False, fp16=False, gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(), seed=spec["seed"], logging_steps=1, report_to="none",
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, loss_type="grpo",
+        scale_rewards="group", max_grad_norm=1.0, log_completions=False,
+    )
+    sync = _sync_fn()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    rss_before = _rss_mb()
+
+    marks: list[dict] = []
+    timers: dict[str, Timer] = {}
+
+    class StepTimes(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            sync()
+            marks.append({"begin": time.perf_counter(), "cpu_begin": time.process_time()})
+
+        def on_step_end(self, a, state, control, **kw):
+            sync()
+            marks[-1]["end"] = time.perf_counter()
+            marks[-1]["cpu_s"] = time.process_time() - marks[-1]["cpu_begin"]
+            marks[-1].update({k: t.take() for k, t in timers.items()})
+
+    timers["generate_s"] = model.generate = Timer(model.generate, sync)  # TRL calls the unwrapped model's generate
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[StepTimes()])
+    timers["rollout_s"] = trainer._generate_and_score_completions = Timer(trainer._generate_and_score_completions, sync)
+    timers["fwd_s"] = trainer.compute_loss = Timer(trainer.compute_loss, sync)
+    timers["backward_s"] = trainer.accelerator.backward = Timer(trainer.accelerator.backward, sync)
+    trainer.train()
+    steps = []
+    for i, m in enumerate(marks):
+        step_s = m["end"] - m["begin"]
+        prev_end = marks[i - 1]["end"] if i else None
+        steps.append({
+            "step": i + 1, "warmup": i < spec["warmup"], "step_s": step_s, "cpu_s": m["cpu_s"],
+            "step_end_to_end_s": (m["end"] - prev_end) if prev_end else None,
+            "rollout_s": m["rollout_s"], "update_s": step_s - m["rollout_s"],
+            "generate_s": m["generate_s"], "fwd_rollout_s": m["fwd_s"], "backward_s": m["backward_s"],
+            "rollout_seqs": batch,
+        })
+    comp_len = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    for s, L in zip(steps, comp_len):
+        s["rollout_tokens"] = s["generated_tokens"] = L * batch
+        s["generated_seqs"] = batch
+    return {"name": "trl", "kind": "trl", "trl_version": trl.__version__, "steps": steps,
+            "memory": _memory(rss_before), "n_params": sum(p.numel() for p in model.parameters()),
+            "device": str(trainer.accelerator.device), "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------
+# parent: presample, run workers, aggregate, print
+# ----------------------------------------------------------------------------------------------
+def make_store(spec: dict) -> dict:
+    import torch
+
+    from dphrl.engines.hf import HFEngine
+    from dphrl.models import tokenizer_hash
+    from dphrl.reference import presample
+
+    tok, examples, model = _setup(spec)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return presample(
+        HFEngine(model, tok, batch_size=spec["gen_batch"]), tok, examples, bench_reward, spec["store"],
+        model_name=MODEL_NAME, tokenizer_hash=tokenizer_hash(tok), n=spec["rollouts"],
+        temperature=spec["temperature"], max_new_tokens=spec["max_new_tokens"], threshold=1.0,
+        seed=spec["seed"], prompts_per_call=max(1, spec["gen_batch"] // spec["rollouts"]), progress=False,
+    )
+
+
+def _worker_cmd(spec: dict, path: Path) -> list[str]:
+    path.write_text(json.dumps(spec))
+    return [sys.executable, os.path.abspath(__file__), "--_worker", str(path)]
+
+
+def run_worker(spec: dict, workdir: Path, verbose: bool) -> dict:
+    spec_path = workdir / f"spec-{spec['name']}-{spec['round']}.json"
+    out_path = workdir / f"result-{spec['name']}-{spec['round']}.json"
+    spec = {**spec, "result": str(out_path)}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(spec["threads"]),
+           "MKL_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(_worker_cmd(spec, spec_path), env=env, capture_output=not verbose, text=True)
+    if p.returncode != 0 or not out_path.exists():
+        tail = "" if verbose else (p.stdout[-3000:] + p.stderr[-6000:])
+        raise RuntimeError(f"worker {spec['name']} failed (exit {p.returncode}):\n{tail}")
+    return json.loads(out_path.read_text())
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(name: str, runs: list[dict]) -> dict:
+    meas = [s for r in runs for s in r["steps"] if not s["warmup"]]
+    if not meas:
+        raise RuntimeError(f"{name}: no measured steps (is --steps >= 1?)")
+    keys = ["step_s", "cpu_s", "rollout_s", "update_s", "generate_s", "ref_logp_s", "fwd_rollout_s", "fwd_ref_s",
+            "backward_s", "optimizer_s", "step_end_to_end_s", "rollout_tokens", "ref_tokens", "rollout_seqs",
+            "ref_seqs", "generated_seqs", "generated_tokens", "refill_rounds"]
+    med = {k: _med([s.get(k) for s in meas]) for k in keys if any(s.get(k) is not None for s in meas)}
+    trained = [(s.get("rollout_tokens") or 0) + (s.get("ref_tokens") or 0) for s in meas]
+    tps = [t / s["step_s"] for t, s in zip(trained, meas)]
+    step = sorted(s["step_s"] for s in meas)
+    out = {
+        "name": name, "measured_steps": len(meas), "median": med,
+        "step_s_min": step[0], "step_s_max": step[-1],
+        "step_s_iqr": (statistics.quantiles(step, n=4)[2] - statistics.quantiles(step, n=4)[0]) if len(step) >= 2 else 0.0,
+        "tokens_per_s": _med(tps),
+        "peak_rss_mb": max(r["memory"]["peak_rss_mb"] for r in runs),
+        "rss_before_mb": _med([r["memory"]["rss_before_mb"] for r in runs]),
+        "n_params": runs[0]["n_params"], "device": runs[0]["device"], "threads": runs[0]["threads"],
+    }
+    if any("cuda_peak_mb" in r["memory"] for r in runs):
+        out["cuda_peak_mb"] = max(r["memory"].get("cuda_peak_mb", 0.0) for r in runs)
+    if "trl_version" in runs[0]:
+        out["trl_version"] = runs[0]["trl_version"]
+    if runs[0].get("ref_prompts_per_step"):
+        out["ref_prompts_per_step"] = runs[0]["ref_prompts_per_step"]
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table: medians over the measured steps; tokens/s = trained response tokens / step s."""
+    gpu = any("cuda_peak_mb" in r for r in rows)
+    head = ["algorithm", "step s (median)", "min-max", "CPU s", "rollout s", "update s", "generated seqs",
+            "trained seqs roll+ref", "response tokens roll+ref", "tokens/s", "peak RSS MB", "RSS growth MB"]
+    head += ["CUDA peak MB"] if gpu else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(x, p=2):
+        return "-" if x is None else f"{x:.{p}f}"
+
+    for r in rows:
+        m = r["median"]
+        cells = [
+            r["name"], f(m["step_s"], 3), f"{r['step_s_min']:.2f}-{r['step_s_max']:.2f}", f(m.get("cpu_s")),
+            f(m.get("rollout_s")), f(m.get("update_s")), f(m.get("generated_seqs"), 0),
+            f"{m.get('rollout_seqs') or 0:.0f}+{m.get('ref_seqs') or 0:.0f}",
+            f"{m.get('rollout_tokens') or 0:.0f}+{m.get('ref_tokens') or 0:.0f}", f(r["tokens_per_s"], 0),
+            f(r["peak_rss_mb"], 0), f(r["peak_rss_mb"] - r["rss_before_mb"], 0),
+        ]
+        if gpu:
+            cells.append(f(r.get("cuda_peak_mb"), 1))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_breakdown(rows: list[dict]) -> str:
+    keys = [("generate_s", "generate"), ("ref_logp_s", "rkl ref fwd"), ("fwd_rollout_s", "fwd rollout"),
+            ("fwd_ref_s", "fwd ref"), ("backward_s", "backward"), ("optimizer_s", "optim step")]
+    head = ["algorithm"] + [k[1] for k in keys] + ["other"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        m = r["median"]
+        vals = [m.get(k) for k, _ in keys]
+        other = m["step_s"] - sum(v for v in vals if v)
+        lines.append("| " + " | ".join([r["name"]] + ["-" if v is None else f"{v:.3f}" for v in vals]
+                                       + [f"{other:.3f}"]) + " |")
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
+    try:
+        info["load_avg"] = list(os.getloadavg())
+    except OSError:
+        pass
+    try:
+        for ln in open("/proc/cpuinfo"):
+            if ln.startswith("model name"):
+                info["cpu"] = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+        import transformers
+
+        info["torch"] = torch.__version__
+        info["transformers"] = transformers.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--algorithms", default=",".join(OURS), help=f"comma list of {list(OURS)} (dph = dph-js)")
+    ap.add_argument("--steps", type=int, default=5, help="measured steps per run (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up steps excluded from the statistics")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds over all algorithms (fresh process each)")
+    ap.add_argument("--prompts", type=int, default=16, help="rollout prompts per step")
+    ap.add_argument("--rollouts", type=int, default=8, help="samples per prompt (group size)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (both trainers)")
+    ap.add_argument("--gen-batch", type=int, default=0, help="sequences per generate call (0 = the whole batch, as TRL)")
+    ap.add_argument("--examples", type=int, default=64, help="training prompts in the synthetic task")
+    ap.add_argument("--pef-frac", type=float, default=0.25, help="fraction of easy prompts (D_pef for dph)")
+    ap.add_argument("--ref-prompts", type=int, default=0,
+                    help="dph ref_prompts_per_step (0 = the trainer's default prompts*|D_pef|/|D_exp|)")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in every worker (0 = os.cpu_count())")
+    ap.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer comparison")
+    ap.add_argument("--out", default="", help="write the results as JSON here")
+    ap.add_argument("--workdir", default="", help="scratch directory (default: a temp dir, removed)")
+    ap.add_argument("--verbose", action="store_true", help="show the workers' output")
+    ap.add_argument("--_worker", default="", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args._worker:
+        spec = json.loads(Path(args._worker).read_text())
+        res = run_trl(spec) if spec["name"] == "trl" else run_ours(spec)
+        Path(spec["result"]).write_text(json.dumps(res))
+        return 0
+
+    names = []
+    for a in args.algorithms.split(","):
+        a = ALIASES.get(a.strip(), a.strip())
+        if not a:
+            continue
+        if a not in OURS:
+            raise SystemExit(f"unknown algorithm {a!r}; choose from {list(OURS)} (or dph = dph-js)")
+        if a not in names:
+            names.append(a)
+    want_trl = not args.no_trl
+    if want_trl:
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            print("TRL is not installed (pip install -e '.[bench]'); skipping the TRL comparison", file=sys.stderr)
+            want_trl = False
+    threads = args.threads or os.cpu_count() or 1
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dphrl-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    spec = dict(
+        steps=args.steps, warmup=args.warmup, prompts=args.prompts, rollouts=args.rollouts,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, micro_batch=args.micro_batch,
+        gen_batch=args.gen_batch or args.prompts * args.rollouts, examples=args.examples, pef_frac=args.pef_frac,
+        ref_prompts=args.ref_prompts, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
+        heads=args.heads, seed=args.seed, threads=threads, workdir=str(tmp), store=str(tmp / "store"),
+    )
+    machine_before = _machine()
+    try:
+        store_manifest = None
+        if any(n.startswith("dph") for n in names):
+            t = time.time()
+            store_manifest = make_store(spec)
+            c = store_manifest["counts"]
+            print(f"reference store: {c['d_pef']} D_pef / {c['d_exp']} D_exp prompts, {c['stored_samples']} stored "
+                  f"samples (presample {time.time() - t:.1f}s)", flush=True)
+        order = names + (["trl"] if want_trl else [])
+        results: dict[str, list[dict]] = {n: [] for n in order}
+        for r in range(args.rounds):
+            for n in order:
+                t = time.time()
+                res = run_worker({**spec, "name": n, "round": r}, tmp, args.verbose)
+                results[n].append(res)
+                meas = [s["step_s"] for s in res["steps"] if not s["warmup"]]
+                load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+                print(f"  round {r + 1}/{args.rounds} {n:15s} median step {_med(meas) or float('nan'):.3f}s "
+                      f"(process {time.time() - t:.1f}s, load {load:.2f})", flush=True)
+        rows = [summarize(n, results[n]) for n in order]
+    finally:
+        if not args.workdir:
+            shutil.rmtree(tmp, ignore_errors=True)
+    machine_after = _machine()
+
+    print()
+    print(f"model: tiny Llama hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, vocab "
+          f"{len(CHARS) + 6}, {rows[0]['n_params'] / 1e6:.2f}M params; batch {args.prompts} prompts x "
+          f"{args.rollouts} rollouts, <= {args.max_new_tokens} new tokens, micro-batch {args.micro_batch}; "
+          f"device {rows[0]['device']}, {threads} threads; median of {args.steps} steps x {args.rounds} round(s) "
+          f"after {args.warmup} warm-up")
+    print(f"load average before {machine_before.get('load_avg')}, after {machine_after.get('load_avg')}")
+    print(format_table(rows))
+    print()
+    print("time breakdown (median seconds per step):")
+    print(format_breakdown(rows))
+    for r in rows:
+        if r["name"].startswith("dph"):
+            m = r["median"]
+            print(f"{r['name']}: {int(m.get('ref_seqs') or 0)} reference sequences / {int(m.get('ref_tokens') or 0)} "
+                  f"reference tokens per step (ref_prompts_per_step={r.get('ref_prompts_per_step')}) on top of "
+                  f"{int(m.get('rollout_seqs') or 0)} rollouts")
+    by = {r["name"]: r for r in rows}
+    verdicts = {}
+    if "rkl" in by:
+        for d in ("dph-forward_kl", "dph-js"):
+            if d in by:
+                ts = by[d]["median"]["step_s"] / by["rkl"]["median"]["step_s"]
+                mem = by[d]["peak_rss_mb"] - by["rkl"]["peak_rss_mb"]
+                verdicts[f"{d}_vs_rkl"] = {"time_ratio": ts, "peak_rss_diff_mb": mem}
+                print(f"{d} / rkl step time: {ts:.2f}; peak RSS difference {mem:+.0f} MB")
+    if "trl" in by and "grpo" in by:
+        ratio = by["grpo"]["median"]["step_s"] / by["trl"]["median"]["step_s"]
+        verdicts["grpo_vs_trl"] = {"time_ratio": ratio, "target": 0.8, "trl_version": by["trl"].get("trl_version")}
+        print(f"grpo / TRL {by['trl'].get('trl_version')} GRPOTrainer step time: {ratio:.2f} (target <= 0.8)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        payload = {"args": {k: v for k, v in vars(args).items() if k != "_worker"}, "spec": spec,
+                   "machine_before": machine_before, "machine_after": machine_after,
+                   "store": store_manifest and store_manifest["counts"], "summary": rows, "verdicts": verdicts,
+                   "runs": results}
+        Path(args.out).write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
