@@ -235,7 +235,7 @@ def summarize(all_runs: list[dict[str, Path]], size: DemoSize) -> dict:
 
 
 def plot_frontier(all_runs: list[dict[str, Path]], size: DemoSize, path: Path) -> Path | None:
-    """Pass@1 vs Pass@K for the eta / kl_coef sweep, GRPO and base as points (mean over seeds)."""
+    """Pass@1 vs Pass@K for the eta / kl_coef sweep, GRPO and base as points (mean over the runs given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -302,7 +302,7 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1, sweep: bool = False
 
     size = QUICK if quick else FULL
     t0 = time.time()
-    all_runs = [run_seed(out, s, size, sweep, workers) for s in range(seeds)]
+    all_runs = [run_seed(out, s, size, sweep and s == 0, workers) for s in range(seeds)]  # sweep: first seed
     rep = out / "report"
     if rep.exists():
         shutil.rmtree(rep)
@@ -310,7 +310,7 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1, sweep: bool = False
     mapping = {n: [r[n] for r in all_runs] for n in names}
     paths = write_report(mapping, rep, title="dphrl demo: diversity collapse and its cure")
     summary = summarize(all_runs, size)
-    frontier = plot_frontier(all_runs, size, rep / "frontier.png")
+    frontier = plot_frontier(all_runs[:1], size, rep / "frontier.png")
     seconds = time.time() - t0
     (rep / "summary.json").write_text(json.dumps({**summary, "size": asdict(size), "seconds": seconds}, indent=1))
     (rep / "summary.md").write_text(_summary_md(summary, size, seconds, frontier))

@@ -1,0 +1,50 @@
+"""`dphrl demo --quick` end to end: every artifact is written and every number is a probability.
+
+This checks the pipeline, not the scientific claim (the committed report in docs/ carries that).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_demo_quick_end_to_end(tmp_path: Path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dphrl.cli", "demo", "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = out / "report"
+    for name in ("report.md", "report.html", "passk.png", "training.png", "styles.png", "summary.json", "summary.md"):
+        assert (rep / name).is_file() and (rep / name).stat().st_size > 0, name
+    summary = json.loads((rep / "summary.json").read_text())
+    methods = set(summary["table"])
+    assert methods == {"base", "grpo", "dapo", "rkl", "dph-f", "dph-js"}
+    for method, row in summary["table"].items():
+        for key, (mean, std) in row.items():
+            assert math.isfinite(mean) and math.isfinite(std), (method, key)
+            if key != "styles":
+                assert 0.0 <= mean <= 1.0, (method, key, mean)
+            else:
+                assert 1.0 <= mean <= 3.0 + 1e-9, (method, key, mean)  # effective number of 3 styles
+    assert all(isinstance(v, bool) for v in summary["checks"].values())
+    # every run has its eval results with pass@k probabilities for both domains
+    for method in methods:
+        res = json.loads((out / "seed0" / "runs" / method / "eval" / "results.json").read_text())
+        assert set(res["datasets"]) == {"add (in-domain)", "sub (out-of-domain)"}
+        for ds in res["datasets"].values():
+            passk = ds["pass@k"]
+            assert [int(k) for k in passk] == [1, 2, 4, 8, 16]
+            vals = list(passk.values())
+            assert all(0.0 <= v <= 1.0 for v in vals) and vals == sorted(vals)  # pass@k grows with k
+        if method != "base":
+            assert (out / "seed0" / "runs" / method / "final" / "config.json").is_file()
+            assert (out / "seed0" / "runs" / method / "metrics.jsonl").is_file()
+    html = (rep / "report.html").read_text()
+    assert "data:image/png;base64," in html and "dph-js" in html
+    # the D_pef / D_exp split was made and stored
+    manifest = json.loads((out / "seed0" / "store" / "manifest.json").read_text())
+    assert manifest["counts"]["d_pef"] + manifest["counts"]["d_exp"] == manifest["counts"]["prompts"]
