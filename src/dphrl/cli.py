@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dphrl.engines.hf import HFEngine
-    from dphrl.evaluation.runner import evaluate, format_table
+    from dphrl.evaluation.runner import evaluate
     from dphrl.models import load_model, load_tokenizer
     from dphrl.rewards import get_reward
     from dphrl.trainer import load_examples
@@ -97,8 +97,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         HFEngine(model, tok, batch_size=args.batch_size), tok, datasets, rewards, n=args.n,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
         out_dir=args.out, style_fn=style_fn, num_workers=args.reward_workers, model_name=args.model,
-    )
-    print(format_table(res))
+    )  # prints the table
+    print(f"results: {Path(args.out) / 'results.json'} ({len(res['datasets'])} datasets)")
     return 0
 
 
