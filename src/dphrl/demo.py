@@ -172,14 +172,14 @@ def run_seed(root: Path, seed: int, size: DemoSize, sweep: bool, workers: int = 
     ]
     _say(f"seed {seed}: {len(jobs)} jobs (train + evaluate) on {workers} worker processes")
     if workers <= 1:
-        for a in args:
-            _say(f"seed {seed}: done {_job(*a)}")
+        for i, a in enumerate(args):
+            _say(f"seed {seed}: done {i + 1}/{len(args)}: {_job(*a)}")
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futs = [pool.submit(_job, *a) for a in args]
-            for f in as_completed(futs):
-                _say(f"seed {seed}: done {f.result()}")
+            for i, f in enumerate(as_completed(futs)):
+                _say(f"seed {seed}: done {i + 1}/{len(args)}: {f.result()}")
     return runs
 
 
