@@ -1,0 +1,731 @@
+"""``dphrl train --dry-run``: check a recipe and print its plan without GPUs and without loading weights.
+
+:func:`dry_run` resolves every config key, resolves the model and reads its size (from a local
+``config.json`` with a meta-device model, from the GGUF cache, or from the :data:`KNOWN_MODELS`
+table for hub ids that are not available offline), builds the data pipeline on a few examples
+(a dataset that is absent on this machine is reported, not fatal), checks the reward and, for
+``dph``, the reference store, and prints the batch plan and an estimate of the memory each device
+needs (:func:`estimate_memory`, formula in its docstring and in ``docs/recipes.md``).
+
+Standalone, with the launch layout given explicitly::
+
+    python -m dphrl.dryrun --config recipes/bird_llama31_8b_dph_js.yaml --num-processes 8 --sharding fsdp
+
+Under ``accelerate launch`` the layout is read from the environment (``WORLD_SIZE``,
+``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_DEEPSPEED``).
+
+This module also holds :func:`number_reward` (``reward: dphrl.dryrun:number_reward``), the reward of
+the CPU recipes: the built-in ``math`` reward reads ``\\boxed{}`` or "The answer is ...", while a
+small model told to "answer with just the number" answers with a bare number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dphrl.config import ConfigError, TrainConfig
+from dphrl.data.example import Example
+
+GiB = 2**30
+
+# --------------------------------------------------------------------------------------------------
+# The reward of the CPU recipes
+
+_NUM = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def number_reward(response: str, example: Example) -> float:
+    """1.0 when the response's answer equals ``example.answer`` as a number, else 0.0.
+
+    A ``\\boxed{}`` / ``#### x`` / "The answer is x" answer is checked by the ``math`` reward; otherwise
+    the answer is the last number on the first non-empty line ("7", "7.", "3 + 4 = 7"). Thousands
+    separators are ignored ("1,000" = 1000; "1,3" is two numbers).
+    """
+    from dphrl.rewards.math import extract_answer, score
+
+    if example.answer is None:
+        raise ValueError(f"example {example.id!r} has no answer; number_reward needs one")
+    if extract_answer(response) is not None:
+        return score(response, str(example.answer))
+    line = next((ln for ln in response.strip().splitlines() if ln.strip()), "")
+    nums = _NUM.findall(_THOUSANDS.sub("", line))
+    if not nums:
+        return 0.0
+    try:
+        return float(Decimal(nums[-1]) == Decimal(_THOUSANDS.sub("", str(example.answer).strip())))
+    except InvalidOperation:
+        return 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Model sizes
+
+#: Architectures of models the recipes use, for hub ids that are not available offline. Values are
+#: the models' published ``config.json`` fields; parameter counts come from a meta-device model.
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-3.1-8B-Instruct": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
+    "Qwen/Qwen2.5-Math-7B": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    ),
+    "Qwen/Qwen2.5-7B-Instruct": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+        max_position_embeddings=32768,
+    ),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
+        model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
+}
+KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M"] = KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+
+
+@dataclass
+class ModelInfo:
+    """What the memory estimate needs to know about a model."""
+
+    name: str
+    source: str  # local | gguf | builtin | hub | unknown
+    where: str  # how the size was found
+    n_params: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    max_positions: int | None = None
+    lora_params: dict[str, int] = field(default_factory=dict)  # target_modules spec -> trainable params
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // max(1, self.heads)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def _norm(name: str) -> str:
+    return Path(str(name)).name.lower()
+
+
+def known_model(name: str) -> tuple[str, dict[str, Any]] | None:
+    """The :data:`KNOWN_MODELS` entry whose name is a prefix of ``name``'s last path component (longest)."""
+    n = _norm(name)
+    hits = [(k, v) for k, v in KNOWN_MODELS.items() if n == k.lower() or n.startswith(_norm(k))]
+    if not hits:
+        return None
+    return max(hits, key=lambda kv: len(_norm(kv[0])))
+
+
+def _config_from_dict(d: dict[str, Any]):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+@lru_cache(maxsize=32)
+def _count_params(config_json: str, lora_r: int, lora_target_modules: str) -> tuple[int, int]:
+    """(total params, LoRA params) of a model built on the meta device (no memory, no weights).
+
+    ``torch.device("meta")`` rather than ``accelerate.init_empty_weights``: with transformers 5 the
+    latter leaves tied input/output embeddings untied (SmolLM2-135M would count 163M, not 134.5M).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _config_from_dict(json.loads(config_json))
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config)
+        total = sum(p.numel() for p in model.parameters())
+        lora = 0
+        try:
+            from peft import LoraConfig, get_peft_model
+
+            targets: str | list[str] = lora_target_modules
+            if "," in lora_target_modules:
+                targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()]
+            peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets))
+            lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        except Exception:  # noqa: BLE001 - the formula below is a fine fallback
+            lora = lora_param_formula(config, lora_r)
+    return total, lora
+
+
+def lora_param_formula(config: Any, r: int) -> int:
+    """LoRA params of ``all-linear`` on a Llama-style block: r * (9h + 2 kv_dim + 3 I) per layer."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    return r * (9 * h + 2 * kv + 3 * i) * layers
+
+
+def _info_from_config(name: str, source: str, where: str, config: Any, cfg: TrainConfig) -> ModelInfo:
+    d = config.to_dict()
+    keep = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "tie_word_embeddings", "max_position_embeddings",
+            "head_dim", "attention_bias", "mlp_bias")
+    small = {k: d[k] for k in keep if d.get(k) is not None}
+    total, lora = _count_params(json.dumps(small, sort_keys=True), cfg.lora_r, cfg.lora_target_modules)
+    return ModelInfo(
+        name=name, source=source, where=where, n_params=total, hidden=config.hidden_size,
+        layers=config.num_hidden_layers, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
+        heads=config.num_attention_heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        vocab=config.vocab_size, max_positions=getattr(config, "max_position_embeddings", None),
+        lora_params={cfg.lora_target_modules: lora},
+    )
+
+
+def model_info(cfg: TrainConfig, notes: list[str]) -> ModelInfo | None:
+    """Resolve ``cfg.model`` and read its size without loading weights (None when unknown)."""
+    from transformers import AutoConfig
+
+    from dphrl.models import resolve_model
+
+    name = cfg.model
+    try:
+        r = resolve_model(name)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        notes.append(f"MODEL NOT FOUND: {e}")
+        r = None
+    if r is not None and r.source == "local":
+        cfgfile = Path(r.path) / "config.json"
+        if cfgfile.is_file():
+            return _info_from_config(name, "local", f"{cfgfile} (meta-device model)", AutoConfig.from_pretrained(r.path), cfg)
+        notes.append(f"model dir {r.path} has no config.json (tokenizer only?)")
+    if r is not None and r.is_gguf:
+        from dphrl.models import gguf_cache_dir
+
+        cached = gguf_cache_dir(r.gguf_file) / "model" / "config.json"
+        if cached.is_file():
+            return _info_from_config(name, r.source, f"GGUF cache {cached} (meta-device model)",
+                                     AutoConfig.from_pretrained(cached.parent), cfg)
+    hit = known_model(Path(r.gguf_file).name if r is not None and r.is_gguf else name)
+    if hit is None and name in _builtin_names():
+        hit = known_model(_builtin_display(name))
+    if hit is not None:
+        return _info_from_config(name, r.source if r else "unknown", f"known-model table ({hit[0]})",
+                                 _config_from_dict(hit[1]), cfg)
+    if r is not None and r.source == "hub":
+        try:
+            config = AutoConfig.from_pretrained(name, local_files_only=True)
+            return _info_from_config(name, "hub", "Hugging Face cache (offline)", config, cfg)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"model {name!r}: not in the local Hugging Face cache ({type(e).__name__}) and not in "
+                         f"dphrl.dryrun.KNOWN_MODELS; memory estimate skipped")
+            return None
+    if r is not None and r.is_gguf:
+        try:
+            p = Path(r.gguf_file)
+            config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+            return _info_from_config(name, r.source, f"GGUF metadata of {p.name}", config, cfg)
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"model {name!r}: cannot read the GGUF metadata ({e}); memory estimate skipped")
+    return None
+
+
+def _builtin_names() -> list[str]:
+    from dphrl.models import BUILTIN_MODELS
+
+    return list(BUILTIN_MODELS)
+
+
+def _builtin_display(name: str) -> str:
+    from dphrl.models import BUILTIN_MODELS
+
+    return BUILTIN_MODELS[name].filename
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+
+
+SHARDINGS = ("none", "ddp", "fsdp", "zero3")
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device, by component; ``total`` = static + max(training step, generation):
+    rollouts and updates do not overlap in time."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    autocast_copy: float
+    reference_model: float
+    activations: float
+    logits: float
+    kv_cache: float
+    gen_scores: float
+
+    @property
+    def static(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.autocast_copy + self.reference_model
+
+    @property
+    def total(self) -> float:
+        return self.static + max(self.activations + self.logits, self.kv_cache + self.gen_scores)
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)] + [("total", self.total)]
+
+
+#: Activation bytes saved per token and layer, in units of hidden_size, for a Llama/Qwen2 block
+#: without gradient checkpointing: 2 RMSNorms (input + output: 4h), q, k, v (h + 2 kv_dim), the
+#: attention output (h), and the SwiGLU MLP's gate, up, act(gate) and product (4 I).
+def activation_factor(hidden: int, intermediate: int, kv_dim: int) -> float:
+    return 6 + 2 * kv_dim / hidden + 4 * intermediate / hidden
+
+
+LOGIT_COPIES = 3  # the model's logits, the fp32 temperature-scaled copy kept for backward, the entropy softmax
+
+
+def estimate_memory(
+    *,
+    n_params: int,
+    trainable_params: int,
+    hidden: int,
+    layers: int,
+    intermediate: int,
+    kv_dim: int,
+    vocab: int,
+    micro_batch_size: int,
+    seq_len: int,
+    response_len: int,
+    generation_batch_size: int,
+    bf16: bool,
+    world_size: int = 1,
+    sharding: str = "none",
+    reference_copy: bool = False,
+) -> MemoryEstimate:
+    """Per-device memory of one training process (an estimate: no allocator slack, CUDA context or
+    NCCL buffers, which add ~1-3 GiB on a GPU).
+
+    S = world_size if sharding is fsdp/zero3 else 1; a = 2 bytes with bf16 autocast else 4.
+
+    - weights:        n_params * 4 / S           (the trainer keeps fp32 weights; bf16 is autocast)
+    - grads:          trainable * 4 / S
+    - optimizer:      trainable * 8 / S          (AdamW exp_avg + exp_avg_sq, fp32)
+    - autocast_copy:  trainable * 2 / S if bf16  (autocast caches a bf16 copy of weights that need grad)
+    - reference_model: n_params * 4               (rkl without LoRA: a frozen fp32 copy, never sharded)
+    - activations:    micro_batch * seq_len * hidden * layers * activation_factor * a
+    - logits:         micro_batch * response_len * vocab * 4 * 3 (logits are kept for response tokens only)
+    - kv_cache:       generation_batch * seq_len * layers * 2 * kv_dim * a   (during rollouts)
+    - gen_scores:     generation_batch * response_len * vocab * 4  (the engine keeps every step's fp32
+                      scores to read the sampled tokens' log-probs: ``output_scores=True``)
+
+    total = weights + grads + optimizer + autocast_copy + reference_model
+            + max(activations + logits, kv_cache + gen_scores)
+    """
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    s = world_size if sharding in ("fsdp", "zero3") else 1
+    a = 2 if bf16 else 4
+    return MemoryEstimate(
+        weights=n_params * 4 / s,
+        grads=trainable_params * 4 / s,
+        optimizer=trainable_params * 8 / s,
+        autocast_copy=trainable_params * 2 / s if bf16 else 0.0,
+        reference_model=n_params * 4 if reference_copy else 0.0,
+        activations=micro_batch_size * seq_len * hidden * layers * activation_factor(hidden, intermediate, kv_dim) * a,
+        logits=micro_batch_size * response_len * vocab * 4 * LOGIT_COPIES,
+        kv_cache=generation_batch_size * seq_len * layers * 2 * kv_dim * a,
+        gen_scores=generation_batch_size * response_len * vocab * 4,
+    )
+
+
+def memory_for(info: ModelInfo, cfg: TrainConfig, *, world_size: int, sharding: str) -> MemoryEstimate:
+    trainable = info.lora_params.get(cfg.lora_target_modules, 0) if cfg.lora else info.n_params
+    return estimate_memory(
+        n_params=info.n_params, trainable_params=trainable, hidden=info.hidden, layers=info.layers,
+        intermediate=info.intermediate, kv_dim=info.kv_dim, vocab=info.vocab,
+        micro_batch_size=cfg.micro_batch_size, seq_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
+        response_len=cfg.max_new_tokens, generation_batch_size=max(1, cfg.generation_batch_size),
+        bf16=cfg.dtype == "bfloat16", world_size=world_size, sharding=sharding,
+        reference_copy=cfg.algorithm == "rkl" and bool(cfg.kl_coef) and not cfg.lora,
+    )
+
+
+def _fits(total: float) -> str:
+    """Whether ``total`` bytes fit an 80 GiB (H100) / 141 GiB (H200) GPU with ~3 GiB to spare."""
+    return "/".join("yes" if total + 3 * GiB <= cap * GiB else "no" for cap in (80, 141))
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:,.2f} GiB"
+
+
+def _count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data, reward, reference store
+
+
+_TASK_OF_TYPE = {"bird": "bird", "spider": "sql", "synthetic_sql": "sql", "gsm8k": "math", "math": "math",
+                 "synthetic_arith": "math", "styles": "styles"}
+
+
+def _load_sample(cfg: TrainConfig, limit: int) -> tuple[list[Example] | None, str | None]:
+    """A few examples of the training data, or (None, why) when the data is absent on this machine."""
+    from dphrl.trainer import load_examples
+
+    spec = dict(cfg.dataset)
+    if not spec:
+        raise ConfigError("config key 'dataset': empty; give a spec such as {type: gsm8k, path: ...}")
+    if spec.get("type") == "styles":
+        spec["limit"] = min(int(spec.get("limit") or limit), limit)
+    elif spec.get("seed") is None:  # with a seed the loader shuffles everything first: keep the user's limit
+        spec["limit"] = min(int(spec["limit"]), limit) if spec.get("limit") is not None else limit
+    try:
+        return load_examples(spec), None
+    except FileNotFoundError as e:
+        return None, str(e)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"config key 'dataset': {e}") from e
+
+
+def _store_report(cfg: TrainConfig) -> tuple[list[str], dict | None]:
+    lines: list[str] = []
+    if not cfg.reference_store:
+        return ["reference_store: not set"], None
+    mf = Path(cfg.reference_store) / "manifest.json"
+    if not mf.is_file():
+        lines.append(f"reference_store: {cfg.reference_store} -- NOT FOUND (create it with "
+                     f"`dphrl presample --config <this recipe>`; training refuses to start without it)")
+        return lines, None
+    m = json.loads(mf.read_text())
+    c = m.get("counts", {})
+    lines.append(f"reference_store: {cfg.reference_store} -- found: {c.get('prompts')} prompts, D_pef {c.get('d_pef')}, "
+                 f"D_exp {c.get('d_exp')}, {c.get('stored_samples')} stored samples, "
+                 f"mean pass rate {m.get('mean_pass_rate', float('nan')):.3f}")
+    from dphrl.reference import _norm_model
+
+    if _norm_model(m.get("model", "")) != _norm_model(cfg.model):
+        lines.append(f"  MISMATCH: store model {m.get('model')!r} != config model {cfg.model!r}")
+    t = m.get("sampling", {}).get("temperature")
+    if t is not None and abs(float(t) - cfg.temperature) > 1e-9:
+        lines.append(f"  MISMATCH: store temperature {t} != config temperature {cfg.temperature}")
+    if m.get("threshold") is not None and abs(float(m["threshold"]) - cfg.split_threshold) > 1e-9:
+        lines.append(f"  note: store split threshold {m['threshold']} != config split_threshold {cfg.split_threshold}")
+    return lines, m
+
+
+def _launch_env() -> tuple[int | None, str | None]:
+    """World size and sharding from an ``accelerate launch`` / ``torchrun`` environment, if any."""
+    ws = os.environ.get("WORLD_SIZE")
+    world = int(ws) if ws and ws.isdigit() else None
+    sharding = None
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        sharding = "fsdp"
+    elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        sharding = "zero3" if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3" else "ddp"
+    elif world and world > 1:
+        sharding = "ddp"
+    return world, sharding
+
+
+# --------------------------------------------------------------------------------------------------
+# The dry run
+
+
+def dry_run(
+    cfg: TrainConfig,
+    *,
+    examples_limit: int = 8,
+    world_size: int | None = None,
+    sharding: str | None = None,
+    load_tokenizer: bool = True,
+) -> str:
+    """Validate ``cfg`` without GPUs or weights and return the plan as text (see the module docstring).
+
+    ``world_size``/``sharding`` (none | ddp | fsdp | zero3) describe the launch; by default they come
+    from the launch environment, else 1 process. The memory table always also shows 1 device and
+    DDP / FSDP over ``max(world_size, 8)`` devices for comparison. Raises :class:`ConfigError` for a
+    bad dataset option or reward; a dataset or reference store that is absent here is reported.
+    """
+    env_world, env_sharding = _launch_env()
+    world = world_size or env_world or 1
+    shard = sharding or env_sharding or ("ddp" if world > 1 else "none")
+    if shard not in SHARDINGS:
+        raise ConfigError(f"sharding must be one of {SHARDINGS}, got {shard!r}")
+    out: list[str] = []
+    warn: list[str] = []
+
+    def section(title: str) -> None:
+        out.append("")
+        out.append(f"== {title} ==")
+
+    out.append(f"dphrl dry run: algorithm {cfg.algorithm}, model {cfg.model}")
+    section("resolved config (every key; algorithm defaults filled)")
+    out.append(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=120).rstrip())
+
+    # --- model --------------------------------------------------------------------------------------
+    section("model")
+    notes: list[str] = []
+    info = model_info(cfg, notes)
+    out.extend(notes)
+    warn.extend(n for n in notes if n.startswith("MODEL NOT FOUND"))
+    if info is not None:
+        out.append(f"{info.name}: {_count(info.n_params)} parameters ({info.n_params:,}), source {info.source}, "
+                   f"size from {info.where}")
+        out.append(f"  hidden {info.hidden}, layers {info.layers}, intermediate {info.intermediate}, heads "
+                   f"{info.heads} (kv {info.kv_heads}), vocab {info.vocab}, max positions {info.max_positions}")
+        if cfg.lora:
+            lp = info.lora_params.get(cfg.lora_target_modules, 0)
+            out.append(f"  LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}: {_count(lp)} "
+                       f"trainable parameters ({100 * lp / max(1, info.n_params):.2f}%)")
+        else:
+            out.append("  full fine-tuning: every parameter is trained")
+        seq = cfg.max_prompt_tokens + cfg.max_new_tokens
+        if info.max_positions and seq > info.max_positions:
+            warn.append(f"max_prompt_tokens + max_new_tokens = {seq} > the model's max positions {info.max_positions}")
+    else:
+        warn.append("model size unknown: no memory estimate")
+
+    # --- data and reward ----------------------------------------------------------------------------
+    section("data")
+    examples, missing = _load_sample(cfg, examples_limit)
+    spec_s = json.dumps(cfg.dataset)
+    task = None
+    if examples is None:
+        out.append(f"dataset {spec_s}")
+        out.append(f"  DATA MISSING on this machine: {missing}")
+        out.append("  (the rest of the plan is computed without it; put the data there before training)")
+        warn.append(f"dataset not found here: {missing}")
+        typ = cfg.dataset.get("type")
+        task = cfg.dataset.get("task") or _TASK_OF_TYPE.get(str(typ), "math")
+    elif not examples:
+        raise ConfigError(f"config key 'dataset': {spec_s} gave no examples")
+    else:
+        task = examples[0].task
+        skipped = getattr(examples, "skipped", 0)
+        out.append(f"dataset {spec_s}: built {len(examples)} example(s) (first {examples_limit} only)"
+                   + (f"; {skipped} skipped: {getattr(examples, 'skip_reasons', {})}" if skipped else ""))
+        ex = examples[0]
+        out.append(f"  first: id {ex.id!r}, task {ex.task!r}, answer {ex.answer!r}"
+                   + (f", db {ex.db_path}" if ex.db_path else ""))
+        content = ex.prompt[-1]["content"] if ex.prompt else ""
+        out.append("  prompt: " + (content[:200].replace("\n", " ") + ("..." if len(content) > 200 else "")))
+        lens, how = _prompt_lengths(cfg, examples, load_tokenizer)
+        if lens:
+            too_long = sum(n > cfg.max_prompt_tokens for n in lens)
+            out.append(f"  prompt tokens ({how}): min {min(lens)}, mean {sum(lens) / len(lens):.0f}, max {max(lens)}; "
+                       f"{too_long} of {len(lens)} exceed max_prompt_tokens={cfg.max_prompt_tokens}")
+            if too_long:
+                warn.append(f"{too_long} of {len(lens)} sampled prompts are longer than max_prompt_tokens")
+    reward_name = cfg.reward or task
+    try:
+        from dphrl.rewards import get_reward
+
+        fn = get_reward(reward_name)
+        out.append(f"reward: {reward_name!r} -> {getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', fn)}")
+    except ValueError as e:
+        raise ConfigError(f"config key 'reward': {e}") from e
+
+    # --- reference store / reference model ------------------------------------------------------------
+    store = None
+    if cfg.algorithm == "dph":
+        section("dph reference store")
+        lines, store = _store_report(cfg)
+        out.extend(lines)
+        if store is None:
+            warn.append(f"reference store {cfg.reference_store} does not exist yet: run `dphrl presample` first")
+        out.append(f"  divergence {cfg.divergence} (eta {cfg.eta}{', params ' + json.dumps(cfg.divergence_params) if cfg.divergence_params else ''}), "
+                   f"presample: {cfg.presample_n} samples/prompt at temperature {cfg.temperature}, "
+                   f"D_pef = pass rate >= {cfg.split_threshold}")
+    elif cfg.algorithm == "rkl":
+        section("rkl reference")
+        if cfg.lora:
+            out.append(f"reverse-KL ({cfg.kl_estimator}, kl_coef {cfg.kl_coef}) to the base model with the LoRA adapter "
+                       "switched off: no copy")
+        else:
+            out.append(f"reverse-KL ({cfg.kl_estimator}, kl_coef {cfg.kl_coef}) to a frozen fp32 copy of the model on "
+                       "every device (not sharded)")
+
+    # --- batch plan ---------------------------------------------------------------------------------
+    section(f"batch plan ({world} process{'es' if world > 1 else ''}, {shard})")
+    out.extend(_batch_plan(cfg, world, store, warn))
+
+    # --- memory -------------------------------------------------------------------------------------
+    section("memory per device (ESTIMATE)")
+    if info is not None:
+        out.extend(_memory_table(info, cfg, world, shard))
+        unsharded = memory_for(info, cfg, world_size=world, sharding="ddp").total
+        if unsharded + 3 * GiB > 80 * GiB:
+            warn.append(f"one process holds ~{unsharded / GiB:.0f} GiB unsharded (> an 80 GiB GPU): use FSDP/ZeRO-3 "
+                        "over several GPUs, or lora=true (see docs/recipes.md)")
+    if shard in ("fsdp", "zero3"):
+        warn.append("FSDP/ZeRO-3: dphrl.trainer.Trainer prepares the model without its optimizer and generates with "
+                    "the unwrapped module; sharded training needs the trainer changes listed in docs/recipes.md")
+    else:
+        out.append("skipped: model size unknown")
+
+    section("warnings")
+    out.extend(f"- {w}" for w in warn) if warn else out.append("none")
+    out.append("")
+    out.append("dry run OK" + (" (with warnings)" if warn else ""))
+    return "\n".join(out)
+
+
+def _prompt_lengths(cfg: TrainConfig, examples: list[Example], load_tokenizer: bool) -> tuple[list[int], str]:
+    """Prompt lengths with the model's tokenizer when it is available locally, else chars / 4."""
+    tok = _local_tokenizer(cfg.model) if load_tokenizer else None
+    if tok is not None:
+        from dphrl.data.chat import encode_prompt
+
+        try:
+            return [len(encode_prompt(tok, ex.prompt)) for ex in examples], "model tokenizer, chat template"
+        except Exception:  # noqa: BLE001 - fall back to the rough count
+            pass
+    return [max(1, sum(len(m["content"]) for m in ex.prompt) // 4) for ex in examples], "estimated as chars/4"
+
+
+def _local_tokenizer(name: str) -> Any:
+    """The model's tokenizer if it can be loaded from local files quickly, else None (never downloads)."""
+    from transformers import AutoTokenizer
+
+    from dphrl.models import _prepare_tokenizer, gguf_cache_dir, resolve_model
+
+    try:
+        r = resolve_model(name)
+        if r.is_gguf:
+            d = gguf_cache_dir(r.gguf_file) / "tokenizer"
+            return _prepare_tokenizer(AutoTokenizer.from_pretrained(str(d))) if d.is_dir() else None
+        if r.source == "local":
+            return _prepare_tokenizer(AutoTokenizer.from_pretrained(r.path))
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(r.path, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not available offline
+        return None
+
+
+def _batch_plan(cfg: TrainConfig, world: int, store: dict | None, warn: list[str]) -> list[str]:
+    P, n, M, mb = cfg.prompts_per_step, cfg.rollout_n, cfg.mini_batches, cfg.micro_batch_size
+    lines = []
+    if P % world:
+        warn.append(f"prompts_per_step {P} is not divisible by the {world} processes (the trainer refuses it)")
+    rollouts = P * n
+    per_proc = rollouts / world
+    seq_mb = per_proc / M
+    rolled_on = "D_exp prompts only" if cfg.algorithm == "dph" else "all prompts"
+    lines.append(f"prompts/step: {P} ({rolled_on}; {P / world:g} per process)")
+    lines.append(f"rollouts/step: {P} x {n} = {rollouts} sequences ({per_proc:g} per process)")
+    if cfg.dynamic_sampling:
+        lines.append(f"  dynamic sampling: up to {1 + cfg.max_refill_rounds} generation rounds per step to refill "
+                     f"{P} informative groups")
+    lines.append(f"updates/step: {cfg.ppo_epochs} epoch(s) x {M} mini-batch(es) = {cfg.ppo_epochs * M}")
+    lines.append(f"rollout sequences per mini-batch: {rollouts / M:g} ({seq_mb:g} per process) -> "
+                 f"{math.ceil(seq_mb / mb)} micro-batch(es) of <= {mb} per process")
+    if cfg.algorithm == "dph":
+        if store is not None:
+            c = store.get("counts", {})
+            pef, exp = int(c.get("d_pef") or 0), int(c.get("d_exp") or 0)
+            stored = int(c.get("stored_samples") or 0)
+            k = cfg.ref_prompts_per_step or max(1, round(P * pef / max(1, exp)))
+            per_prompt = stored / max(1, pef)
+            ref_seqs = k * per_prompt if pef else 0
+            lines.append(f"reference prompts/step: {k if pef else 0} D_pef prompt(s) x ~{per_prompt:.1f} stored samples "
+                         f"= ~{ref_seqs:.0f} reference sequences (~{ref_seqs / world / M:.1f} per process and "
+                         f"mini-batch -> {math.ceil(ref_seqs / world / M / mb) if ref_seqs else 0} extra micro-batch(es))")
+            if not pef:
+                warn.append("D_pef is empty: dph trains without rehearsal (lower split_threshold or use more data)")
+        else:
+            k = cfg.ref_prompts_per_step
+            lines.append("reference prompts/step: " + (f"{k}" if k else "round(prompts_per_step x |D_pef| / |D_exp|)")
+                         + " D_pef prompt(s), each with all its stored samples (sizes known after presample)")
+    seq = cfg.max_prompt_tokens + cfg.max_new_tokens
+    lines.append(f"max sequence length: {cfg.max_prompt_tokens} prompt + {cfg.max_new_tokens} response = {seq} tokens")
+    updates = cfg.max_steps * cfg.ppo_epochs * M
+    lines.append(f"optimizer updates: {cfg.max_steps} steps x {cfg.ppo_epochs * M} = {updates} "
+                 f"(lr {cfg.lr:g}, {cfg.lr_schedule}, warmup {cfg.warmup_steps})")
+    lines.append(f"rollouts generated over the run: {cfg.max_steps * rollouts:,} sequences "
+                 f"(<= {cfg.max_steps * rollouts * cfg.max_new_tokens:,} response tokens)")
+    if cfg.algorithm == "dph" and cfg.dataset.get("limit"):
+        lines.append(f"presample: {cfg.dataset['limit']} prompts x {cfg.presample_n} = "
+                     f"{int(cfg.dataset['limit']) * cfg.presample_n:,} sequences")
+    return lines
+
+
+def _memory_table(info: ModelInfo, cfg: TrainConfig, world: int, shard: str) -> list[str]:
+    n = max(world, 8)
+    layouts: list[tuple[str, int, str]] = [("1 device", 1, "none")]
+    if world > 1:
+        layouts.append((f"this launch: {shard} x {world}", world, shard))
+    for label, w, s in ((f"DDP x {n}", n, "ddp"), (f"FSDP/ZeRO-3 x {n}", n, "fsdp")):
+        if (w, s) != (world, shard) and not (s == "fsdp" and shard == "zero3" and w == world):
+            layouts.append((label, w, s))
+    ests = [(label, memory_for(info, cfg, world_size=w, sharding=s)) for label, w, s in layouts]
+    seq = cfg.max_prompt_tokens + cfg.max_new_tokens
+    a = "bf16" if cfg.dtype == "bfloat16" else "fp32"
+    lines = [
+        f"inputs: micro_batch {cfg.micro_batch_size}, seq_len {seq}, response_len {cfg.max_new_tokens}, generation "
+        f"batch {cfg.generation_batch_size}, activations in {a}, activation factor "
+        f"{activation_factor(info.hidden, info.intermediate, info.kv_dim):.2f} x hidden per token and layer",
+    ]
+    header = f"{'component':<17}" + "".join(f"{label:>26}" for label, _ in ests)
+    lines.append(header)
+    for i, (name, _) in enumerate(ests[0][1].rows()):
+        lines.append(f"{name:<17}" + "".join(f"{_gib(e.rows()[i][1]):>26}" for _, e in ests))
+    lines.append(f"{'fits 80/141 GiB':<17}" + "".join(f"{_fits(e.total):>26}" for _, e in ests))
+    lines.append("(estimate: weights fp32 + grads + AdamW states of the trained params, sharded under FSDP/ZeRO-3; "
+                 "activations without gradient checkpointing; + ~1-3 GiB CUDA context/allocator slack. "
+                 "Formula: dphrl.dryrun.estimate_memory, docs/recipes.md.)")
+    if cfg.algorithm == "rkl" and cfg.kl_coef and not cfg.lora:
+        lines.append("rkl full fine-tuning: the frozen reference copy is not sharded")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# python -m dphrl.dryrun
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dphrl.config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m dphrl.dryrun", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--num-processes", "--world-size", dest="world_size", type=int, default=None)
+    p.add_argument("--sharding", choices=SHARDINGS, default=None)
+    p.add_argument("--examples", type=int, default=8, help="examples to build (default 8)")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        print(dry_run(cfg, examples_limit=args.examples, world_size=args.world_size, sharding=args.sharding))
+    except ConfigError as e:
+        print(f"dphrl: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
