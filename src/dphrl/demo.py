@@ -44,7 +44,7 @@ class DemoSize:
     eval_problems: int = 200  # per domain
     eval_n: int = 16
     presample_n: int = 8
-    rl_steps: int = 80
+    rl_steps: int = 100
     prompts_per_step: int = 32
     rollout_n: int = 8
     lr: float = 2e-4
@@ -54,22 +54,22 @@ class DemoSize:
             "grpo": {"algorithm": "grpo"},
             "dapo": {"algorithm": "dapo"},
             "rkl": {"algorithm": "rkl", "kl_coef": 0.05},
-            "dph-f": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.1},
-            "dph-js": {"algorithm": "dph", "divergence": "js", "eta": 0.5},
+            "dph-f": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3},
+            "dph-js": {"algorithm": "dph", "divergence": "js", "eta": 1.0},
         }
     )
     sweep: dict = field(
         default_factory=lambda: {
-            "dph-f": ("eta", [0.02, 0.05, 0.2, 0.5]),
-            "dph-js": ("eta", [0.1, 0.2, 1.0, 2.0]),
-            "rkl": ("kl_coef", [0.01, 0.2, 0.5, 1.0]),
+            "dph-f": ("eta", [0.05, 0.1, 1.0]),
+            "dph-js": ("eta", [0.2, 0.5, 3.0]),
+            "rkl": ("kl_coef", [0.01, 0.2, 1.0]),
         }
     )
 
 
 FULL = DemoSize()
 QUICK = replace(
-    FULL, sft_steps=400, train_prompts=96, eval_problems=40, rl_steps=12, prompts_per_step=16, lr=5e-4,
+    FULL, sft_steps=400, train_prompts=96, eval_problems=40, rl_steps=12, prompts_per_step=16,
 )
 
 

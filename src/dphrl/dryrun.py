@@ -14,7 +14,7 @@ Standalone, with the launch layout given explicitly::
 Under ``accelerate launch`` the layout is read from the environment (``WORLD_SIZE``,
 ``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_DEEPSPEED``).
 
-This module also holds :func:`number_reward` (``reward: dphrl.dryrun:number_reward``), the reward of
+The ``number`` reward (:func:`dphrl.rewards.math.number_reward`, re-exported here) is the reward of
 the CPU recipes: the built-in ``math`` reward reads ``\\boxed{}`` or "The answer is ...", while a
 small model told to "answer with just the number" answers with a bare number.
 """
@@ -26,11 +26,9 @@ import dataclasses
 import json
 import math
 import os
-import re
 import sys
 import warnings
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -39,37 +37,13 @@ import yaml
 
 from dphrl.config import ConfigError, TrainConfig
 from dphrl.data.example import Example
+from dphrl.rewards.math import number_reward  # noqa: F401  (re-exported: reward: dphrl.dryrun:number_reward)
 
 GiB = 2**30
 
 # --------------------------------------------------------------------------------------------------
 # The reward of the CPU recipes
 
-_NUM = re.compile(r"[-+]?\d+(?:\.\d+)?")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-
-
-def number_reward(response: str, example: Example) -> float:
-    """1.0 when the response's answer equals ``example.answer`` as a number, else 0.0.
-
-    A ``\\boxed{}`` / ``#### x`` / "The answer is x" answer is checked by the ``math`` reward; otherwise
-    the answer is the last number on the first non-empty line ("7", "7.", "3 + 4 = 7"). Thousands
-    separators are ignored ("1,000" = 1000; "1,3" is two numbers).
-    """
-    from dphrl.rewards.math import extract_answer, score
-
-    if example.answer is None:
-        raise ValueError(f"example {example.id!r} has no answer; number_reward needs one")
-    if extract_answer(response) is not None:
-        return score(response, str(example.answer))
-    line = next((ln for ln in response.strip().splitlines() if ln.strip()), "")
-    nums = _NUM.findall(_THOUSANDS.sub("", line))
-    if not nums:
-        return 0.0
-    try:
-        return float(Decimal(nums[-1]) == Decimal(_THOUSANDS.sub("", str(example.answer).strip())))
-    except InvalidOperation:
-        return 0.0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -236,3 +236,29 @@ def _configured_reward(response: str, example: Example, *, timeout_s: float) -> 
 def make_reward(*, timeout_s: float = DEFAULT_TIMEOUT_S) -> RewardFn:
     """The math reward with a non-default time-out; picklable (works with worker pools)."""
     return functools.partial(_configured_reward, timeout_s=timeout_s)
+
+
+_NUM = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+@register_reward("number")
+def number_reward(response: str, example: Example) -> float:
+    """1.0 when the response's answer equals ``example.answer`` as a number, else 0.0.
+
+    A ``\\boxed{}`` / ``#### x`` / "The answer is x" answer is checked by the ``math`` reward; otherwise
+    the answer is the last number on the first non-empty line ("7", "7.", "3 + 4 = 7"). Thousands
+    separators are ignored ("1,000" = 1000; "1,3" is two numbers).
+    """
+    if example.answer is None:
+        raise ValueError(f"example {example.id!r} has no answer; number_reward needs one")
+    if extract_answer(response) is not None:
+        return score(response, str(example.answer))
+    line = next((ln for ln in response.strip().splitlines() if ln.strip()), "")
+    nums = _NUM.findall(_THOUSANDS.sub("", line))
+    if not nums:
+        return 0.0
+    try:
+        return float(Decimal(nums[-1]) == Decimal(_THOUSANDS.sub("", str(example.answer).strip())))
+    except InvalidOperation:
+        return 0.0
