@@ -498,3 +498,13 @@ def test_nonfinite_loss_skips_the_update(tmp_path, tok, make_model, monkeypatch)
         assert torch.equal(w1[k], initial[k]), k
         assert torch.isfinite(w2[k]).all(), k
     assert any(not torch.equal(w2[k], initial[k]) for k in initial)  # the next step did update
+
+
+def test_prompts_longer_than_max_prompt_tokens_are_dropped_with_a_count(tmp_path, tok, make_model):
+    exs = toy_examples(12)  # prompts "<|user|>i+i<|assistant|>": 5 tokens for i < 10, 7 tokens for i >= 10
+    cfg = base_cfg(tmp_path, "grpo", max_prompt_tokens=5)
+    t = Trainer(cfg, model=make_model(), tokenizer=tok, examples=exs)
+    assert t.dropped_long_prompts == 2
+    assert [ex.id for ex in t.rollout_examples] == [f"p{i}" for i in range(10)]
+    with pytest.raises(ValueError, match="max_prompt_tokens"):
+        Trainer(base_cfg(tmp_path, "grpo", max_prompt_tokens=2), model=make_model(), tokenizer=tok, examples=exs)

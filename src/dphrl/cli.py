@@ -23,6 +23,17 @@ def _data_arg(s: str) -> tuple[str, dict]:
     return name, d
 
 
+def _load_for_generation(name: str, dtype: str = "float32"):
+    """Tokenizer + model on the GPU when there is one (in ``dtype``), else on the CPU in fp32."""
+    import torch
+
+    from dphrl.models import load_model, load_tokenizer
+
+    cuda = torch.cuda.is_available()
+    model = load_model(name, dtype=dtype if cuda else "float32", device="cuda" if cuda else None)
+    return load_tokenizer(name), model
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from dphrl.config import config_help
 
@@ -33,13 +44,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_presample(args: argparse.Namespace) -> int:
     from dphrl.config import load_config
     from dphrl.engines.hf import HFEngine
-    from dphrl.models import load_model, load_tokenizer, tokenizer_hash
+    from dphrl.models import tokenizer_hash
     from dphrl.reference import presample
     from dphrl.rewards import get_reward
     from dphrl.trainer import load_examples
 
     cfg = load_config(args.config, args.overrides)
-    tok, model = load_tokenizer(cfg.model), load_model(cfg.model)
+    tok, model = _load_for_generation(cfg.model, cfg.dtype)
     examples = load_examples(cfg.dataset)
     out = args.out or cfg.reference_store
     if not out:
@@ -77,11 +88,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from dphrl.engines.hf import HFEngine
     from dphrl.evaluation.runner import evaluate
-    from dphrl.models import load_model, load_tokenizer
     from dphrl.rewards import get_reward
     from dphrl.trainer import load_examples
 
-    tok, model = load_tokenizer(args.model), load_model(args.model)
+    tok, model = _load_for_generation(args.model, args.dtype)
     datasets, rewards = {}, {}
     style_fn = None
     for name, spec in args.data:
@@ -170,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward", default="", help="Reward name or module:function (default: the task's own).")
     e.add_argument("--reward-workers", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--dtype", default="bfloat16", help="Model dtype on a GPU (the CPU always uses float32).")
     e.add_argument("--out", default="runs/eval")
     e.set_defaults(fn=cmd_eval)
 

@@ -168,20 +168,30 @@ class Trainer:
             self.rollout_examples = examples
             self.pef_ids, self.ref_prompts_per_step = [], 0
             self.ref_sampler = None
-        self.sampler = PromptSampler(len(self.rollout_examples), cfg.seed)
         self._prompt_cache: dict[str, list[int]] = {}
+        n_before = len(self.rollout_examples)
+        self.rollout_examples = [ex for ex in self.rollout_examples if len(self._encode(ex)) <= cfg.max_prompt_tokens]
+        self.dropped_long_prompts = n_before - len(self.rollout_examples)
+        if self.dropped_long_prompts and self.acc.is_main_process:
+            print(f"dphrl: dropped {self.dropped_long_prompts} of {n_before} prompts longer than "
+                  f"max_prompt_tokens={cfg.max_prompt_tokens}")
+        if not self.rollout_examples:
+            raise ValueError(f"no training prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
+        self.sampler = PromptSampler(len(self.rollout_examples), cfg.seed)
         if cfg.prompts_per_step % self.world:
             raise ValueError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible by the "
                              f"number of processes ({self.world})")
 
         # --- optimisation ----------------------------------------------------------------------------
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        # model and optimizer are prepared together (FSDP / DeepSpeed need both); the scheduler is ours,
+        # stepped once per update whatever the number of processes
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
         total_updates = max(1, cfg.max_steps * cfg.ppo_epochs * cfg.mini_batches)
         self.scheduler = get_scheduler(
-            cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_updates
+            cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_updates
         )
-        self.model = self.acc.prepare(model)
         self.engine = HFEngine(self.acc.unwrap_model(self.model), tokenizer, batch_size=cfg.generation_batch_size)
         self.step = 0
         self.totals = {"nonfinite_skipped": 0, "reward_failures": 0}
