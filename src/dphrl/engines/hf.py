@@ -1,7 +1,8 @@
 """Hugging Face ``generate`` engine: batched sampling with the exact per-token log-probs.
 
 The log-probs returned are those of the distribution actually sampled from: logits divided by the
-temperature, top-p applied, then renormalized (``log_softmax`` of the processed scores). A fresh
+temperature, top-p applied, then renormalized (``log_softmax`` of the processed scores), recorded
+step by step by a logits processor (memory of one step's scores, not ``output_scores``' all). A fresh
 ``GenerationConfig`` is built for every call so that a checkpoint's defaults (``top_k=50``,
 repetition penalties...) never silently truncate or distort the sampling distribution.
 """
@@ -9,9 +10,41 @@ repetition penalties...) never silently truncate or distort the sampling distrib
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from dphrl.engines.base import Generation
+
+
+class _ChosenTokenLogprobs(LogitsProcessor):
+    """Records log pi(chosen token) step by step without keeping every step's full scores.
+
+    Placed after our own sampling warpers (temperature, top-p), it sees the processed scores of step t,
+    keeps their log-softmax for one step, and reads the token chosen at step t from ``input_ids`` at
+    step t+1. Memory: one (B, V) tensor instead of ``output_scores``' T of them.
+    """
+
+    def __init__(self) -> None:
+        self.prev: torch.Tensor | None = None  # (B, V) log-softmax of the last processed scores
+        self.chosen: list[torch.Tensor] = []  # T x (B,)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prev is not None:
+            self.chosen.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.prev = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+        """Close the last step with the final tokens; returns (B, T) log-probs."""
+        self.chosen.append(self.prev.gather(-1, last_tokens.unsqueeze(-1)).squeeze(-1))
+        return torch.stack(self.chosen, dim=1)
 
 
 class HFEngine:
@@ -59,26 +92,32 @@ class HFEngine:
         for j, p in enumerate(prompts):
             input_ids[j, plen - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[j, plen - len(p) :] = 1
+        # The warpers are ours, in this order, followed by the recorder: transformers merges custom
+        # processors *before* its own warpers, so it is given none (temperature 1, no top-p/top-k).
+        procs: list[LogitsProcessor] = []
+        if not greedy and temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(temperature))
+        if not greedy and top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p))
+        recorder = _ChosenTokenLogprobs()
+        procs.append(recorder)
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=not greedy,
-            temperature=None if greedy else temperature,
-            top_p=None if greedy or top_p >= 1.0 else top_p,
+            temperature=None if greedy else 1.0,
+            top_p=None,
             top_k=0 if not greedy else None,
             pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
             bos_token_id=getattr(self.tokenizer, "bos_token_id", None),
-            return_dict_in_generate=True,
-            output_scores=True,
         )
-        res = self.model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg)
-        seqs = res.sequences[:, plen:].cpu()  # (B, T)
-        # log-prob of each chosen token under the processed (sampled-from) distribution, one step at a time
-        logps = torch.stack(
-            [torch.log_softmax(s.float(), dim=-1).gather(-1, seqs[:, t : t + 1].to(s.device)).squeeze(-1).cpu()
-             for t, s in enumerate(res.scores)],
-            dim=1,
-        )  # (B, T); for greedy decoding the scores are raw logits: log-probs at temperature 1
+        out = self.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
+            logits_processor=LogitsProcessorList(procs),
+        )
+        seqs_dev = out[:, plen:]  # (B, T)
+        logps = recorder.finish(seqs_dev[:, -1]).cpu()  # (B, T); greedy: log-probs at temperature 1
+        seqs = seqs_dev.cpu()
         is_eos = seqs == self.eos_id  # (B, T)
         any_eos = is_eos.any(dim=1)
         first_eos = torch.where(any_eos, is_eos.float().argmax(dim=1), torch.full_like(any_eos, seqs.shape[1], dtype=torch.long))
