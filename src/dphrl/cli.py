@@ -124,7 +124,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     from dphrl.demo import build_base_model
 
-    build_base_model(Path(args.out), steps=args.steps, seed=args.seed)
+    build_base_model(Path(args.out), steps=args.steps, seed=args.seed, progress=True)
     return 0
 
 

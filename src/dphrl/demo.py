@@ -77,13 +77,13 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build_base_model(out: Path, steps: int = 1500, seed: int = 0, size: DemoSize = FULL) -> Path:
+def build_base_model(out: Path, steps: int = 1500, seed: int = 0, size: DemoSize = FULL, progress: bool = False) -> Path:
     """Tokenizer + tiny Llama + SFT on an even mixture of styles for a+b and a-b; save_pretrained."""
     tok = build_char_tokenizer(styles.CHARS)
     model = tiny_causal_lm(tok, hidden=size.hidden, layers=size.layers, heads=4, max_positions=64, seed=seed)
     problems = styles.make_examples("add", "all") + styles.make_examples("sub", "all")
     pairs = styles.sft_pairs(problems, random.Random(seed))
-    log = sft_train(model, tok, pairs, steps=steps, batch_size=size.sft_batch, lr=3e-3, seed=seed)
+    log = sft_train(model, tok, pairs, steps=steps, batch_size=size.sft_batch, lr=3e-3, seed=seed, progress=progress)
     save_model(model, tok, out)
     (out / "sft_log.json").write_text(json.dumps(log))
     return out
@@ -123,10 +123,33 @@ def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overri
     return trainer.acc.unwrap_model(trainer.model)
 
 
+def _prepare_seed(root: Path, seed: int, size: DemoSize) -> str:
+    """Base model (SFT) and reference store (presample) of one seed; skipped when already there."""
+    torch.set_num_threads(1)
+    t0 = time.time()
+    sd = root / f"seed{seed}"
+    base = sd / "base_model"
+    if not (base / "config.json").exists():
+        build_base_model(base, size.sft_steps, seed, size)
+    store = sd / "store"
+    if not (store / "manifest.json").exists():
+        tok, model = load_tokenizer(str(base)), load_model(str(base))
+        train = styles.make_examples("add", "train", limit=size.train_prompts)
+        presample(
+            HFEngine(model, tok, batch_size=256), tok, train, styles.styles_reward, store, model_name=str(base),
+            tokenizer_hash=tokenizer_hash(tok), n=size.presample_n, max_new_tokens=size.max_new_tokens,
+            seed=seed, prompts_per_call=64, progress=False,
+        )
+    c = json.loads((store / "manifest.json").read_text())
+    return (f"seed {seed}: base model + store ({time.time() - t0:.0f} s): D_pef {c['counts']['d_pef']} prompts, "
+            f"D_exp {c['counts']['d_exp']}, {c['counts']['stored_samples']} stored samples, "
+            f"base pass rate {c['mean_pass_rate']:.3f}")
+
+
 def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: DemoSize, seed: int,
-         domains: tuple[str, ...] | None, threads: int) -> str:
+         domains: tuple[str, ...] | None) -> str:
     """One demo job in its own process: train (unless ``kw`` is None: the base model) and evaluate."""
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     t0 = time.time()
     if kw is None:
         tok, model = load_tokenizer(str(base)), load_model(str(base))
@@ -134,53 +157,52 @@ def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: D
         tok = load_tokenizer(str(base))
         model = _train(base, store, out, size, seed, kw)
     _evaluate(model, tok, size, out / "eval", seed, domains)
-    return f"{name} ({time.time() - t0:.0f} s)"
+    return f"seed {seed}: {name} ({time.time() - t0:.0f} s)"
 
 
-def run_seed(root: Path, seed: int, size: DemoSize, sweep: bool, workers: int = 2) -> dict[str, Path]:
-    """Everything for one seed; returns run name -> run dir (each with eval/results.json).
+def _run_all(fn, args: list[tuple], workers: int) -> None:
+    """Run ``fn(*a)`` for every ``a``, in ``workers`` single-threaded processes; print each completion.
 
-    Jobs (base evaluation, one training + evaluation per method) are independent once the reference
-    store exists, so they run in ``workers`` processes with one thread each: for models this small,
-    two single-threaded processes use two cores far better than one process with two threads.
+    For models this small, two single-threaded processes use two cores far better than one process
+    with two threads (measured: up to 10x when the cores are shared), so every heavy phase of the
+    demo is a job.
     """
-    sd = root / f"seed{seed}"
-    base = sd / "base_model"
-    if not (base / "config.json").exists():
-        _say(f"seed {seed}: building the base model (SFT, {size.sft_steps} steps)")
-        build_base_model(base, size.sft_steps, seed, size)
-    tok, model = load_tokenizer(str(base)), load_model(str(base))
-    store = sd / "store"
-    _say(f"seed {seed}: presample {size.presample_n} responses x {size.train_prompts} prompts -> {store}")
-    train = styles.make_examples("add", "train", limit=size.train_prompts)
-    mf = presample(
-        HFEngine(model, tok, batch_size=256), tok, train, styles.styles_reward, store, model_name=str(base),
-        tokenizer_hash=tokenizer_hash(tok), n=size.presample_n, max_new_tokens=size.max_new_tokens, seed=seed,
-        prompts_per_call=64,
-    )
-    _say(f"seed {seed}: D_pef {mf['counts']['d_pef']} prompts, D_exp {mf['counts']['d_exp']}, "
-         f"{mf['counts']['stored_samples']} stored samples, mean pass rate {mf['mean_pass_rate']:.3f}")
-
-    jobs: list[tuple[str, dict | None]] = [("base", None)] + list(size.methods.items())
-    if sweep:
-        for name, (key, values) in size.sweep.items():
-            jobs += [(f"{name}@{key}={v}", {**size.methods[name], key: v}) for v in values]
-    runs = {name: sd / "runs" / name for name, _ in jobs}
-    args = [
-        (name, kw, base, store, runs[name], size, seed, ("add (in-domain)",) if "@" in name else None, 1)
-        for name, kw in jobs
-    ]
-    _say(f"seed {seed}: {len(jobs)} jobs (train + evaluate) on {workers} worker processes")
     if workers <= 1:
         for i, a in enumerate(args):
-            _say(f"seed {seed}: done {i + 1}/{len(args)}: {_job(*a)}")
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futs = [pool.submit(_job, *a) for a in args]
-            for i, f in enumerate(as_completed(futs)):
-                _say(f"seed {seed}: done {i + 1}/{len(args)}: {f.result()}")
-    return runs
+            _say(f"done {i + 1}/{len(args)}: {fn(*a)}")
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futs = [pool.submit(fn, *a) for a in args]
+        for i, f in enumerate(as_completed(futs)):
+            _say(f"done {i + 1}/{len(args)}: {f.result()}")
+
+
+def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int = 2) -> list[dict[str, Path]]:
+    """All seeds: base models and stores first, then every (seed, method) job; the sweep on seed 0.
+
+    Returns, per seed, run name -> run dir (each with eval/results.json).
+    """
+    _say(f"{seeds} seed(s): building base models (SFT, {size.sft_steps} steps) and reference stores "
+         f"(presample {size.presample_n} x {size.train_prompts} prompts) on {workers} worker processes")
+    _run_all(_prepare_seed, [(root, s, size) for s in range(seeds)], workers)
+    all_runs, args = [], []
+    for seed in range(seeds):
+        sd = root / f"seed{seed}"
+        jobs: list[tuple[str, dict | None]] = [("base", None)] + list(size.methods.items())
+        if sweep and seed == 0:
+            for name, (key, values) in size.sweep.items():
+                jobs += [(f"{name}@{key}={v}", {**size.methods[name], key: v}) for v in values]
+        runs = {name: sd / "runs" / name for name, _ in jobs}
+        all_runs.append(runs)
+        args += [
+            (name, kw, sd / "base_model", sd / "store", runs[name], size, seed,
+             ("add (in-domain)",) if "@" in name else None)
+            for name, kw in jobs
+        ]
+    _say(f"{len(args)} jobs (train + evaluate) on {workers} worker processes")
+    _run_all(_job, args, workers)
+    return all_runs
 
 
 def _metric(run: Path, dataset: str, key: str, k: int | None = None) -> float:
@@ -302,7 +324,7 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1, sweep: bool = False
 
     size = QUICK if quick else FULL
     t0 = time.time()
-    all_runs = [run_seed(out, s, size, sweep and s == 0, workers) for s in range(seeds)]  # sweep: first seed
+    all_runs = run_seeds(out, seeds, size, sweep, workers)
     rep = out / "report"
     if rep.exists():
         shutil.rmtree(rep)
