@@ -559,8 +559,8 @@ def dry_run(
             warn.append(f"one process holds ~{unsharded / GiB:.0f} GiB unsharded (> an 80 GiB GPU): use FSDP/ZeRO-3 "
                         "over several GPUs, or lora=true (see docs/recipes.md)")
     if shard in ("fsdp", "zero3"):
-        warn.append("FSDP/ZeRO-3: dphrl.trainer.Trainer prepares the model without its optimizer and generates with "
-                    "the unwrapped module; sharded training needs the trainer changes listed in docs/recipes.md")
+        warn.append("FSDP/ZeRO-3: dphrl.trainer.Trainer generates with the unwrapped (sharded) module and saves "
+                    "from the main process; sharded training needs the trainer changes listed in docs/recipes.md")
     else:
         out.append("skipped: model size unknown")
 
