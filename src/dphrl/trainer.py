@@ -96,10 +96,6 @@ def load_examples(spec: dict) -> list[Example]:
     """Build the training examples from a dataset spec (``type`` picks the loader)."""
     if not spec:
         raise ValueError("config key 'dataset' is empty: give a spec such as {type: gsm8k, path: ...}")
-    if spec.get("type") == "styles":
-        from dphrl.tasks.styles import examples_from_spec
-
-        return examples_from_spec(spec)
     from dphrl.data.loaders import load_dataset_spec
 
     return load_dataset_spec(spec)

@@ -386,6 +386,12 @@ def load_hf(
 
 
 def _synthetic(name: str) -> Callable[..., list[Example]]:
+    """A generator by name in dphrl.data.synthetic, or by ``module:function`` (imported lazily)."""
+    import importlib
+
+    if ":" in name:
+        mod, _, attr = name.partition(":")
+        return getattr(importlib.import_module(mod), attr)
     from dphrl.data import synthetic
 
     return getattr(synthetic, name)
@@ -401,6 +407,7 @@ LOADERS: dict[str, Callable[..., list[Example]] | str] = {
     "hf": load_hf,
     "synthetic_arith": "make_arithmetic",  # resolved lazily from dphrl.data.synthetic
     "synthetic_sql": "make_sql_tasks",
+    "styles": "dphrl.tasks.styles:make_examples",  # the demo's multi-style arithmetic
 }
 _PATH_ARG = {"gsm8k": "path", "math": "path", "spider": "directory", "bird": "directory", "jsonl": "path",
              "parquet": "path", "hf": "path", "synthetic_sql": "directory"}
@@ -462,7 +469,7 @@ def load_dataset_spec(spec: dict[str, Any] | str, *, base_dir: PathLike | None =
             opts[arg] = path
     elif path is not None:
         raise ValueError(f"dataset type {kind!r} takes no 'path'")
-    if kind.startswith("synthetic") and seed is not None and "seed" in params:
+    if (kind.startswith("synthetic") or kind == "styles") and seed is not None and "seed" in params:
         opts["seed"], seed = seed, None  # synthetic generators are seeded directly
     unknown = sorted(set(opts) - set(params))
     if unknown:

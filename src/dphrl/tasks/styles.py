@@ -136,12 +136,6 @@ def make_examples(
     return out
 
 
-def examples_from_spec(spec: dict) -> list[Example]:
-    """Dataset spec ``{type: styles, op: add, split: train, ...}`` -> examples."""
-    kw = {k: v for k, v in spec.items() if k != "type"}
-    return make_examples(**kw)
-
-
 def sft_pairs(examples: list[Example], rng: random.Random, per_problem: int = 1) -> list[tuple[list[dict], str]]:
     """(prompt messages, response text) pairs with styles drawn evenly at random."""
     out = []
