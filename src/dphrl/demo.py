@@ -15,7 +15,7 @@ import random
 import shutil
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -160,48 +160,56 @@ def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: D
     return f"seed {seed}: {name} ({time.time() - t0:.0f} s)"
 
 
-def _run_all(fn, args: list[tuple], workers: int) -> None:
-    """Run ``fn(*a)`` for every ``a``, in ``workers`` single-threaded processes; print each completion.
-
-    For models this small, two single-threaded processes use two cores far better than one process
-    with two threads (measured: up to 10x when the cores are shared), so every heavy phase of the
-    demo is a job.
-    """
-    if workers <= 1:
-        for i, a in enumerate(args):
-            _say(f"done {i + 1}/{len(args)}: {fn(*a)}")
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futs = [pool.submit(fn, *a) for a in args]
-        for i, f in enumerate(as_completed(futs)):
-            _say(f"done {i + 1}/{len(args)}: {f.result()}")
+def _seed_jobs(root: Path, seed: int, size: DemoSize, sweep: bool) -> tuple[dict[str, Path], list[tuple]]:
+    """Run dirs and ``_job`` arguments of one seed (base evaluation + every method; the sweep if asked)."""
+    sd = root / f"seed{seed}"
+    jobs: list[tuple[str, dict | None]] = [("base", None)] + list(size.methods.items())
+    if sweep:
+        for name, (key, values) in size.sweep.items():
+            jobs += [(f"{name}@{key}={v}", {**size.methods[name], key: v}) for v in values]
+    runs = {name: sd / "runs" / name for name, _ in jobs}
+    args = [
+        (name, kw, sd / "base_model", sd / "store", runs[name], size, seed, ("add (in-domain)",) if "@" in name else None)
+        for name, kw in jobs
+    ]
+    return runs, args
 
 
 def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int = 2) -> list[dict[str, Path]]:
-    """All seeds: base models and stores first, then every (seed, method) job; the sweep on seed 0.
+    """All seeds in one pool of ``workers`` single-threaded processes; the sweep on seed 0.
 
-    Returns, per seed, run name -> run dir (each with eval/results.json).
+    A seed's base model (SFT) and reference store come first; its jobs (base evaluation, one training
+    + evaluation per method) are queued as soon as they exist, so no worker waits for other seeds.
+    For models this small, two single-threaded processes use two cores far better than one process
+    with two threads (up to 10x when the cores are shared). Returns, per seed, run name -> run dir.
     """
-    _say(f"{seeds} seed(s): building base models (SFT, {size.sft_steps} steps) and reference stores "
-         f"(presample {size.presample_n} x {size.train_prompts} prompts) on {workers} worker processes")
-    _run_all(_prepare_seed, [(root, s, size) for s in range(seeds)], workers)
-    all_runs, args = [], []
-    for seed in range(seeds):
-        sd = root / f"seed{seed}"
-        jobs: list[tuple[str, dict | None]] = [("base", None)] + list(size.methods.items())
-        if sweep and seed == 0:
-            for name, (key, values) in size.sweep.items():
-                jobs += [(f"{name}@{key}={v}", {**size.methods[name], key: v}) for v in values]
-        runs = {name: sd / "runs" / name for name, _ in jobs}
+    all_runs, per_seed = [], []
+    for s in range(seeds):
+        runs, args = _seed_jobs(root, s, size, sweep and s == 0)
         all_runs.append(runs)
-        args += [
-            (name, kw, sd / "base_model", sd / "store", runs[name], size, seed,
-             ("add (in-domain)",) if "@" in name else None)
-            for name, kw in jobs
-        ]
-    _say(f"{len(args)} jobs (train + evaluate) on {workers} worker processes")
-    _run_all(_job, args, workers)
+        per_seed.append(args)
+    total = seeds + sum(len(a) for a in per_seed)
+    _say(f"{seeds} seed(s), {total} jobs on {workers} worker process(es): per seed a base model (SFT, "
+         f"{size.sft_steps} steps) + reference store (presample {size.presample_n} x {size.train_prompts}), "
+         f"then training + evaluation of {', '.join(size.methods)}" + (" and the sweep (seed 0)" if sweep else ""))
+    done = 0
+    if workers <= 1:
+        for s in range(seeds):
+            for fn, a in [(_prepare_seed, (root, s, size))] + [(_job, a) for a in per_seed[s]]:
+                done += 1
+                _say(f"done {done}/{total}: {fn(*a)}")
+        return all_runs
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pending = {pool.submit(_prepare_seed, root, s, size): s for s in range(seeds)}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                seed = pending.pop(f)
+                done += 1
+                _say(f"done {done}/{total}: {f.result()}")
+                if seed is not None:  # a seed is ready: queue its jobs
+                    pending.update({pool.submit(_job, *a): None for a in per_seed[seed]})
     return all_runs
 
 
