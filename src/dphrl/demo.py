@@ -148,7 +148,12 @@ def _prepare_seed(root: Path, seed: int, size: DemoSize) -> str:
 
 def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: DemoSize, seed: int,
          domains: tuple[str, ...] | None) -> str:
-    """One demo job in its own process: train (unless ``kw`` is None: the base model) and evaluate."""
+    """One demo job in its own process: train (unless ``kw`` is None: the base model) and evaluate.
+
+    A job whose evaluation results exist is skipped, so an interrupted demo resumes where it stopped.
+    """
+    if (out / "eval" / "results.json").exists():
+        return f"seed {seed}: {name} (already done)"
     torch.set_num_threads(1)
     t0 = time.time()
     if kw is None:
