@@ -27,7 +27,11 @@ What runs:
 
 The task is synthetic: prompts "what is a+b?", a quarter of them marked easy (reward 1 always; they
 form D_pef for dph), the others rewarded on the parity of the first response character (about half
-correct, so DAPO's dynamic sampling rarely has to refill). Only the workload matters here.
+correct). DAPO keeps its dynamic sampling: the easy prompts give all-equal groups, so it refills (the
+table's "generated seqs"). Only the workload matters here.
+
+Every worker uses ``--threads`` torch threads (default 1): on a shared 2-core machine two threads per
+process made steps 3-15x slower and very noisy. Results and analysis: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -388,6 +392,7 @@ def summarize(name: str, runs: list[dict]) -> dict:
     step = sorted(s["step_s"] for s in meas)
     out = {
         "name": name, "measured_steps": len(meas), "median": med,
+        "round_medians": [_med([s["step_s"] for s in r["steps"] if not s["warmup"]]) for r in runs],
         "step_s_min": step[0], "step_s_max": step[-1],
         "step_s_iqr": (statistics.quantiles(step, n=4)[2] - statistics.quantiles(step, n=4)[0]) if len(step) >= 2 else 0.0,
         "tokens_per_s": _med(tps),
@@ -492,7 +497,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in every worker (0 = os.cpu_count())")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in every worker (0 = os.cpu_count()); 1 is robust on a shared machine")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer comparison")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--workdir", default="", help="scratch directory (default: a temp dir, removed)")
@@ -569,6 +575,8 @@ def main(argv=None) -> int:
           f"after {args.warmup} warm-up")
     print(f"load average before {machine_before.get('load_avg')}, after {machine_after.get('load_avg')}")
     print(format_table(rows))
+    print("noise: per-round median step s: " + "; ".join(
+        f"{r['name']} " + "/".join(f"{x:.2f}" for x in r["round_medians"]) for r in rows))
     print()
     print("time breakdown (median seconds per step):")
     print(format_breakdown(rows))
