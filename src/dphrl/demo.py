@@ -313,7 +313,7 @@ def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | 
         "# dphrl demo: diversity collapse and its cure",
         "",
         f"{summary['seeds']} seed(s); mean ± std over seeds; in domain = a+b (RL task), out of domain = a-b. "
-        f"Wall time {seconds / 60:.1f} min.",
+        f"Wall time of this invocation {seconds / 60:.1f} min (a resumed demo skips finished jobs).",
         "",
         "How style validity arises: " + styles.VALIDITY_NOTE,
         "",
