@@ -508,3 +508,20 @@ def test_prompts_longer_than_max_prompt_tokens_are_dropped_with_a_count(tmp_path
     assert [ex.id for ex in t.rollout_examples] == [f"p{i}" for i in range(10)]
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         Trainer(base_cfg(tmp_path, "grpo", max_prompt_tokens=2), model=make_model(), tokenizer=tok, examples=exs)
+
+
+def test_recomputed_old_logprobs_equal_the_engine_logprobs(tmp_path, tok, make_model):
+    cfg = base_cfg(tmp_path, "grpo", old_logprob="recompute", ppo_epochs=2, mini_batches=2)
+    t = Trainer(cfg, model=make_model(), tokenizer=tok, examples=toy_examples(8))
+    rollouts, _ = t.collect_rollouts()
+    engine_lp = [list(s.old_logp) for s in rollouts]
+    t._recompute_old_logprobs(rollouts)
+    for s, e in zip(rollouts, engine_lp):
+        assert torch.allclose(torch.tensor(s.old_logp), torch.tensor(e), atol=1e-5)
+    m = t.update(rollouts, [])
+    assert m["pg/ratio_mean"] != 1.0  # later mini-batches/epochs see a moved policy against a fixed pi_old
+
+
+def test_top_p_below_one_defaults_to_recompute(tmp_path):
+    assert base_cfg(tmp_path, "grpo", top_p=0.9).old_logprob == "recompute"
+    assert base_cfg(tmp_path, "grpo").old_logprob == "rollout"

@@ -75,7 +75,7 @@ class TrainConfig:
     dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages (dph default 3.0; null = off).")
     loss_agg: str | None = _f(None, "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo/rkl default seq-mean-token-mean; dapo/dph token-mean).")
     entropy_coef: float = _f(0.0, "Entropy bonus coefficient (0 in the paper).")
-    old_logprob: str = _f("rollout", "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward).")
+    old_logprob: str | None = _f(None, "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward of the rollouts). Default: rollout, or recompute when top_p < 1 (the engine's log-probs are then renormalized over the nucleus).")
     # --- optimisation ---------------------------------------------------------------------------
     max_steps: int = _f(20, "Optimizer steps (one rollout batch per step, times ppo_epochs x mini_batches updates).")
     ppo_epochs: int = _f(1, "Passes over each rollout batch.")
@@ -121,6 +121,8 @@ class TrainConfig:
             self.overlong_buffer = self.max_new_tokens // 4 if a == "dapo" else 0
         if self.kl_coef is None:
             self.kl_coef = 0.01 if a == "rkl" else 0.0
+        if self.old_logprob is None:
+            self.old_logprob = "rollout" if self.top_p >= 1.0 else "recompute"
         if a == "dph":
             if self.divergence is None:
                 self.divergence = "js"

@@ -357,9 +357,21 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # phase 2: update
     # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _recompute_old_logprobs(self, seqs: list[Seq]) -> None:
+        """old_logprob=recompute: pi_old from one no-grad forward of the policy before the update
+        (instead of the engine's log-probs, e.g. when the engine's numerics or top-p differ)."""
+        for chunk in _chunks(seqs, self.cfg.micro_batch_size):
+            batch = pack([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], self.pad_id).to(self.acc.device)
+            lp, _ = response_logprobs(self.model, batch, self.cfg.temperature)
+            for s, row in zip(chunk, lp.float().cpu()):
+                s.old_logp = row[: len(s.response_ids)].tolist()
+
     def update(self, rollouts: list[Seq], refs: list[Seq]) -> dict[str, float]:
         cfg = self.cfg
         M = cfg.mini_batches
+        if cfg.old_logprob == "recompute":
+            self._recompute_old_logprobs(rollouts)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for epoch in range(cfg.ppo_epochs):
@@ -429,10 +441,7 @@ class Trainer:
         mask = batch.resp_mask  # (B, T)
         logp, ent = response_logprobs(self.model, batch, cfg.temperature, with_entropy=True,
                                       entropy_grad=cfg.entropy_coef > 0)
-        if cfg.old_logprob == "rollout":
-            old = pad_values([s.old_logp for s in chunk], T).to(logp.device)  # (B, T)
-        else:
-            old = logp.detach()
+        old = pad_values([s.old_logp for s in chunk], T).to(logp.device)  # (B, T) pi_old of every token
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logp.device)  # (B,)
         agg = dict(num_tokens=g_tok, num_seqs=g_seq, max_len=cfg.max_new_tokens)
         loss, m = losses.POLICY_LOSSES[cfg.policy_loss](
