@@ -332,18 +332,25 @@ class Trainer:
         return seqs, metrics
 
     @torch.no_grad()
-    def _attach_reference_logprobs(self, seqs: list[Seq]) -> None:
-        """rkl: log pi_ref of every rollout token from the frozen initial model (one no-grad forward)."""
-        model = self.acc.unwrap_model(self.model)
+    def _no_grad_logprobs(self, model: torch.nn.Module, seqs: list[Seq]) -> list[list[float]]:
+        """Per-token log-probs of ``seqs`` under ``model`` (no grad), micro-batch by micro-batch."""
+        out: list[list[float]] = []
         for chunk in _chunks(seqs, self.cfg.micro_batch_size):
             batch = pack([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], self.pad_id).to(self.acc.device)
-            if self.ref_model is not None:
-                lp, _ = response_logprobs(self.ref_model, batch, self.cfg.temperature)
-            else:  # LoRA: the base model with the adapter switched off is the initial policy
-                with model.disable_adapter():
-                    lp, _ = response_logprobs(model, batch, self.cfg.temperature)
-            for s, row in zip(chunk, lp.float().cpu()):
-                s.ref_logp = row[: len(s.response_ids)].tolist()
+            lp, _ = response_logprobs(model, batch, self.cfg.temperature)
+            out += [row[: len(s.response_ids)].tolist() for s, row in zip(chunk, lp.float().cpu())]
+        return out
+
+    def _attach_reference_logprobs(self, seqs: list[Seq]) -> None:
+        """rkl: log pi_ref of every rollout token from the frozen initial model (one no-grad forward)."""
+        if self.ref_model is not None:
+            ref = self._no_grad_logprobs(self.ref_model, seqs)
+        else:  # LoRA: the base model with the adapter switched off is the initial policy
+            model = self.acc.unwrap_model(self.model)
+            with model.disable_adapter():
+                ref = self._no_grad_logprobs(model, seqs)
+        for s, lp in zip(seqs, ref):
+            s.ref_logp = lp
 
     def reference_batch(self) -> list[Seq]:
         """dph: the stored pi_ref samples of this step's D_pef prompts (this rank's even share)."""
@@ -357,15 +364,11 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # phase 2: update
     # ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def _recompute_old_logprobs(self, seqs: list[Seq]) -> None:
         """old_logprob=recompute: pi_old from one no-grad forward of the policy before the update
         (instead of the engine's log-probs, e.g. when the engine's numerics or top-p differ)."""
-        for chunk in _chunks(seqs, self.cfg.micro_batch_size):
-            batch = pack([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], self.pad_id).to(self.acc.device)
-            lp, _ = response_logprobs(self.model, batch, self.cfg.temperature)
-            for s, row in zip(chunk, lp.float().cpu()):
-                s.old_logp = row[: len(s.response_ids)].tolist()
+        for s, lp in zip(seqs, self._no_grad_logprobs(self.model, seqs)):
+            s.old_logp = lp
 
     def update(self, rollouts: list[Seq], refs: list[Seq]) -> dict[str, float]:
         cfg = self.cfg
