@@ -382,6 +382,16 @@ def _style_for(run: Run, i: int, base_name: str) -> dict[str, Any]:
     return {"color": colors[i % len(colors)], "linestyle": "-"}
 
 
+def _save(fig: Any, axes: Any, used: int, path: Path) -> Path:
+    """Hide the unused panels of a subplot grid, write the PNG and free the figure."""
+    for ax in list(axes.flat)[used:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def plot_passk(runs: Sequence[Run], path: Path, *, base_name: str = BASE_NAME) -> Path | None:
     """pass@k vs k (log2 axis): one subplot per dataset, one line per run, ±std band for seeds."""
     dsets = [d for d in _datasets(runs) if _ks(runs, d)]
@@ -420,12 +430,7 @@ def plot_passk(runs: Sequence[Run], path: Path, *, base_name: str = BASE_NAME) -
         ax.set_title(d)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(dsets) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, len(dsets), path)
 
 
 def _training_series(log: list[dict[str, Any]], keys: list[str]) -> list[tuple[float, float]]:
@@ -485,12 +490,7 @@ def plot_training(runs: Sequence[Run], path: Path, *, base_name: str = BASE_NAME
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, len(panels), path)
 
 
 def plot_styles(runs: Sequence[Run], path: Path) -> Path | None:
@@ -527,12 +527,7 @@ def plot_styles(runs: Sequence[Run], path: Path) -> Path | None:
         ax.set_ylim(0, 100)
         ax.tick_params(axis="x", labelrotation=30)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    for ax in list(axes.flat)[len(dsets) :]:
-        ax.set_visible(False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, axes, len(dsets), path)
 
 
 # ------------------------------------------------------------------------------------------------ report
