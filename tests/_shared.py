@@ -47,3 +47,38 @@ def behaving_reward(response: str, example: Example) -> float:
     if response == "nan":
         return float("nan")
     return 1.0 if response == "ok" else 0.0
+
+
+def run_two_processes(script: Path, args: list[str], out_dir: Path, started_glob: str, timeout: float = 150):
+    """``torchrun --standalone --nproc_per_node 2 script *args`` on CPU (gloo).
+
+    Skips when torchrun is missing or the 2 processes never start (an environment problem: each
+    worker touches a ``started*`` file in ``out_dir`` first); fails with the ranks' log otherwise.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.skip("torchrun not found next to the Python interpreter or on PATH")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src") + os.pathsep + str(root / "tests")}
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    cmd = [exe, "--standalone", "--nproc_per_node", "2", str(script), *args]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=out_dir, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        started = sorted(p.name for p in out_dir.glob(started_glob))
+        if len(started) < 2:
+            pytest.skip(f"torchrun did not start 2 processes within {timeout} s (environment): {started}")
+        raise AssertionError(f"2-process run hung after both ranks started: {e}") from e
+    started = sorted(p.name for p in out_dir.glob(started_glob))
+    if proc.returncode != 0:
+        lines = (proc.stdout + proc.stderr).splitlines()
+        log = "\n".join([ln for ln in lines if ln.startswith("[rank")][-60:] or lines[-60:])
+        if len(started) < 2:
+            pytest.skip(f"torchrun could not start 2 processes here (rc={proc.returncode}):\n{log}")
+        raise AssertionError(f"2-process run failed after starting (rc={proc.returncode}):\n{log}")
+    return proc

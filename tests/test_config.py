@@ -128,6 +128,11 @@ def test_explicit_values_are_not_overridden_by_presets():
     assert (c.dynamic_sampling, c.overlong_buffer, c.clip_high) == (False, 0, 0.2)
     c = TrainConfig(model="m", algorithm="rkl", kl_coef=0.05)
     assert c.kl_coef == 0.05
+    # dual clip can be switched off for dph (0), so that dph and grpo share one policy loss
+    c = TrainConfig(model="m", algorithm="dph", reference_store="s", dual_clip=0)
+    assert c.dual_clip == 0
+    with pytest.raises(ConfigError, match="dual_clip"):
+        TrainConfig(model="m", algorithm="grpo", dual_clip=0.5)
 
 
 def test_dph_without_reference_store_says_to_presample():

@@ -1,4 +1,4 @@
-"""`dphrl demo --quick` end to end: every artifact is written and every number is a probability.
+"""`dphrl demo --quick --sweep` end to end: every artifact is written and every number is a probability.
 
 This checks the pipeline, not the scientific claim (the committed report in docs/ carries that).
 """
@@ -13,17 +13,21 @@ from pathlib import Path
 def test_demo_quick_end_to_end(tmp_path: Path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "dphrl.cli", "demo", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "dphrl.cli", "demo", "--quick", "--sweep", "--out", str(out)],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = out / "report"
-    for name in ("report.md", "report.html", "passk.png", "training.png", "styles.png", "summary.json", "summary.md"):
+    for name in ("report.md", "report.html", "passk.png", "training.png", "styles.png", "summary.json", "summary.md",
+                 "frontier.png"):
         assert (rep / name).is_file() and (rep / name).stat().st_size > 0, name
     summary = json.loads((rep / "summary.json").read_text())
     methods = set(summary["table"])
     assert methods == {"base", "grpo", "dapo", "rkl", "dph-f", "dph-js"}
-    for method, row in summary["table"].items():
+    # the quick sweep: one more weight per family, and the policy-loss ablation
+    assert set(summary["sweep"]) == {"dph-f@eta=1.0", "dph-js@eta=3.0", "rkl@kl_coef=0.2", "dph-f+dapo-loss"}
+    for method, row in {**summary["table"], **summary["sweep"]}.items():
+        assert set(row) == {"pass@1", "pass@16", "styles", "ood pass@1", "ood pass@16", "ood answer acc"}
         for key, (mean, std) in row.items():
             assert math.isfinite(mean) and math.isfinite(std), (method, key)
             if key != "styles":

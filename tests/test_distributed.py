@@ -8,61 +8,23 @@ global grad norm and the updated weights.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import _ddp_worker as worker
 import pytest
 import torch
+from _shared import run_two_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _torchrun() -> list[str] | None:
-    exe = shutil.which(
-        "torchrun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
-    )
-    return [exe] if exe else None
-
-
 def test_two_processes_match_one(tmp_path):
-    cmd = _torchrun()
-    if cmd is None:
-        pytest.skip("torchrun not found next to the Python interpreter or on PATH")
     store = tmp_path / "store"
     worker.make_store(store)
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     ddp_out.mkdir()
     single_out.mkdir()
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    args = cmd + [
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "tests" / "_ddp_worker.py"),
-        str(store),
-        str(ddp_out),
-    ]
-    try:
-        proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
-    except subprocess.TimeoutExpired as e:
-        started = sorted(p.name for p in ddp_out.glob("started_rank*"))
-        if len(started) < 2:
-            pytest.skip(f"torchrun did not start 2 processes within 150 s (environment): {started}")
-        raise AssertionError(f"2-process run hung after both ranks started: {e}") from e
-    started = sorted(p.name for p in ddp_out.glob("started_rank*"))
-    if proc.returncode != 0:
-        lines = (proc.stdout + proc.stderr).splitlines()
-        log = "\n".join([ln for ln in lines if ln.startswith("[rank")][-60:] or lines[-60:])
-        if len(started) < 2:  # process group never came up: an environment problem, not a wrong number
-            pytest.skip(f"torchrun could not start 2 processes here (rc={proc.returncode}):\n{log}")
-        raise AssertionError(f"2-process run failed after starting (rc={proc.returncode}):\n{log}")
+    run_two_processes(ROOT / "tests" / "_ddp_worker.py", [str(store), str(ddp_out)], ddp_out, "started_rank*")
 
     single = worker.run(store, single_out)  # in-process: 1 process, the whole batch
     r0 = torch.load(ddp_out / "rank0.pt", weights_only=False)

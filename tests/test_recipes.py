@@ -126,7 +126,12 @@ def test_bird_dph_plan_on_eight_gpus():
     assert "max sequence length: 4096 prompt + 1024 response = 5120 tokens" in text
     assert "optimizer updates: 150 steps x 4 = 600" in text
     assert "8.03B parameters" in text
-    assert "FSDP/ZeRO-3: dphrl.trainer.Trainer" in text  # the known limitation is surfaced
+    assert "DeepSpeed" not in text.split("warnings")[-1]  # FSDP is supported: no limitation to report
+    z3 = dry_run(cfg, examples_limit=1, world_size=8, sharding="zero3", load_tokenizer=False)
+    assert "refuses DeepSpeed" in z3  # the known limitation is surfaced
+    lora = dry_run(load_config(ROOT / "recipes" / "bird_llama31_8b_dph_js.yaml", ["lora=true"]), examples_limit=1,
+                   world_size=8, sharding="fsdp", load_tokenizer=False)
+    assert "lora=true under FSDP is refused" in lora
     m = estimate_memory(n_params=8_030_261_248, trainable_params=8_030_261_248, hidden=4096, layers=32,
                         intermediate=14336, kv_dim=1024, vocab=128256, micro_batch_size=1, seq_len=5120,
                         response_len=1024, generation_batch_size=16, bf16=True, world_size=8, sharding="fsdp")

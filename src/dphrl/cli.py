@@ -34,6 +34,14 @@ def _load_for_generation(name: str, dtype: str = "float32"):
     return load_tokenizer(name), model
 
 
+def _vllm_engine(name: str, tok, *, dtype: str, gpu_memory_utilization: float, max_model_len: int | None, seed: int):
+    from dphrl.engines.vllm import VLLMEngine
+    from dphrl.models import engine_model_path
+
+    return VLLMEngine(engine_model_path(name), tok, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                      max_model_len=max_model_len, seed=seed)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from dphrl.config import config_help
 
@@ -50,17 +58,23 @@ def cmd_presample(args: argparse.Namespace) -> int:
     from dphrl.trainer import load_examples
 
     cfg = load_config(args.config, args.overrides)
-    tok, model = _load_for_generation(cfg.model, cfg.dtype)
     examples = load_examples(cfg.dataset)
     out = args.out or cfg.reference_store
     if not out:
         raise SystemExit("presample: set reference_store in the config (or pass --out DIR)")
+    tok, model = _load_for_generation(cfg.model, cfg.dtype)
+    if cfg.engine == "vllm":  # vLLM samples; the HF model recomputes the stored log pi_ref
+        engine = _vllm_engine(cfg.model, tok, dtype=cfg.dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                              max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed)
+    else:
+        engine = HFEngine(model, tok, batch_size=cfg.generation_batch_size)
     manifest = presample(
-        HFEngine(model, tok, batch_size=cfg.generation_batch_size), tok, examples, get_reward(cfg.reward or examples[0].task),
+        engine, tok, examples, get_reward(cfg.reward or examples[0].task),
         out, model_name=cfg.model, tokenizer_hash=tokenizer_hash(tok), n=cfg.presample_n, temperature=cfg.temperature,
         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, threshold=cfg.split_threshold,
         keep_per_prompt=cfg.keep_per_prompt, seed=cfg.seed, reward_timeout_s=cfg.reward_timeout_s,
         reward_workers=cfg.reward_workers, progress=cfg.progress,
+        logprob_model=model if cfg.engine == "vllm" else None, micro_batch_size=cfg.micro_batch_size,
     )
     print(json.dumps(manifest["counts"], indent=2))
     return 0
@@ -91,7 +105,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dphrl.rewards import get_reward
     from dphrl.trainer import load_examples
 
-    tok, model = _load_for_generation(args.model, args.dtype)
+    if args.engine == "vllm":
+        from dphrl.models import load_tokenizer
+
+        tok = load_tokenizer(args.model)
+        engine = _vllm_engine(args.model, tok, dtype=args.dtype, gpu_memory_utilization=0.85, max_model_len=None,
+                              seed=args.seed)
+    else:
+        tok, model = _load_for_generation(args.model, args.dtype)
+        engine = HFEngine(model, tok, batch_size=args.batch_size)
     datasets, rewards = {}, {}
     style_fn = None
     for name, spec in args.data:
@@ -104,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             style_fn = style_of
     res = evaluate(
-        HFEngine(model, tok, batch_size=args.batch_size), tok, datasets, rewards, n=args.n,
+        engine, tok, datasets, rewards, n=args.n,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
         out_dir=args.out, style_fn=style_fn, num_workers=args.reward_workers, model_name=args.model,
     )  # prints the table
@@ -180,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward", default="", help="Reward name or module:function (default: the task's own).")
     e.add_argument("--reward-workers", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                   help="Generation engine (vllm: pip install 'dphrl[vllm]', a CUDA GPU).")
     e.add_argument("--dtype", default="bfloat16", help="Model dtype on a GPU (the CPU always uses float32).")
     e.add_argument("--out", default="runs/eval")
     e.set_defaults(fn=cmd_eval)

@@ -62,7 +62,8 @@ class TrainConfig:
     temperature: float = _f(1.0, "Sampling temperature; the training log-probs use the same temperature.")
     top_p: float = _f(1.0, "Nucleus sampling for rollouts (log-probs are renormalized over the nucleus).")
     generation_batch_size: int = _f(64, "Sequences generated per engine call chunk.")
-    engine: str = _f("hf", "Generation engine: hf | vllm (vllm needs the optional extra and a GPU).")
+    engine: str = _f("hf", "Generation engine: hf (transformers generate) | vllm (pip install 'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed).")
+    vllm_gpu_memory_utilization: float = _f(0.3, "engine vllm: fraction of the GPU's memory vLLM may take (the rest is the trainer's).")
     dynamic_sampling: bool | None = _f(None, "Drop groups whose rewards are all equal and refill the batch (dapo default: true).")
     max_refill_rounds: int = _f(3, "dynamic_sampling: extra generation rounds to refill the batch before training on fewer groups.")
     overlong_buffer: int | None = _f(None, "DAPO soft overlong shaping: penalty ramps over the last N tokens (dapo default: max_new_tokens//4; 0 = off).")
@@ -72,10 +73,10 @@ class TrainConfig:
     policy_loss: str = _f("ppo_clip", "Policy loss from dphrl.losses.POLICY_LOSSES.")
     clip_low: float = _f(0.2, "PPO clip: ratio lower bound is 1 - clip_low.")
     clip_high: float | None = _f(None, "PPO clip: ratio upper bound is 1 + clip_high (grpo/rkl default 0.2; dapo/dph 0.28).")
-    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages (dph default 3.0; null = off).")
+    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages; 0 = off. Unset: 3.0 for dph, off for the others.")
     loss_agg: str | None = _f(None, "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo/rkl default seq-mean-token-mean; dapo/dph token-mean).")
     entropy_coef: float = _f(0.0, "Entropy bonus coefficient (0 in the paper).")
-    old_logprob: str | None = _f(None, "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward of the rollouts). Default: rollout, or recompute when top_p < 1 (the engine's log-probs are then renormalized over the nucleus).")
+    old_logprob: str | None = _f(None, "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward of the rollouts). Default: rollout, or recompute when top_p < 1 (the engine's log-probs are then renormalized over the nucleus) or engine is vllm.")
     # --- optimisation ---------------------------------------------------------------------------
     max_steps: int = _f(20, "Optimizer steps (one rollout batch per step, times ppo_epochs x mini_batches updates).")
     ppo_epochs: int = _f(1, "Passes over each rollout batch.")
@@ -122,7 +123,7 @@ class TrainConfig:
         if self.kl_coef is None:
             self.kl_coef = 0.01 if a == "rkl" else 0.0
         if self.old_logprob is None:
-            self.old_logprob = "rollout" if self.top_p >= 1.0 else "recompute"
+            self.old_logprob = "rollout" if self.top_p >= 1.0 and self.engine == "hf" else "recompute"
         if a == "dph":
             if self.divergence is None:
                 self.divergence = "js"
@@ -152,11 +153,15 @@ class TrainConfig:
         need(self.lr > 0, "lr", "> 0")
         need(0 <= self.clip_low < 1, "clip_low", "in [0, 1)")
         need(self.clip_high is not None and self.clip_high >= 0, "clip_high", ">= 0")
-        need(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "null or > 1")
+        need(self.dual_clip is None or self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "0 (off) or > 1")
         need(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant | linear | cosine")
         need(self.dtype in ("float32", "bfloat16"), "dtype", "float32 | bfloat16")
         need(self.engine in ("hf", "vllm"), "engine", "hf | vllm")
         need(self.old_logprob in ("rollout", "recompute"), "old_logprob", "rollout | recompute")
+        need(self.engine == "hf" or self.old_logprob == "recompute", "old_logprob",
+             "recompute with engine: vllm (vLLM's bf16 kernels do not reproduce the training forward, so its "
+             "log-probs would bias the PPO ratio; leave old_logprob unset)")
+        need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "in (0, 1)")
         need(0 <= self.max_reward_failure_frac <= 1, "max_reward_failure_frac", "in [0, 1]")
         need(self.keep_last >= 1, "keep_last", "an integer >= 1 (0 would delete the checkpoint just written)")
         need(self.loss_agg in losses.AGGREGATIONS, "loss_agg", f"one of {sorted(losses.AGGREGATIONS)}")

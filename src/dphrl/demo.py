@@ -31,6 +31,13 @@ from dphrl.sft import save_model, sft_train
 from dphrl.tasks import styles
 from dphrl.testing import tiny_causal_lm
 
+#: grpo, rkl and both dph variants share one policy loss (GRPO's: clip 0.2/0.2, no dual clip,
+#: seq-mean-token-mean), so that the divergence term is the only difference between them. With the
+#: DAPO-style loss (clip-higher 0.28, token-mean, dual clip 3: the dph preset) every method forgets more
+#: out of domain in this task (the ``--sweep`` ablation measures it); DAPO keeps its own loss recipe.
+SHARED_LOSS = {"clip_high": 0.2, "loss_agg": "seq-mean-token-mean", "dual_clip": 0}
+DAPO_STYLE_LOSS = {"clip_high": 0.28, "loss_agg": "token-mean", "dual_clip": 3.0}
+
 
 @dataclass
 class DemoSize:
@@ -51,11 +58,11 @@ class DemoSize:
     max_new_tokens: int = 28
     methods: dict = field(
         default_factory=lambda: {
-            "grpo": {"algorithm": "grpo"},
+            "grpo": {"algorithm": "grpo", **SHARED_LOSS},
             "dapo": {"algorithm": "dapo"},
-            "rkl": {"algorithm": "rkl", "kl_coef": 0.05},
-            "dph-f": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3},
-            "dph-js": {"algorithm": "dph", "divergence": "js", "eta": 1.0},
+            "rkl": {"algorithm": "rkl", "kl_coef": 0.05, **SHARED_LOSS},
+            "dph-f": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, **SHARED_LOSS},
+            "dph-js": {"algorithm": "dph", "divergence": "js", "eta": 1.0, **SHARED_LOSS},
         }
     )
     sweep: dict = field(
@@ -65,11 +72,21 @@ class DemoSize:
             "rkl": ("kl_coef", [0.01, 0.2, 1.0]),
         }
     )
+    #: --sweep also runs these: the main methods with the DAPO-style policy loss instead of the shared one
+    ablation: dict = field(
+        default_factory=lambda: {
+            "grpo+dapo-loss": {"algorithm": "grpo", **DAPO_STYLE_LOSS},
+            "rkl+dapo-loss": {"algorithm": "rkl", "kl_coef": 0.05, **DAPO_STYLE_LOSS},
+            "dph-f+dapo-loss": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, **DAPO_STYLE_LOSS},
+        }
+    )
 
 
 FULL = DemoSize()
 QUICK = replace(
     FULL, sft_steps=400, train_prompts=96, eval_problems=40, rl_steps=12, prompts_per_step=16,
+    sweep={"dph-f": ("eta", [1.0]), "dph-js": ("eta", [3.0]), "rkl": ("kl_coef", [0.2])},
+    ablation={"dph-f+dapo-loss": FULL.ablation["dph-f+dapo-loss"]},
 )
 
 
@@ -172,16 +189,14 @@ def _seed_jobs(root: Path, seed: int, size: DemoSize, sweep: bool) -> tuple[dict
     if sweep:
         for name, (key, values) in size.sweep.items():
             jobs += [(f"{name}@{key}={v}", {**size.methods[name], key: v}) for v in values]
+        jobs += list(size.ablation.items())
     runs = {name: sd / "runs" / name for name, _ in jobs}
-    args = [
-        (name, kw, sd / "base_model", sd / "store", runs[name], size, seed, ("add (in-domain)",) if "@" in name else None)
-        for name, kw in jobs
-    ]
+    args = [(name, kw, sd / "base_model", sd / "store", runs[name], size, seed, None) for name, kw in jobs]
     return runs, args
 
 
 def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int = 2) -> list[dict[str, Path]]:
-    """All seeds in one pool of ``workers`` single-threaded processes; the sweep on seed 0.
+    """All seeds in one pool of ``workers`` single-threaded processes (with ``sweep``, on every seed).
 
     A seed's base model (SFT) and reference store come first; its jobs (base evaluation, one training
     + evaluation per method) are queued as soon as they exist, so no worker waits for other seeds.
@@ -190,13 +205,13 @@ def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int 
     """
     all_runs, per_seed = [], []
     for s in range(seeds):
-        runs, args = _seed_jobs(root, s, size, sweep and s == 0)
+        runs, args = _seed_jobs(root, s, size, sweep)
         all_runs.append(runs)
         per_seed.append(args)
     total = seeds + sum(len(a) for a in per_seed)
     _say(f"{seeds} seed(s), {total} jobs on {workers} worker process(es): per seed a base model (SFT, "
          f"{size.sft_steps} steps) + reference store (presample {size.presample_n} x {size.train_prompts}), "
-         f"then training + evaluation of {', '.join(size.methods)}" + (" and the sweep (seed 0)" if sweep else ""))
+         f"then training + evaluation of {', '.join(size.methods)}" + (" and the sweep + loss ablation" if sweep else ""))
     done = 0
     if workers <= 1:
         for s in range(seeds):
@@ -218,6 +233,9 @@ def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int 
     return all_runs
 
 
+IND, OOD = "add (in-domain)", "sub (out-of-domain)"
+
+
 def _metric(run: Path, dataset: str, key: str, k: int | None = None) -> float:
     res = json.loads((run / "eval" / "results.json").read_text())["datasets"][dataset]
     if key == "pass":
@@ -227,24 +245,52 @@ def _metric(run: Path, dataset: str, key: str, k: int | None = None) -> float:
     return res[key]
 
 
+def answer_accuracy(run: Path, dataset: str) -> float:
+    """Share of sampled responses whose final number is the right result, whatever their style.
+
+    It separates the two ways Pass@k can fall: a model that narrows onto fewer styles keeps this high
+    (its answers are right, the grader refuses the style), a model that lost the skill does not.
+    """
+    ok = n = 0
+    with open(run / "eval" / "samples.jsonl") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["dataset"] != dataset or r["index"] < 0:
+                continue
+            op, a, b = r["id"].split("-")
+            truth = int(a) + int(b) if op == "add" else int(a) - int(b)
+            ok += r.get("answer") == str(truth)
+            n += 1
+    return ok / max(1, n)
+
+
+def _ms(xs: list[float]) -> tuple[float, float]:
+    return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _row(runs: list[Path], K: int) -> dict[str, tuple[float, float]]:
+    """Mean ± std over seeds of the numbers the claims are about, for one method's runs."""
+    return {
+        "pass@1": _ms([_metric(r, IND, "pass", 1) for r in runs]),
+        f"pass@{K}": _ms([_metric(r, IND, "pass", K) for r in runs]),
+        "styles": _ms([_metric(r, IND, "styles") for r in runs]),
+        "ood pass@1": _ms([_metric(r, OOD, "pass", 1) for r in runs]),
+        f"ood pass@{K}": _ms([_metric(r, OOD, "pass", K) for r in runs]),
+        "ood answer acc": _ms([answer_accuracy(r, OOD) for r in runs]),
+    }
+
+
+def main_names(runs: dict[str, Path], size: DemoSize) -> list[str]:
+    """The base model and the main methods (not the sweep points or the ablation)."""
+    return [n for n in runs if n == "base" or n in size.methods]
+
+
 def summarize(all_runs: list[dict[str, Path]], size: DemoSize) -> dict:
-    """Mean ± std over seeds of the numbers the issue's claims are about, and the claim checks."""
-    ind, ood = "add (in-domain)", "sub (out-of-domain)"
+    """Mean ± std over seeds of the main table, the sweep and the ablation, and the claim checks."""
     K = size.eval_n
-    names = [n for n in all_runs[0] if "@" not in n]
-    table: dict[str, dict[str, tuple[float, float]]] = {}
-
-    def ms(xs: list[float]) -> tuple[float, float]:
-        return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-    for n in names:
-        table[n] = {
-            "pass@1": ms([_metric(r[n], ind, "pass", 1) for r in all_runs]),
-            f"pass@{K}": ms([_metric(r[n], ind, "pass", K) for r in all_runs]),
-            "styles": ms([_metric(r[n], ind, "styles") for r in all_runs]),
-            "ood pass@1": ms([_metric(r[n], ood, "pass", 1) for r in all_runs]),
-            f"ood pass@{K}": ms([_metric(r[n], ood, "pass", K) for r in all_runs]),
-        }
+    names = main_names(all_runs[0], size)
+    table = {n: _row([r[n] for r in all_runs], K) for n in names}
+    extra = {n: _row([r[n] for r in all_runs], K) for n in all_runs[0] if n not in names}
     b = table["base"]
     pk = f"pass@{K}"
 
@@ -266,49 +312,57 @@ def summarize(all_runs: list[dict[str, Path]], size: DemoSize) -> dict:
         checks[f"cure: {d} loses less out of domain ({pk}) than GRPO and RKL"] = ood_loss(d) < min(
             ood_loss("grpo"), ood_loss("rkl")
         )
-    return {"seeds": len(all_runs), "table": table, "checks": checks}
+    return {"seeds": len(all_runs), "table": table, "sweep": extra, "checks": checks}
 
 
-def plot_frontier(all_runs: list[dict[str, Path]], size: DemoSize, path: Path) -> Path | None:
-    """Pass@1 vs Pass@K for the eta / kl_coef sweep, GRPO and base as points (mean over the runs given)."""
+def plot_frontier(summary: dict, size: DemoSize, path: Path) -> Path | None:
+    """Pass@1 (in domain) against Pass@K in domain and out of domain, for the eta / kl_coef sweep
+    (mean ± std over seeds), GRPO, DAPO and the base as points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ind, K = "add (in-domain)", size.eval_n
-    if not any("@" in n for n in all_runs[0]):
+    K = size.eval_n
+    rows = {**summary["table"], **summary["sweep"]}
+    if not any("@" in n for n in rows):
         return None
-
-    def pt(n: str) -> tuple[float, float]:
-        return (
-            statistics.mean(_metric(r[n], ind, "pass", 1) for r in all_runs),
-            statistics.mean(_metric(r[n], ind, "pass", K) for r in all_runs),
-        )
-
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    for fam, (key, values) in size.sweep.items():
-        main_v = size.methods[fam][key]
-        pts = sorted([(v, pt(f"{fam}@{key}={v}")) for v in values] + [(main_v, pt(fam))])
-        ax.plot([p[1][0] for p in pts], [p[1][1] for p in pts], "o-", label=f"{fam} ({key})")
-        for v, (x, y) in pts:
-            ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    for n, mk in (("grpo", "s"), ("dapo", "D"), ("base", "*")):
-        x, y = pt(n)
-        ax.plot([x], [y], mk, markersize=11 if n == "base" else 8, color="black" if n == "base" else None, label=n)
-    ax.set_xlabel("Pass@1 (in domain)")
-    ax.set_ylabel(f"Pass@{K} (in domain)")
-    ax.set_title("Trade-off: divergence weight sweep")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, ykey, title in ((axes[0], f"pass@{K}", "in domain (a+b)"), (axes[1], f"ood pass@{K}", "out of domain (a-b)")):
+        for fam, (key, values) in size.sweep.items():
+            main_v = size.methods[fam][key]
+            pts = sorted([(v, rows[f"{fam}@{key}={v}"]) for v in values] + [(main_v, rows[fam])], key=lambda t: t[0])
+            xs = [p["pass@1"][0] for _, p in pts]
+            ys = [p[ykey][0] for _, p in pts]
+            line = ax.errorbar(xs, ys, xerr=[p["pass@1"][1] for _, p in pts], yerr=[p[ykey][1] for _, p in pts],
+                               fmt="o-", capsize=2, label=f"{fam} ({key})")
+            for (v, _), x, y in zip(pts, xs, ys):
+                ax.annotate(f"{v:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                            color=line[0].get_color())
+        for n, mk in (("grpo", "s"), ("dapo", "D"), ("base", "*")):
+            p = rows[n]
+            ax.errorbar([p["pass@1"][0]], [p[ykey][0]], xerr=[p["pass@1"][1]], yerr=[p[ykey][1]], fmt=mk,
+                        markersize=11 if n == "base" else 8, color="black" if n == "base" else None, label=n)
+        ax.set_xlabel("Pass@1 (in domain)")
+        ax.set_ylabel(f"Pass@{K} ({title})")
+        ax.set_title(f"Pass@1 vs Pass@{K}, {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Divergence weight sweep: mean ± std over {summary['seeds']} seed(s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
+def _cells(row: dict) -> list[str]:
+    return [f"{m:.2f} ± {s:.2f}" if k == "styles" else f"{m:.3f} ± {s:.3f}" for k, (m, s) in row.items()]
+
+
 def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | None) -> str:
     K = size.eval_n
+    head = (f"| method | Pass@1 | Pass@{K} | effective styles | OOD Pass@1 | OOD Pass@{K} | OOD answer acc. |\n"
+            "|---|---|---|---|---|---|---|")
     lines = [
         "# dphrl demo: diversity collapse and its cure",
         "",
@@ -317,14 +371,19 @@ def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | 
         "",
         "How style validity arises: " + styles.VALIDITY_NOTE,
         "",
-        f"| method | Pass@1 | Pass@{K} | effective styles | OOD Pass@1 | OOD Pass@{K} |",
-        "|---|---|---|---|---|---|",
+        "grpo, rkl, dph-f and dph-js share one policy loss (clip 0.2/0.2, no dual clip, seq-mean-token-mean): "
+        "the divergence term is the only difference. dapo uses its own recipe (clip-higher, token-mean, "
+        "dynamic sampling, overlong shaping). OOD answer acc.: share of sampled a-b responses whose final "
+        "number is right whatever the style (low = the skill itself was lost, not only the style mix).",
+        "",
+        head,
     ]
-    for n, row in summary["table"].items():
-        cells = [f"{m:.3f} ± {s:.3f}" if k != "styles" else f"{m:.2f} ± {s:.2f}" for k, (m, s) in row.items()]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += [f"| {n} | " + " | ".join(_cells(row)) + " |" for n, row in summary["table"].items()]
     lines += ["", "## Claims checked on these numbers", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {c}" for c, ok in summary["checks"].items()]
+    if summary["sweep"]:
+        lines += ["", "## Sweep (eta, kl_coef) and policy-loss ablation", "", head.replace("| method", "| run")]
+        lines += [f"| {n} | " + " | ".join(_cells(row)) + " |" for n, row in summary["sweep"].items()]
     if frontier:
         lines += ["", f"![trade-off]({frontier.name})"]
     lines += ["", "## Budget", "", "```", json.dumps(asdict(size), indent=1), "```", ""]
@@ -341,11 +400,10 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1, sweep: bool = False
     rep = out / "report"
     if rep.exists():
         shutil.rmtree(rep)
-    names = [n for n in all_runs[0] if "@" not in n]
-    mapping = {n: [r[n] for r in all_runs] for n in names}
+    mapping = {n: [r[n] for r in all_runs] for n in main_names(all_runs[0], size)}
     paths = write_report(mapping, rep, title="dphrl demo: diversity collapse and its cure")
     summary = summarize(all_runs, size)
-    frontier = plot_frontier(all_runs[:1], size, rep / "frontier.png")
+    frontier = plot_frontier(summary, size, rep / "frontier.png")
     seconds = time.time() - t0
     (rep / "summary.json").write_text(json.dumps({**summary, "size": asdict(size), "seconds": seconds}, indent=1))
     (rep / "summary.md").write_text(_summary_md(summary, size, seconds, frontier))

@@ -558,9 +558,11 @@ def dry_run(
         if unsharded + 3 * GiB > 80 * GiB:
             warn.append(f"one process holds ~{unsharded / GiB:.0f} GiB unsharded (> an 80 GiB GPU): use FSDP/ZeRO-3 "
                         "over several GPUs, or lora=true (see docs/recipes.md)")
-    if shard in ("fsdp", "zero3"):
-        warn.append("FSDP/ZeRO-3: dphrl.trainer.Trainer generates with the unwrapped (sharded) module and saves "
-                    "from the main process; sharded training needs the trainer changes listed in docs/recipes.md")
+    if shard == "zero3":
+        warn.append("DeepSpeed ZeRO-3: the dphrl Trainer refuses DeepSpeed at start-up (not supported yet); "
+                    "launch with recipes/accelerate/fsdp.yaml (same memory plan) or ddp.yaml with lora=true")
+    if shard in ("fsdp", "zero3") and cfg.lora:
+        warn.append("lora=true under FSDP is refused by the Trainer: LoRA fits under DDP (recipes/accelerate/ddp.yaml)")
     else:
         out.append("skipped: model size unknown")
 

@@ -354,6 +354,15 @@ def load_model(
     return model
 
 
+def engine_model_path(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """A path another engine (vLLM) can load the weights from: the safetensors cache of a GGUF or
+    built-in model (converted once), else the local dir or hub id itself."""
+    resolved = resolve_model(name_or_path)
+    if resolved.is_gguf:
+        return str(ensure_gguf_model_cache(resolved.gguf_file, cache_dir))
+    return resolved.path
+
+
 def _prepare_tokenizer(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Ensure a pad token (own, else EOS, else UNK) and left padding for generation."""
     if tok.pad_token is None:

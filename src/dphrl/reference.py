@@ -74,9 +74,18 @@ def presample(
     reward_workers: int = 0,
     progress: bool = True,
     extra_manifest: dict | None = None,
+    logprob_model: Any = None,
+    micro_batch_size: int = 16,
 ) -> dict:
-    """Sample, score, split and store. Returns the manifest (also written to ``manifest.json``)."""
+    """Sample, score, split and store. Returns the manifest (also written to ``manifest.json``).
+
+    ``logprob_model``: when given (engine vllm), the stored log pi_ref are recomputed by this model
+    (one no-grad forward at ``temperature``, the computation the trainer uses for log pi_theta) instead
+    of taken from the engine, whose kernels do not match the training forward. Needs ``top_p == 1``.
+    """
     out_dir = Path(out_dir)
+    if logprob_model is not None and top_p < 1.0:
+        raise ValueError("presample: recomputing log pi_ref (engine vllm) needs top_p 1.0; use engine hf for top_p < 1")
     t0 = time.time()
     prompt_rows: list[dict] = []
     sample_rows: list[dict] = []
@@ -119,6 +128,8 @@ def presample(
         bar.update(len(chunk))
         bar.set_postfix(pef=sum(r["split"] == "pef" for r in prompt_rows))
     bar.close()
+    if logprob_model is not None and sample_rows:
+        _recompute_logprobs(logprob_model, tokenizer, sample_rows, temperature, micro_batch_size)
     n_pef = sum(r["split"] == "pef" for r in prompt_rows)
     manifest = {
         "store_version": STORE_VERSION,
@@ -139,10 +150,28 @@ def presample(
         },
         "mean_pass_rate": sum(r["pass_rate"] for r in prompt_rows) / max(1, len(prompt_rows)),
         "seconds": round(time.time() - t0, 2),
+        "ref_logprobs_source": "recomputed" if logprob_model is not None else "engine",
         **(extra_manifest or {}),
     }
     _write_store(out_dir, manifest, prompt_rows, sample_rows)
     return manifest
+
+
+def _recompute_logprobs(model: Any, tokenizer: Any, rows: list[dict], temperature: float, micro: int) -> None:
+    """Replace rows' ``ref_logprobs`` by ``model``'s (fp32, no grad), micro-batch by micro-batch."""
+    import torch
+
+    from dphrl.batching import pack, response_logprobs
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(rows), micro):
+            chunk = rows[i : i + micro]
+            batch = pack([r["prompt_ids"] for r in chunk], [r["response_ids"] for r in chunk], pad).to(dev)
+            lp, _ = response_logprobs(model, batch, temperature)  # (B, T)
+            for r, row in zip(chunk, lp.float().cpu()):
+                r["ref_logprobs"] = row[: len(r["response_ids"])].tolist()
 
 
 _SAMPLE_SCHEMA = pa.schema(

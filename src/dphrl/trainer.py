@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dphrl import advantages as adv_lib
-from dphrl import divergences, losses
+from dphrl import divergences, losses, sharding
 from dphrl.batching import pack, pad_values, response_logprobs
-from dphrl.config import TrainConfig
+from dphrl.config import ConfigError, TrainConfig
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
 from dphrl.engines.hf import HFEngine
@@ -184,15 +184,58 @@ class Trainer:
         # model and optimizer are prepared together (FSDP / DeepSpeed need both); the scheduler is ours,
         # stepped once per update whatever the number of processes
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self._check_distributed_mode()
+        self.sharded = sharding.is_sharded(self.model)
         total_updates = max(1, cfg.max_steps * cfg.ppo_epochs * cfg.mini_batches)
         self.scheduler = get_scheduler(
             cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_updates
         )
-        self.engine = HFEngine(self.acc.unwrap_model(self.model), tokenizer, batch_size=cfg.generation_batch_size)
+        self.engine = self._build_engine()
+        self._engine_stale = cfg.engine == "vllm"  # push the policy's weights before the first rollout
         self.step = 0
         self.totals = {"nonfinite_skipped": 0, "reward_failures": 0}
         if cfg.trackers:
             self.acc.init_trackers("dphrl", config=_flat_config(cfg))
+
+    def _check_distributed_mode(self) -> None:
+        """Refuse the modes the loop does not drive correctly, with what to use instead."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+            raise NotImplementedError(
+                "DeepSpeed is not supported by the dphrl Trainer yet: it accumulates micro-batches itself and "
+                "DeepSpeed's engine steps inside backward(). Launch with recipes/accelerate/fsdp.yaml (FSDP, "
+                "full fine-tuning) or recipes/accelerate/ddp.yaml with lora=true instead."
+            )
+        if self.cfg.lora and sharding.is_sharded(self.model):
+            raise ConfigError(
+                "config key 'lora': LoRA under FSDP is not supported (the merged final model needs the full "
+                "weights on one process). LoRA models fit without sharding: launch with recipes/accelerate/ddp.yaml."
+            )
+
+    def _build_engine(self) -> Any:
+        """The generation engine named by ``cfg.engine`` (vllm is imported only when asked for)."""
+        cfg = self.cfg
+        if cfg.engine == "vllm":
+            from dphrl.engines.vllm import VLLMEngine
+            from dphrl.models import engine_model_path
+
+            return VLLMEngine(
+                engine_model_path(cfg.model), self.tokenizer, dtype=cfg.dtype,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed + self.rank,
+                distributed=self.world > 1,
+            )
+        return HFEngine(self._unwrapped(), self.tokenizer, batch_size=cfg.generation_batch_size,
+                        synced_gpus=self.sharded and self.world > 1)
+
+    def _push_weights_to_engine(self) -> None:
+        """vllm: copy the current policy (LoRA folded in, shards gathered) into the engine."""
+        from dphrl.engines.vllm import hf_weights_for_engine
+
+        with torch.no_grad(), sharding.full_parameters(self.model):
+            self.engine.load_weights(hf_weights_for_engine(self._unwrapped()))
+        self._engine_stale = False
 
     # ------------------------------------------------------------------------------------------
     # the loop
@@ -252,10 +295,14 @@ class Trainer:
     def _generate_and_score(self, exs: list[Example], round_: int) -> tuple[list[list[Any]], torch.Tensor, torch.Tensor, int]:
         cfg = self.cfg
         seed = cfg.seed * 7_919 + self.step * 104_729 + round_ * 1_299_709 + self.rank * 15_485_863
-        gens = self.engine.generate(
-            [self._encode(ex) for ex in exs], cfg.rollout_n, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
-        )
+        if self._engine_stale:
+            self._push_weights_to_engine()
+        ctx = sharding.generation_context(self.model) if cfg.engine == "hf" else nullcontext()
+        with ctx:
+            gens = self.engine.generate(
+                [self._encode(ex) for ex in exs], cfg.rollout_n, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+            )
         flat = [g for gs in gens for g in gs]
         scored = score_batch(
             self.reward_fn, [g.text for g in flat], [ex for ex in exs for _ in range(cfg.rollout_n)],
@@ -433,6 +480,7 @@ class Trainer:
                 tqdm.write(f"step {self.step + 1}: non-finite loss or gradient; update skipped")
         else:
             self.optimizer.step()
+            self._engine_stale = self.cfg.engine == "vllm"  # a separate engine needs the new weights
             out["update/nonfinite_skipped"] = 0.0
         self.scheduler.step()
         out["grad_norm"] = grad_norm if math.isfinite(grad_norm) else -1.0
@@ -448,7 +496,7 @@ class Trainer:
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logp.device)  # (B,)
         agg = dict(num_tokens=g_tok, num_seqs=g_seq, max_len=cfg.max_new_tokens)
         loss, m = losses.POLICY_LOSSES[cfg.policy_loss](
-            logp, old, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+            logp, old, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
             agg=cfg.loss_agg, **agg,
         )
         m = dict(m)
@@ -510,14 +558,16 @@ class Trainer:
         ckdir = self.out / "checkpoints"
         final = ckdir / f"step_{self.step:06d}"
         tmp = ckdir / f".step_{self.step:06d}.tmp"
+        full = sharding.full_state_dict(self.model) if self.sharded else None  # a collective: every rank
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            torch.save({k: v.detach().cpu() for k, v in self._unwrapped().state_dict().items()}, tmp / "model.pt")
+            sd = full if full is not None else {k: v.detach().cpu() for k, v in self._unwrapped().state_dict().items()}
+            torch.save(sd, tmp / "model.pt")
             torch.save(
                 {
                     "step": self.step,
-                    "optimizer": self.optimizer.state_dict(),
+                    "optimizer": None if self.sharded else self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
                     "sampler": self.sampler.state_dict(),
                     "ref_sampler": self.ref_sampler.state_dict() if self.ref_sampler else None,
@@ -529,6 +579,8 @@ class Trainer:
         self.acc.wait_for_everyone()
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
         torch.save(rng, tmp / f"rng_{self.rank}.pt")
+        if self.sharded:  # each rank's optimizer state holds its own shards
+            torch.save(self.optimizer.state_dict(), tmp / f"optimizer_{self.rank}.pt")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -547,9 +599,16 @@ class Trainer:
                 raise FileNotFoundError(f"--resume latest: no checkpoint under {self.out / 'checkpoints'}")
             path = done[-1]
         path = Path(path)
-        self._unwrapped().load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
         st = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(st["optimizer"])
+        if self.sharded:
+            sd = torch.load(path / "model.pt", map_location="cpu") if self.acc.is_main_process else {}
+            sharding.load_full_state_dict(self.model, sd)
+            opt = torch.load(path / f"optimizer_{self.rank}.pt", map_location="cpu", weights_only=False)
+        else:
+            self._unwrapped().load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
+            opt = st["optimizer"]
+        self.optimizer.load_state_dict(opt)
+        self._engine_stale = self.cfg.engine == "vllm"
         self.scheduler.load_state_dict(st["scheduler"])
         self.sampler.load_state_dict(st["sampler"])
         if self.ref_sampler and st["ref_sampler"]:
@@ -569,13 +628,14 @@ class Trainer:
         """save_pretrained (+ tokenizer + resolved config): loadable by plain transformers."""
         final = self.out / "final"
         self.acc.wait_for_everyone()
+        full = sharding.full_state_dict(self.model) if self.sharded else None  # a collective: every rank
         if self.acc.is_main_process:
             model = self._unwrapped()
             if self.cfg.lora:
                 model = copy.deepcopy(model).merge_and_unload()
             tmp = self.out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({"state_dict": full} if full is not None else {}))
             self.tokenizer.save_pretrained(tmp)
             self.cfg.save(tmp / "dphrl_config.yaml")
             (tmp / "dphrl_totals.json").write_text(json.dumps({"step": self.step, **self.totals}))

@@ -48,10 +48,17 @@ class _ChosenTokenLogprobs(LogitsProcessor):
 
 
 class HFEngine:
-    """Sample with ``model.generate`` in left-padded batches of at most ``batch_size`` sequences."""
+    """Sample with ``model.generate`` in left-padded batches of at most ``batch_size`` sequences.
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64):
+    ``synced_gpus=True`` (sharded training: every forward is a collective) keeps every process decoding
+    until all are done; the caller runs :meth:`generate` inside :func:`dphrl.sharding.generation_context`.
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64, synced_gpus: bool = False
+    ):
         self.model = model
+        self.synced_gpus = synced_gpus
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -113,7 +120,7 @@ class HFEngine:
         )
         out = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
-            logits_processor=LogitsProcessorList(procs),
+            logits_processor=LogitsProcessorList(procs), synced_gpus=self.synced_gpus,
         )
         seqs_dev = out[:, plen:]  # (B, T)
         logps = recorder.finish(seqs_dev[:, -1]).cpu()  # (B, T); greedy: log-probs at temperature 1

@@ -1,0 +1,220 @@
+"""vLLM generation engine (optional extra ``pip install 'dphrl[vllm]'``, needs a CUDA GPU).
+
+The engine runs in the training process ("colocated"): one ``vllm.LLM`` per process on that process's
+GPU, fed token ids (the chat template is applied by us, as for the HF engine) and decoded by our own
+tokenizer, so both engines see and return exactly the same tokens. After every optimizer update the
+trainer pushes the policy's weights into it with :meth:`VLLMEngine.load_weights` (LoRA adapters merged
+first, FSDP / ZeRO-3 shards gathered first).
+
+Log-probs. vLLM's kernels (bf16, fused sampling) do not reproduce the training forward bit for bit, so
+the trainer never trusts an engine's log-probs when the engine is vLLM: it recomputes pi_old with one
+no-grad forward of the policy (``old_logprob: recompute``, forced), and ``presample`` recomputes the
+stored log pi_ref with the Hugging Face model in fp32 (``Generation.logprobs`` of this engine are
+vLLM's own, the processed log-probs of the sampling distribution when vLLM >= 0.10.2 supports
+``logprobs_mode``; they are kept for diagnostics only).
+
+``vllm`` is imported lazily: importing this module never needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from dphrl.engines.base import Generation
+
+INSTALL_HINT = "pip install 'dphrl[vllm]' (or pip install vllm) on a machine with a CUDA GPU, or set engine: hf"
+
+
+class VLLMUnavailableError(RuntimeError):
+    """vLLM is not installed or there is no GPU for it; the message says what to do."""
+
+
+def _import_vllm() -> Any:
+    try:
+        return importlib.import_module("vllm")
+    except ImportError as e:
+        raise VLLMUnavailableError(f"config key 'engine': vllm is not installed ({e}). {INSTALL_HINT}") from e
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def vllm_available() -> bool:
+    """Whether ``engine: vllm`` can run here (vLLM importable and a CUDA GPU present)."""
+    return importlib.util.find_spec("vllm") is not None and _cuda_available()
+
+
+def _tokens_prompt(vllm: Any, ids: list[int]) -> Any:
+    """A token-id prompt in the form this vLLM version accepts."""
+    try:
+        from vllm.inputs import TokensPrompt  # type: ignore[import-not-found]
+
+        return TokensPrompt(prompt_token_ids=list(ids))
+    except ImportError:  # very old versions took a plain dict
+        return {"prompt_token_ids": list(ids)}
+
+
+class VLLMEngine:
+    """Sample with ``vllm.LLM.generate`` from token ids; push new weights with :meth:`load_weights`.
+
+    ``model_path`` must be a local directory or hub id vLLM can read (for a GGUF or built-in model,
+    the safetensors cache dir that :func:`dphrl.models.ensure_gguf_model_cache` writes). ``llm`` may
+    be given directly (an existing ``vllm.LLM``, or a test double with the same methods).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: Any,
+        *,
+        dtype: str = "bfloat16",
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        distributed: bool = False,
+        llm: Any = None,
+    ):
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.vllm = _import_vllm()
+        self.exact_logprobs = False
+        if llm is None:
+            if not _cuda_available():
+                raise VLLMUnavailableError(f"config key 'engine': vllm needs a CUDA GPU and none is visible. {INSTALL_HINT}")
+            kwargs: dict[str, Any] = dict(
+                model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
+                skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=max_model_len,
+            )
+            if distributed:  # one engine per training process, inside the existing process group
+                kwargs["distributed_executor_backend"] = "external_launcher"
+            try:
+                llm = self.vllm.LLM(**kwargs, logprobs_mode="processed_logprobs")
+                self.exact_logprobs = True
+            except TypeError:  # vLLM < 0.10.2: log-probs of the raw logits (before temperature / top-p)
+                llm = self.vllm.LLM(**kwargs)
+        self.llm = llm
+        self.weight_pushes = 0
+
+    # ------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int = 1,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+        seed: int | None = None,
+    ) -> list[list[Generation]]:
+        params = self.vllm.SamplingParams(
+            n=n,
+            temperature=0.0 if greedy else temperature,
+            top_p=1.0 if greedy else top_p,
+            top_k=-1,  # off, as in the HF engine: never a silent default truncation
+            max_tokens=max_new_tokens,
+            logprobs=0,  # the sampled token's log-prob only
+            seed=seed,
+            stop_token_ids=[self.eos_id] if self.eos_id is not None else None,
+            detokenize=False,
+            skip_special_tokens=False,
+        )
+        outs = self.llm.generate([_tokens_prompt(self.vllm, p) for p in prompts], params, use_tqdm=False)
+        if len(outs) != len(prompts):
+            raise RuntimeError(f"vllm returned {len(outs)} results for {len(prompts)} prompts")
+        return [[self._to_generation(p, c) for c in out.outputs] for p, out in zip(prompts, outs)]
+
+    def _to_generation(self, prompt: list[int], c: Any) -> Generation:
+        """One vLLM CompletionOutput -> Generation (EOS kept as the last token when the response stopped)."""
+        ids = list(c.token_ids)
+        lps = [_chosen_logprob(step, tok) for step, tok in zip(c.logprobs or [], ids)]
+        if len(lps) != len(ids):
+            lps = lps + [float("nan")] * (len(ids) - len(lps))  # never used for training (recomputed)
+        finished = c.finish_reason == "stop"
+        if finished and (not ids or ids[-1] != self.eos_id) and self.eos_id is not None:
+            ids.append(self.eos_id)  # some versions drop the stop token: keep the EOS the policy chose
+            lps.append(float("nan"))
+        text_ids = ids[:-1] if finished else ids
+        return Generation(
+            prompt_ids=list(prompt), response_ids=ids, logprobs=lps,
+            text=self.tokenizer.decode(text_ids, skip_special_tokens=True), finished=finished,
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy weights (Hugging Face parameter names) into the vLLM model and drop its prefix cache."""
+        weights = list(named_tensors)
+        model = _inner_model(self.llm)
+        if model is not None:
+            model.load_weights(weights)
+        elif hasattr(self.llm, "apply_model"):  # vLLM V1 with the engine in another process
+            self.llm.apply_model(lambda m: m.load_weights(weights))
+        else:
+            raise RuntimeError("cannot reach the vLLM model to load weights into; vLLM version not supported")
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()
+        self.weight_pushes += 1
+
+
+def _chosen_logprob(step: Any, tok: int) -> float:
+    if step is None or tok not in step:
+        return float("nan")
+    v = step[tok]
+    return float(getattr(v, "logprob", v))
+
+
+def _inner_model(llm: Any) -> torch.nn.Module | None:
+    """The torch model inside a colocated vLLM engine (V0 and in-process V1 layouts), or None."""
+    ex = getattr(getattr(llm, "llm_engine", None), "model_executor", None)
+    worker = getattr(ex, "driver_worker", None)
+    for path in (("model_runner", "model"), ("worker", "model_runner", "model")):
+        obj = worker
+        for a in path:
+            obj = getattr(obj, a, None)
+        if obj is not None and hasattr(obj, "load_weights"):
+            return obj
+    return None
+
+
+def _lora_deltas(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state-dict name of each LoRA-wrapped base weight -> its active adapters' delta (scale * B @ A)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return {}
+    deltas: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and not getattr(mod, "merged", False):
+            for adapter in mod.active_adapters:
+                if adapter in mod.lora_A:
+                    key = f"{name}.base_layer.weight"
+                    d = mod.get_delta_weight(adapter)
+                    deltas[key] = deltas[key] + d if key in deltas else d
+    return deltas
+
+
+def hf_weights_for_engine(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the policy's full weights under the plain base model's Hugging Face names.
+
+    For a peft LoRA model the adapters are folded in out of place (W + scale * B @ A, the values
+    ``merge_and_unload`` gives) without touching the module: merging and unmerging in place after every
+    update would add float rounding to the frozen base weights each time (they are the RKL reference).
+    Wrapper prefixes (``base_model.model.``, ``.base_layer``) are stripped and the LoRA factors skipped.
+    """
+    deltas = _lora_deltas(model)
+    out = []
+    for name, p in model.state_dict().items():
+        if "lora_" in name or "original_module" in name:
+            continue
+        t = p.detach()
+        if name in deltas:
+            t = t + deltas[name].to(t.dtype)
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.", "")
+        out.append((name, t))
+    return out
