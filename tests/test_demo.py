@@ -52,3 +52,20 @@ def test_demo_quick_end_to_end(tmp_path: Path):
     # the D_pef / D_exp split was made and stored
     manifest = json.loads((out / "seed0" / "store" / "manifest.json").read_text())
     assert manifest["counts"]["d_pef"] + manifest["counts"]["d_exp"] == manifest["counts"]["prompts"]
+
+
+def test_answer_accuracy_counts_right_results_whatever_the_style(tmp_path: Path):
+    from dphrl.demo import answer_accuracy
+
+    rows = [
+        {"dataset": "sub", "id": "sub-9-4", "index": 0, "answer": "5", "correct": False},  # right, style refused
+        {"dataset": "sub", "id": "sub-9-4", "index": 1, "answer": "6", "correct": False},  # wrong result
+        {"dataset": "sub", "id": "sub-9-4", "index": -1, "answer": "5", "correct": True},  # greedy: not counted
+        {"dataset": "sub", "id": "sub-30-1", "index": 0, "answer": None, "correct": False},  # no number
+        {"dataset": "add", "id": "add-2-2", "index": 0, "answer": "4", "correct": True},  # other dataset
+        {"dataset": "sub", "id": "sub-30-1", "index": 1, "answer": "29", "correct": True},
+    ]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert answer_accuracy(tmp_path, "sub") == 2 / 4
+    assert answer_accuracy(tmp_path, "add") == 1.0
