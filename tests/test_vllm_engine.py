@@ -150,6 +150,16 @@ def test_missing_vllm_or_gpu_says_how_to_fix(monkeypatch, tmp_path, model_dir, t
         VLLMEngine(model_dir, tok)
 
 
+def test_engine_auto_picks_vllm_only_when_it_can_run(monkeypatch):
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
+    c = TrainConfig(model="m", algorithm="grpo")
+    assert (c.engine, c.old_logprob) == ("hf", "rollout")
+    monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
+    c = TrainConfig(model="m", algorithm="grpo")
+    assert (c.engine, c.old_logprob) == ("vllm", "recompute")
+    assert TrainConfig(model="m", algorithm="grpo", engine="hf").engine == "hf"
+
+
 def test_old_logprob_rollout_is_refused_with_vllm(tmp_path):
     with pytest.raises(ConfigError, match="old_logprob"):
         base_cfg(tmp_path, "grpo", engine="vllm", old_logprob="rollout")

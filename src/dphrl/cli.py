@@ -105,6 +105,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dphrl.rewards import get_reward
     from dphrl.trainer import load_examples
 
+    if args.engine == "auto":
+        from dphrl.engines.vllm import vllm_available
+
+        args.engine = "vllm" if vllm_available() else "hf"
     if args.engine == "vllm":
         from dphrl.models import load_tokenizer
 
@@ -202,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward", default="", help="Reward name or module:function (default: the task's own).")
     e.add_argument("--reward-workers", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--engine", choices=("hf", "vllm"), default="hf",
-                   help="Generation engine (vllm: pip install 'dphrl[vllm]', a CUDA GPU).")
+    e.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+                   help="Generation engine: auto = vllm when installed and a CUDA GPU is present, else hf.")
     e.add_argument("--dtype", default="bfloat16", help="Model dtype on a GPU (the CPU always uses float32).")
     e.add_argument("--out", default="runs/eval")
     e.set_defaults(fn=cmd_eval)

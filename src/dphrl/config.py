@@ -62,7 +62,7 @@ class TrainConfig:
     temperature: float = _f(1.0, "Sampling temperature; the training log-probs use the same temperature.")
     top_p: float = _f(1.0, "Nucleus sampling for rollouts (log-probs are renormalized over the nucleus).")
     generation_batch_size: int = _f(64, "Sequences generated per engine call chunk.")
-    engine: str = _f("hf", "Generation engine: hf (transformers generate) | vllm (pip install 'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed).")
+    engine: str = _f("auto", "Generation engine: auto (vllm when it is installed and a CUDA GPU is present, else hf) | hf (transformers generate) | vllm (pip install 'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed).")
     vllm_gpu_memory_utilization: float = _f(0.3, "engine vllm: fraction of the GPU's memory vLLM may take (the rest is the trainer's).")
     dynamic_sampling: bool | None = _f(None, "Drop groups whose rewards are all equal and refill the batch (dapo default: true).")
     max_refill_rounds: int = _f(3, "dynamic_sampling: extra generation rounds to refill the batch before training on fewer groups.")
@@ -122,6 +122,10 @@ class TrainConfig:
             self.overlong_buffer = self.max_new_tokens // 4 if a == "dapo" else 0
         if self.kl_coef is None:
             self.kl_coef = 0.01 if a == "rkl" else 0.0
+        if self.engine == "auto":
+            from dphrl.engines.vllm import vllm_available
+
+            self.engine = "vllm" if vllm_available() else "hf"
         if self.old_logprob is None:
             self.old_logprob = "rollout" if self.top_p >= 1.0 and self.engine == "hf" else "recompute"
         if a == "dph":
@@ -156,7 +160,7 @@ class TrainConfig:
         need(self.dual_clip is None or self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "0 (off) or > 1")
         need(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant | linear | cosine")
         need(self.dtype in ("float32", "bfloat16"), "dtype", "float32 | bfloat16")
-        need(self.engine in ("hf", "vllm"), "engine", "hf | vllm")
+        need(self.engine in ("hf", "vllm"), "engine", "auto | hf | vllm")
         need(self.old_logprob in ("rollout", "recompute"), "old_logprob", "rollout | recompute")
         need(self.engine == "hf" or self.old_logprob == "recompute", "old_logprob",
              "recompute with engine: vllm (vLLM's bf16 kernels do not reproduce the training forward, so its "
