@@ -69,3 +69,23 @@ def test_answer_accuracy_counts_right_results_whatever_the_style(tmp_path: Path)
     (tmp_path / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert answer_accuracy(tmp_path, "sub") == 2 / 4
     assert answer_accuracy(tmp_path, "add") == 1.0
+
+
+def test_demo_options_and_budget_guard(tmp_path: Path):
+    from dphrl.demo import FULL, DemoBudgetError, _check_budget, demo_size
+
+    size = demo_size(rl_steps=300, lr=7e-5, methods=["grpo", "dph-f"])
+    assert (size.rl_steps, size.lr, list(size.methods)) == (300, 7e-5, ["grpo", "dph-f"])
+    assert list(size.sweep) == ["dph-f"] and size.methods["dph-f"] == FULL.methods["dph-f"]
+    try:
+        demo_size(methods=["grpo", "ppo"])
+        raise AssertionError("unknown method accepted")
+    except DemoBudgetError as e:
+        assert "ppo" in str(e) and "dph-js" in str(e)
+    _check_budget(tmp_path, size)
+    _check_budget(tmp_path, demo_size(rl_steps=300, lr=7e-5, methods=["grpo", "rkl"]))  # more methods: fine
+    try:  # same dir, another budget: finished jobs would be reused silently
+        _check_budget(tmp_path, demo_size(methods=["grpo"]))
+        raise AssertionError("another budget accepted")
+    except DemoBudgetError as e:
+        assert "rl_steps" in str(e) and "lr" in str(e) and "--out" in str(e)

@@ -155,9 +155,15 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dphrl.demo import run_demo
+    from dphrl.demo import DemoBudgetError, demo_size, run_demo
 
-    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds, sweep=args.sweep, workers=args.workers)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    try:
+        size = demo_size(args.quick, args.rl_steps, args.lr, methods)
+        run_demo(Path(args.out), seeds=args.seeds, sweep=args.sweep, workers=args.workers, size=size)
+    except DemoBudgetError as e:
+        print(f"dphrl demo: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -170,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=1, help="Repeat over this many seeds; report mean ± std.")
     d.add_argument("--sweep", action="store_true", help="Also sweep eta (DPH-F, DPH-JS) and kl_coef (RKL).")
     d.add_argument("--workers", type=int, default=2, help="Parallel single-threaded job processes (default 2 = cores).")
+    d.add_argument("--rl-steps", type=int, default=None, help="RL steps per method (default 100; quick 12).")
+    d.add_argument("--lr", type=float, default=None, help="RL learning rate (default 2e-4).")
+    d.add_argument("--methods", default=None, help="Comma-separated subset of grpo,dapo,rkl,dph-f,dph-js.")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(fn=cmd_demo)
 
