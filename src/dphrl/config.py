@@ -126,6 +126,7 @@ class TrainConfig:
             from dphrl.engines.vllm import vllm_available
 
             self.engine = "vllm" if vllm_available() else "hf"
+            self._engine_was_auto = True  # not a field: the dry run reports what auto chose here
         if self.old_logprob is None:
             self.old_logprob = "rollout" if self.top_p >= 1.0 and self.engine == "hf" else "recompute"
         if a == "dph":

@@ -310,8 +310,8 @@ def estimate_memory(
     - activations:    micro_batch * seq_len * hidden * layers * activation_factor * a
     - logits:         micro_batch * response_len * vocab * 4 * 3 (logits are kept for response tokens only)
     - kv_cache:       generation_batch * seq_len * layers * 2 * kv_dim * a   (during rollouts)
-    - gen_scores:     generation_batch * response_len * vocab * 4  (the engine keeps every step's fp32
-                      scores to read the sampled tokens' log-probs: ``output_scores=True``)
+    - gen_scores:     generation_batch * vocab * 4 * 2  (one decoding step's fp32 scores and their
+                      log-softmax: the HF engine records the sampled token's log-prob step by step)
 
     total = weights + grads + optimizer + autocast_copy + reference_model
             + max(activations + logits, kv_cache + gen_scores)
@@ -329,7 +329,7 @@ def estimate_memory(
         activations=micro_batch_size * seq_len * hidden * layers * activation_factor(hidden, intermediate, kv_dim) * a,
         logits=micro_batch_size * response_len * vocab * 4 * LOGIT_COPIES,
         kv_cache=generation_batch_size * seq_len * layers * 2 * kv_dim * a,
-        gen_scores=generation_batch_size * response_len * vocab * 4,
+        gen_scores=generation_batch_size * vocab * 4 * 2,
     )
 
 
@@ -558,13 +558,16 @@ def dry_run(
         if unsharded + 3 * GiB > 80 * GiB:
             warn.append(f"one process holds ~{unsharded / GiB:.0f} GiB unsharded (> an 80 GiB GPU): use FSDP/ZeRO-3 "
                         "over several GPUs, or lora=true (see docs/recipes.md)")
+    else:
+        out.append("skipped: model size unknown")
+    if getattr(cfg, "_engine_was_auto", False) and cfg.engine == "hf":
+        warn.append("engine auto resolved to hf here (no vLLM or no GPU); where vLLM is installed with a GPU it "
+                    "resolves to vllm, with old_logprob recompute")
     if shard == "zero3":
         warn.append("DeepSpeed ZeRO-3: the dphrl Trainer refuses DeepSpeed at start-up (not supported yet); "
                     "launch with recipes/accelerate/fsdp.yaml (same memory plan) or ddp.yaml with lora=true")
     if shard in ("fsdp", "zero3") and cfg.lora:
         warn.append("lora=true under FSDP is refused by the Trainer: LoRA fits under DDP (recipes/accelerate/ddp.yaml)")
-    else:
-        out.append("skipped: model size unknown")
 
     section("warnings")
     out.extend(f"- {w}" for w in warn) if warn else out.append("none")
