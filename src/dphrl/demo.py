@@ -94,13 +94,19 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build_base_model(out: Path, steps: int = 1500, seed: int = 0, size: DemoSize = FULL, progress: bool = False) -> Path:
+def build_base_model(out: Path, steps: int = 1500, seed: int = 0, size: DemoSize = FULL, progress: bool = False,
+                     heartbeat: bool = False) -> Path:
     """Tokenizer + tiny Llama + SFT on an even mixture of styles for a+b and a-b; save_pretrained."""
     tok = build_char_tokenizer(styles.CHARS)
     model = tiny_causal_lm(tok, hidden=size.hidden, layers=size.layers, heads=4, max_positions=64, seed=seed)
     problems = styles.make_examples("add", "all") + styles.make_examples("sub", "all")
     pairs = styles.sft_pairs(problems, random.Random(seed))
-    log = sft_train(model, tok, pairs, steps=steps, batch_size=size.sft_batch, lr=3e-3, seed=seed, progress=progress)
+    def beat(r: dict) -> None:
+        if heartbeat and r["step"]:
+            _say(f"seed {seed}: SFT step {r['step'] + 1}/{steps}, loss {r['loss']:.3f} ({r['seconds']:.0f} s)")
+
+    log = sft_train(model, tok, pairs, steps=steps, batch_size=size.sft_batch, lr=3e-3, seed=seed, progress=progress,
+                    log_every=max(1, steps // 4), on_log=beat)
     save_model(model, tok, out)
     (out / "sft_log.json").write_text(json.dumps(log))
     return out
@@ -125,8 +131,19 @@ def _evaluate(model, tok, size: DemoSize, out: Path, seed: int, domains: tuple[s
     )
 
 
-def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overrides: dict) -> torch.nn.Module:
+def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overrides: dict,
+           label: str = "") -> torch.nn.Module:
     from dphrl.trainer import Trainer
+
+    class DemoTrainer(Trainer):
+        """Prints a progress line every quarter of the run (the jobs run in parallel processes)."""
+
+        def log(self, metrics: dict) -> None:
+            super().log(metrics)
+            every = max(1, self.cfg.max_steps // 4)
+            if label and (self.step % every == 0) and self.step < self.cfg.max_steps:
+                _say(f"{label}: step {self.step}/{self.cfg.max_steps}, rollout pass rate "
+                     f"{metrics.get('reward/pass_rate', 0):.2f}, {metrics['time/step']:.1f} s/step")
 
     spec = {"type": "styles", "op": "add", "split": "train", "limit": size.train_prompts}
     cfg = TrainConfig(
@@ -135,7 +152,7 @@ def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overri
         max_new_tokens=size.max_new_tokens, lr=size.lr, max_steps=size.rl_steps, micro_batch_size=64,
         generation_batch_size=256, progress=False, **overrides,
     )
-    trainer = Trainer(cfg)
+    trainer = DemoTrainer(cfg)
     trainer.train()
     return trainer.acc.unwrap_model(trainer.model)
 
@@ -147,11 +164,12 @@ def _prepare_seed(root: Path, seed: int, size: DemoSize) -> str:
     sd = root / f"seed{seed}"
     base = sd / "base_model"
     if not (base / "config.json").exists():
-        build_base_model(base, size.sft_steps, seed, size)
+        build_base_model(base, size.sft_steps, seed, size, heartbeat=True)
     store = sd / "store"
     if not (store / "manifest.json").exists():
         tok, model = load_tokenizer(str(base)), load_model(str(base))
         train = styles.make_examples("add", "train", limit=size.train_prompts)
+        _say(f"seed {seed}: presample {size.presample_n} x {len(train)} prompts from the base model")
         presample(
             HFEngine(model, tok, batch_size=256), tok, train, styles.styles_reward, store, model_name=str(base),
             tokenizer_hash=tokenizer_hash(tok), n=size.presample_n, max_new_tokens=size.max_new_tokens,
@@ -177,7 +195,7 @@ def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: D
         tok, model = load_tokenizer(str(base)), load_model(str(base))
     else:
         tok = load_tokenizer(str(base))
-        model = _train(base, store, out, size, seed, kw)
+        model = _train(base, store, out, size, seed, kw, label=f"seed {seed}: {name}")
     _evaluate(model, tok, size, out / "eval", seed, domains)
     return f"seed {seed}: {name} ({time.time() - t0:.0f} s)"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,8 +31,9 @@ def sft_train(
     seed: int = 0,
     progress: bool = True,
     log_every: int = 100,
+    on_log: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Train on (prompt messages, response text) pairs; returns the loss log."""
+    """Train on (prompt messages, response text) pairs; returns the loss log (also passed to ``on_log``)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
@@ -58,6 +60,8 @@ def sft_train(
         if step % log_every == 0 or step == steps - 1:
             log.append({"step": step, "loss": float(loss.detach()), "seconds": round(time.time() - t0, 1)})
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            if on_log is not None:
+                on_log(log[-1])
     model.eval()
     return log
 
