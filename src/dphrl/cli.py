@@ -159,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:
-        size = demo_size(args.quick, args.rl_steps, args.lr, methods)
+        size = demo_size(args.quick, args.rl_steps, args.lr, methods, args.train_prompts)
         run_demo(Path(args.out), seeds=args.seeds, sweep=args.sweep, workers=args.workers, size=size)
     except DemoBudgetError as e:
         print(f"dphrl demo: {e}", file=sys.stderr)
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2, help="Parallel single-threaded job processes (default 2 = cores).")
     d.add_argument("--rl-steps", type=int, default=None, help="RL steps per method (default 100; quick 12).")
     d.add_argument("--lr", type=float, default=None, help="RL learning rate (default 2e-4).")
+    d.add_argument("--train-prompts", type=int, default=None,
+                   help="RL training prompts, also pre-sampled (default 400, at most 1400).")
     d.add_argument("--methods", default=None, help="Comma-separated subset of grpo,dapo,rkl,dph-f,dph-js.")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(fn=cmd_demo)

@@ -415,9 +415,14 @@ class DemoBudgetError(ValueError):
 
 
 def demo_size(quick: bool = False, rl_steps: int | None = None, lr: float | None = None,
-              methods: list[str] | None = None) -> DemoSize:
-    """The budget of a demo run: FULL or QUICK, with optional RL steps / learning rate / method subset."""
+              methods: list[str] | None = None, train_prompts: int | None = None) -> DemoSize:
+    """The budget of a demo run: FULL or QUICK, with optional RL steps / learning rate / method subset /
+    number of training prompts (at most the 1,400 a+b training problems)."""
     size = QUICK if quick else FULL
+    if train_prompts is not None:
+        if not 1 <= train_prompts <= 1400:
+            raise DemoBudgetError(f"--train-prompts must be in 1..1400 (the a+b training problems), got {train_prompts}")
+        size = replace(size, train_prompts=train_prompts)
     if rl_steps is not None:
         size = replace(size, rl_steps=rl_steps)
     if lr is not None:
