@@ -82,6 +82,12 @@ def test_demo_options_and_budget_guard(tmp_path: Path):
         raise AssertionError("unknown method accepted")
     except DemoBudgetError as e:
         assert "ppo" in str(e) and "dph-js" in str(e)
+    assert demo_size(train_prompts=1400).train_prompts == 1400
+    try:
+        demo_size(train_prompts=1401)
+        raise AssertionError("more training prompts than problems accepted")
+    except DemoBudgetError as e:
+        assert "1400" in str(e)
     _check_budget(tmp_path, size)
     _check_budget(tmp_path, demo_size(rl_steps=300, lr=7e-5, methods=["grpo", "rkl"]))  # more methods: fine
     try:  # same dir, another budget: finished jobs would be reused silently
