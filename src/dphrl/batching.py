@@ -94,3 +94,27 @@ def response_logprobs(
             probs = torch.softmax(logits, dim=-1)  # (B, T, V)
             entropy = logz - (probs * logits).sum(-1)  # (B, T)
     return logp, entropy
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
+    micro_batch_size: int = 16,
+    device: torch.device | str | None = None,
+) -> list[list[float]]:
+    """Per-token log pi(response | prompt) of each pair (no grad, fp32), micro-batch by micro-batch.
+
+    One forward per micro-batch: pi_old recomputation, the rkl reference and presample's recomputed
+    log pi_ref all use it, so they match the training forward by construction.
+    """
+    dev = device if device is not None else next(model.parameters()).device
+    out: list[list[float]] = []
+    for i in range(0, len(prompts), micro_batch_size):
+        ps, rs = prompts[i : i + micro_batch_size], responses[i : i + micro_batch_size]
+        lp, _ = response_logprobs(model, pack(ps, rs, pad_id).to(dev), temperature)  # (B, T)
+        out += [row[: len(r)].tolist() for r, row in zip(rs, lp.float().cpu())]
+    return out

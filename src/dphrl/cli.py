@@ -34,14 +34,6 @@ def _load_for_generation(name: str, dtype: str = "float32"):
     return load_tokenizer(name), model
 
 
-def _vllm_engine(name: str, tok, *, dtype: str, gpu_memory_utilization: float, max_model_len: int | None, seed: int):
-    from dphrl.engines.vllm import VLLMEngine
-    from dphrl.models import engine_model_path
-
-    return VLLMEngine(engine_model_path(name), tok, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                      max_model_len=max_model_len, seed=seed)
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     from dphrl.config import config_help
 
@@ -64,8 +56,11 @@ def cmd_presample(args: argparse.Namespace) -> int:
         raise SystemExit("presample: set reference_store in the config (or pass --out DIR)")
     tok, model = _load_for_generation(cfg.model, cfg.dtype)
     if cfg.engine == "vllm":  # vLLM samples; the HF model recomputes the stored log pi_ref
-        engine = _vllm_engine(cfg.model, tok, dtype=cfg.dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                              max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed)
+        from dphrl.engines.vllm import VLLMEngine
+
+        engine = VLLMEngine.from_model(cfg.model, tok, dtype=cfg.dtype, seed=cfg.seed,
+                                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                                       max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
     else:
         engine = HFEngine(model, tok, batch_size=cfg.generation_batch_size)
     manifest = presample(
@@ -101,20 +96,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dphrl.engines.hf import HFEngine
+    from dphrl.engines.vllm import VLLMEngine, resolve_engine
     from dphrl.evaluation.runner import evaluate
     from dphrl.rewards import get_reward
     from dphrl.trainer import load_examples
 
-    if args.engine == "auto":
-        from dphrl.engines.vllm import vllm_available
-
-        args.engine = "vllm" if vllm_available() else "hf"
-    if args.engine == "vllm":
+    if resolve_engine(args.engine) == "vllm":
         from dphrl.models import load_tokenizer
 
         tok = load_tokenizer(args.model)
-        engine = _vllm_engine(args.model, tok, dtype=args.dtype, gpu_memory_utilization=0.85, max_model_len=None,
-                              seed=args.seed)
+        engine = VLLMEngine.from_model(args.model, tok, dtype=args.dtype, gpu_memory_utilization=0.85, seed=args.seed)
     else:
         tok, model = _load_for_generation(args.model, args.dtype)
         engine = HFEngine(model, tok, batch_size=args.batch_size)

@@ -123,9 +123,9 @@ class TrainConfig:
         if self.kl_coef is None:
             self.kl_coef = 0.01 if a == "rkl" else 0.0
         if self.engine == "auto":
-            from dphrl.engines.vllm import vllm_available
+            from dphrl.engines.vllm import resolve_engine
 
-            self.engine = "vllm" if vllm_available() else "hf"
+            self.engine = resolve_engine("auto")
             self._engine_was_auto = True  # not a field: the dry run reports what auto chose here
         if self.old_logprob is None:
             self.old_logprob = "rollout" if self.top_p >= 1.0 and self.engine == "hf" else "recompute"

@@ -119,12 +119,9 @@ def _eval_sets(size: DemoSize) -> dict[str, list]:
     }
 
 
-def _evaluate(model, tok, size: DemoSize, out: Path, seed: int, domains: tuple[str, ...] | None = None) -> dict:
-    sets = _eval_sets(size)
-    if domains:
-        sets = {k: v for k, v in sets.items() if k in domains}
+def _evaluate(model, tok, size: DemoSize, out: Path, seed: int) -> dict:
     return evaluate(
-        HFEngine(model, tok, batch_size=256), tok, sets, styles.styles_reward, n=size.eval_n,
+        HFEngine(model, tok, batch_size=256), tok, _eval_sets(size), styles.styles_reward, n=size.eval_n,
         max_new_tokens=size.max_new_tokens, seed=seed, out_dir=out, style_fn=styles.style_of,
         answer_fn=styles.final_answer, model_name=str(out), prompts_per_call=64, show_table=False,
         progress=False,
@@ -181,8 +178,7 @@ def _prepare_seed(root: Path, seed: int, size: DemoSize) -> str:
             f"base pass rate {c['mean_pass_rate']:.3f}")
 
 
-def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: DemoSize, seed: int,
-         domains: tuple[str, ...] | None) -> str:
+def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: DemoSize, seed: int) -> str:
     """One demo job in its own process: train (unless ``kw`` is None: the base model) and evaluate.
 
     A job whose evaluation results exist is skipped, so an interrupted demo resumes where it stopped.
@@ -196,7 +192,7 @@ def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: D
     else:
         tok = load_tokenizer(str(base))
         model = _train(base, store, out, size, seed, kw, label=f"seed {seed}: {name}")
-    _evaluate(model, tok, size, out / "eval", seed, domains)
+    _evaluate(model, tok, size, out / "eval", seed)
     return f"seed {seed}: {name} ({time.time() - t0:.0f} s)"
 
 
@@ -209,7 +205,7 @@ def _seed_jobs(root: Path, seed: int, size: DemoSize, sweep: bool) -> tuple[dict
             jobs += [(f"{name}@{key}={v}", {**size.methods[name], key: v}) for v in values]
         jobs += list(size.ablation.items())
     runs = {name: sd / "runs" / name for name, _ in jobs}
-    args = [(name, kw, sd / "base_model", sd / "store", runs[name], size, seed, None) for name, kw in jobs]
+    args = [(name, kw, sd / "base_model", sd / "store", runs[name], size, seed) for name, kw in jobs]
     return runs, args
 
 

@@ -128,8 +128,14 @@ def presample(
         bar.update(len(chunk))
         bar.set_postfix(pef=sum(r["split"] == "pef" for r in prompt_rows))
     bar.close()
-    if logprob_model is not None and sample_rows:
-        _recompute_logprobs(logprob_model, tokenizer, sample_rows, temperature, micro_batch_size)
+    if logprob_model is not None and sample_rows:  # one no-grad forward, the trainer's own computation
+        from dphrl.batching import sequence_logprobs
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        lps = sequence_logprobs(logprob_model, [r["prompt_ids"] for r in sample_rows],
+                                [r["response_ids"] for r in sample_rows], pad, temperature, micro_batch_size)
+        for r, lp in zip(sample_rows, lps):
+            r["ref_logprobs"] = lp
     n_pef = sum(r["split"] == "pef" for r in prompt_rows)
     manifest = {
         "store_version": STORE_VERSION,
@@ -155,23 +161,6 @@ def presample(
     }
     _write_store(out_dir, manifest, prompt_rows, sample_rows)
     return manifest
-
-
-def _recompute_logprobs(model: Any, tokenizer: Any, rows: list[dict], temperature: float, micro: int) -> None:
-    """Replace rows' ``ref_logprobs`` by ``model``'s (fp32, no grad), micro-batch by micro-batch."""
-    import torch
-
-    from dphrl.batching import pack, response_logprobs
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        for i in range(0, len(rows), micro):
-            chunk = rows[i : i + micro]
-            batch = pack([r["prompt_ids"] for r in chunk], [r["response_ids"] for r in chunk], pad).to(dev)
-            lp, _ = response_logprobs(model, batch, temperature)  # (B, T)
-            for r, row in zip(chunk, lp.float().cpu()):
-                r["ref_logprobs"] = row[: len(r["response_ids"])].tolist()
 
 
 _SAMPLE_SCHEMA = pa.schema(

@@ -1,4 +1,4 @@
-"""What sharded training (FSDP1, FSDP2, DeepSpeed ZeRO-3) changes for generation and saving.
+"""What sharded training (FSDP1, FSDP2) changes for generation and saving.
 
 Under sharding each process holds a slice of every parameter, so the two places that use the whole
 model outside a training forward need care:
@@ -6,14 +6,15 @@ model outside a training forward need care:
 * **generation** with Hugging Face ``generate``: FSDP1's root unit owns the embeddings, final norm
   and LM head as a flat sharded parameter that only its own forward gathers, so calling the inner
   model's ``generate`` needs those gathered first (``summon_full_params(recurse=False)``; the decoder
-  layers, wrapped units of their own, gather themselves layer by layer). FSDP2 and ZeRO-3 gather in
-  module hooks and need nothing. In every sharded mode each forward is a collective, so every process
+  layers, wrapped units of their own, gather themselves layer by layer). FSDP2 gathers in module
+  hooks and needs nothing. In every sharded mode each forward is a collective, so every process
   must run the same number of decoding steps: ``synced_gpus=True`` (which :class:`HFEngine` passes).
 * **weights for a separate engine** (vLLM) or a save: the full tensors, gathered on every rank
   (:func:`full_parameters`).
 
 The kind of sharding is read from the model object itself (not from accelerate's state), so the same
 code runs under ``accelerate launch`` and with raw ``torch.distributed.fsdp`` wrappers in the tests.
+DeepSpeed ZeRO-3 is not handled here: the Trainer refuses DeepSpeed at start-up.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 
 def sharding_kind(model: torch.nn.Module) -> str:
-    """"none" | "fsdp1" | "fsdp2" | "zero3" for a (possibly wrapped) model."""
+    """"none" | "fsdp1" | "fsdp2" for a (possibly wrapped) model."""
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
 
@@ -40,8 +41,6 @@ def sharding_kind(model: torch.nn.Module) -> str:
             return "fsdp2"
     except ImportError:
         pass
-    if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 partitioned parameters
-        return "zero3"
     return "none"
 
 
@@ -80,11 +79,6 @@ def full_parameters(model: torch.nn.Module) -> Iterator[None]:
         finally:
             for u in units:
                 u.reshard()
-    elif kind == "zero3":
-        import deepspeed  # type: ignore[import-not-found]
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            yield
     else:
         yield
 
@@ -95,7 +89,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     A collective under sharding: every rank must call it. Names are those of the inner model.
     """
     kind = sharding_kind(model)
-    if kind in ("fsdp1", "fsdp2"):
+    if kind != "none":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         on_gpu = any(p.device.type != "cpu" for p in model.parameters())
@@ -104,8 +98,7 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=on_gpu))
         sd = {k: _full(v).detach().cpu().clone() for k, v in sd.items()}
     else:
-        with full_parameters(model):
-            sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {k.replace("_fsdp_wrapped_module.", ""): v for k, v in sd.items()}
 
 
@@ -115,17 +108,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def load_full_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Load a full state dict (as :func:`full_state_dict` returns; needed on rank 0 only under FSDP)."""
-    kind = sharding_kind(model)
-    if kind in ("fsdp1", "fsdp2"):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(  # a copy: torch replaces the dict's values by shards in place
             model, dict(state_dict), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         )
-    elif kind == "zero3":
-        import deepspeed  # type: ignore[import-not-found]
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-            model.load_state_dict(state_dict)
     else:
         model.load_state_dict(state_dict)

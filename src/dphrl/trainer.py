@@ -38,7 +38,7 @@ from transformers import get_scheduler
 
 from dphrl import advantages as adv_lib
 from dphrl import divergences, losses, sharding
-from dphrl.batching import pack, pad_values, response_logprobs
+from dphrl.batching import pack, pad_values, response_logprobs, sequence_logprobs
 from dphrl.config import ConfigError, TrainConfig
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
@@ -184,8 +184,8 @@ class Trainer:
         # model and optimizer are prepared together (FSDP / DeepSpeed need both); the scheduler is ours,
         # stepped once per update whatever the number of processes
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self._check_distributed_mode()
         self.sharded = sharding.is_sharded(self.model)
+        self._check_distributed_mode()
         total_updates = max(1, cfg.max_steps * cfg.ppo_epochs * cfg.mini_batches)
         self.scheduler = get_scheduler(
             cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_updates
@@ -207,7 +207,7 @@ class Trainer:
                 "DeepSpeed's engine steps inside backward(). Launch with recipes/accelerate/fsdp.yaml (FSDP, "
                 "full fine-tuning) or recipes/accelerate/ddp.yaml with lora=true instead."
             )
-        if self.cfg.lora and sharding.is_sharded(self.model):
+        if self.cfg.lora and self.sharded:
             raise ConfigError(
                 "config key 'lora': LoRA under FSDP is not supported (the merged final model needs the full "
                 "weights on one process). LoRA models fit without sharding: launch with recipes/accelerate/ddp.yaml."
@@ -218,10 +218,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.engine == "vllm":
             from dphrl.engines.vllm import VLLMEngine
-            from dphrl.models import engine_model_path
 
-            return VLLMEngine(
-                engine_model_path(cfg.model), self.tokenizer, dtype=cfg.dtype,
+            return VLLMEngine.from_model(
+                cfg.model, self.tokenizer, dtype=cfg.dtype,
                 gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                 max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed + self.rank,
                 distributed=self.world > 1,
@@ -297,7 +296,7 @@ class Trainer:
         seed = cfg.seed * 7_919 + self.step * 104_729 + round_ * 1_299_709 + self.rank * 15_485_863
         if self._engine_stale:
             self._push_weights_to_engine()
-        ctx = sharding.generation_context(self.model) if cfg.engine == "hf" else nullcontext()
+        ctx = sharding.generation_context(self.model) if cfg.engine == "hf" and self.sharded else nullcontext()
         with ctx:
             gens = self.engine.generate(
                 [self._encode(ex) for ex in exs], cfg.rollout_n, max_new_tokens=cfg.max_new_tokens,
@@ -378,15 +377,10 @@ class Trainer:
         }
         return seqs, metrics
 
-    @torch.no_grad()
     def _no_grad_logprobs(self, model: torch.nn.Module, seqs: list[Seq]) -> list[list[float]]:
         """Per-token log-probs of ``seqs`` under ``model`` (no grad), micro-batch by micro-batch."""
-        out: list[list[float]] = []
-        for chunk in _chunks(seqs, self.cfg.micro_batch_size):
-            batch = pack([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], self.pad_id).to(self.acc.device)
-            lp, _ = response_logprobs(model, batch, self.cfg.temperature)
-            out += [row[: len(s.response_ids)].tolist() for s, row in zip(chunk, lp.float().cpu())]
-        return out
+        return sequence_logprobs(model, [s.prompt_ids for s in seqs], [s.response_ids for s in seqs], self.pad_id,
+                                 self.cfg.temperature, self.cfg.micro_batch_size, device=self.acc.device)
 
     def _attach_reference_logprobs(self, seqs: list[Seq]) -> None:
         """rkl: log pi_ref of every rollout token from the frozen initial model (one no-grad forward)."""

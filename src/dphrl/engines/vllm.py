@@ -50,6 +50,13 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and _cuda_available()
 
 
+def resolve_engine(kind: str) -> str:
+    """``auto`` -> ``vllm`` where vLLM can run here, else ``hf``; ``hf`` / ``vllm`` unchanged."""
+    if kind == "auto":
+        return "vllm" if vllm_available() else "hf"
+    return kind
+
+
 def _tokens_prompt(vllm: Any, ids: list[int]) -> Any:
     """A token-id prompt in the form this vLLM version accepts."""
     try:
@@ -100,6 +107,14 @@ class VLLMEngine:
                 llm = self.vllm.LLM(**kwargs)
         self.llm = llm
         self.weight_pushes = 0
+
+    @classmethod
+    def from_model(cls, name_or_path: str, tokenizer: Any, **kw: Any) -> VLLMEngine:
+        """An engine for a model as dphrl names it (dir, hub id, .gguf, built-in): GGUF and built-in
+        models are read from their safetensors cache (converted once)."""
+        from dphrl.models import engine_model_path
+
+        return cls(engine_model_path(name_or_path), tokenizer, **kw)
 
     # ------------------------------------------------------------------------------------------
     def generate(
