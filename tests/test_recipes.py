@@ -18,9 +18,9 @@ from dphrl.dryrun import (
     dry_run,
     estimate_memory,
     known_model,
-    number_reward,
 )
 from dphrl.dryrun import main as dryrun_main
+from dphrl.rewards.math import number_reward
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -200,7 +200,8 @@ def test_number_reward(response, expected):
 def test_number_reward_via_registry():
     from dphrl.rewards import get_reward
 
-    assert get_reward("dphrl.dryrun:number_reward") is number_reward
+    assert get_reward("number") is number_reward
+    assert get_reward("dphrl.rewards.math:number_reward") is number_reward
 
 
 def test_accelerate_configs_parse():

@@ -524,4 +524,7 @@ def test_recomputed_old_logprobs_equal_the_engine_logprobs(tmp_path, tok, make_m
 
 def test_top_p_below_one_defaults_to_recompute(tmp_path):
     assert base_cfg(tmp_path, "grpo", top_p=0.9).old_logprob == "recompute"
-    assert base_cfg(tmp_path, "grpo").old_logprob == "rollout"
+    cfg = base_cfg(tmp_path, "grpo")  # engine auto: pi_old's source is resolved with the engine at run time
+    assert cfg.old_logprob is None and cfg.engine == "auto"
+    assert (cfg.old_logprob_for("hf"), cfg.old_logprob_for("vllm")) == ("rollout", "recompute")
+    assert base_cfg(tmp_path, "grpo", engine="hf").old_logprob == "rollout"

@@ -151,20 +151,22 @@ def test_missing_vllm_or_gpu_says_how_to_fix(monkeypatch, tmp_path, model_dir, t
 
 
 def test_engine_auto_picks_vllm_only_when_it_can_run(monkeypatch):
+    from dphrl.engines import resolve_engine
+
+    c = TrainConfig(model="m", algorithm="grpo")
+    assert (c.engine, c.old_logprob) == ("auto", None)  # the config never depends on the machine
     monkeypatch.setattr(vllm_engine, "vllm_available", lambda: False)
-    c = TrainConfig(model="m", algorithm="grpo")
-    assert (c.engine, c.old_logprob) == ("hf", "rollout")
+    assert (resolve_engine("auto"), c.old_logprob_for(resolve_engine("auto"))) == ("hf", "rollout")
     monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
-    c = TrainConfig(model="m", algorithm="grpo")
-    assert (c.engine, c.old_logprob) == ("vllm", "recompute")
-    assert TrainConfig(model="m", algorithm="grpo", engine="hf").engine == "hf"
+    assert (resolve_engine("auto"), c.old_logprob_for(resolve_engine("auto"))) == ("vllm", "recompute")
+    assert resolve_engine("hf") == "hf" and TrainConfig(model="m", algorithm="grpo", engine="hf").engine == "hf"
 
 
 def test_old_logprob_rollout_is_refused_with_vllm(tmp_path):
     with pytest.raises(ConfigError, match="old_logprob"):
         base_cfg(tmp_path, "grpo", engine="vllm", old_logprob="rollout")
     assert base_cfg(tmp_path, "grpo", engine="vllm").old_logprob == "recompute"
-    assert TrainConfig(model="m", algorithm="grpo").old_logprob == "rollout"
+    assert TrainConfig(model="m", algorithm="grpo", engine="hf").old_logprob == "rollout"
 
 
 @pytest.mark.parametrize("drop_eos", [False, True])
@@ -191,6 +193,74 @@ def test_outputs_become_generations(with_fake_vllm, model_dir, tok, drop_eos):
             k = len(r.response_ids) - (1 if drop_eos and r.finished else 0)
             assert g.logprobs[:k] == pytest.approx(r.logprobs[:k])
     assert n_finished > 0  # the case that matters was exercised
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_sampling_params_are_explicitly_neutral(with_fake_vllm, model_dir, tok, greedy):
+    """T and top-p as requested; every other field that changes the distribution or the stopping is
+    passed, neutral (nothing left to a vLLM default or to the checkpoint's generation_config.json)."""
+    mod = with_fake_vllm()
+    eng = VLLMEngine(model_dir, tok, seed=3)
+    llm = mod.LLM.instances[-1]
+    assert llm.kwargs["generation_config"] == "vllm"  # vLLM's defaults, not the checkpoint's
+    eng.generate([[tok.convert_tokens_to_ids("1")]], 1 if greedy else 3, max_new_tokens=4, temperature=0.7,
+                 top_p=0.9, greedy=greedy, seed=11)
+    assert vars(llm.calls[-1]) == {
+        "n": 1 if greedy else 3,
+        "temperature": 0.0 if greedy else 0.7,
+        "top_p": 1.0 if greedy else 0.9,
+        "top_k": -1,
+        "min_p": 0.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "repetition_penalty": 1.0,
+        "logit_bias": None,
+        "allowed_token_ids": None,
+        "min_tokens": 0,
+        "max_tokens": 4,
+        "stop": [],
+        "stop_token_ids": [tok.eos_token_id],
+        "ignore_eos": True,  # only our stop_token_ids stop: not the checkpoint's other EOS ids
+        "seed": 11,
+        "logprobs": 0,
+        "detokenize": False,
+        "skip_special_tokens": False,
+    }
+
+
+@pytest.mark.parametrize("rejected", [(), ("generation_config",), ("logprobs_mode",),
+                                      ("logprobs_mode", "generation_config"), ("unnamed",)])
+def test_optional_llm_arguments_fall_back_on_older_vllm(with_fake_vllm, model_dir, tok, rejected):
+    """A vLLM that does not know an optional keyword (TypeError naming it) is built without it only."""
+    mod = with_fake_vllm()
+    base = mod.LLM
+
+    class OlderLLM(base):
+        def __init__(self, model, **kw):
+            for k in rejected:
+                if k in kw or (k == "unnamed" and ("logprobs_mode" in kw or "generation_config" in kw)):
+                    raise TypeError(f"EngineArgs.__init__() got an unexpected keyword argument '{k}'")
+            super().__init__(model, **kw)
+
+    mod.LLM = OlderLLM
+    eng = VLLMEngine(model_dir, tok)
+    kw = base.instances[-1].kwargs
+    dropped = {"logprobs_mode", "generation_config"} if "unnamed" in rejected else set(rejected)
+    assert set(kw) & {"logprobs_mode", "generation_config"} == {"logprobs_mode", "generation_config"} - dropped
+    assert eng.exact_logprobs == ("logprobs_mode" not in dropped)
+    assert kw["skip_tokenizer_init"] is True and kw["seed"] == 0  # the required ones always passed
+
+
+def test_unrelated_type_error_is_raised(with_fake_vllm, model_dir, tok):
+    mod = with_fake_vllm()
+
+    class BrokenLLM(mod.LLM):
+        def __init__(self, model, **kw):
+            raise TypeError("dtype must be a string")
+
+    mod.LLM = BrokenLLM
+    with pytest.raises(TypeError, match="dtype must be a string"):
+        VLLMEngine(model_dir, tok)
 
 
 def _full_weights(policy, lora: bool) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 Rewards are one scalar per response, shape (B,), with ``B = G * group_size`` and each prompt's
 ``group_size`` responses contiguous (rows ``g*n .. g*n + n - 1``). Every advantage function returns
-``(advantages (B,), metrics)``; ``ADVANTAGES`` maps config names to them. Groups whose rewards are all
+``(advantages (B,), metrics)``; the registry ``ADVANTAGES`` maps config names to them
+(``@ADVANTAGES.register("name")`` adds one). Groups whose rewards are all
 equal carry no learning signal and get exactly 0 advantage.
 """
 
@@ -12,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from dphrl.registry import Registry
 
 __all__ = [
     "ADVANTAGES",
@@ -47,6 +50,12 @@ def _metrics(adv: Tensor, zero_group: Tensor) -> dict[str, float]:
     }
 
 
+ADVANTAGES: Registry[Callable[..., tuple[Tensor, dict[str, float]]]] = Registry(
+    "advantage estimator", config_key="advantage"
+)
+
+
+@ADVANTAGES.register("grpo")
 def grpo_advantages(
     rewards: Tensor, group_size: int, *, std_normalize: bool = True, eps: float = 1e-6
 ) -> tuple[Tensor, dict[str, float]]:
@@ -65,6 +74,7 @@ def grpo_advantages(
     return adv, _metrics(adv, zero)
 
 
+@ADVANTAGES.register("grpo_no_std")
 def grpo_no_std_advantages(
     rewards: Tensor, group_size: int, *, eps: float = 1e-6
 ) -> tuple[Tensor, dict[str, float]]:
@@ -72,6 +82,7 @@ def grpo_no_std_advantages(
     return grpo_advantages(rewards, group_size, std_normalize=False, eps=eps)
 
 
+@ADVANTAGES.register("rloo")
 def rloo_advantages(rewards: Tensor, group_size: int) -> tuple[Tensor, dict[str, float]]:
     """RLOO: ``r_i - mean of the other responses of the group`` (= n/(n-1) (r_i - mean_g))."""
     if group_size < 2:
@@ -83,18 +94,9 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> tuple[Tensor, dict[str,
     return adv, _metrics(adv, zero)
 
 
-ADVANTAGES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
-    "grpo": grpo_advantages,
-    "grpo_no_std": grpo_no_std_advantages,
-    "rloo": rloo_advantages,
-}
-
-
 def compute_advantages(name: str, rewards: Tensor, group_size: int, **kw) -> tuple[Tensor, dict[str, float]]:
-    """Dispatch to the advantage estimator registered as ``name``."""
-    if name not in ADVANTAGES:
-        raise ValueError(f"unknown advantage estimator {name!r}; valid names: {sorted(ADVANTAGES)}")
-    return ADVANTAGES[name](rewards, group_size, **kw)
+    """Dispatch to the advantage estimator registered as ``name`` (or ``package.module:fn``)."""
+    return ADVANTAGES.get(name)(rewards, group_size, **kw)
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, buffer_len: int, penalty: float = 1.0) -> Tensor:

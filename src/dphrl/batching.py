@@ -11,6 +11,7 @@ EOS id cannot hide the EOS.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +30,14 @@ class Packed:
             self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
             self.resp_ids.to(device), self.resp_mask.to(device), self.prompt_len,
         )
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS (masks, never ids, tell them apart)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+    return int(pad)
 
 
 def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, resp_len: int | None = None) -> Packed:

@@ -43,7 +43,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_presample(args: argparse.Namespace) -> int:
     from dphrl.config import load_config
-    from dphrl.engines.hf import HFEngine
+    from dphrl.engines import build_engine, resolve_engine
     from dphrl.models import tokenizer_hash
     from dphrl.reference import presample
     from dphrl.rewards import get_reward
@@ -55,21 +55,18 @@ def cmd_presample(args: argparse.Namespace) -> int:
     if not out:
         raise SystemExit("presample: set reference_store in the config (or pass --out DIR)")
     tok, model = _load_for_generation(cfg.model, cfg.dtype)
-    if cfg.engine == "vllm":  # vLLM samples; the HF model recomputes the stored log pi_ref
-        from dphrl.engines.vllm import VLLMEngine
-
-        engine = VLLMEngine.from_model(cfg.model, tok, dtype=cfg.dtype, seed=cfg.seed,
-                                       gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                                       max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
-    else:
-        engine = HFEngine(model, tok, batch_size=cfg.generation_batch_size)
+    engine_name = resolve_engine(cfg.engine)
+    engine = build_engine(engine_name, model, tok, batch_size=cfg.generation_batch_size, model_name=cfg.model,
+                          dtype=cfg.dtype, seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                          max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
     manifest = presample(
         engine, tok, examples, get_reward(cfg.reward or examples[0].task),
         out, model_name=cfg.model, tokenizer_hash=tokenizer_hash(tok), n=cfg.presample_n, temperature=cfg.temperature,
         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, threshold=cfg.split_threshold,
         keep_per_prompt=cfg.keep_per_prompt, seed=cfg.seed, reward_timeout_s=cfg.reward_timeout_s,
         reward_workers=cfg.reward_workers, progress=cfg.progress,
-        logprob_model=model if cfg.engine == "vllm" else None, micro_batch_size=cfg.micro_batch_size,
+        # an engine other than hf samples; the HF model recomputes the stored log pi_ref (the trainer's forward)
+        logprob_model=model if engine_name != "hf" else None, micro_batch_size=cfg.micro_batch_size,
     )
     print(json.dumps(manifest["counts"], indent=2))
     return 0
@@ -95,20 +92,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dphrl.engines.hf import HFEngine
-    from dphrl.engines.vllm import VLLMEngine, resolve_engine
+    from dphrl.engines import build_engine, resolve_engine
     from dphrl.evaluation.runner import evaluate
     from dphrl.rewards import get_reward
     from dphrl.trainer import load_examples
 
-    if resolve_engine(args.engine) == "vllm":
+    engine_name = resolve_engine(args.engine)
+    if engine_name == "hf":
+        tok, model = _load_for_generation(args.model, args.dtype)
+    else:  # the engine reads the weights itself
         from dphrl.models import load_tokenizer
 
-        tok = load_tokenizer(args.model)
-        engine = VLLMEngine.from_model(args.model, tok, dtype=args.dtype, gpu_memory_utilization=0.85, seed=args.seed)
-    else:
-        tok, model = _load_for_generation(args.model, args.dtype)
-        engine = HFEngine(model, tok, batch_size=args.batch_size)
+        tok, model = load_tokenizer(args.model), None
+    engine = build_engine(engine_name, model, tok, batch_size=args.batch_size, model_name=args.model,
+                          dtype=args.dtype, seed=args.seed, gpu_memory_utilization=0.85)
     datasets, rewards = {}, {}
     style_fn = None
     for name, spec in args.data:
@@ -208,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward", default="", help="Reward name or module:function (default: the task's own).")
     e.add_argument("--reward-workers", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
-                   help="Generation engine: auto = vllm when installed and a CUDA GPU is present, else hf.")
+    e.add_argument("--engine", default="auto",
+                   help="Generation engine: auto (vllm when installed and a CUDA GPU is present, else hf) | hf | vllm "
+                        "| package.module:factory.")
     e.add_argument("--dtype", default="bfloat16", help="Model dtype on a GPU (the CPU always uses float32).")
     e.add_argument("--out", default="runs/eval")
     e.set_defaults(fn=cmd_eval)

@@ -19,8 +19,7 @@ from typing import Any
 
 import yaml
 
-ALGORITHMS = ("grpo", "dapo", "rkl", "dph")
-DEFAULT_ETA = {"forward_kl": 0.01, "js": 0.2}
+from dphrl.algorithms import AlgorithmSpec, get_algorithm
 
 
 class ConfigError(ValueError):
@@ -37,13 +36,13 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class TrainConfig:
     # --- what to train -------------------------------------------------------------------------
     model: str = _f("", "Policy model: local dir, Hugging Face id, .gguf file, or a built-in name (smollm2-135m-instruct).")
-    algorithm: str = _f("dph", "One of grpo | dapo | rkl | dph. Fills the defaults of the fields left unset.")
+    algorithm: str = _f("dph", "One of grpo | dapo | rkl | dph (dphrl.algorithms.ALGORITHMS). Fills the defaults of the fields left unset.")
     dataset: dict = _f({}, "Training data spec for dphrl.data.loaders.load_dataset_spec, e.g. {type: gsm8k, path: ..., limit: 512}.")
     reward: str = _f("", "Reward name (math, gsm8k, sql, bird, styles, ...) or module:function. Empty: the task's own.")
     output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoints/ and final/ are written.")
     seed: int = _f(0, "Seed for data order, sampling and initialisation.")
     # --- divergence (dph) / KL (rkl) -----------------------------------------------------------
-    divergence: str | None = _f(None, "dph: registered f-divergence for the rehearsal term (forward_kl, js, alpha, ...). Default js.")
+    divergence: str | None = _f(None, "dph: f-divergence of the rehearsal term: a registered name (forward_kl, js, alpha, ...) or package.module:f for your own generator f(u). Default js.")
     divergence_params: dict = _f({}, "Extra parameters of the divergence, e.g. {alpha: 0.5}.")
     eta: float | None = _f(None, "dph: weight of the divergence term. Default 0.01 for forward_kl, 0.2 for js, else 0.1.")
     reference_store: str = _f("", "dph: directory written by `dphrl presample` (required for dph).")
@@ -62,7 +61,7 @@ class TrainConfig:
     temperature: float = _f(1.0, "Sampling temperature; the training log-probs use the same temperature.")
     top_p: float = _f(1.0, "Nucleus sampling for rollouts (log-probs are renormalized over the nucleus).")
     generation_batch_size: int = _f(64, "Sequences generated per engine call chunk.")
-    engine: str = _f("auto", "Generation engine: auto (vllm when it is installed and a CUDA GPU is present, else hf) | hf (transformers generate) | vllm (pip install 'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed).")
+    engine: str = _f("auto", "Generation engine: auto (resolved at run time, recorded in run_info.json: vllm when it is installed and a CUDA GPU is present, else hf) | hf (transformers generate) | vllm (pip install 'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed) | package.module:factory.")
     vllm_gpu_memory_utilization: float = _f(0.3, "engine vllm: fraction of the GPU's memory vLLM may take (the rest is the trainer's).")
     dynamic_sampling: bool | None = _f(None, "Drop groups whose rewards are all equal and refill the batch (dapo default: true).")
     max_refill_rounds: int = _f(3, "dynamic_sampling: extra generation rounds to refill the batch before training on fewer groups.")
@@ -70,13 +69,13 @@ class TrainConfig:
     overlong_penalty: float = _f(1.0, "DAPO soft overlong shaping: reward penalty at max_new_tokens.")
     # --- policy loss ----------------------------------------------------------------------------
     advantage: str = _f("grpo", "Advantage estimator: grpo | grpo_no_std | rloo.")
-    policy_loss: str = _f("ppo_clip", "Policy loss from dphrl.losses.POLICY_LOSSES.")
+    policy_loss: str = _f("ppo_clip", "Policy loss: a name in dphrl.losses.POLICY_LOSSES (ppo_clip) or package.module:fn.")
     clip_low: float = _f(0.2, "PPO clip: ratio lower bound is 1 - clip_low.")
     clip_high: float | None = _f(None, "PPO clip: ratio upper bound is 1 + clip_high (grpo/rkl default 0.2; dapo/dph 0.28).")
     dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages; 0 = off. Unset: 3.0 for dph, off for the others.")
     loss_agg: str | None = _f(None, "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo/rkl default seq-mean-token-mean; dapo/dph token-mean).")
     entropy_coef: float = _f(0.0, "Entropy bonus coefficient (0 in the paper).")
-    old_logprob: str | None = _f(None, "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward of the rollouts). Default: rollout, or recompute when top_p < 1 (the engine's log-probs are then renormalized over the nucleus) or engine is vllm.")
+    old_logprob: str | None = _f(None, "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward of the rollouts). Default: rollout with the hf engine and top_p 1, else recompute (top-p log-probs are renormalized over the nucleus; vLLM's kernels differ from the training forward); with engine auto it is resolved at run time.")
     # --- optimisation ---------------------------------------------------------------------------
     max_steps: int = _f(20, "Optimizer steps (one rollout batch per step, times ppo_epochs x mini_batches updates).")
     ppo_epochs: int = _f(1, "Passes over each rollout batch.")
@@ -106,44 +105,40 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.resolve()
 
-    # The algorithm presets: each fills only the fields the user left unset (None).
+    # The algorithm presets (dphrl.algorithms): each fills only the fields the user left unset (None).
     def resolve(self) -> None:
-        if self.algorithm not in ALGORITHMS:
-            raise ConfigError(_bad("algorithm", self.algorithm, f"one of {list(ALGORITHMS)}"))
-        a = self.algorithm
-        paper_like = a in ("dapo", "dph")
-        if self.clip_high is None:
-            self.clip_high = 0.28 if paper_like else 0.2
-        if self.loss_agg is None:
-            self.loss_agg = "token-mean" if paper_like else "seq-mean-token-mean"
-        if self.dynamic_sampling is None:
-            self.dynamic_sampling = a == "dapo"
-        if self.overlong_buffer is None:
-            self.overlong_buffer = self.max_new_tokens // 4 if a == "dapo" else 0
-        if self.kl_coef is None:
-            self.kl_coef = 0.01 if a == "rkl" else 0.0
-        if self.engine == "auto":
-            from dphrl.engines.vllm import resolve_engine
-
-            self.engine = resolve_engine("auto")
-            self._engine_was_auto = True  # not a field: the dry run reports what auto chose here
-        if self.old_logprob is None:
-            self.old_logprob = "rollout" if self.top_p >= 1.0 and self.engine == "hf" else "recompute"
-        if a == "dph":
-            if self.divergence is None:
-                self.divergence = "js"
-            if self.eta is None:
-                self.eta = DEFAULT_ETA.get(self.divergence, 0.1)
-            if self.dual_clip is None:
-                self.dual_clip = 3.0
+        spec = self.spec()
+        spec.fill_defaults(self)
+        if self.old_logprob is None and (self.engine != "auto" or self.top_p < 1.0):
+            self.old_logprob = self.old_logprob_for(self.engine)  # else resolved with the engine at run time
         self.validate()
+
+    def spec(self) -> AlgorithmSpec:
+        """The algorithm's entry in the algorithm table (ConfigError listing the valid ones)."""
+        try:
+            return get_algorithm(self.algorithm)
+        except ValueError as e:
+            raise ConfigError(f"{e} Fix it in the YAML file or with `algorithm=...`.") from e
+
+    def old_logprob_for(self, engine: str) -> str:
+        """pi_old source with ``engine`` (a resolved engine name): the configured one, or the default."""
+        if self.old_logprob is not None:
+            return self.old_logprob
+        return "rollout" if self.top_p >= 1.0 and engine == "hf" else "recompute"
 
     def validate(self) -> None:
         from dphrl import advantages, divergences, losses
+        from dphrl.engines import ENGINES
 
         def need(cond: bool, key: str, expected: str) -> None:
             if not cond:
                 raise ConfigError(_bad(key, getattr(self, key), expected))
+
+        def need_name(registry: Any, key: str) -> None:
+            try:
+                registry.get(getattr(self, key))
+            except ValueError as e:
+                raise ConfigError(f"{e} Fix it in the YAML file or with `{key}=...`.") from e
 
         need(bool(self.model), "model", "a model path, hub id, .gguf file or built-in name")
         need(self.prompts_per_step >= 1, "prompts_per_step", "an integer >= 1")
@@ -161,32 +156,42 @@ class TrainConfig:
         need(self.dual_clip is None or self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "0 (off) or > 1")
         need(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant | linear | cosine")
         need(self.dtype in ("float32", "bfloat16"), "dtype", "float32 | bfloat16")
-        need(self.engine in ("hf", "vllm"), "engine", "auto | hf | vllm")
-        need(self.old_logprob in ("rollout", "recompute"), "old_logprob", "rollout | recompute")
-        need(self.engine == "hf" or self.old_logprob == "recompute", "old_logprob",
+        if self.engine != "auto":
+            need_name(ENGINES, "engine")
+        need(self.old_logprob in ("rollout", "recompute", None), "old_logprob", "rollout | recompute")
+        need(self.engine != "vllm" or self.old_logprob != "rollout", "old_logprob",
              "recompute with engine: vllm (vLLM's bf16 kernels do not reproduce the training forward, so its "
              "log-probs would bias the PPO ratio; leave old_logprob unset)")
         need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "in (0, 1)")
         need(0 <= self.max_reward_failure_frac <= 1, "max_reward_failure_frac", "in [0, 1]")
         need(self.keep_last >= 1, "keep_last", "an integer >= 1 (0 would delete the checkpoint just written)")
-        need(self.loss_agg in losses.AGGREGATIONS, "loss_agg", f"one of {sorted(losses.AGGREGATIONS)}")
-        need(self.policy_loss in losses.POLICY_LOSSES, "policy_loss", f"one of {sorted(losses.POLICY_LOSSES)}")
-        need(self.advantage in advantages.ADVANTAGES, "advantage", f"one of {sorted(advantages.ADVANTAGES)}")
-        need(self.kl_estimator in losses.KL_ESTIMATORS, "kl_estimator", f"one of {sorted(losses.KL_ESTIMATORS)}")
+        need_name(losses.AGGREGATIONS, "loss_agg")
+        need_name(losses.POLICY_LOSSES, "policy_loss")
+        need_name(advantages.ADVANTAGES, "advantage")
+        need_name(losses.KL_ESTIMATORS, "kl_estimator")
         need(self.kl_coef is not None and self.kl_coef >= 0, "kl_coef", ">= 0")
-        if self.algorithm == "dph":
-            need(self.divergence in divergences.list_divergences(), "divergence", f"one of {divergences.list_divergences()}")
+        spec = self.spec()
+        if spec.rehearsal:
+            need_name(divergences.DIVERGENCES, "divergence")
             need(self.eta is not None and self.eta >= 0, "eta", ">= 0")
             need(bool(self.reference_store), "reference_store",
                  "the directory written by `dphrl presample` (dph trains on stored reference samples; run presample first)")
-        elif self.kl_coef and self.algorithm != "rkl":
-            raise ConfigError(f"kl_coef={self.kl_coef} is only used by algorithm 'rkl'; set algorithm: rkl or kl_coef: 0")
+        elif self.kl_coef and not spec.live_reference:
+            with_ref = [n for n, a in _algorithms().items() if a.live_reference]
+            raise ConfigError(f"kl_coef={self.kl_coef} is only used by the algorithms with a live reference "
+                              f"{with_ref}; set algorithm: {with_ref[0]} or kl_coef: 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _algorithms() -> dict[str, AlgorithmSpec]:
+    from dphrl.algorithms import ALGORITHMS
+
+    return dict(ALGORITHMS.items())
 
 
 def _bad(key: str, value: Any, expected: str) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from dphrl.config import TrainConfig
 from dphrl.data.tokenizer import build_char_tokenizer
-from dphrl.engines.hf import HFEngine
+from dphrl.engines import build_engine
 from dphrl.evaluation.runner import evaluate
 from dphrl.models import load_model, load_tokenizer, tokenizer_hash
 from dphrl.reference import presample
@@ -121,7 +121,7 @@ def _eval_sets(size: DemoSize) -> dict[str, list]:
 
 def _evaluate(model, tok, size: DemoSize, out: Path, seed: int) -> dict:
     return evaluate(
-        HFEngine(model, tok, batch_size=256), tok, _eval_sets(size), styles.styles_reward, n=size.eval_n,
+        build_engine("hf", model, tok, batch_size=256), tok, _eval_sets(size), styles.styles_reward, n=size.eval_n,
         max_new_tokens=size.max_new_tokens, seed=seed, out_dir=out, style_fn=styles.style_of,
         answer_fn=styles.final_answer, model_name=str(out), prompts_per_call=64, show_table=False,
         progress=False,
@@ -132,15 +132,12 @@ def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overri
            label: str = "") -> torch.nn.Module:
     from dphrl.trainer import Trainer
 
-    class DemoTrainer(Trainer):
-        """Prints a progress line every quarter of the run (the jobs run in parallel processes)."""
-
-        def log(self, metrics: dict) -> None:
-            super().log(metrics)
-            every = max(1, self.cfg.max_steps // 4)
-            if label and (self.step % every == 0) and self.step < self.cfg.max_steps:
-                _say(f"{label}: step {self.step}/{self.cfg.max_steps}, rollout pass rate "
-                     f"{metrics.get('reward/pass_rate', 0):.2f}, {metrics['time/step']:.1f} s/step")
+    def progress(trainer: Trainer, metrics: dict) -> None:
+        """A line every quarter of the run (the jobs run in parallel processes, without bars)."""
+        every = max(1, trainer.cfg.max_steps // 4)
+        if label and trainer.step % every == 0 and trainer.step < trainer.cfg.max_steps:
+            _say(f"{label}: step {trainer.step}/{trainer.cfg.max_steps}, rollout pass rate "
+                 f"{metrics.get('reward/pass_rate', 0):.2f}, {metrics['time/step']:.1f} s/step")
 
     spec = {"type": "styles", "op": "add", "split": "train", "limit": size.train_prompts}
     cfg = TrainConfig(
@@ -149,7 +146,7 @@ def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overri
         max_new_tokens=size.max_new_tokens, lr=size.lr, max_steps=size.rl_steps, micro_batch_size=64,
         generation_batch_size=256, progress=False, **overrides,
     )
-    trainer = DemoTrainer(cfg)
+    trainer = Trainer(cfg, callbacks=[progress])
     trainer.train()
     return trainer.acc.unwrap_model(trainer.model)
 
@@ -168,7 +165,7 @@ def _prepare_seed(root: Path, seed: int, size: DemoSize) -> str:
         train = styles.make_examples("add", "train", limit=size.train_prompts)
         _say(f"seed {seed}: presample {size.presample_n} x {len(train)} prompts from the base model")
         presample(
-            HFEngine(model, tok, batch_size=256), tok, train, styles.styles_reward, store, model_name=str(base),
+            build_engine("hf", model, tok, batch_size=256), tok, train, styles.styles_reward, store, model_name=str(base),
             tokenizer_hash=tokenizer_hash(tok), n=size.presample_n, max_new_tokens=size.max_new_tokens,
             seed=seed, prompts_per_call=64, progress=False,
         )

@@ -46,12 +46,14 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dphrl.losses import aggregate, compute_dtype, masked_mean
+from dphrl.registry import Registry
 
 __all__ = [
     "DIVERGENCES",
@@ -169,50 +171,63 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
-DIVERGENCES: dict[str, Divergence] = {
-    "forward_kl": Divergence(_f_forward_kl, _g_forward_kl),
-    "reverse_kl": Divergence(_f_reverse_kl, _g_reverse_kl),
-    "js": Divergence(_f_js, _g_js),
-    "alpha": Divergence(_f_alpha, _g_alpha),
-    "total_variation": Divergence(_f_total_variation, _g_total_variation),
-    "hellinger": Divergence(_f_hellinger, _g_hellinger),
-    "chi2": Divergence(_f_chi2, _g_chi2),
-}
+def _as_divergence(obj: object) -> Divergence:
+    """What ``divergence: package.module:attr`` may name: a :class:`Divergence` or a generator ``f(u)``."""
+    if isinstance(obj, Divergence):
+        return obj
+    if callable(obj):
+        return Divergence(obj)
+    raise ValueError(f"a divergence must be a Divergence or a generator function f(u), got {type(obj).__name__}")
+
+
+#: Registered f-divergences (config key ``divergence``); ``package.module:f`` names a user generator.
+DIVERGENCES: Registry[Divergence] = Registry("divergence", config_key="divergence", adapt=_as_divergence)
+for _name, _f, _g in (
+    ("forward_kl", _f_forward_kl, _g_forward_kl),
+    ("reverse_kl", _f_reverse_kl, _g_reverse_kl),
+    ("js", _f_js, _g_js),
+    ("alpha", _f_alpha, _g_alpha),
+    ("total_variation", _f_total_variation, _g_total_variation),
+    ("hellinger", _f_hellinger, _g_hellinger),
+    ("chi2", _f_chi2, _g_chi2),
+):
+    DIVERGENCES.register(_name, Divergence(_f, _g))
 
 
 # ----------------------------------------------------------------------------- registry API
 
 
 def list_divergences() -> list[str]:
-    """Names accepted by ``per_token_loss`` / ``divergence_loss`` (config values)."""
-    return sorted(DIVERGENCES)
+    """Registered names accepted by ``per_token_loss`` / ``divergence_loss`` (config values)."""
+    return DIVERGENCES.names()
 
 
 def register_divergence(
     name: str,
-    f: Callable[..., Tensor],
+    f: Callable[..., Tensor] | None = None,
     *,
     log_space: Callable[..., Tensor] | None = None,
     overwrite: bool = False,
-) -> Callable[..., Tensor]:
+) -> Any:
     """Register a user f-divergence: generator ``f(u, **params)`` and optional log-space ``g(d, **params)``.
 
     ``g(d)`` must equal ``f(exp(d))``; give it when ``f`` is inaccurate for tiny or huge ``u``. Without it,
     ``per_token_loss`` uses ``f(exp(d))``. Either way the linearized-tail guard of the module docstring
-    applies. Returns ``f``.
+    applies. Returns ``f``; without ``f``, a decorator (``@register_divergence("name")``). Without
+    registering, ``divergence: package.module:f`` in a config uses ``f`` directly.
     """
-    if not callable(f) or (log_space is not None and not callable(log_space)):
-        raise ValueError("f and log_space must be callables on tensors")
-    if name in DIVERGENCES and not overwrite:
-        raise ValueError(f"divergence {name!r} is already registered; pass overwrite=True to replace it")
-    DIVERGENCES[name] = Divergence(f, log_space)
-    return f
+
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if not callable(fn) or (log_space is not None and not callable(log_space)):
+            raise ValueError("f and log_space must be callables on tensors")
+        DIVERGENCES.register(name, Divergence(fn, log_space), overwrite=overwrite)
+        return fn
+
+    return deco(f) if f is not None else deco
 
 
 def _get(name: str) -> Divergence:
-    if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {name!r}; valid names: {list_divergences()}")
-    return DIVERGENCES[name]
+    return DIVERGENCES.get(name)
 
 
 def _check_params(name: str, fn: Callable[..., Tensor], params: dict) -> None:

@@ -14,9 +14,8 @@ Standalone, with the launch layout given explicitly::
 Under ``accelerate launch`` the layout is read from the environment (``WORLD_SIZE``,
 ``ACCELERATE_USE_FSDP``, ``ACCELERATE_USE_DEEPSPEED``).
 
-The ``number`` reward (:func:`dphrl.rewards.math.number_reward`, re-exported here) is the reward of
-the CPU recipes: the built-in ``math`` reward reads ``\\boxed{}`` or "The answer is ...", while a
-small model told to "answer with just the number" answers with a bare number.
+Launch refusals and warnings come from :func:`dphrl.launch.check_launch`, the function the
+trainer calls at start-up, so a plan the dry run accepts is one the trainer starts.
 """
 
 from __future__ import annotations
@@ -37,14 +36,9 @@ import yaml
 
 from dphrl.config import ConfigError, TrainConfig
 from dphrl.data.example import Example
-from dphrl.rewards.math import number_reward  # noqa: F401  (re-exported: reward: dphrl.dryrun:number_reward)
+from dphrl.launch import SHARDINGS, Launch, check_launch
 
 GiB = 2**30
-
-# --------------------------------------------------------------------------------------------------
-# The reward of the CPU recipes
-
-
 
 # --------------------------------------------------------------------------------------------------
 # Model sizes
@@ -239,8 +233,6 @@ def _builtin_display(name: str) -> str:
 # Memory
 
 
-SHARDINGS = ("none", "ddp", "fsdp", "zero3")
-
 
 @dataclass
 class MemoryEstimate:
@@ -341,7 +333,7 @@ def memory_for(info: ModelInfo, cfg: TrainConfig, *, world_size: int, sharding: 
         micro_batch_size=cfg.micro_batch_size, seq_len=cfg.max_prompt_tokens + cfg.max_new_tokens,
         response_len=cfg.max_new_tokens, generation_batch_size=max(1, cfg.generation_batch_size),
         bf16=cfg.dtype == "bfloat16", world_size=world_size, sharding=sharding,
-        reference_copy=cfg.algorithm == "rkl" and bool(cfg.kl_coef) and not cfg.lora,
+        reference_copy=cfg.spec().uses_live_reference(cfg.kl_coef) and not cfg.lora,
     )
 
 
@@ -432,6 +424,23 @@ def _launch_env() -> tuple[int | None, str | None]:
 # The dry run
 
 
+class _Plan:
+    """The dry run's text, built section by section, and its warnings."""
+
+    def __init__(self) -> None:
+        self.out: list[str] = []
+        self.warn: list[str] = []
+
+    def section(self, title: str) -> None:
+        self.out += ["", f"== {title} =="]
+
+    def text(self) -> str:
+        self.section("warnings")
+        self.out += [f"- {w}" for w in self.warn] if self.warn else ["none"]
+        self.out += ["", "dry run OK" + (" (with warnings)" if self.warn else "")]
+        return "\n".join(self.out)
+
+
 def dry_run(
     cfg: TrainConfig,
     *,
@@ -447,133 +456,134 @@ def dry_run(
     DDP / FSDP over ``max(world_size, 8)`` devices for comparison. Raises :class:`ConfigError` for a
     bad dataset option or reward; a dataset or reference store that is absent here is reported.
     """
+    from dphrl.engines import resolve_engine
+
     env_world, env_sharding = _launch_env()
     world = world_size or env_world or 1
     shard = sharding or env_sharding or ("ddp" if world > 1 else "none")
     if shard not in SHARDINGS:
         raise ConfigError(f"sharding must be one of {SHARDINGS}, got {shard!r}")
-    out: list[str] = []
-    warn: list[str] = []
+    launch = Launch(world_size=world, sharding=shard, engine=resolve_engine(cfg.engine),
+                    engine_was_auto=cfg.engine == "auto")
+    plan = _Plan()
+    plan.out.append(f"dphrl dry run: algorithm {cfg.algorithm}, model {cfg.model}")
+    _config_section(plan, cfg)
+    info = _model_section(plan, cfg)
+    _data_section(plan, cfg, examples_limit, load_tokenizer)
+    store = _reference_section(plan, cfg)
+    _batch_plan_section(plan, cfg, launch, store)
+    _memory_section(plan, cfg, info, launch)
+    checks = check_launch(cfg, launch)
+    plan.warn += [f"REFUSED at start-up: {e}" for e in checks.errors] + checks.warnings
+    return plan.text()
 
-    def section(title: str) -> None:
-        out.append("")
-        out.append(f"== {title} ==")
 
-    out.append(f"dphrl dry run: algorithm {cfg.algorithm}, model {cfg.model}")
-    section("resolved config (every key; algorithm defaults filled)")
-    out.append(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=120).rstrip())
+def _config_section(plan: _Plan, cfg: TrainConfig) -> None:
+    plan.section("resolved config (every key; algorithm defaults filled)")
+    plan.out.append(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=120).rstrip())
 
-    # --- model --------------------------------------------------------------------------------------
-    section("model")
+
+def _model_section(plan: _Plan, cfg: TrainConfig) -> ModelInfo | None:
+    plan.section("model")
     notes: list[str] = []
     info = model_info(cfg, notes)
-    out.extend(notes)
-    warn.extend(n for n in notes if n.startswith("MODEL NOT FOUND"))
-    if info is not None:
-        out.append(f"{info.name}: {_count(info.n_params)} parameters ({info.n_params:,}), source {info.source}, "
-                   f"size from {info.where}")
-        out.append(f"  hidden {info.hidden}, layers {info.layers}, intermediate {info.intermediate}, heads "
-                   f"{info.heads} (kv {info.kv_heads}), vocab {info.vocab}, max positions {info.max_positions}")
-        if cfg.lora:
-            lp = info.lora_params.get(cfg.lora_target_modules, 0)
-            out.append(f"  LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}: {_count(lp)} "
-                       f"trainable parameters ({100 * lp / max(1, info.n_params):.2f}%)")
-        else:
-            out.append("  full fine-tuning: every parameter is trained")
-        seq = cfg.max_prompt_tokens + cfg.max_new_tokens
-        if info.max_positions and seq > info.max_positions:
-            warn.append(f"max_prompt_tokens + max_new_tokens = {seq} > the model's max positions {info.max_positions}")
+    plan.out.extend(notes)
+    plan.warn.extend(n for n in notes if n.startswith("MODEL NOT FOUND"))
+    if info is None:
+        plan.warn.append("model size unknown: no memory estimate")
+        return None
+    plan.out.append(f"{info.name}: {_count(info.n_params)} parameters ({info.n_params:,}), source {info.source}, "
+                    f"size from {info.where}")
+    plan.out.append(f"  hidden {info.hidden}, layers {info.layers}, intermediate {info.intermediate}, heads "
+                    f"{info.heads} (kv {info.kv_heads}), vocab {info.vocab}, max positions {info.max_positions}")
+    if cfg.lora:
+        lp = info.lora_params.get(cfg.lora_target_modules, 0)
+        plan.out.append(f"  LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}: {_count(lp)} "
+                        f"trainable parameters ({100 * lp / max(1, info.n_params):.2f}%)")
     else:
-        warn.append("model size unknown: no memory estimate")
+        plan.out.append("  full fine-tuning: every parameter is trained")
+    seq = cfg.max_prompt_tokens + cfg.max_new_tokens
+    if info.max_positions and seq > info.max_positions:
+        plan.warn.append(f"max_prompt_tokens + max_new_tokens = {seq} > the model's max positions {info.max_positions}")
+    return info
 
-    # --- data and reward ----------------------------------------------------------------------------
-    section("data")
+
+def _data_section(plan: _Plan, cfg: TrainConfig, examples_limit: int, load_tokenizer: bool) -> None:
+    """A few training examples, their prompt lengths, and the reward they are scored with."""
+    plan.section("data")
     examples, missing = _load_sample(cfg, examples_limit)
     spec_s = json.dumps(cfg.dataset)
-    task = None
     if examples is None:
-        out.append(f"dataset {spec_s}")
-        out.append(f"  DATA MISSING on this machine: {missing}")
-        out.append("  (the rest of the plan is computed without it; put the data there before training)")
-        warn.append(f"dataset not found here: {missing}")
-        typ = cfg.dataset.get("type")
-        task = cfg.dataset.get("task") or _TASK_OF_TYPE.get(str(typ), "math")
+        plan.out.append(f"dataset {spec_s}")
+        plan.out.append(f"  DATA MISSING on this machine: {missing}")
+        plan.out.append("  (the rest of the plan is computed without it; put the data there before training)")
+        plan.warn.append(f"dataset not found here: {missing}")
+        task = cfg.dataset.get("task") or _TASK_OF_TYPE.get(str(cfg.dataset.get("type")), "math")
     elif not examples:
         raise ConfigError(f"config key 'dataset': {spec_s} gave no examples")
     else:
         task = examples[0].task
         skipped = getattr(examples, "skipped", 0)
-        out.append(f"dataset {spec_s}: built {len(examples)} example(s) (first {examples_limit} only)"
-                   + (f"; {skipped} skipped: {getattr(examples, 'skip_reasons', {})}" if skipped else ""))
+        plan.out.append(f"dataset {spec_s}: built {len(examples)} example(s) (first {examples_limit} only)"
+                        + (f"; {skipped} skipped: {getattr(examples, 'skip_reasons', {})}" if skipped else ""))
         ex = examples[0]
-        out.append(f"  first: id {ex.id!r}, task {ex.task!r}, answer {ex.answer!r}"
-                   + (f", db {ex.db_path}" if ex.db_path else ""))
+        plan.out.append(f"  first: id {ex.id!r}, task {ex.task!r}, answer {ex.answer!r}"
+                        + (f", db {ex.db_path}" if ex.db_path else ""))
         content = ex.prompt[-1]["content"] if ex.prompt else ""
-        out.append("  prompt: " + (content[:200].replace("\n", " ") + ("..." if len(content) > 200 else "")))
+        plan.out.append("  prompt: " + (content[:200].replace("\n", " ") + ("..." if len(content) > 200 else "")))
         lens, how = _prompt_lengths(cfg, examples, load_tokenizer)
         if lens:
             too_long = sum(n > cfg.max_prompt_tokens for n in lens)
-            out.append(f"  prompt tokens ({how}): min {min(lens)}, mean {sum(lens) / len(lens):.0f}, max {max(lens)}; "
-                       f"{too_long} of {len(lens)} exceed max_prompt_tokens={cfg.max_prompt_tokens}")
+            plan.out.append(f"  prompt tokens ({how}): min {min(lens)}, mean {sum(lens) / len(lens):.0f}, max "
+                            f"{max(lens)}; {too_long} of {len(lens)} exceed max_prompt_tokens={cfg.max_prompt_tokens}")
             if too_long:
-                warn.append(f"{too_long} of {len(lens)} sampled prompts are longer than max_prompt_tokens")
+                plan.warn.append(f"{too_long} of {len(lens)} sampled prompts are longer than max_prompt_tokens")
+    from dphrl.rewards import get_reward
+
     reward_name = cfg.reward or task
     try:
-        from dphrl.rewards import get_reward
-
         fn = get_reward(reward_name)
-        out.append(f"reward: {reward_name!r} -> {getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', fn)}")
     except ValueError as e:
         raise ConfigError(f"config key 'reward': {e}") from e
+    plan.out.append(f"reward: {reward_name!r} -> {getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', fn)}")
 
-    # --- reference store / reference model ------------------------------------------------------------
-    store = None
-    if cfg.algorithm == "dph":
-        section("dph reference store")
+
+def _reference_section(plan: _Plan, cfg: TrainConfig) -> dict | None:
+    """The reference the algorithm needs: a store (rehearsal) or a live frozen model (KL); the store's manifest."""
+    spec = cfg.spec()
+    if spec.rehearsal:
+        plan.section(f"{cfg.algorithm} reference store")
         lines, store = _store_report(cfg)
-        out.extend(lines)
+        plan.out.extend(lines)
         if store is None:
-            warn.append(f"reference store {cfg.reference_store} does not exist yet: run `dphrl presample` first")
-        out.append(f"  divergence {cfg.divergence} (eta {cfg.eta}{', params ' + json.dumps(cfg.divergence_params) if cfg.divergence_params else ''}), "
-                   f"presample: {cfg.presample_n} samples/prompt at temperature {cfg.temperature}, "
-                   f"D_pef = pass rate >= {cfg.split_threshold}")
-    elif cfg.algorithm == "rkl":
-        section("rkl reference")
-        if cfg.lora:
-            out.append(f"reverse-KL ({cfg.kl_estimator}, kl_coef {cfg.kl_coef}) to the base model with the LoRA adapter "
-                       "switched off: no copy")
-        else:
-            out.append(f"reverse-KL ({cfg.kl_estimator}, kl_coef {cfg.kl_coef}) to a frozen fp32 copy of the model on "
-                       "every device (not sharded)")
+            plan.warn.append(f"reference store {cfg.reference_store} does not exist yet: run `dphrl presample` first")
+        params = f", params {json.dumps(cfg.divergence_params)}" if cfg.divergence_params else ""
+        plan.out.append(f"  divergence {cfg.divergence} (eta {cfg.eta}{params}), presample: {cfg.presample_n} "
+                        f"samples/prompt at temperature {cfg.temperature}, D_pef = pass rate >= {cfg.split_threshold}")
+        return store
+    if spec.uses_live_reference(cfg.kl_coef):
+        plan.section(f"{cfg.algorithm} reference")
+        where = ("the base model with the LoRA adapter switched off: no copy" if cfg.lora
+                 else "a frozen fp32 copy of the model on every device (not sharded)")
+        plan.out.append(f"KL term ({cfg.kl_estimator}, kl_coef {cfg.kl_coef}) on rollout tokens to {where}")
+    return None
 
-    # --- batch plan ---------------------------------------------------------------------------------
-    section(f"batch plan ({world} process{'es' if world > 1 else ''}, {shard})")
-    out.extend(_batch_plan(cfg, world, store, warn))
 
-    # --- memory -------------------------------------------------------------------------------------
-    section("memory per device (ESTIMATE)")
-    if info is not None:
-        out.extend(_memory_table(info, cfg, world, shard))
-        unsharded = memory_for(info, cfg, world_size=world, sharding="ddp").total
-        if unsharded + 3 * GiB > 80 * GiB:
-            warn.append(f"one process holds ~{unsharded / GiB:.0f} GiB unsharded (> an 80 GiB GPU): use FSDP/ZeRO-3 "
-                        "over several GPUs, or lora=true (see docs/recipes.md)")
-    else:
-        out.append("skipped: model size unknown")
-    if getattr(cfg, "_engine_was_auto", False) and cfg.engine == "hf":
-        warn.append("engine auto resolved to hf here (no vLLM or no GPU); where vLLM is installed with a GPU it "
-                    "resolves to vllm, with old_logprob recompute")
-    if shard == "zero3":
-        warn.append("DeepSpeed ZeRO-3: the dphrl Trainer refuses DeepSpeed at start-up (not supported yet); "
-                    "launch with recipes/accelerate/fsdp.yaml (same memory plan) or ddp.yaml with lora=true")
-    if shard in ("fsdp", "zero3") and cfg.lora:
-        warn.append("lora=true under FSDP is refused by the Trainer: LoRA fits under DDP (recipes/accelerate/ddp.yaml)")
+def _batch_plan_section(plan: _Plan, cfg: TrainConfig, launch: Launch, store: dict | None) -> None:
+    plan.section(f"batch plan ({launch.world_size} process{'es' if launch.world_size > 1 else ''}, {launch.sharding})")
+    plan.out.extend(_batch_plan(cfg, launch.world_size, store, plan.warn))
 
-    section("warnings")
-    out.extend(f"- {w}" for w in warn) if warn else out.append("none")
-    out.append("")
-    out.append("dry run OK" + (" (with warnings)" if warn else ""))
-    return "\n".join(out)
+
+def _memory_section(plan: _Plan, cfg: TrainConfig, info: ModelInfo | None, launch: Launch) -> None:
+    plan.section("memory per device (ESTIMATE)")
+    if info is None:
+        plan.out.append("skipped: model size unknown")
+        return
+    plan.out.extend(_memory_table(info, cfg, launch.world_size, launch.sharding))
+    unsharded = memory_for(info, cfg, world_size=launch.world_size, sharding="ddp").total
+    if unsharded + 3 * GiB > 80 * GiB:
+        plan.warn.append(f"one process holds ~{unsharded / GiB:.0f} GiB unsharded (> an 80 GiB GPU): use FSDP over "
+                         "several GPUs, or lora=true (see docs/recipes.md)")
 
 
 def _prompt_lengths(cfg: TrainConfig, examples: list[Example], load_tokenizer: bool) -> tuple[list[int], str]:
@@ -610,12 +620,11 @@ def _local_tokenizer(name: str) -> Any:
 def _batch_plan(cfg: TrainConfig, world: int, store: dict | None, warn: list[str]) -> list[str]:
     P, n, M, mb = cfg.prompts_per_step, cfg.rollout_n, cfg.mini_batches, cfg.micro_batch_size
     lines = []
-    if P % world:
-        warn.append(f"prompts_per_step {P} is not divisible by the {world} processes (the trainer refuses it)")
     rollouts = P * n
     per_proc = rollouts / world
     seq_mb = per_proc / M
-    rolled_on = "D_exp prompts only" if cfg.algorithm == "dph" else "all prompts"
+    spec = cfg.spec()
+    rolled_on = "D_exp prompts only" if spec.rollout_prompts == "d_exp" else "all prompts"
     lines.append(f"prompts/step: {P} ({rolled_on}; {P / world:g} per process)")
     lines.append(f"rollouts/step: {P} x {n} = {rollouts} sequences ({per_proc:g} per process)")
     if cfg.dynamic_sampling:
@@ -624,7 +633,7 @@ def _batch_plan(cfg: TrainConfig, world: int, store: dict | None, warn: list[str
     lines.append(f"updates/step: {cfg.ppo_epochs} epoch(s) x {M} mini-batch(es) = {cfg.ppo_epochs * M}")
     lines.append(f"rollout sequences per mini-batch: {rollouts / M:g} ({seq_mb:g} per process) -> "
                  f"{math.ceil(seq_mb / mb)} micro-batch(es) of <= {mb} per process")
-    if cfg.algorithm == "dph":
+    if spec.rehearsal:
         if store is not None:
             c = store.get("counts", {})
             pef, exp = int(c.get("d_pef") or 0), int(c.get("d_exp") or 0)
@@ -648,7 +657,7 @@ def _batch_plan(cfg: TrainConfig, world: int, store: dict | None, warn: list[str
                  f"(lr {cfg.lr:g}, {cfg.lr_schedule}, warmup {cfg.warmup_steps})")
     lines.append(f"rollouts generated over the run: {cfg.max_steps * rollouts:,} sequences "
                  f"(<= {cfg.max_steps * rollouts * cfg.max_new_tokens:,} response tokens)")
-    if cfg.algorithm == "dph" and cfg.dataset.get("limit"):
+    if spec.rehearsal and cfg.dataset.get("limit"):
         lines.append(f"presample: {cfg.dataset['limit']} prompts x {cfg.presample_n} = "
                      f"{int(cfg.dataset['limit']) * cfg.presample_n:,} sequences")
     return lines
@@ -678,8 +687,8 @@ def _memory_table(info: ModelInfo, cfg: TrainConfig, world: int, shard: str) -> 
     lines.append("(estimate: weights fp32 + grads + AdamW states of the trained params, sharded under FSDP/ZeRO-3; "
                  "activations without gradient checkpointing; + ~1-3 GiB CUDA context/allocator slack. "
                  "Formula: dphrl.dryrun.estimate_memory, docs/recipes.md.)")
-    if cfg.algorithm == "rkl" and cfg.kl_coef and not cfg.lora:
-        lines.append("rkl full fine-tuning: the frozen reference copy is not sharded")
+    if cfg.spec().uses_live_reference(cfg.kl_coef) and not cfg.lora:
+        lines.append(f"{cfg.algorithm} full fine-tuning: the frozen reference copy is not sharded")
     return lines
 
 

@@ -8,8 +8,9 @@ Conventions (as in verl's ``core_algos.py``):
   0 = padding. Padding positions are removed with ``torch.where`` before any product, so a
   non-finite value on a padding token cannot leak into the loss.
 * Low-precision inputs (bf16/fp16) are computed in float32; float64 stays float64 (tests).
-* Registries (``AGGREGATIONS``, ``POLICY_LOSSES``, ``KL_ESTIMATORS``) are keyed by the names
-  users write in configs; an unknown name raises ``ValueError`` listing the valid ones.
+* Registries (``AGGREGATIONS``, ``POLICY_LOSSES``, ``KL_ESTIMATORS``, :class:`dphrl.registry.Registry`)
+  are keyed by the names users write in configs; register with ``@POLICY_LOSSES.register("name")``;
+  an unknown name raises ``ValueError`` listing the valid ones; ``package.module:fn`` reaches user code.
 
 Exponential guard: ``exp_linear_tail`` / ``expm1_linear_tail`` equal ``exp`` / ``expm1`` for
 ``x <= EXP_TAIL_THRESHOLD`` (20) and continue as the tangent line beyond it (value and slope match
@@ -23,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from dphrl.registry import Registry
 
 EXP_TAIL_THRESHOLD = 20.0
 
@@ -109,12 +112,17 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 # ----------------------------------------------------------------------------- aggregation
 
 
+AGGREGATIONS: Registry[Callable[..., Tensor]] = Registry("loss aggregation", config_key="loss_agg")
+
+
+@AGGREGATIONS.register("token-mean")
 def _agg_token_mean(values: Tensor, mask: Tensor, *, num_tokens=None, num_seqs=None, max_len=None) -> Tensor:
     """Sum over all real tokens / number of tokens (global count if given: micro-batches then add up)."""
     v = _masked_values(values, mask)  # (B, T)
     return v.sum() / _denominator(num_tokens, mask.to(v.dtype).sum(), "num_tokens")
 
 
+@AGGREGATIONS.register("seq-mean-token-mean")
 def _agg_seq_mean_token_mean(
     values: Tensor, mask: Tensor, *, num_tokens=None, num_seqs=None, max_len=None
 ) -> Tensor:
@@ -125,6 +133,7 @@ def _agg_seq_mean_token_mean(
     return seq_means.sum() / _denominator(num_seqs, (seq_tokens > 0).sum().to(v.dtype), "num_seqs")
 
 
+@AGGREGATIONS.register("seq-mean-token-sum-norm")
 def _agg_seq_mean_token_sum_norm(
     values: Tensor, mask: Tensor, *, num_tokens=None, num_seqs=None, max_len=None
 ) -> Tensor:
@@ -134,13 +143,6 @@ def _agg_seq_mean_token_sum_norm(
     seq_tokens = mask.to(v.dtype).sum(-1)  # (B,)
     seq_sums = v.sum(-1) / norm  # (B,)
     return seq_sums.sum() / _denominator(num_seqs, (seq_tokens > 0).sum().to(v.dtype), "num_seqs")
-
-
-AGGREGATIONS: dict[str, Callable[..., Tensor]] = {
-    "token-mean": _agg_token_mean,
-    "seq-mean-token-mean": _agg_seq_mean_token_mean,
-    "seq-mean-token-sum-norm": _agg_seq_mean_token_sum_norm,
-}
 
 
 def aggregate(
@@ -160,9 +162,7 @@ def aggregate(
     ``max_len`` (``seq-mean-token-sum-norm`` only) defaults to ``mask.shape[-1]``; pass the configured
     maximum response length so that micro-batches padded to different lengths agree.
     """
-    if mode not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {sorted(AGGREGATIONS)}")
-    return AGGREGATIONS[mode](
+    return AGGREGATIONS.get(mode)(
         _upcast(values), mask, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len
     )
 
@@ -170,6 +170,12 @@ def aggregate(
 # ----------------------------------------------------------------------------- policy loss
 
 
+POLICY_LOSSES: Registry[Callable[..., tuple[Tensor, dict[str, float]]]] = Registry(
+    "policy loss", config_key="policy_loss"
+)
+
+
+@POLICY_LOSSES.register("ppo_clip")
 def ppo_clip_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -234,35 +240,33 @@ def ppo_clip_loss(
     return loss, metrics
 
 
-POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {"ppo_clip": ppo_clip_loss}
-
-
 def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
-    """Look up a policy loss by config name."""
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {name!r}; valid names: {sorted(POLICY_LOSSES)}")
-    return POLICY_LOSSES[name]
+    """Look up a policy loss by config name (or ``package.module:fn``)."""
+    return POLICY_LOSSES.get(name)
 
 
 # ----------------------------------------------------------------------------- KL estimators
 
 
+KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator", config_key="kl_estimator")
+
+
+@KL_ESTIMATORS.register("k1")
 def _kl_k1(d: Tensor) -> Tensor:
     """k1 = log(pi/pi_ref): unbiased, high variance, can be negative."""
     return d
 
 
+@KL_ESTIMATORS.register("k2")
 def _kl_k2(d: Tensor) -> Tensor:
     """k2 = (log-ratio)^2 / 2: biased, low variance, >= 0."""
     return 0.5 * d.square()
 
 
+@KL_ESTIMATORS.register("k3")
 def _kl_k3(d: Tensor) -> Tensor:
     """k3 = pi_ref/pi - 1 - log(pi_ref/pi) = expm1(-d) + d: unbiased, >= 0 (Schulman's low-variance estimator)."""
     return expm1_linear_tail(-d) + d
-
-
-KL_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
 
 
 def kl_estimator(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
@@ -271,12 +275,11 @@ def kl_estimator(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     Elementwise, same shape and dtype as ``logp``; gradients flow into ``logp`` only. k3 uses expm1 with
     the linear-tail guard (no clamp), so its gradient stays finite and non-zero for any log-ratio.
     """
-    if kind not in KL_ESTIMATORS:
-        raise ValueError(f"unknown KL estimator {kind!r}; valid kinds: {sorted(KL_ESTIMATORS)}")
+    fn = KL_ESTIMATORS.get(kind)
     _check_same_shape(logp, ref_logp, "logp and ref_logp")
     cdt = compute_dtype(logp)
     d = logp.to(cdt) - ref_logp.detach().to(cdt)  # (B, T)
-    return KL_ESTIMATORS[kind](d).to(logp.dtype)  # (B, T)
+    return fn(d).to(logp.dtype)  # (B, T)
 
 
 # ----------------------------------------------------------------------------- entropy

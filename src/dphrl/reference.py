@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
 from dphrl.engines.base import Engine
-from dphrl.rewards.registry import RewardFn, score_batch
+from dphrl.rewards.registry import CORRECT_THRESHOLD, RewardFn, score_batch
 
 STORE_VERSION = 1
 
@@ -106,7 +106,7 @@ def presample(
         timeouts += scored.timeouts
         for i, ex in enumerate(chunk):
             rewards = scored.scores[i * n : (i + 1) * n]
-            correct = [g for g, r in zip(gens[i], rewards) if r >= 1.0]
+            correct = [g for g, r in zip(gens[i], rewards) if r >= CORRECT_THRESHOLD]
             rate = len(correct) / n
             split = "pef" if rate >= threshold else "exp"
             prompt_rows.append(
@@ -129,11 +129,11 @@ def presample(
         bar.set_postfix(pef=sum(r["split"] == "pef" for r in prompt_rows))
     bar.close()
     if logprob_model is not None and sample_rows:  # one no-grad forward, the trainer's own computation
-        from dphrl.batching import sequence_logprobs
+        from dphrl.batching import pad_token_id, sequence_logprobs
 
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         lps = sequence_logprobs(logprob_model, [r["prompt_ids"] for r in sample_rows],
-                                [r["response_ids"] for r in sample_rows], pad, temperature, micro_batch_size)
+                                [r["response_ids"] for r in sample_rows], pad_token_id(tokenizer), temperature,
+                                micro_batch_size)
         for r, lp in zip(sample_rows, lps):
             r["ref_logprobs"] = lp
     n_pef = sum(r["split"] == "pef" for r in prompt_rows)

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from dphrl.batching import pack, response_logprobs
+from dphrl.batching import pack, pad_token_id, response_logprobs
 from dphrl.data.chat import encode_prompt
 
 
@@ -37,7 +37,7 @@ def sft_train(
     rng = random.Random(seed)
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_token_id(tokenizer)
     encoded = [
         (encode_prompt(tokenizer, msgs), tokenizer(resp, add_special_tokens=False)["input_ids"] + [eos])
         for msgs, resp in pairs

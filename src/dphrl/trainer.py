@@ -1,13 +1,14 @@
 """The RL loop, read top to bottom: sample prompts -> generate -> score -> advantages -> update -> log.
 
-One class, ``Trainer``, runs every algorithm (grpo, dapo, rkl, dph); the algorithms differ only in
-which prompts are rolled out, which loss terms are added and the defaults filled by the config:
+One class, ``Trainer``, runs every algorithm of the algorithm table (:mod:`dphrl.algorithms`:
+grpo, dapo, rkl, dph); the algorithms differ only in which prompts are rolled out, which loss terms
+are added and the defaults filled by the config, and the trainer reads those from the algorithm's
+spec (never its name):
 
-    grpo : PPO-clip on group-normalized advantages of rollouts on all training prompts.
-    dapo : grpo + clip-higher, token-mean, dynamic sampling, soft overlong reward shaping.
-    rkl  : grpo + kl_coef * reverse-KL (k3) to a live frozen copy of the initial model.
-    dph  : PPO-clip on rollouts of D_exp prompts + eta * f-divergence on stored pi_ref samples of
-           D_pef prompts. No reference model exists: log pi_ref comes from the reference store.
+    live_reference : + kl_coef * KL estimator on rollout tokens against a live frozen copy of the
+                     initial model (rkl).
+    rehearsal      : rollouts of D_exp prompts only + eta * f-divergence on stored pi_ref samples of
+                     D_pef prompts (dph). No reference model exists: log pi_ref comes from the store.
 
 Rollout sequences and reference sequences are kept in separate lists and never share a micro-batch;
 each term is normalized by its own (global) token count. Distributed runs (accelerate DDP) shard
@@ -25,6 +26,7 @@ import random
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +40,14 @@ from transformers import get_scheduler
 
 from dphrl import advantages as adv_lib
 from dphrl import divergences, losses, sharding
-from dphrl.batching import pack, pad_values, response_logprobs, sequence_logprobs
+from dphrl.batching import pack, pad_token_id, pad_values, response_logprobs, sequence_logprobs
 from dphrl.config import ConfigError, TrainConfig
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
-from dphrl.engines.hf import HFEngine
+from dphrl.engines import build_engine, resolve_engine
+from dphrl.launch import Launch, check_launch
 from dphrl.reference import ReferenceStore
-from dphrl.rewards.registry import get_reward, score_batch
+from dphrl.rewards.registry import CORRECT_THRESHOLD, get_reward, score_batch
 
 
 class RewardFailureError(RuntimeError):
@@ -101,8 +104,16 @@ def load_examples(spec: dict) -> list[Example]:
     return load_dataset_spec(spec)
 
 
+#: ``callback(trainer, metrics)``, called after every step with that step's reduced metrics.
+StepCallback = Callable[["Trainer", dict], None]
+
+
 class Trainer:
-    """Runs ``cfg.max_steps`` RL steps of ``cfg.algorithm``; see the module docstring."""
+    """Runs ``cfg.max_steps`` RL steps of ``cfg.algorithm``; see the module docstring.
+
+    ``callbacks`` are called after every step (every process) with the step's metrics, e.g. to print
+    progress or stop early; they must not change the model.
+    """
 
     def __init__(
         self,
@@ -112,8 +123,13 @@ class Trainer:
         tokenizer: Any = None,
         examples: list[Example] | None = None,
         accelerator: Accelerator | None = None,
+        callbacks: list[StepCallback] | None = None,
     ):
         self.cfg = cfg
+        self.spec = cfg.spec()  # the algorithm's entry in dphrl.algorithms
+        self.callbacks = list(callbacks or [])
+        self.engine_name = resolve_engine(cfg.engine)  # auto resolved here, recorded in run_info.json
+        self.old_logprob = cfg.old_logprob_for(self.engine_name)
         mp = "bf16" if cfg.dtype == "bfloat16" else "no"
         self.acc = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=cfg.trackers or None, project_dir=cfg.output_dir
@@ -131,13 +147,14 @@ class Trainer:
             tokenizer = tokenizer or load_tokenizer(cfg.model)
             model = model or load_model(cfg.model)
         self.tokenizer = tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         if cfg.lora:
             from dphrl.models import apply_lora
 
             model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
         self.ref_model: torch.nn.Module | None = None
-        if cfg.algorithm == "rkl" and cfg.kl_coef > 0 and not cfg.lora:
+        self.live_reference = self.spec.uses_live_reference(cfg.kl_coef)
+        if self.live_reference and not cfg.lora:
             # rkl pays for a live frozen reference; with LoRA the base model (adapter off) is the reference
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False).to(self.acc.device)
 
@@ -145,7 +162,7 @@ class Trainer:
         examples = examples if examples is not None else load_examples(cfg.dataset)
         self.reward_fn = get_reward(cfg.reward or examples[0].task)
         self.store: ReferenceStore | None = None
-        if cfg.algorithm == "dph":
+        if self.spec.rehearsal:
             self.store = ReferenceStore(cfg.reference_store)
             self.store.check_compatible(
                 model=cfg.model, tokenizer_hash=_tokenizer_hash(tokenizer), temperature=cfg.temperature, examples=examples
@@ -174,9 +191,6 @@ class Trainer:
         if not self.rollout_examples:
             raise ValueError(f"no training prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
         self.sampler = PromptSampler(len(self.rollout_examples), cfg.seed)
-        if cfg.prompts_per_step % self.world:
-            raise ValueError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible by the "
-                             f"number of processes ({self.world})")
 
         # --- optimisation ----------------------------------------------------------------------------
         params = [p for p in model.parameters() if p.requires_grad]
@@ -185,48 +199,44 @@ class Trainer:
         # stepped once per update whatever the number of processes
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.sharded = sharding.is_sharded(self.model)
-        self._check_distributed_mode()
+        self.launch = self._launch()
+        errors = check_launch(cfg, self.launch).errors
+        if errors:
+            raise ConfigError("\n".join(errors))
         total_updates = max(1, cfg.max_steps * cfg.ppo_epochs * cfg.mini_batches)
         self.scheduler = get_scheduler(
             cfg.lr_schedule, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total_updates
         )
         self.engine = self._build_engine()
-        self._engine_stale = cfg.engine == "vllm"  # push the policy's weights before the first rollout
+        self._engine_stale = self.engine_name == "vllm"  # push the policy's weights before the first rollout
         self.step = 0
         self.totals = {"nonfinite_skipped": 0, "reward_failures": 0}
         if cfg.trackers:
             self.acc.init_trackers("dphrl", config=_flat_config(cfg))
 
-    def _check_distributed_mode(self) -> None:
-        """Refuse the modes the loop does not drive correctly, with what to use instead."""
+    def _launch(self) -> Launch:
+        """This run's layout, for :func:`dphrl.launch.check_launch` and ``run_info.json``."""
         from accelerate.utils import DistributedType
 
         if self.acc.distributed_type == DistributedType.DEEPSPEED:
-            raise NotImplementedError(
-                "DeepSpeed is not supported by the dphrl Trainer yet: it accumulates micro-batches itself and "
-                "DeepSpeed's engine steps inside backward(). Launch with recipes/accelerate/fsdp.yaml (FSDP, "
-                "full fine-tuning) or recipes/accelerate/ddp.yaml with lora=true instead."
-            )
-        if self.cfg.lora and self.sharded:
-            raise ConfigError(
-                "config key 'lora': LoRA under FSDP is not supported (the merged final model needs the full "
-                "weights on one process). LoRA models fit without sharding: launch with recipes/accelerate/ddp.yaml."
-            )
+            kind = "zero3"
+        elif self.sharded:
+            kind = "fsdp"
+        else:
+            kind = "ddp" if self.world > 1 else "none"
+        return Launch(world_size=self.world, sharding=kind, engine=self.engine_name,
+                      engine_was_auto=self.cfg.engine == "auto")
 
     def _build_engine(self) -> Any:
-        """The generation engine named by ``cfg.engine`` (vllm is imported only when asked for)."""
+        """The generation engine (:func:`dphrl.engines.build_engine`); hf generates with the policy itself."""
         cfg = self.cfg
-        if cfg.engine == "vllm":
-            from dphrl.engines.vllm import VLLMEngine
-
-            return VLLMEngine.from_model(
-                cfg.model, self.tokenizer, dtype=cfg.dtype,
-                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed + self.rank,
-                distributed=self.world > 1,
-            )
-        return HFEngine(self._unwrapped(), self.tokenizer, batch_size=cfg.generation_batch_size,
-                        synced_gpus=self.sharded and self.world > 1)
+        return build_engine(
+            self.engine_name, self._unwrapped(), self.tokenizer, batch_size=cfg.generation_batch_size,
+            synced_gpus=self.sharded and self.world > 1, model_name=cfg.model, dtype=cfg.dtype,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed + self.rank,
+            distributed=self.world > 1,
+        )
 
     def _push_weights_to_engine(self) -> None:
         """vllm: copy the current policy (LoRA folded in, shards gathered) into the engine."""
@@ -244,6 +254,7 @@ class Trainer:
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
+            (self.out / "run_info.json").write_text(json.dumps(self.run_info(), indent=1))
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.algorithm}", unit="step",
                    disable=not (cfg.progress and self.acc.is_main_process))
         last: dict = {}
@@ -268,6 +279,8 @@ class Trainer:
             last = metrics
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.log(metrics)
+            for cb in self.callbacks:
+                cb(self, metrics)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}", s_per_step=f"{metrics['time/step']:.2f}")
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
@@ -296,7 +309,7 @@ class Trainer:
         seed = cfg.seed * 7_919 + self.step * 104_729 + round_ * 1_299_709 + self.rank * 15_485_863
         if self._engine_stale:
             self._push_weights_to_engine()
-        ctx = sharding.generation_context(self.model) if cfg.engine == "hf" and self.sharded else nullcontext()
+        ctx = sharding.generation_context(self.model) if self.engine_name == "hf" and self.sharded else nullcontext()
         with ctx:
             gens = self.engine.generate(
                 [self._encode(ex) for ex in exs], cfg.rollout_n, max_new_tokens=cfg.max_new_tokens,
@@ -357,14 +370,14 @@ class Trainer:
         for gi, (gens, _, _) in enumerate(kept):
             for j, g in enumerate(gens):
                 seqs.append(Seq(g.prompt_ids, g.response_ids, old_logp=g.logprobs, advantage=float(advs[gi * n + j])))
-        if cfg.algorithm == "rkl" and cfg.kl_coef > 0:
+        if self.live_reference:
             self._attach_reference_logprobs(seqs)
         rewards = torch.cat(all_rewards)
         lengths = torch.cat(all_lengths)
         self.totals["reward_failures"] += fails
         metrics = {
             "reward/mean": rewards.mean().item(),
-            "reward/pass_rate": (rewards >= 1.0).float().mean().item(),
+            "reward/pass_rate": (rewards >= CORRECT_THRESHOLD).float().mean().item(),
             "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
             "reward/failures": float(fails),
             "response_length/mean": lengths.mean().item(),
@@ -414,7 +427,7 @@ class Trainer:
     def update(self, rollouts: list[Seq], refs: list[Seq]) -> dict[str, float]:
         cfg = self.cfg
         M = cfg.mini_batches
-        if cfg.old_logprob == "recompute":
+        if self.old_logprob == "recompute":
             self._recompute_old_logprobs(rollouts)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
@@ -474,7 +487,7 @@ class Trainer:
                 tqdm.write(f"step {self.step + 1}: non-finite loss or gradient; update skipped")
         else:
             self.optimizer.step()
-            self._engine_stale = self.cfg.engine == "vllm"  # a separate engine needs the new weights
+            self._engine_stale = self.engine_name == "vllm"  # a separate engine needs the new weights
             out["update/nonfinite_skipped"] = 0.0
         self.scheduler.step()
         out["grad_norm"] = grad_norm if math.isfinite(grad_norm) else -1.0
@@ -489,7 +502,7 @@ class Trainer:
         old = pad_values([s.old_logp for s in chunk], T).to(logp.device)  # (B, T) pi_old of every token
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logp.device)  # (B,)
         agg = dict(num_tokens=g_tok, num_seqs=g_seq, max_len=cfg.max_new_tokens)
-        loss, m = losses.POLICY_LOSSES[cfg.policy_loss](
+        loss, m = losses.POLICY_LOSSES.get(cfg.policy_loss)(
             logp, old, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
             agg=cfg.loss_agg, **agg,
         )
@@ -497,7 +510,7 @@ class Trainer:
         m["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * losses.aggregate(ent, mask, cfg.loss_agg, **agg)
-        if cfg.algorithm == "rkl" and cfg.kl_coef > 0:
+        if self.live_reference:
             ref = pad_values([s.ref_logp for s in chunk], T).to(logp.device)  # (B, T)
             kl = losses.kl_estimator(logp, ref, cfg.kl_estimator)  # (B, T)
             loss = loss + cfg.kl_coef * losses.aggregate(kl, mask, cfg.loss_agg, **agg)
@@ -543,6 +556,25 @@ class Trainer:
             f.write(json.dumps(metrics) + "\n")
         if self.cfg.trackers:
             self.acc.log(metrics, step=self.step)
+
+    def run_info(self) -> dict[str, Any]:
+        """What the config cannot say: what ``auto`` resolved to here, the launch, the versions."""
+        import platform
+
+        import transformers
+
+        import dphrl
+
+        return {
+            "engine": self.engine_name,
+            "engine_requested": self.cfg.engine,
+            "old_logprob": self.old_logprob,
+            "world_size": self.world,
+            "sharding": self.launch.sharding,
+            "device": str(self.acc.device),
+            "versions": {"dphrl": getattr(dphrl, "__version__", "?"), "torch": torch.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+        }
 
     def _unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model)
@@ -602,7 +634,7 @@ class Trainer:
             self._unwrapped().load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
             opt = st["optimizer"]
         self.optimizer.load_state_dict(opt)
-        self._engine_stale = self.cfg.engine == "vllm"
+        self._engine_stale = self.engine_name == "vllm"
         self.scheduler.load_state_dict(st["scheduler"])
         self.sampler.load_state_dict(st["sampler"])
         if self.ref_sampler and st["ref_sampler"]:
@@ -632,6 +664,7 @@ class Trainer:
             model.save_pretrained(tmp, **({"state_dict": full} if full is not None else {}))
             self.tokenizer.save_pretrained(tmp)
             self.cfg.save(tmp / "dphrl_config.yaml")
+            (tmp / "dphrl_run_info.json").write_text(json.dumps(self.run_info(), indent=1))
             (tmp / "dphrl_totals.json").write_text(json.dumps({"step": self.step, **self.totals}))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

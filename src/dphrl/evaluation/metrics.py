@@ -1,7 +1,8 @@
 """Evaluation metrics: unbiased pass@k, maj@k, solution diversity and style shares.
 
 Everything here is pure Python (no torch, no numpy) so that ``import dphrl.evaluation`` stays light.
-A sample is *correct* when its reward is ``>= threshold`` (default 0.5: works for 0/1 and ±1 rewards).
+A sample is *correct* when its reward is ``>= threshold``, by default the project-wide
+:data:`dphrl.rewards.registry.CORRECT_THRESHOLD` (full credit, 1.0), the same as training and presample.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from itertools import combinations
 
-DEFAULT_THRESHOLD = 0.5
+from dphrl.rewards.registry import CORRECT_THRESHOLD
+
+DEFAULT_THRESHOLD = CORRECT_THRESHOLD
 SIMILARITY_METHOD = "jaccard_word_bigrams"
 MAX_SIMILARITY_PAIRS = 200
 

@@ -6,58 +6,47 @@ pool of killable worker processes, and counts every failure and time-out.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from dphrl.data.example import Example
+from dphrl.registry import Registry
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, Example], float]
-_REWARDS: dict[str, RewardFn] = {}
+
+#: Rewards by config name (config key ``reward``); built-ins register themselves on first lookup.
+REWARDS: Registry[RewardFn] = Registry(
+    "reward", config_key="reward", builtin_modules=("dphrl.rewards.math", "dphrl.rewards.sql", "dphrl.tasks.styles")
+)
+
+#: A response is *correct* when its reward is >= this: the one definition used by training metrics
+#: (``reward/pass_rate``), presample's D_pef split and stored samples, and evaluation (Pass@k). Full
+#: credit: partial-credit rewards (e.g. SQL ``partial_credit``) never count as solved, and 0/1 and
+#: -1/+1 rewards both work.
+CORRECT_THRESHOLD = 1.0
 
 
-def register_reward(name: str, fn: RewardFn | None = None):
-    """Register ``fn`` under ``name``; usable as a decorator."""
-
-    def deco(f: RewardFn) -> RewardFn:
-        _REWARDS[name] = f
-        return f
-
-    return deco(fn) if fn is not None else deco
+def register_reward(name: str, fn: RewardFn | None = None, *, overwrite: bool = False) -> Any:
+    """Register ``fn(response, example) -> float`` under ``name``; usable as a decorator."""
+    return REWARDS.register(name, fn, overwrite=overwrite)
 
 
 def get_reward(spec: str) -> RewardFn:
     """Look up a reward by registered name or ``package.module:function``."""
-    if ":" in spec:
-        mod, _, attr = spec.partition(":")
-        try:
-            return getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward {spec!r}: cannot import {attr!r} from module {mod!r} ({e})") from e
-    _load_builtins()
-    if spec not in _REWARDS:
-        raise ValueError(f"unknown reward {spec!r}; valid names: {sorted(_REWARDS)} or 'module:function'")
-    return _REWARDS[spec]
+    fn = REWARDS.get(spec)
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r} is not callable")
+    return fn
 
 
 def list_rewards() -> list[str]:
     """Names of all registered rewards (built-ins included)."""
-    _load_builtins()
-    return sorted(_REWARDS)
-
-
-def _load_builtins() -> None:
-    """Import the built-in reward modules so they register themselves."""
-    for mod in ("dphrl.rewards.math", "dphrl.rewards.sql", "dphrl.tasks.styles"):
-        try:
-            importlib.import_module(mod)
-        except ImportError as e:
-            if e.name is None or not mod.startswith(e.name):  # a broken module, not a missing one
-                log.warning("built-in reward module %s failed to import: %s", mod, e)
+    return REWARDS.names()
 
 
 @dataclass
