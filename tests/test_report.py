@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import re
 import shutil
@@ -12,7 +14,7 @@ import pytest
 
 from dphrl.data.example import Example
 from dphrl.evaluation import evaluate, rescore, write_report
-from dphrl.evaluation.report import findings, load_runs, main_table, print_table
+from dphrl.evaluation.report import eval_curves, eval_table, findings, load_runs, main_table, print_table
 
 
 def fake_results(
@@ -125,6 +127,138 @@ def test_training_plot_and_list_input(tmp_path):
     assert {"md", "html", "passk", "training"} <= set(out) and "styles" not in out
     assert out["training"].stat().st_size > 5000
     assert "Δ" not in out["md"].read_text().split("## Findings")[0].split("\n")[6]  # no base: no Δ columns
+    # training logs without eval/... keys: no Pass@k-over-steps figure, table or section
+    assert "passk_steps" not in out and eval_table(runs) is None
+    assert "over training steps" not in out["md"].read_text() + out["html"].read_text()
+
+
+def test_eval_curves_parses_keys_exactly():
+    ds = "add (in-domain)"
+    lines = [
+        {"step": 0, "reward/mean": 0.1},
+        {"step": 0, f"eval/{ds}/pass@1": 0.25, f"eval/{ds}/pass@16": 0.75, f"eval/{ds}/effective_styles": 3},
+        {"step": 0, "eval/gsm8k/test/greedy_acc": 0.5},  # the metric follows the last slash
+        json.dumps({"step": 10, f"eval/{ds}/pass@1": 0.5}),  # a JSON line works too
+        {"step": 10, "reward/mean": 0.3},  # step 10 again: a training line between eval lines
+        {"step": 10, f"eval/{ds}/pass@16": 0.625, f"eval/{ds}/pass@1": 0.375},  # logged twice: last wins
+        {f"eval/{ds}/pass@1": 0.9},  # no step: skipped
+        {"step": True, f"eval/{ds}/pass@1": 0.9},  # a bool is no step
+        {
+            "step": 20,
+            f"eval/{ds}/pass@1": float("nan"),
+            f"eval/{ds}/mean_reward": True,
+            f"eval/{ds}/distinct_correct": "3",
+            f"eval/{ds}/greedy_acc": 0.5,
+            "eval//pass@1": 0.1,
+            "eval/x/": 0.2,
+            "evaluation/x/pass@1": 0.3,
+        },
+        {"step": 5, f"eval/{ds}/pass@1": 0.3},  # out of order: sorted by step
+        "not json",
+        [1, 2],
+    ]
+    assert eval_curves(lines) == {
+        ds: {
+            "pass@1": [(0, 0.25), (5, 0.3), (10, 0.375)],
+            "pass@16": [(0, 0.75), (10, 0.625)],
+            "effective_styles": [(0, 3.0)],
+            "greedy_acc": [(20, 0.5)],
+        },
+        "gsm8k/test": {"greedy_acc": [(0, 0.5)]},
+    }
+    assert eval_curves([]) == {} and eval_curves([{"step": 1, "reward/mean": 1.0}]) == {}
+
+
+def _eval_log(ds_vals: dict[str, dict[str, list[float]]], steps: list[int]) -> list[dict]:
+    """metrics.jsonl records: a training line per step, then that step's eval/... keys on their own line."""
+    log = []
+    for i, s in enumerate(steps):
+        log.append({"step": s, "reward/mean": 0.1 * i, "entropy": 1.0 - 0.1 * i})
+        log.append({"step": s, **{f"eval/{d}/{m}": v[i] for d, ms in ds_vals.items() for m, v in ms.items()}})
+    return log
+
+
+def test_passk_over_training_steps_figure_table_and_html(tmp_path):
+    add, sub = "add (in-domain)", "sub (out-of-domain)"
+    steps = [0, 10, 20]
+
+    def vals(p1: list[float], pn: list[float], n: int, sty: list[float] | None = None) -> dict:
+        ks = {
+            f"pass@{k}": [a + (b - a) * j / 4 for a, b in zip(p1, pn)]
+            for j, k in enumerate((2, 4, 8))
+            if k < n
+        }
+        out = {
+            "pass@1": p1,
+            **ks,
+            f"pass@{n}": pn,
+            "greedy_acc": p1,
+            "mean_reward": p1,
+            "distinct_correct": [2, 2, 1],
+        }
+        return out | ({"effective_styles": sty} if sty else {})
+
+    g1 = write_run(
+        tmp_path / "g1",
+        fake_results(0.6, 0.4, 0.6),
+        log=_eval_log(
+            {
+                add: vals([0.2, 0.4, 0.6], [0.8, 0.6, 0.4], 16, [3.0, 2.0, 1.2]),
+                sub: vals([0.1] * 3, [0.5, 0.4, 0.3], 16),
+            },
+            steps,
+        ),
+    )
+    g2 = write_run(
+        tmp_path / "g2",
+        fake_results(0.6, 0.4, 0.6),
+        log=_eval_log({add: vals([0.4, 0.4, 0.6], [0.8, 0.6, 0.4], 16, [3.0, 2.0, 1.2])}, steps),
+    )
+    d = write_run(
+        tmp_path / "d",
+        fake_results(0.5, 0.8, 0.5),
+        log=_eval_log({add: vals([0.2, 0.3, 0.5], [0.8, 0.8, 0.85], 8, [3.0, 3.0, 2.8])}, [0, 10]),
+    )
+    mapping = {"base": write_run(tmp_path / "base", fake_results(0.4, 0.8, 0.4)), "grpo": [g1, g2], "dph": d}
+    t = eval_table(load_runs(mapping))
+    assert t is not None and t.header == [
+        "dataset",
+        "method",
+        "evals",
+        "first step",
+        "last step",
+        "pass@1 first → last",
+        "n",
+        "pass@n first → last",
+        "eff. styles first → last",
+    ]
+    assert t.rows == [
+        [
+            add,
+            "grpo",
+            "3",
+            "0",
+            "20",
+            "30.0 ± 14.1 → 60.0 ± 0.0",
+            "16",
+            "80.0 ± 0.0 → 40.0 ± 0.0",
+            "3.00 ± 0.00 → 1.20 ± 0.00",
+        ],
+        [add, "dph", "2", "0", "10", "20.0 → 30.0", "8", "80.0 → 80.0", "3.00 → 3.00"],
+        [sub, "grpo", "3", "0", "20", "10.0 → 10.0", "16", "50.0 → 30.0", "- → -"],
+    ]  # the base run has no metrics.jsonl: no row
+
+    out = write_report(mapping, tmp_path / "rep")
+    assert {"passk", "training", "passk_steps"} <= set(out)
+    png = out["passk_steps"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    page = out["html"].read_text()
+    assert "<h2>Pass@k over training steps</h2>" in page
+    assert f"data:image/png;base64,{base64.b64encode(png).decode('ascii')}'" in page
+    assert f"<td>{html.escape(add)}</td><td>dph</td><td>2</td>" in page
+    md = out["md"].read_text()
+    assert "## Pass@k over training steps" in md and "(passk_steps.png)" in md
+    assert f"| {add} | dph | 2 | 0 | 10 | 20.0 → 30.0 | 8 | 80.0 → 80.0 | 3.00 → 3.00 |" in md
 
 
 def test_missing_results_raise(tmp_path):

@@ -2,21 +2,32 @@
 
 A *run dir* holds ``eval/results.json`` (or ``results.json`` at its root; a path to the JSON file
 itself also works) and optionally ``metrics.jsonl``, the training log (one JSON object per line;
-the keys of :data:`TRAINING_PANELS` that are present get plotted against ``step``). Several dirs for
-one name (seeds) are aggregated as mean ± sample std.
+the keys of :data:`TRAINING_PANELS` that are present get plotted against ``step``; evaluation during
+training, keys ``eval/<dataset>/<metric>``, gets its own Pass@k-over-steps figure and table). Several
+dirs for one name (seeds) are aggregated as mean ± sample std.
+
+Run names, dataset names, style names (model output) and config values are untrusted: the Markdown
+escapes them (:func:`md_escape`), the HTML escapes them, and plots draw them as plain text (no
+mathtext, no TeX). A plot that fails to draw is named in the report; the rest is still written.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
+import logging
 import math
+import re
 import statistics
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
+
+_log = logging.getLogger(__name__)
 
 BASE_NAME = "base"
 
@@ -37,6 +48,47 @@ class Run:
     dirs: list[Path]
     results: list[dict[str, Any]]
     training: list[list[dict[str, Any]]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ text safety
+_LINE_BREAKS = re.compile(r"\r\n|[\t\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+# C0/C1 controls and the bidi controls (which would show a name reversed or reordered, "Trojan source")
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Markdown/GFM inline syntax: escapes, code spans, emphasis, links/images, table cells, headings,
+# strikethrough and GitHub math; ``<`` ``>`` ``&`` become entities (no raw HTML, autolinks or entities).
+_MD_BACKSLASHED = set("\\`*_[]|#~$")
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def _one_line(text: object) -> str:
+    """``str(text)`` on one line: line breaks and tabs become spaces, other control and bidi
+    control characters U+FFFD (visible, so a name cannot hide or reorder what follows)."""
+    return _CONTROLS.sub("\ufffd", _LINE_BREAKS.sub(" ", str(text)))
+
+
+def md_escape(text: object, *, line_start: bool = False) -> str:
+    """Untrusted text -> Markdown (CommonMark/GFM) that renders as exactly that text, on one line.
+
+    No HTML, links, autolinks, emphasis, code, math or table cell breaks can come out of it: it is
+    safe in a table cell, a heading and inside ``**...**``. ``line_start`` also escapes what would
+    open a block at the start of a line (list items, ``1.`` lists, setext underlines), for text that
+    begins a list item. Line breaks become spaces (see :func:`_one_line`).
+    """
+    s = "".join("\\" + c if c in _MD_BACKSLASHED else _MD_ENTITIES.get(c, c) for c in _one_line(text))
+    s = s.replace("://", "\\://")  # GFM bare-URL autolinks (http://, https://, ftp://)
+    s = re.sub(r"(?i)\b(www)\.", r"\1\\.", s)  # GFM www. autolinks
+    if line_start:
+        s = s.lstrip(" ")
+        if s[:1] in ("-", "+", "="):
+            s = "\\" + s
+        s = re.sub(r"^(\d{1,9})([.)])", r"\1\\\2", s)
+    return s
+
+
+def _plain(text: object, limit: int = 60) -> str:
+    """A label for matplotlib: one line, at most ``limit`` characters (mathtext is off, see _plots)."""
+    s = _one_line(text)
+    return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -168,16 +220,23 @@ def _delta(run: Run, base: Run, dataset: str, *path: str) -> tuple[float, float 
 # ----------------------------------------------------------------------------------------------- tables
 @dataclass
 class Table:
+    """A header and rows of cell strings, rendered as Markdown, plain text or HTML (all escaped)."""
+
     header: list[str]
     rows: list[list[str]]
 
     def markdown(self) -> str:
-        lines = ["| " + " | ".join(self.header) + " |", "|" + "|".join("---" for _ in self.header) + "|"]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows]
+        """GFM table; every cell goes through :func:`md_escape`, so each row keeps the header's columns."""
+        lines = [
+            "| " + " | ".join(md_escape(h) for h in self.header) + " |",
+            "|" + "|".join("---" for _ in self.header) + "|",
+        ]
+        lines += ["| " + " | ".join(md_escape(c) for c in row) + " |" for row in self.rows]
         return "\n".join(lines)
 
     def text(self) -> str:
-        rows = [self.header] + self.rows
+        """Aligned plain-text table for a terminal (cells on one line, control characters replaced)."""
+        rows = [[_one_line(c) for c in r] for r in [self.header] + self.rows]
         widths = [max(len(r[i]) for r in rows) for i in range(len(self.header))]
         fmt = [
             "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -187,9 +246,11 @@ class Table:
         return "\n".join(fmt)
 
     def html(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
+        """HTML table; cells are escaped and put on one line (as in :meth:`markdown`)."""
+        head = "".join(f"<th>{html.escape(_one_line(h))}</th>" for h in self.header)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows
+            "<tr>" + "".join(f"<td>{html.escape(_one_line(c))}</td>" for c in row) + "</tr>"
+            for row in self.rows
         )
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -317,7 +378,24 @@ def style_table(runs: Sequence[Run]) -> Table | None:
 def findings(runs: Sequence[Run], *, base_name: str = BASE_NAME, tol: float = 0.01) -> list[str]:
     """Plain-language notes: where a method beats the base at pass@1 but loses at large k.
 
-    Changes of at most ``tol`` (fraction, default 1 point) at the largest k count as "kept".
+    Changes of at most ``tol`` (fraction, default 1 point) at the largest k count as "kept". The
+    notes carry ``**run**`` / ``*dataset*`` markers around the raw (unescaped) names.
+    """
+    return _notes(runs, base_name, tol, run=lambda s: f"**{s}**", data=lambda s: f"*{s}*", text=str)
+
+
+def _notes(
+    runs: Sequence[Run],
+    base_name: str,
+    tol: float,
+    *,
+    run: Callable[[str], str],
+    data: Callable[[str], str],
+    text: Callable[[str], str],
+) -> list[str]:
+    """:func:`findings` with the formatting of run names, dataset names and other text given.
+
+    Every piece of a note goes through one of the three, so Markdown and HTML escape all of it.
     """
     base = _base(runs, base_name)
     if base is None:
@@ -327,26 +405,167 @@ def findings(runs: Sequence[Run], *, base_name: str = BASE_NAME, tol: float = 0.
         ks = _ks(runs, d)
         if not ks:
             continue
-        for run in runs:
-            if run is base or all(_get(r, d) is None for r in run.results):
+        for r in runs:
+            if r is base or all(_get(res, d) is None for res in r.results):
                 continue
-            d1 = _delta(run, base, d, "pass@k", "1")
-            dk = _delta(run, base, d, "pass@k", str(ks[-1]))
+            d1 = _delta(r, base, d, "pass@k", "1")
+            dk = _delta(r, base, d, "pass@k", str(ks[-1]))
             if d1 is None or dk is None:
                 continue
-            curve = [(k, _delta(run, base, d, "pass@k", str(k))) for k in ks]
+            curve = [(k, _delta(r, base, d, "pass@k", str(k))) for k in ks]
             cross = next((k for k, v in curve if v is not None and v[0] < 0), None)
-            head = f"**{run.name}** on *{d}*: pass@1 {100 * d1[0]:+.1f} pts, pass@{ks[-1]} {100 * dk[0]:+.1f} pts"
+            head = run(r.name) + text(" on ") + data(d)
+            vs = f": pass@1 {100 * d1[0]:+.1f} pts, pass@{ks[-1]} {100 * dk[0]:+.1f} pts vs {base.name}: "
             if dk[0] < -tol and d1[0] > 0:
-                notes.append(
-                    f"{head} vs {base.name}: the pass@k curves cross at k = {cross}. RL narrowed the solutions "
+                tail = (
+                    f"the pass@k curves cross at k = {cross}. RL narrowed the solutions "
                     "the model can reach (Pass@k collapse)."
                 )
             elif dk[0] < -tol:
-                notes.append(f"{head} vs {base.name}: worse at small and large k (forgetting).")
+                tail = "worse at small and large k (forgetting)."
             else:
-                notes.append(f"{head} vs {base.name}: coverage at large k kept (within {100 * tol:.0f} pt).")
+                tail = f"coverage at large k kept (within {100 * tol:.0f} pt)."
+            notes.append(head + text(vs + tail))
     return notes
+
+
+# ---------------------------------------------------------------------------- evaluation during training
+EVAL_PREFIX = "eval/"
+_PASS_AT = re.compile(r"pass@(\d+)")
+
+Curves = dict[str, dict[str, list[tuple[float, float]]]]
+
+
+def _number(v: Any) -> float | None:
+    """``v`` as a finite float, else None (bools, strings, NaN and inf are not numbers here)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def eval_curves(metrics_lines: Iterable[Mapping[str, Any] | str]) -> Curves:
+    """Evaluation-during-training series of one ``metrics.jsonl``: {dataset: {metric: [(step, value)]}}.
+
+    Reads the keys ``eval/<dataset>/<metric>`` (``pass@<k>``, ``greedy_acc``, ``mean_reward``,
+    ``effective_styles``, ``distinct_correct``, ...) of each record (a dict, or a JSON line). The metric
+    is what follows the last ``/``, so dataset names may hold spaces, parentheses and slashes. Eval
+    lines may be separate from the training line of the same step: each series is keyed by step only,
+    sorted by step, and a (dataset, metric, step) logged twice keeps the last value. Records without
+    a numeric ``step`` and values that are not finite numbers are skipped.
+    """
+    acc: dict[str, dict[str, dict[float, float]]] = {}
+    for rec in metrics_lines:
+        if isinstance(rec, str):
+            try:
+                rec = json.loads(rec)
+            except json.JSONDecodeError:
+                continue
+        if not isinstance(rec, Mapping):
+            continue
+        step = _number(rec.get("step"))
+        if step is None:
+            continue
+        for key, value in rec.items():
+            if not isinstance(key, str) or not key.startswith(EVAL_PREFIX):
+                continue
+            dataset, _, metric = key[len(EVAL_PREFIX) :].rpartition("/")
+            v = _number(value)
+            if dataset and metric and v is not None:
+                acc.setdefault(dataset, {}).setdefault(metric, {})[step] = v
+    return {d: {m: sorted(pts.items()) for m, pts in ms.items()} for d, ms in acc.items()}
+
+
+def _by_step(series: Iterable[Sequence[tuple[float, float]]]) -> list[tuple[float, float, float | None]]:
+    """(step, mean, sample std or None for one value) over seeds' series, sorted by step."""
+    by: dict[float, list[float]] = {}
+    for s in series:
+        for x, y in s:
+            by.setdefault(x, []).append(y)
+    return [
+        (x, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None) for x, v in sorted(by.items())
+    ]
+
+
+def _run_eval_curves(runs: Sequence[Run]) -> dict[str, list[Curves]]:
+    """Run name -> the :func:`eval_curves` of each of its seeds' training logs."""
+    return {run.name: [eval_curves(log) for log in run.training] for run in runs}
+
+
+def _eval_datasets(curves: Mapping[str, list[Curves]]) -> list[str]:
+    """Datasets with a pass@k or effective-styles series in any run, in order of appearance."""
+    out: list[str] = []
+    for seeds in curves.values():
+        for c in seeds:
+            for d, ms in c.items():
+                if d not in out and any(_PASS_AT.fullmatch(m) or m == "effective_styles" for m in ms):
+                    out.append(d)
+    return out
+
+
+def _eval_kmax(seeds: Sequence[Curves], d: str) -> int | None:
+    """The largest k of a ``pass@k`` series for dataset ``d`` in any seed (None: no pass@k)."""
+    ks = [int(m.group(1)) for c in seeds for k in c.get(d, {}) if (m := _PASS_AT.fullmatch(k))]
+    return max(ks) if ks else None
+
+
+def _eval_series(seeds: Sequence[Curves], d: str, metric: str) -> list[tuple[float, float, float | None]]:
+    return _by_step(c.get(d, {}).get(metric, []) for c in seeds)
+
+
+def _step_str(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _ends(
+    pts: Sequence[tuple[float, float, float | None]],
+    first: float,
+    last: float,
+    *,
+    pct: bool = True,
+    digits: int = 1,
+) -> str:
+    """Cell text "value at step ``first`` → value at step ``last``" of a :func:`_by_step` series."""
+    at = {x: (m, sd) for x, m, sd in pts}
+    return f"{_fmt(at.get(first), pct=pct, digits=digits)} → {_fmt(at.get(last), pct=pct, digits=digits)}"
+
+
+def eval_table(runs: Sequence[Run]) -> Table | None:
+    """Dataset × method: first and last evaluation step during training, pass@1 and pass@n there.
+
+    n is the largest k the run logged for the dataset; effective styles are added when logged. None
+    when no run has ``eval/...`` keys in its metrics.jsonl.
+    """
+    curves = _run_eval_curves(runs)
+    dsets = _eval_datasets(curves)
+    if not dsets:
+        return None
+    has_sty = any(
+        "effective_styles" in c.get(d, {}) for seeds in curves.values() for c in seeds for d in dsets
+    )
+    header = ["dataset", "method", "evals", "first step", "last step", "pass@1 first → last", "n"]
+    header += ["pass@n first → last"] + (["eff. styles first → last"] if has_sty else [])
+    rows = []
+    for d in dsets:
+        for run in runs:
+            seeds = curves[run.name]
+            steps = sorted({x for c in seeds for pts in c.get(d, {}).values() for x, _ in pts})
+            if not steps:
+                continue
+            first, last = steps[0], steps[-1]
+            kmax = _eval_kmax(seeds, d)
+            row = [d, run.name, str(len(steps)), _step_str(first), _step_str(last)]
+            row.append(_ends(_eval_series(seeds, d, "pass@1"), first, last))
+            row += (
+                [str(kmax), _ends(_eval_series(seeds, d, f"pass@{kmax}"), first, last)]
+                if kmax
+                else ["-", "-"]
+            )
+            if has_sty:
+                row.append(
+                    _ends(_eval_series(seeds, d, "effective_styles"), first, last, pct=False, digits=2)
+                )
+            rows.append(row)
+    return Table(header, rows)
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -357,6 +576,37 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _plain_text_plot(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Draw ``fn``'s figure with every text as plain text and never leak a figure.
+
+    Run, dataset and style names are untrusted: ``$...$`` would be parsed as mathtext (and ``$$`` or
+    ``$\\undefined$`` raise at savefig), so mathtext and TeX are switched off for the whole drawing
+    (titles, legends and tick labels are created and drawn inside). Figures the call opened are
+    closed even when it raises; missing-glyph warnings (emoji, CJK) are silenced.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        plt = _plt()
+        before = set(plt.get_fignums())
+        try:
+            with (
+                plt.rc_context({"text.usetex": False, "text.parse_math": False}),
+                warnings.catch_warnings(),
+            ):
+                warnings.filterwarnings("ignore", message=r"Glyph .* missing from")
+                return fn(*args, **kwargs)
+        finally:
+            for num in set(plt.get_fignums()) - before:
+                plt.close(num)
+
+    return wrapper
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -392,6 +642,17 @@ def _save(fig: Any, axes: Any, used: int, path: Path) -> Path:
     return path
 
 
+def _band(
+    ax: Any, xs: list[float], ys: list[float], sds: list[float | None], color: str, alpha: float
+) -> None:
+    """A ±std band when any point has a std (several seeds)."""
+    if any(s is not None for s in sds):
+        sd = [s or 0.0 for s in sds]
+        lo, hi = [a - b for a, b in zip(ys, sd)], [a + b for a, b in zip(ys, sd)]
+        ax.fill_between(xs, lo, hi, color=color, alpha=alpha, linewidth=0)
+
+
+@_plain_text_plot
 def plot_passk(runs: Sequence[Run], path: Path, *, base_name: str = BASE_NAME) -> Path | None:
     """pass@k vs k (log2 axis): one subplot per dataset, one line per run, ±std band for seeds."""
     dsets = [d for d in _datasets(runs) if _ks(runs, d)]
@@ -410,24 +671,15 @@ def plot_passk(runs: Sequence[Run], path: Path, *, base_name: str = BASE_NAME) -
             x = [k for k, _ in pts]
             y = [100 * s[0] for _, s in pts]
             st = _style_for(run, i, base_name)
-            label = run.name + (f" (n={len(run.results)})" if len(run.results) > 1 else "")
+            label = _plain(run.name) + (f" (n={len(run.results)})" if len(run.results) > 1 else "")
             ax.plot(x, y, marker="o", markersize=3, label=label, **st)
-            if any(s[1] is not None for _, s in pts):
-                sd = [100 * (s[1] or 0.0) for _, s in pts]
-                ax.fill_between(
-                    x,
-                    [a - b for a, b in zip(y, sd)],
-                    [a + b for a, b in zip(y, sd)],
-                    color=st["color"],
-                    alpha=0.15,
-                    linewidth=0,
-                )
+            _band(ax, x, y, [None if s[1] is None else 100 * s[1] for _, s in pts], st["color"], 0.15)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks])
         ax.set_xlabel("k")
         ax.set_ylabel("pass@k (%)")
-        ax.set_title(d)
+        ax.set_title(_plain(d))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, axes, len(dsets), path)
@@ -445,6 +697,7 @@ def _training_series(log: list[dict[str, Any]], keys: list[str]) -> list[tuple[f
     return out
 
 
+@_plain_text_plot
 def plot_training(runs: Sequence[Run], path: Path, *, base_name: str = BASE_NAME) -> Path | None:
     """Training curves (reward, entropy, divergence, response length vs step) of runs that have logs."""
     panels = []
@@ -459,33 +712,19 @@ def plot_training(runs: Sequence[Run], path: Path, *, base_name: str = BASE_NAME
     fig, axes = plt.subplots(nr, nc, figsize=(4.8 * nc, 3.4 * nr), squeeze=False)
     for ax, (title, series) in zip(axes.flat, panels):
         for i, run in enumerate(runs):
-            seeds = [s for s in series[run.name] if s]
-            if not seeds:
+            pts = _by_step(s for s in series[run.name] if s)
+            if not pts:
                 continue
-            by_step: dict[float, list[float]] = {}
-            for s in seeds:
-                for x, y in s:
-                    by_step.setdefault(x, []).append(y)
-            xs = sorted(by_step)
-            ys = [statistics.fmean(by_step[x]) for x in xs]
+            xs, ys, sds = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
             st = _style_for(run, i, base_name)
             if len(xs) > 30:  # raw faint + moving average
                 w = max(2, len(xs) // 20)
                 ax.plot(xs, ys, color=st["color"], alpha=0.25, linewidth=0.8)
                 sm = [statistics.fmean(ys[max(0, j - w + 1) : j + 1]) for j in range(len(ys))]
-                ax.plot(xs, sm, label=run.name, **st)
+                ax.plot(xs, sm, label=_plain(run.name), **st)
             else:
-                ax.plot(xs, ys, marker="o", markersize=2, label=run.name, **st)
-            if len(seeds) > 1:
-                sd = [statistics.stdev(by_step[x]) if len(by_step[x]) > 1 else 0.0 for x in xs]
-                ax.fill_between(
-                    xs,
-                    [a - b for a, b in zip(ys, sd)],
-                    [a + b for a, b in zip(ys, sd)],
-                    color=st["color"],
-                    alpha=0.12,
-                    linewidth=0,
-                )
+                ax.plot(xs, ys, marker="o", markersize=2, label=_plain(run.name), **st)
+            _band(ax, xs, ys, sds, st["color"], 0.12)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
@@ -493,6 +732,60 @@ def plot_training(runs: Sequence[Run], path: Path, *, base_name: str = BASE_NAME
     return _save(fig, axes, len(panels), path)
 
 
+@_plain_text_plot
+def plot_eval_steps(runs: Sequence[Run], path: Path, *, base_name: str = BASE_NAME) -> Path | None:
+    """Pass@k over training steps: per eval dataset, pass@1 and pass@n vs step for every run.
+
+    The picture of diversity collapse as it happens: pass@1 (solid) rising while pass@n (dashed, n
+    the largest k the run logged) falls. A second panel shows the effective number of styles vs step
+    where it was logged. Mean ± std over seeds. None when no run logged ``eval/...`` keys.
+    """
+    curves = _run_eval_curves(runs)
+    dsets = _eval_datasets(curves)
+    if not dsets:
+        return None
+    sty = {d for d in dsets if any("effective_styles" in c.get(d, {}) for s in curves.values() for c in s)}
+    plt = _plt()
+    nc = 2 if sty else 1
+    fig, axes = plt.subplots(len(dsets), nc, figsize=(5.4 * nc, 3.8 * len(dsets)), squeeze=False)
+    for row, d in zip(axes, dsets):
+        ax_p, ax_s = row[0], (row[1] if nc == 2 else None)
+        for i, run in enumerate(runs):
+            seeds, color = curves[run.name], _style_for(run, i, base_name)["color"]
+            kmax = _eval_kmax(seeds, d)
+            metrics = [("pass@1", "-", "o")] + (
+                [(f"pass@{kmax}", "--", "s")] if kmax not in (None, 1) else []
+            )
+            for metric, ls, mk in metrics:
+                pts = _eval_series(seeds, d, metric)
+                if pts:
+                    xs, ys = [p[0] for p in pts], [100 * p[1] for p in pts]
+                    lab = _plain(run.name, 40) + f" {metric}"
+                    ax_p.plot(xs, ys, color=color, linestyle=ls, marker=mk, markersize=3, label=lab)
+                    _band(ax_p, xs, ys, [None if p[2] is None else 100 * p[2] for p in pts], color, 0.12)
+            pts = _eval_series(seeds, d, "effective_styles") if ax_s is not None else []
+            if pts:
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+                ax_s.plot(xs, ys, color=color, marker="o", markersize=3, label=_plain(run.name))
+                _band(ax_s, xs, ys, [p[2] for p in pts], color, 0.12)
+        for ax, title, ylabel in (
+            (ax_p, "pass@1 (solid), pass@n (dashed)", "pass@k (%)"),
+            (ax_s, "effective styles", "effective number of styles"),
+        ):
+            if ax is None:
+                continue
+            if not ax.lines:
+                ax.set_visible(False)
+                continue
+            ax.set_title(_plain(d) + ": " + title, fontsize=10)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    return _save(fig, axes, axes.size, path)
+
+
+@_plain_text_plot
 def plot_styles(runs: Sequence[Run], path: Path) -> Path | None:
     """Stacked bars of style shares per run (mean over seeds), one subplot per dataset."""
     dsets = [d for d in _datasets(runs) if _styles_of(runs, d)]
@@ -518,14 +811,16 @@ def plot_styles(runs: Sequence[Run], path: Path) -> Path | None:
                 }
             )
         bottom = [0.0] * len(names)
+        pos = list(range(len(names)))  # positions, not categories: names that print alike stay apart
         for s in _styles_of(runs, d):
             vals = [100 * sh[s] for sh in shares]
-            ax.bar(names, vals, bottom=bottom, label=s, color=colors[s])
+            ax.bar(pos, vals, bottom=bottom, label=_plain(s, 30), color=colors[s])
             bottom = [a + b for a, b in zip(bottom, vals)]
+        ax.set_xticks(pos)
+        ax.set_xticklabels([_plain(n, 30) for n in names], rotation=30, ha="right")
         ax.set_ylabel("share of labelled samples (%)")
-        ax.set_title(d)
+        ax.set_title(_plain(d))
         ax.set_ylim(0, 100)
-        ax.tick_params(axis="x", labelrotation=30)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, axes, len(dsets), path)
 
@@ -544,15 +839,8 @@ code{background:#f5f5f5;padding:1px 3px}
 """
 
 
-def _md_inline_to_html(text: str) -> str:
-    import re
-
-    t = html.escape(text)
-    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-    return re.sub(r"\*(.+?)\*", r"<i>\1</i>", t)
-
-
 def _config_lines(runs: Sequence[Run]) -> list[str]:
+    """One plain-text line per run (raw values: the caller escapes for Markdown or HTML)."""
     lines = []
     for run in runs:
         cfgs = [r.get("config", {}) for r in run.results]
@@ -561,11 +849,28 @@ def _config_lines(runs: Sequence[Run]) -> list[str]:
         touts = sum(sum((cf.get("reward_timeouts") or {}).values()) for cf in cfgs)
         seeds = ", ".join(str(cf.get("seed")) for cf in cfgs)
         lines.append(
-            f"{run.name}: model `{c.get('model')}`, n = {c.get('n')}, temperature {c.get('temperature')}, "
+            f"{run.name}: model {c.get('model')}, n = {c.get('n')}, temperature {c.get('temperature')}, "
             f"top_p {c.get('top_p')}, max_new_tokens {c.get('max_new_tokens')}, seeds [{seeds}], "
             f"reward failures {fails}, time-outs {touts}; dirs: {', '.join(str(d) for d in run.dirs)}"
         )
     return lines
+
+
+def _legend(base: str) -> str:
+    """The table legend around ``base``, the already formatted name of the base run."""
+    return (
+        "Values in percent; mean ± sample std over seeds where a method has several. "
+        "pass@k: unbiased estimator from n samples at the run's temperature; greedy: one greedy response; "
+        "maj@K: majority vote over the K = n samples; Δ: percentage points vs the run "
+        f"named {base}."
+    )
+
+
+_EVAL_INTRO = (
+    "Evaluation during training (the eval/<dataset>/... keys of each run's metrics.jsonl). Pass@1 rising "
+    "while pass@n falls is diversity collapse as it happens. n: the largest k the run logged."
+)
+_DIVERSITY_INTRO = "Means over problems (similarity: Jaccard over word bigrams of correct solutions)."
 
 
 def write_report(
@@ -579,14 +884,16 @@ def write_report(
 
     ``run_dirs`` is a list of run dirs (named after the dir) or a mapping name -> dir or list of
     dirs (seeds, shown as mean ± std). A run named ``base_name`` gives the Δ columns and findings.
-    Returns {"md", "html", "passk", "training"?, "styles"?: path}.
+    Returns {"md", "html", "passk", "training"?, "styles"?, "passk_steps"?: path}; a plot with
+    nothing to show is absent, and so is one that failed to draw (the report names it and why).
     """
     runs = load_runs(run_dirs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    images: list[tuple[str, str, Path]] = []
-    for key, caption, fn in (
+    images: dict[str, tuple[str, Path]] = {}
+    failed: list[tuple[str, str]] = []  # (file name, error)
+    plots: list[tuple[str, str, Callable[[Path], Path | None]]] = [
         (
             "passk",
             "Pass@k vs k (log2 axis); dashed black: base",
@@ -594,64 +901,104 @@ def write_report(
         ),
         ("training", "Training curves", lambda p: plot_training(runs, p, base_name=base_name)),
         ("styles", "Style shares (stacked, per run)", lambda p: plot_styles(runs, p)),
-    ):
-        p = fn(out / f"{key}.png")
+        (
+            "passk_steps",
+            "Pass@1 (solid) and pass@n (dashed) vs training step, per eval dataset",
+            lambda p: plot_eval_steps(runs, p, base_name=base_name),
+        ),
+    ]
+    for key, caption, fn in plots:
+        target = out / f"{key}.png"
+        try:
+            p = fn(target)
+        except Exception as e:  # noqa: BLE001 - one plot must not lose the report
+            _log.warning("report: %s could not be drawn: %s: %s", target.name, type(e).__name__, e)
+            failed.append((target.name, f"{type(e).__name__}: {e}"))
+            target.unlink(missing_ok=True)  # no half-written or stale PNG next to the report
+            continue
         if p is not None:
             paths[key] = p
-            images.append((key, caption, p))
+            images[key] = (caption, p)
+    steps_img = images.pop("passk_steps", None)
 
     main = main_table(runs, base_name=base_name)
     div = diversity_table(runs)
     sty = style_table(runs)
-    notes = findings(runs, base_name=base_name)
-    cfg = _config_lines(runs)
-    legend = (
-        "Values in percent; mean ± sample std over seeds where a method has several. "
-        "pass@k: unbiased estimator from n samples at the run's temperature; greedy: one greedy response; "
-        "maj@K: majority vote over the K = n samples; Δ: percentage points vs the run "
-        f"named `{base_name}`."
+    evt = eval_table(runs)
+    md_notes = _notes(
+        runs,
+        base_name,
+        0.01,
+        run=lambda s: f"**{md_escape(s)}**",
+        data=lambda s: f"*{md_escape(s)}*",
+        text=md_escape,
     )
+    html_notes = _notes(
+        runs,
+        base_name,
+        0.01,
+        run=lambda s: f"<b>{html.escape(s)}</b>",
+        data=lambda s: f"<i>{html.escape(s)}</i>",
+        text=html.escape,
+    )
+    cfg = _config_lines(runs)
 
-    md = [f"# {title}", "", legend, "", "## Results", "", main.markdown(), ""]
-    if notes:
-        md += ["## Findings", ""] + [f"- {n}" for n in notes] + [""]
-    md += ["## Plots", ""] + [f"![{cap}]({p.name})" + "\n" for _, cap, p in images]
-    md += [
-        "## Diversity",
+    # ---- Markdown: every untrusted string goes through md_escape (tables do it per cell)
+    md = [
+        f"# {md_escape(title)}",
         "",
-        "Means over problems (similarity: Jaccard over word bigrams of correct solutions).",
+        _legend(f"**{md_escape(base_name)}**"),
         "",
-        div.markdown(),
+        "## Results",
+        "",
+        main.markdown(),
         "",
     ]
+    if md_notes:
+        md += ["## Findings", ""] + [f"- {n}" for n in md_notes] + [""]
+    md += ["## Plots", ""] + [f"![{cap}]({p.name})" + "\n" for cap, p in images.values()]
+    if failed:
+        md += [f"- Plot {name} could not be drawn: {md_escape(err)}" for name, err in failed] + [""]
+    if evt is not None:
+        md += ["## Pass@k over training steps", "", md_escape(_EVAL_INTRO), "", evt.markdown(), ""]
+        if steps_img is not None:
+            md += [f"![{steps_img[0]}]({steps_img[1].name})", ""]
+    md += ["## Diversity", "", _DIVERSITY_INTRO, "", div.markdown(), ""]
     if sty is not None:
         md += ["## Styles", "", sty.markdown(), ""]
-    md += ["## Runs", ""] + [f"- {line}" for line in cfg] + [""]
+    md += ["## Runs", ""] + [f"- {md_escape(line, line_start=True)}" for line in cfg] + [""]
     paths["md"] = out / "report.md"
     paths["md"].write_text("\n".join(md))
+
+    # ---- HTML: every untrusted string goes through html.escape
+    def figure(cap: str, p: Path) -> str:
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        return (
+            f"<figure><img alt='{html.escape(cap)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(cap)}</figcaption></figure>"
+        )
 
     h = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>{_md_inline_to_html(legend).replace('`', '')}</p>",
+        f"<p>{_legend('<code>' + html.escape(base_name) + '</code>')}</p>",
         "<h2>Results</h2>",
         main.html(),
     ]
-    if notes:
-        h += ["<h2>Findings</h2>"] + [f"<div class='note'>{_md_inline_to_html(n)}</div>" for n in notes]
+    if html_notes:
+        h += ["<h2>Findings</h2>"] + [f"<div class='note'>{n}</div>" for n in html_notes]
     h.append("<h2>Plots</h2>")
-    for _, cap, p in images:
-        data = base64.b64encode(p.read_bytes()).decode("ascii")
-        h.append(
-            f"<figure><img alt='{html.escape(cap)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{html.escape(cap)}</figcaption></figure>"
-        )
+    h += [figure(cap, p) for cap, p in images.values()]
     h += [
-        "<h2>Diversity</h2>",
-        "<p>Means over problems (similarity: Jaccard over word bigrams of correct solutions).</p>",
-        div.html(),
+        f"<div class='note'>Plot {html.escape(name)} could not be drawn: {html.escape(err)}</div>"
+        for name, err in failed
     ]
+    if evt is not None:
+        h += ["<h2>Pass@k over training steps</h2>", f"<p>{html.escape(_EVAL_INTRO)}</p>", evt.html()]
+        if steps_img is not None:
+            h.append(figure(*steps_img))
+    h += ["<h2>Diversity</h2>", f"<p>{html.escape(_DIVERSITY_INTRO)}</p>", div.html()]
     if sty is not None:
         h += ["<h2>Styles</h2>", sty.html()]
     h += ["<h2>Runs</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in cfg] + ["</ul></body></html>"]
@@ -669,8 +1016,8 @@ def print_table(
     items = list(runs.items()) if isinstance(runs, Mapping) else list(runs)
     loaded = items if items and all(isinstance(r, Run) for r in items) else load_runs(runs)  # type: ignore[arg-type]
     text = main_table(loaded, base_name=base_name).text()  # type: ignore[arg-type]
-    notes = findings(loaded, base_name=base_name)  # type: ignore[arg-type]
+    notes = _notes(loaded, base_name, 0.01, run=_one_line, data=_one_line, text=_one_line)  # type: ignore[arg-type]
     if notes:
-        text += "\n\n" + "\n".join("* " + n.replace("**", "").replace("*", "") for n in notes)
+        text += "\n\n" + "\n".join("* " + n for n in notes)
     print(text)
     return text
