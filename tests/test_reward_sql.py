@@ -55,6 +55,102 @@ def test_top_level_order_by():
     assert not has_top_level_order_by('SELECT "ORDER", "BY" FROM t')
 
 
+# One lexer behind the single-statement check and the top-level ORDER BY search: cases where two
+# scanners could disagree about what is inside a literal, a quoted identifier or a comment.
+@pytest.mark.parametrize(
+    "sql, single, ordered",
+    [
+        # single: the SQL check_single_query returns, or None when it must reject
+        ("SELECT a FROM t WHERE b = ';' ORDER BY a", "SELECT a FROM t WHERE b = ';' ORDER BY a", True),
+        ("SELECT a FROM t WHERE b = '; ORDER BY a'", "SELECT a FROM t WHERE b = '; ORDER BY a'", False),
+        ("SELECT 'it''s; ORDER BY x' FROM t;", "SELECT 'it''s; ORDER BY x' FROM t", False),
+        ("SELECT 'x'';' ; DROP TABLE t", None, False),  # the '' escape closes nothing: ';' is real
+        ('SELECT "a;b" FROM t ORDER BY 1', 'SELECT "a;b" FROM t ORDER BY 1', True),
+        ('SELECT "a"";ORDER BY" FROM t', 'SELECT "a"";ORDER BY" FROM t', False),
+        ("SELECT [a;b] FROM t -- ; ORDER BY a", "SELECT [a;b] FROM t -- ; ORDER BY a", False),
+        ("SELECT [a]]; DROP TABLE t", None, False),  # [..] has no escape: ']' then a real ';'
+        ("SELECT `a``;ORDER BY` FROM t", "SELECT `a``;ORDER BY` FROM t", False),
+        ("SELECT a FROM t /* ; ORDER BY a */", "SELECT a FROM t /* ; ORDER BY a */", False),
+        ("SELECT a FROM t /* /* */ ORDER BY a", "SELECT a FROM t /* /* */ ORDER BY a", True),  # not nested
+        ("SELECT a FROM t /* /* */ ; DROP TABLE t -- */", None, False),
+        ("SELECT a FROM t; /* a */ ; -- b\n;", "SELECT a FROM t", False),
+        ("SELECT a FROM t ORDER BY a; -- ORDER BY", "SELECT a FROM t ORDER BY a", True),
+        ("SELECT a FROM t ORDER -- x\n BY a", "SELECT a FROM t ORDER -- x\n BY a", True),
+        ("SELECT a FROM t ORDER/**/BY a;", "SELECT a FROM t ORDER/**/BY a", True),
+        ("SELECT a FROM t ORDERBY", "SELECT a FROM t ORDERBY", False),
+        # unterminated literals and identifiers: rejected (SQLite refuses them too)
+        ("SELECT 'abc; DROP TABLE t", None, False),
+        ("SELECT 'a'' ; DROP TABLE t", None, False),
+        ('SELECT "abc; DROP TABLE t', None, False),
+        ("SELECT [abc; DROP TABLE t", None, False),
+        ("SELECT `abc; DROP TABLE t", None, False),
+        # an unterminated block comment runs to the end, as in SQLite: nothing after it is run
+        ("SELECT a FROM t /* ; DROP TABLE t", "SELECT a FROM t /* ; DROP TABLE t", False),
+        ("SELECT a FROM t /* ORDER BY a", "SELECT a FROM t /* ORDER BY a", False),
+        ("SELECT a FROM t -- ; DROP TABLE t", "SELECT a FROM t -- ; DROP TABLE t", False),
+        ("/* ; */ -- ;\n  SELECT 1", "/* ; */ -- ;\n  SELECT 1", False),
+        ("-- SELECT 1", None, False),  # only a comment
+        ("; SELECT 1", None, False),
+    ],
+)
+def test_one_lexer_for_separator_and_order_by(sql, single, ordered):
+    assert has_top_level_order_by(sql) == ordered
+    if single is None:
+        with pytest.raises(sr.SQLRejected):
+            sr.check_single_query(sql)
+    else:
+        assert sr.check_single_query(sql) == single
+        assert has_top_level_order_by(single) == ordered  # the cut never changes the ORDER BY answer
+
+
+def test_unterminated_comment_is_a_comment_when_run(tmp_path):
+    """SQLite too treats an unclosed /* as a comment to the end: the check and the engine agree."""
+    p = tmp_path / "x.sqlite"
+    conn = sqlite3.connect(p)
+    conn.executescript("CREATE TABLE t (a INTEGER); INSERT INTO t VALUES (2), (1);")
+    conn.close()
+    before = _sha(p)
+    assert sr.execute_sql("SELECT a FROM t /* ; DROP TABLE t", str(p)).rows == [(2,), (1,)]
+    assert sr.execute_sql("SELECT a FROM t ORDER BY a; /* ; DROP TABLE t", str(p)).rows == [(1,), (2,)]
+    assert score("SELECT a FROM t ORDER BY a DESC /* ;", "SELECT a FROM t ORDER BY a -- ;", str(p)) == 0.0
+    assert _sha(p) == before
+
+
+# single characters and the multi-character tokens that matter, so boundaries meet often
+_PIECES = list("[]'\"`;-*/\n x()") + ["/*", "*/", "/*/", "--", "]]", "''", "``", '""', " ORDER BY ", "SELECT "]
+
+
+def test_lexer_agrees_with_sqlite_tokenizer_on_random_text():
+    """SQLite's own tokenizer (``sqlite3.complete_statement``: does the text end with a ``;`` token,
+    literals, identifiers and comments skipped) agrees with the lexer on every prefix of random
+    hostile text; and cutting at the separator never changes the top-level ORDER BY answer."""
+    import random
+
+    rng = random.Random(7)
+    checked = cut_checked = 0
+    for _ in range(2500):
+        s = "".join(rng.choice(_PIECES) for _ in range(rng.randint(1, 20)))
+        for k in range(1, len(s) + 1):
+            pre = s[:k]
+            toks = sr.lex_sql(pre, comments=True)
+            if any(t.kind == "comment" and not t.closed for t in toks):
+                continue  # sqlite3_complete calls an unclosed /* incomplete; the engine reads it as a comment
+            code = [t for t in toks if t.kind != "comment"]
+            ends_with_semi = all(t.closed for t in code) and bool(code) and code[-1].kind == "semi"
+            assert sqlite3.complete_statement(pre) == ends_with_semi, pre
+            checked += 1
+        q = "SELECT " + s
+        try:
+            cut = sr.check_single_query(q)
+        except sr.SQLRejected:
+            continue
+        code = [t.text for t in sr.lex_sql(q) if t.kind != "semi"]
+        assert [t.text for t in sr.lex_sql(cut)] == code, q  # only ';' and comments were cut
+        assert has_top_level_order_by(cut) == has_top_level_order_by(q), q
+        cut_checked += 1
+    assert checked > 20_000 and cut_checked > 300, (checked, cut_checked)
+
+
 def _ref_equal(pred, gold, ordered):
     """Brute-force reference: some column permutation makes the results equal (as lists or multisets)."""
     pred = [tuple(sr._norm(v) for v in r) for r in pred]

@@ -12,7 +12,8 @@ database, and compares the results:
   ``partial_credit * (fraction of gold columns found among the predicted columns)``.
 
 Sandbox (every query, gold included): the database is opened read-only and immutable
-(``file:...?mode=ro&immutable=1``); only a single ``SELECT``/``WITH``/``VALUES`` statement is run;
+(``file:...?mode=ro&immutable=1``); only a single ``SELECT``/``WITH``/``VALUES`` statement is run
+(found by :func:`lex_sql`, the one SQL lexer, also behind the top-level ``ORDER BY`` test);
 an authorizer denies every write, ATTACH/DETACH (hence ``VACUUM INTO``), DDL, transaction control,
 non-introspection PRAGMA and the ``load_extension``/file functions; extension loading is disabled;
 ATTACH, string/blob length and SQL length are capped with ``setlimit``; a progress handler enforces
@@ -21,6 +22,8 @@ the time-out; at most ``max_rows`` rows are fetched (more counts as a failure).
 A failing prediction scores 0. A failing *gold* query raises :class:`GoldQueryError` (so that batch
 scoring counts it as a failure instead of silently scoring 0). Gold results are cached per
 ``(database, gold query)``; connections are cached per thread and database.
+
+The official Spider test-suite and BIRD rules, for evaluation, are in :mod:`dphrl.rewards.sql_official`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -79,16 +82,35 @@ def extract_sql(text: str) -> str:
     return (text or "").strip().strip("`").strip()
 
 
-@dataclass
-class _Tok:
-    kind: str  # word | str | ident | punct | semi
+@dataclass(frozen=True)
+class SQLToken:
+    """One token of :func:`lex_sql`.
+
+    ``kind``: ``word`` (keyword, name or number), ``str`` ('...' literal), ``ident`` ("...", [...] or
+    `...` identifier), ``punct``, ``semi`` (``;``) or ``comment`` (only with ``comments=True``).
+    ``depth``: parenthesis depth (an opening parenthesis already counts itself). ``start``/``end``:
+    its span in the text. ``closed``: False for a literal, quoted identifier or block comment that
+    runs to the end of the text.
+    """
+
+    kind: str
     text: str
     depth: int
+    start: int
+    end: int
+    closed: bool = True
 
 
-def _lex(sql: str) -> list[_Tok]:
-    """Tokens outside comments, with parenthesis depth (strings and quoted identifiers kept whole)."""
-    toks: list[_Tok] = []
+def lex_sql(sql: str, *, comments: bool = False) -> list[SQLToken]:
+    """Split SQL into tokens the way SQLite's tokenizer delimits them.
+
+    The one lexer behind every accept/reject decision (:func:`check_single_query`) and the
+    top-level ``ORDER BY`` search (:func:`has_top_level_order_by`), so both always agree on what is
+    inside a literal or a comment. SQLite rules: '...' with '' escapes, "..." with "" escapes,
+    `...` with `` escapes, [...] without escapes, ``--`` to the end of the line, ``/* */`` not
+    nested (the first ``*/`` closes it; unclosed, it runs to the end of the text).
+    """
+    toks: list[SQLToken] = []
     i, n, depth = 0, len(sql), 0
     while i < n:
         c = sql[i]
@@ -96,44 +118,54 @@ def _lex(sql: str) -> list[_Tok]:
             i += 1
         elif sql.startswith("--", i):
             j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
+            j = n if j < 0 else j
+            if comments:
+                toks.append(SQLToken("comment", sql[i:j], depth, i, j))
+            i = j + 1
         elif sql.startswith("/*", i):
             j = sql.find("*/", i + 2)
-            i = n if j < 0 else j + 2
+            closed = j >= 0
+            j = j + 2 if closed else n
+            if comments:
+                toks.append(SQLToken("comment", sql[i:j], depth, i, j, closed))
+            i = j
         elif c in "'\"`[":
             close = "]" if c == "[" else c
             j = i + 1
+            closed = False
             while j < n:
                 if sql[j] == close:
                     if close != "]" and j + 1 < n and sql[j + 1] == close:  # doubled quote
                         j += 2
                         continue
+                    closed = True
                     break
                 j += 1
-            toks.append(_Tok("str" if c == "'" else "ident", sql[i : j + 1], depth))
-            i = j + 1
+            j = j + 1 if closed else n
+            toks.append(SQLToken("str" if c == "'" else "ident", sql[i:j], depth, i, j, closed))
+            i = j
         elif c.isalnum() or c in "_$":
             j = i + 1
             while j < n and (sql[j].isalnum() or sql[j] in "_$"):
                 j += 1
-            toks.append(_Tok("word", sql[i:j], depth))
+            toks.append(SQLToken("word", sql[i:j], depth, i, j))
             i = j
         elif c == ";":
-            toks.append(_Tok("semi", c, depth))
+            toks.append(SQLToken("semi", c, depth, i, i + 1))
             i += 1
         else:
             if c == "(":
                 depth += 1
             elif c == ")":
                 depth = max(depth - 1, 0)
-            toks.append(_Tok("punct", c, depth))
+            toks.append(SQLToken("punct", c, depth, i, i + 1))
             i += 1
     return toks
 
 
 def has_top_level_order_by(sql: str) -> bool:
     """Whether ``sql`` orders its final result (``ORDER BY`` outside any parentheses)."""
-    toks = [t for t in _lex(sql) if t.depth == 0]
+    toks = [t for t in lex_sql(sql) if t.depth == 0]
     return any(
         a.kind == "word" and a.text.upper() == "ORDER" and b.kind == "word" and b.text.upper() == "BY"
         for a, b in zip(toks, toks[1:])
@@ -141,43 +173,29 @@ def has_top_level_order_by(sql: str) -> bool:
 
 
 def check_single_query(sql: str) -> str:
-    """Return ``sql`` without trailing ``;``; raise :class:`SQLRejected` unless it is one read-only query."""
-    toks = _lex(sql)
+    """Return ``sql`` without trailing ``;``; raise :class:`SQLRejected` unless it is one read-only query.
+
+    Nothing but ``;`` and comments may follow the first ``;`` outside literals and comments. An
+    unterminated string literal or quoted identifier is rejected (SQLite would refuse it too), so the
+    lexer never has to guess where it ends; an unterminated block comment is a comment to the end,
+    as in SQLite.
+    """
+    toks = lex_sql(sql)
     if not toks:
         raise SQLRejected("empty SQL")
+    for t in toks:
+        if not t.closed:
+            what = "string literal" if t.kind == "str" else "quoted identifier"
+            raise SQLRejected(f"unterminated {what} at offset {t.start}")
     semis = [k for k, t in enumerate(toks) if t.kind == "semi"]
     if semis:
-        if semis[0] != len(toks) - 1 and any(t.kind != "semi" for t in toks[semis[0] :]):
+        if any(t.kind != "semi" for t in toks[semis[0] :]):
             raise SQLRejected("more than one SQL statement")
-        sql = sql[: _first_semicolon(sql)].rstrip()
+        sql = sql[: toks[semis[0]].start].rstrip()
     first = toks[0]
     if first.kind != "word" or first.text.upper() not in ("SELECT", "WITH", "VALUES"):
         raise SQLRejected(f"only SELECT/WITH/VALUES queries are allowed, got {first.text[:20]!r}")
     return sql
-
-
-def _first_semicolon(sql: str) -> int:
-    """Index of the first top-level statement separator (all that follows is ``;``/comments)."""
-    i, n = 0, len(sql)
-    while i < n:
-        c = sql[i]
-        if sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
-        elif sql.startswith("/*", i):
-            j = sql.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-        elif c in "'\"`[":
-            close = "]" if c == "[" else c
-            j = sql.find(close, i + 1)
-            while j >= 0 and close != "]" and j + 1 < n and sql[j + 1] == close:
-                j = sql.find(close, j + 2)
-            i = n if j < 0 else j + 1
-        elif c == ";":
-            return i
-        else:
-            i += 1
-    return n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,18 +300,44 @@ def _connection(db_path: str) -> _Conn:
 
 @dataclass
 class QueryResult:
+    """Column names and rows of a query; ``elapsed_s``: how long it ran (execution and fetching)."""
+
     columns: list[str]
     rows: list[tuple]
+    elapsed_s: float = 0.0
+
+
+def _decode_replace(b: bytes) -> str:
+    return b.decode("utf-8", errors="replace")
+
+
+def _decode_ignore(b: bytes) -> str:
+    return b.decode("utf-8", errors="ignore")
+
+
+#: How TEXT values that are not valid UTF-8 are decoded: ``replace`` (U+FFFD, ours), ``ignore`` (drop
+#: the bad bytes, as the Spider test-suite evaluation) or ``strict`` (an error, as plain ``sqlite3``).
+TEXT_DECODERS: dict[str, Callable[[bytes], str]] = {
+    "replace": _decode_replace,
+    "ignore": _decode_ignore,
+    "strict": str,
+}
 
 
 def execute_sql(
-    sql: str, db_path: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS
+    sql: str, db_path: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS,
+    text_errors: str = "replace",
 ) -> QueryResult:
     """Run one read-only query in the sandbox. Raises :class:`SQLRejected`, :class:`SQLTimeout`,
-    :class:`SQLRowLimit`, ``sqlite3.Error`` or ``FileNotFoundError``."""
+    :class:`SQLRowLimit`, ``sqlite3.Error`` or ``FileNotFoundError``. ``text_errors``: a key of
+    :data:`TEXT_DECODERS`."""
+    if text_errors not in TEXT_DECODERS:
+        raise ValueError(f"unknown text_errors {text_errors!r}; valid: {sorted(TEXT_DECODERS)}")
     sql = check_single_query(sql)
     c = _connection(os.path.abspath(db_path))
-    c.deadline = time.monotonic() + timeout_s
+    c.conn.text_factory = TEXT_DECODERS[text_errors]
+    t0 = time.monotonic()
+    c.deadline = t0 + timeout_s
     cur = None
     try:
         cur = c.conn.execute(sql)
@@ -306,7 +350,7 @@ def execute_sql(
             if len(rows) > max_rows:
                 raise SQLRowLimit(f"query returned more than {max_rows} rows")
         columns = [d[0] for d in (cur.description or [])]
-        return QueryResult(columns, rows)
+        return QueryResult(columns, rows, time.monotonic() - t0)
     except sqlite3.OperationalError as e:
         if "interrupted" in str(e) and time.monotonic() > c.deadline:
             raise SQLTimeout(f"query exceeded {timeout_s:g} s") from None
@@ -319,21 +363,21 @@ def execute_sql(
             cur.close()
 
 
-_GOLD: OrderedDict[tuple[str, str, int], QueryResult] = OrderedDict()
+_GOLD: OrderedDict[tuple[str, str, int, str], QueryResult] = OrderedDict()
 _GOLD_LOCK = threading.Lock()
 _GOLD_MAX = 20_000
 
 
 def gold_result(gold_sql: str, db_path: str, *, timeout_s: float = DEFAULT_GOLD_TIMEOUT_S,
-                max_rows: int = DEFAULT_MAX_ROWS) -> QueryResult:
+                max_rows: int = DEFAULT_MAX_ROWS, text_errors: str = "replace") -> QueryResult:
     """The (cached) result of a gold query; raises :class:`GoldQueryError` if it cannot run."""
-    key = (os.path.abspath(db_path), gold_sql, max_rows)
+    key = (os.path.abspath(db_path), gold_sql, max_rows, text_errors)
     with _GOLD_LOCK:
         if key in _GOLD:
             _GOLD.move_to_end(key)
             return _GOLD[key]
     try:
-        res = execute_sql(gold_sql, db_path, timeout_s=timeout_s, max_rows=max_rows)
+        res = execute_sql(gold_sql, db_path, timeout_s=timeout_s, max_rows=max_rows, text_errors=text_errors)
     except (sqlite3.Error, SQLRejected, SQLTimeout, SQLRowLimit, FileNotFoundError) as e:
         raise GoldQueryError(f"gold query failed on {db_path}: {type(e).__name__}: {e}; query: {gold_sql[:300]}") from e
     with _GOLD_LOCK:
