@@ -1,17 +1,66 @@
 """Hugging Face ``generate`` engine: batched sampling with the exact per-token log-probs.
 
-The log-probs returned are those of the distribution actually sampled from: logits divided by the
-temperature, top-p applied, then renormalized (``log_softmax`` of the processed scores), recorded
-step by step by a logits processor (memory of one step's scores, not ``output_scores``' all). A fresh
-``GenerationConfig`` is built for every call so that a checkpoint's defaults (``top_k=50``,
-repetition penalties...) never silently truncate or distort the sampling distribution.
+What is sampled is what is stored. Tokens are drawn from softmax(logits / T) renormalized over the
+top-p nucleus (T and top-p as requested, nothing else), and the log-probs returned are those of that
+same distribution (``log_softmax`` of the processed scores), recorded step by step by a logits
+processor placed after our own warpers (memory: one step's scores, not ``output_scores``' all).
+
+A checkpoint's defaults never take part. ``generate`` fills every field left ``None`` in the
+``GenerationConfig`` it is given from ``model.generation_config`` (the checkpoint's
+``generation_config.json``: Qwen2.5-Instruct has do_sample, temperature 0.7, top_p 0.8, top_k 20,
+repetition_penalty 1.05; Llama-3.1-Instruct do_sample, temperature 0.6, top_p 0.9), then from
+transformers' global defaults (top_k 50). So the engine (1) builds a config that sets every field
+with a non-``None`` neutral value explicitly, and (2) for the call, makes that same config the
+model's ``generation_config`` (restored afterwards), because ``None`` *is* the neutral value of
+several processors (bad words, forced tokens, watermarking...) and cannot be pinned otherwise.
+Transformers then builds no logits processor and no stopping criterion of its own beyond max length
+and our EOS. Fields, their neutral value, and why:
+
+Distribution (sampling; greedy ignores them, transformers reads them only when ``do_sample``):
+  temperature 1.0, top_p 1.0  -- T and top-p are applied by our own warpers, *before* the recorder;
+      transformers would put its own after our processors, i.e. after the recorder.
+  top_k 0 (off)                -- the checkpoint's top_k (20) or transformers' default (50) truncates.
+  typical_p 1.0, epsilon_cutoff 0.0, eta_cutoff 0.0, min_p / top_h unset -- other truncations.
+Distribution (both modes):
+  repetition_penalty 1.0, encoder_repetition_penalty 1.0 -- penalties reshape pi itself (Qwen2.5: 1.05).
+  no_repeat_ngram_size 0, encoder_no_repeat_ngram_size 0 -- forbid tokens pi gives mass to.
+  bad_words_ids, suppress_tokens, begin_suppress_tokens, sequence_bias unset -- mask or bias tokens.
+  forced_bos_token_id, forced_eos_token_id unset -- force a token regardless of pi.
+  min_length 0, min_new_tokens unset -- would block EOS early.
+  exponential_decay_length_penalty unset -- boosts EOS with length.
+  guidance_scale 1.0 -- classifier-free guidance mixes in a second, unconditional forward.
+  watermarking_config unset -- biases a pseudo-random "green list" of tokens.
+  renormalize_logits False -- a log-softmax after ours; remove_invalid_values False -- rewrites -inf.
+  num_beams 1, length_penalty 1.0, early_stopping False; penalty_alpha, dola_layers, constraints,
+      force_words_ids, num_beam_groups unset -- beam / contrastive / DoLa / constrained search
+      instead of ancestral sampling.
+  prompt_lookup_num_tokens, assistant_early_exit unset, use_mtp False, is_assistant False --
+      assisted decoding runs the processors over several draft positions per call (the recorder
+      assumes one) and may stop on a confidence criterion.
+  token_healing False -- rewrites the prompt's last token.
+Length, stopping, outputs:
+  max_new_tokens (ours); max_time, stop_strings unset -- no wall-clock or text stop.
+  eos_token_id, pad_token_id, bos_token_id: the tokenizer's. Only the tokenizer's EOS stops; the
+      checkpoint's extra EOS ids are not stop tokens (Qwen2.5 lists its pad token <|endoftext|>),
+      so padding is never confused with EOS. EOS is kept as the last response token.
+  num_return_sequences 1, return_dict_in_generate / output_scores / output_logits /
+      output_attentions / output_hidden_states False -- one row per prompt copy, a plain id tensor.
+  use_cache True; cache_implementation, cache_config, compile_config unset -- transformers' default
+      dynamic cache and eager forward, not a checkpoint's static cache / compiled forward.
+  Custom keys of generation_config.json are not copied either.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 from transformers import (
     GenerationConfig,
+    GenerationMixin,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
@@ -22,13 +71,91 @@ from transformers import (
 
 from dphrl.engines.base import Generation
 
+#: Fields set explicitly to their neutral value in every call (see the module docstring).
+NEUTRAL_FIELDS: dict[str, Any] = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "guidance_scale": 1.0,
+    "renormalize_logits": False,
+    "remove_invalid_values": False,
+    "token_healing": False,
+    "use_mtp": False,
+    "is_assistant": False,
+    "use_cache": True,
+    "output_scores": False,
+    "output_logits": False,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "return_dict_in_generate": False,
+}
+
+#: Temperature / truncation fields, read by transformers only when sampling (set in both modes: these
+#: values raise no greedy warning). ``top_k`` 0 (off) is added when sampling only: transformers warns
+#: about a top_k other than 50 under greedy, and never reads it there.
+NEUTRAL_SAMPLING_FIELDS: dict[str, Any] = {
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+}
+
+
+def neutral_generation_config(
+    *, max_new_tokens: int, greedy: bool, pad_token_id: int | None, eos_token_id: int | None,
+    bos_token_id: int | None = None,
+) -> GenerationConfig:
+    """The full, neutral ``GenerationConfig`` of one call: ancestral sampling (or greedy), no processor.
+
+    Fields whose neutral value is ``None`` stay ``None`` here; :func:`checkpoint_defaults_off` keeps
+    ``generate`` from filling them from the checkpoint.
+    """
+    fields: dict[str, Any] = dict(NEUTRAL_FIELDS, **NEUTRAL_SAMPLING_FIELDS)
+    if not greedy:
+        fields["top_k"] = 0
+    return GenerationConfig(
+        **fields, do_sample=not greedy, max_new_tokens=max_new_tokens,
+        pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos_token_id,
+    )
+
+
+@contextmanager
+def checkpoint_defaults_off(model: torch.nn.Module, gen_cfg: GenerationConfig) -> Iterator[None]:
+    """Within the block, ``gen_cfg`` is the ``generation_config`` of every generating module of ``model``.
+
+    ``generate`` merges the config it is given with ``model.generation_config`` (fields left ``None``
+    are taken from it); with ``gen_cfg`` itself in that place the merge adds nothing. Covers wrappers:
+    a peft model's ``generate`` copies its ``generation_config`` (the inner model's, or one set on the
+    wrapper itself) onto the inner model. Restored on exit, errors included.
+    """
+    swapped = [
+        (m, m.generation_config) for m in model.modules()
+        if (isinstance(m, GenerationMixin) or "generation_config" in vars(m))
+        and getattr(m, "generation_config", None) is not None
+    ]
+    try:
+        for m, _ in swapped:
+            m.generation_config = copy.deepcopy(gen_cfg)
+        yield
+    finally:
+        for m, original in swapped:
+            m.generation_config = original
+
 
 class _ChosenTokenLogprobs(LogitsProcessor):
     """Records log pi(chosen token) step by step without keeping every step's full scores.
 
-    Placed after our own sampling warpers (temperature, top-p), it sees the processed scores of step t,
-    keeps their log-softmax for one step, and reads the token chosen at step t from ``input_ids`` at
-    step t+1. Memory: one (B, V) tensor instead of ``output_scores``' T of them.
+    Placed after our own sampling warpers (temperature, top-p) and last in the list transformers runs
+    (it adds none of its own, see the module docstring), it sees the scores of step t exactly as they
+    are sampled from, keeps their log-softmax for one step, and reads the token chosen at step t from
+    ``input_ids`` at step t+1. Memory: one (B, V) tensor instead of ``output_scores``' T of them.
     """
 
     def __init__(self) -> None:
@@ -37,14 +164,14 @@ class _ChosenTokenLogprobs(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prev is not None:
-            self.chosen.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.prev = torch.log_softmax(scores.float(), dim=-1)
+            self.chosen.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1))  # (B,)
+        self.prev = torch.log_softmax(scores.float(), dim=-1)  # (B, V)
         return scores
 
     def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
         """Close the last step with the final tokens; returns (B, T) log-probs."""
-        self.chosen.append(self.prev.gather(-1, last_tokens.unsqueeze(-1)).squeeze(-1))
-        return torch.stack(self.chosen, dim=1)
+        self.chosen.append(self.prev.gather(-1, last_tokens.unsqueeze(-1)).squeeze(-1))  # (B,)
+        return torch.stack(self.chosen, dim=1)  # (B, T)
 
 
 class HFEngine:
@@ -95,12 +222,11 @@ class HFEngine:
         device = next(self.model.parameters()).device
         plen = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), plen), self.pad_id, dtype=torch.long)  # (B, P) left-padded
-        attn = torch.zeros_like(input_ids)
+        attn = torch.zeros_like(input_ids)  # (B, P)
         for j, p in enumerate(prompts):
             input_ids[j, plen - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[j, plen - len(p) :] = 1
-        # The warpers are ours, in this order, followed by the recorder: transformers merges custom
-        # processors *before* its own warpers, so it is given none (temperature 1, no top-p/top-k).
+        # The only processors: our warpers, in this order, then the recorder (transformers adds none).
         procs: list[LogitsProcessor] = []
         if not greedy and temperature != 1.0:
             procs.append(TemperatureLogitsWarper(temperature))
@@ -108,27 +234,22 @@ class HFEngine:
             procs.append(TopPLogitsWarper(top_p))
         recorder = _ChosenTokenLogprobs()
         procs.append(recorder)
-        gen_cfg = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else 1.0,
-            top_p=None,
-            top_k=0 if not greedy else None,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
+        gen_cfg = neutral_generation_config(
+            max_new_tokens=max_new_tokens, greedy=greedy, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
             bos_token_id=getattr(self.tokenizer, "bos_token_id", None),
         )
-        out = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
-            logits_processor=LogitsProcessorList(procs), synced_gpus=self.synced_gpus,
-        )
+        with checkpoint_defaults_off(self.model, gen_cfg):
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList(procs), synced_gpus=self.synced_gpus,
+            )  # (B, P + T)
         seqs_dev = out[:, plen:]  # (B, T)
         logps = recorder.finish(seqs_dev[:, -1]).cpu()  # (B, T); greedy: log-probs at temperature 1
-        seqs = seqs_dev.cpu()
+        seqs = seqs_dev.cpu()  # (B, T)
         is_eos = seqs == self.eos_id  # (B, T)
-        any_eos = is_eos.any(dim=1)
-        first_eos = torch.where(any_eos, is_eos.float().argmax(dim=1), torch.full_like(any_eos, seqs.shape[1], dtype=torch.long))
-        lengths = torch.where(any_eos, first_eos + 1, torch.full_like(first_eos, seqs.shape[1]))  # EOS kept
+        any_eos = is_eos.any(dim=1)  # (B,)
+        first_eos = torch.where(any_eos, is_eos.float().argmax(dim=1), torch.full_like(any_eos, seqs.shape[1], dtype=torch.long))  # (B,)
+        lengths = torch.where(any_eos, first_eos + 1, torch.full_like(first_eos, seqs.shape[1]))  # (B,) EOS kept
         gens = []
         for j, p in enumerate(prompts):
             L = int(lengths[j])

@@ -13,6 +13,17 @@ stored log pi_ref with the Hugging Face model in fp32 (``Generation.logprobs`` o
 vLLM's own, the processed log-probs of the sampling distribution when vLLM >= 0.10.2 supports
 ``logprobs_mode``; they are kept for diagnostics only).
 
+Sampling parameters. As for the HF engine, what is sampled is T and top-p as requested and nothing
+else: :func:`sampling_params_kwargs` sets every distribution-changing ``SamplingParams`` field to its
+neutral value explicitly (top_k -1 = off, min_p 0, presence / frequency penalties 0, repetition
+penalty 1, no logit bias or allowed-token list, min_tokens 0, no stop strings), and the engine is
+built with ``generation_config="vllm"`` so that vLLM does not take default sampling parameters
+(``max_new_tokens`` cap included) from the checkpoint's ``generation_config.json``. vLLM still reads
+that file's ``eos_token_id`` list (whatever ``generation_config`` says) and adds it to every request's
+stop tokens unless ``ignore_eos``; ``ignore_eos=True`` with ``stop_token_ids=[tokenizer EOS]`` makes
+the tokenizer's EOS the only stop, as in the HF engine (a Qwen2.5 checkpoint lists its pad token
+``<|endoftext|>`` as an EOS).
+
 ``vllm`` is imported lazily: importing this module never needs it.
 """
 
@@ -55,6 +66,53 @@ def resolve_engine(kind: str) -> str:
     if kind == "auto":
         return "vllm" if vllm_available() else "hf"
     return kind
+
+
+def sampling_params_kwargs(
+    *, n: int, max_new_tokens: int, temperature: float, top_p: float, greedy: bool, seed: int | None,
+    eos_id: int | None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``vllm.SamplingParams``: T and top-p as requested, every other field that
+    changes the distribution or the stopping explicitly neutral (fields accepted by vLLM >= 0.8)."""
+    return dict(
+        n=n,
+        temperature=0.0 if greedy else temperature,  # 0: greedy
+        top_p=1.0 if greedy else top_p,
+        top_k=-1,  # off (-1 is accepted by every version; newer ones also take 0)
+        min_p=0.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        repetition_penalty=1.0,
+        logit_bias=None,
+        allowed_token_ids=None,
+        min_tokens=0,  # EOS never blocked
+        max_tokens=max_new_tokens,
+        stop=[],  # no stop strings
+        stop_token_ids=[eos_id] if eos_id is not None else [],  # the tokenizer's EOS: the only stop
+        ignore_eos=True,  # no other EOS (vLLM's, or the checkpoint's eos_token_id list) stops a response
+        seed=seed,
+        logprobs=0,  # the sampled token's log-prob only
+        detokenize=False,
+        skip_special_tokens=False,
+    )
+
+
+def _construct_llm(llm_cls: Any, kwargs: dict[str, Any], optional: dict[str, Any]) -> tuple[Any, set[str]]:
+    """``llm_cls(**kwargs, **optional)``, dropping the optional keywords this vLLM version rejects.
+
+    A ``TypeError`` naming some of them drops those and retries; one naming none drops them all.
+    Returns the engine and the optional keywords it accepted.
+    """
+    opts = dict(optional)
+    while True:
+        try:
+            return llm_cls(**kwargs, **opts), set(opts)
+        except TypeError as e:
+            if not opts:
+                raise
+            named = [k for k in opts if k in str(e)]
+            for k in named or list(opts):
+                del opts[k]
 
 
 def _tokens_prompt(vllm: Any, ids: list[int]) -> Any:
@@ -100,11 +158,12 @@ class VLLMEngine:
             )
             if distributed:  # one engine per training process, inside the existing process group
                 kwargs["distributed_executor_backend"] = "external_launcher"
-            try:
-                llm = self.vllm.LLM(**kwargs, logprobs_mode="processed_logprobs")
-                self.exact_logprobs = True
-            except TypeError:  # vLLM < 0.10.2: log-probs of the raw logits (before temperature / top-p)
-                llm = self.vllm.LLM(**kwargs)
+            # logprobs_mode (vLLM >= 0.10.2; older: log-probs of the raw logits, before temperature / top-p);
+            # generation_config "vllm": vLLM's neutral defaults, never the checkpoint's sampling defaults.
+            llm, accepted = _construct_llm(
+                self.vllm.LLM, kwargs, {"logprobs_mode": "processed_logprobs", "generation_config": "vllm"}
+            )
+            self.exact_logprobs = "logprobs_mode" in accepted
         self.llm = llm
         self.weight_pushes = 0
 
@@ -128,18 +187,10 @@ class VLLMEngine:
         greedy: bool = False,
         seed: int | None = None,
     ) -> list[list[Generation]]:
-        params = self.vllm.SamplingParams(
-            n=n,
-            temperature=0.0 if greedy else temperature,
-            top_p=1.0 if greedy else top_p,
-            top_k=-1,  # off, as in the HF engine: never a silent default truncation
-            max_tokens=max_new_tokens,
-            logprobs=0,  # the sampled token's log-prob only
-            seed=seed,
-            stop_token_ids=[self.eos_id] if self.eos_id is not None else None,
-            detokenize=False,
-            skip_special_tokens=False,
-        )
+        params = self.vllm.SamplingParams(**sampling_params_kwargs(
+            n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed,
+            eos_id=self.eos_id,
+        ))
         outs = self.llm.generate([_tokens_prompt(self.vllm, p) for p in prompts], params, use_tqdm=False)
         if len(outs) != len(prompts):
             raise RuntimeError(f"vllm returned {len(outs)} results for {len(prompts)} prompts")
