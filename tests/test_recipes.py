@@ -157,7 +157,8 @@ def test_dry_run_reports_store(tmp_path):
     cfg = load_config(ROOT / "recipes" / "cpu_smollm2_arith_dph.yaml", [f"reference_store={store}"])
     text = dry_run(cfg, examples_limit=1, load_tokenizer=False)
     assert "found: 32 prompts, D_pef 8, D_exp 24, 56 stored samples" in text
-    assert "MISMATCH: store temperature 1.0 != config temperature 0.7" in text
+    assert "MISMATCH: store sampling.temperature 1.0 != config temperature 0.7" in text
+    assert "MISMATCH: store_version None != 2" in text
     # 4 prompts/step * 8/24 -> 1 D_pef prompt with 56/8 = 7 samples
     assert "reference prompts/step: 1 D_pef prompt(s) x ~7.0 stored samples" in text
 

@@ -12,7 +12,8 @@ from conftest import TOY_MODEL_NAME, base_cfg, make_store, toy_examples, toy_fir
 from dphrl.batching import pack, response_logprobs
 from dphrl.data.chat import encode_prompt
 from dphrl.data.tokenizer import build_char_tokenizer
-from dphrl.models import tokenizer_hash
+from dphrl.fsutil import sha256_file
+from dphrl.models import tokenizer_hash, weights_fingerprint
 from dphrl.reference import ReferenceStore, StoreMismatchError, dataset_hash
 from dphrl.testing import tiny_causal_lm
 from dphrl.trainer import Trainer
@@ -38,6 +39,9 @@ def store(tmp_path_factory, tok):
 def test_manifest_and_files(store, tok):
     path, manifest, _, exs = store
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "prompts.parquet", "samples.parquet"]
+    assert manifest["store_version"] == 2 and manifest["dtype"] == "float32"
+    assert manifest["model_fingerprint"] == weights_fingerprint(tiny_causal_lm(tok, hidden=32, layers=2, heads=4, seed=0))
+    assert manifest["files"] == {n: sha256_file(path / n) for n in ("prompts.parquet", "samples.parquet")}
     assert not list(path.parent.glob("*.tmp*")), "temp dir left behind"
     on_disk = json.loads((path / "manifest.json").read_text())
     assert on_disk == manifest
@@ -134,33 +138,45 @@ def test_trainer_accepts_matching_store(store, tok, tmp_path):
     assert t.pef_ids == st.pef_ids and t.ref_prompts_per_step >= 1
 
 
-@pytest.mark.parametrize("what", ["tokenizer", "temperature", "dataset", "model"])
+FIELDS = {
+    "tokenizer": "field 'tokenizer_hash'",
+    "temperature": "field 'sampling.temperature'",
+    "top_p": "field 'sampling.top_p'",
+    "dataset": "field 'dataset_hash'",
+    "model": "field 'model_fingerprint'",
+}
+
+
+@pytest.mark.parametrize("what", list(FIELDS))
 def test_trainer_refuses_mismatching_store(store, tok, tmp_path, what):
     path, _, _, exs = store
-    kw, tokenizer, examples = {}, tok, exs
+    kw, tokenizer, examples, seed = {}, tok, exs, 0
     if what == "tokenizer":
         tokenizer = build_char_tokenizer("0123456789+-")
     elif what == "temperature":
         kw["temperature"] = 1.0
+    elif what == "top_p":
+        kw["top_p"] = 0.9
     elif what == "dataset":
         examples = exs[:-1]
     else:
-        kw["model"] = "another-model"
-    model = tiny_causal_lm(tokenizer, hidden=32, layers=2, seed=0)
+        seed = 1  # other weights under the same name
+    model = tiny_causal_lm(tokenizer, hidden=32, layers=2, seed=seed)
     with pytest.raises(StoreMismatchError) as e:
         Trainer(_dph_cfg(tmp_path, path, **kw), model=model, tokenizer=tokenizer, examples=examples)
     msg = str(e.value)
-    expected = {
-        "tokenizer": "tokenizer hash",
-        "temperature": "temperature",
-        "dataset": "dataset hash",
-        "model": "another-model",
-    }[what]
-    assert expected in msg
-    # only the one thing that differs is reported
-    others = {"tokenizer hash", "temperature", "dataset hash", "another-model"} - {expected}
-    assert not any(o in msg for o in others), msg
-    assert "presample" in msg
+    assert FIELDS[what] in msg and "presample" in msg
+    # only what differs is reported (another tokenizer also means other embedding weights)
+    reported = {k for k, f in FIELDS.items() if f in msg}
+    assert reported == ({what, "model"} if what == "tokenizer" else {what}), msg
+
+
+def test_model_identity_is_the_weights_not_the_path(store, tok, tmp_path):
+    """The same weights under another name (absolute path from elsewhere, a copy) are accepted."""
+    path, _, _, exs = store
+    cfg = _dph_cfg(tmp_path, path, model="/somewhere/else/the-same-model")
+    t = Trainer(cfg, model=tiny_causal_lm(tok, hidden=32, layers=2, seed=0), tokenizer=tok, examples=exs)
+    assert t.store_check["store_check/tokens"] >= 8 and t.store_check["store_check/mean_abs_diff"] < 1e-5
 
 
 def test_missing_store_is_a_clear_error(tok, tmp_path):

@@ -338,9 +338,10 @@ def test_resume_is_exact(tmp_path, tok, make_model):
     assert sorted(p.name for p in ck.iterdir()) == ["step_000002"]
     assert [m["step"] for m in read_metrics(cfg_b.output_dir)] == [1, 2, 3]
 
-    b2 = Trainer(
-        cfg_b, model=make_model(seed=123), tokenizer=tok, examples=exs
-    )  # other init: must be restored
+    b2 = Trainer(cfg_b, model=make_model(seed=0), tokenizer=tok, examples=exs)  # the store's base model ...
+    with torch.no_grad():  # ... then other weights: the checkpoint must restore them
+        for p in b2._unwrapped().parameters():
+            p.add_(torch.randn_like(p))
     b2.resume("latest")
     assert b2.step == 2
     assert [m["step"] for m in read_metrics(cfg_b.output_dir)] == [1, 2]  # step 3's line dropped

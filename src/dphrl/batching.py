@@ -77,12 +77,15 @@ def response_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    top_p: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(y_t | x, y_<t) / temperature-scaled, for each response token; optionally the entropy.
 
     Returns ``logp`` (B, T) and ``entropy`` (B, T) or None; values on padding are meaningless and
     must be masked with ``batch.resp_mask``. The entropy carries gradient only with ``entropy_grad``
-    (an entropy bonus); otherwise it is a detached diagnostic that costs no autograd memory.
+    (an entropy bonus); otherwise it is a detached diagnostic computed in row chunks, without a second
+    (B, T, V) tensor. ``top_p < 1`` renormalizes over the nucleus exactly as the HF engine samples
+    (transformers' ``TopPLogitsWarper``): how a store sampled with top-p is re-scored.
     """
     T = batch.resp_ids.shape[1]
     out = model(
@@ -95,14 +98,34 @@ def response_logprobs(
     logits = out.logits[:, :-1, :].float()  # (B, T, V): position P-1+t predicts response token t
     if temperature != 1.0:
         logits = logits / temperature
+    if top_p < 1.0:
+        from transformers import TopPLogitsWarper
+
+        B, _, V = logits.shape
+        logits = TopPLogitsWarper(top_p)(None, logits.reshape(B * T, V)).reshape(B, T, V)  # (B, T, V) -inf outside
     logz = torch.logsumexp(logits, dim=-1)  # (B, T)
     logp = logits.gather(-1, batch.resp_ids.unsqueeze(-1)).squeeze(-1) - logz  # (B, T)
     entropy = None
     if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        if entropy_grad and torch.is_grad_enabled():
             probs = torch.softmax(logits, dim=-1)  # (B, T, V)
             entropy = logz - (probs * logits).sum(-1)  # (B, T)
+        else:
+            entropy = _entropy_no_grad(logits.detach(), logz.detach())
     return logp, entropy
+
+
+@torch.no_grad()
+def _entropy_no_grad(logits: torch.Tensor, logz: torch.Tensor, max_elems: int = 1 << 24) -> torch.Tensor:
+    """Entropy logz - sum softmax * logits, row chunk by row chunk: at most ``max_elems`` extra floats."""
+    B, T, V = logits.shape
+    rows = max(1, max_elems // max(1, T * V))
+    out = torch.empty_like(logz)  # (B, T)
+    for i in range(0, B, rows):
+        lg, lz = logits[i : i + rows], logz[i : i + rows]  # (b, T, V), (b, T)
+        p = torch.exp(lg - lz.unsqueeze(-1))  # (b, T, V)
+        out[i : i + rows] = lz - (p * torch.where(p > 0, lg, torch.zeros_like(lg))).sum(-1)  # (b, T)
+    return out
 
 
 @torch.no_grad()
@@ -114,16 +137,18 @@ def sequence_logprobs(
     temperature: float = 1.0,
     micro_batch_size: int = 16,
     device: torch.device | str | None = None,
+    top_p: float = 1.0,
 ) -> list[list[float]]:
     """Per-token log pi(response | prompt) of each pair (no grad, fp32), micro-batch by micro-batch.
 
-    One forward per micro-batch: pi_old recomputation, the rkl reference and presample's recomputed
-    log pi_ref all use it, so they match the training forward by construction.
+    One forward per micro-batch: pi_old recomputation, the rkl reference, presample's recomputed
+    log pi_ref and the store check at train start all use it, so they match the training forward by
+    construction (call it under the training autocast for the same numerics).
     """
     dev = device if device is not None else next(model.parameters()).device
     out: list[list[float]] = []
     for i in range(0, len(prompts), micro_batch_size):
         ps, rs = prompts[i : i + micro_batch_size], responses[i : i + micro_batch_size]
-        lp, _ = response_logprobs(model, pack(ps, rs, pad_id).to(dev), temperature)  # (B, T)
+        lp, _ = response_logprobs(model, pack(ps, rs, pad_id).to(dev), temperature, top_p=top_p)  # (B, T)
         out += [row[: len(r)].tolist() for r, row in zip(rs, lp.float().cpu())]
     return out

@@ -47,6 +47,8 @@ class TrainConfig:
     eta: float | None = _f(None, "dph: weight of the divergence term. Default 0.01 for forward_kl, 0.2 for js, else 0.1.")
     reference_store: str = _f("", "dph: directory written by `dphrl presample` (required for dph).")
     ref_prompts_per_step: int | None = _f(None, "dph: D_pef prompts whose stored samples enter each step. Default: prompts_per_step*|D_pef|/|D_exp| (>=1).")
+    store_check_tokens: int = _f(256, "dph: stored tokens re-scored with the training forward at start-up; the store is refused if their mean |delta log pi| exceeds store_check_tolerance (0 = skip the check).")
+    store_check_tolerance: float | None = _f(None, "dph: tolerated mean |stored - recomputed log pi| per token. Default by dtype: 1e-3 when the store and training are both float32, 5e-2 when either is bfloat16.")
     kl_coef: float | None = _f(None, "rkl: coefficient of the reverse-KL loss to the frozen initial model. Default 0.01 (0 for others).")
     kl_estimator: str = _f("k3", "rkl: reverse-KL estimator k1 | k2 | k3.")
     # --- pre-sampling (dphrl presample writes reference_store) ---------------------------------
@@ -170,6 +172,11 @@ class TrainConfig:
         need_name(advantages.ADVANTAGES, "advantage")
         need_name(losses.KL_ESTIMATORS, "kl_estimator")
         need(self.kl_coef is not None and self.kl_coef >= 0, "kl_coef", ">= 0")
+        need(self.ref_prompts_per_step is None or self.ref_prompts_per_step >= 1, "ref_prompts_per_step",
+             "an integer >= 1, or null for the default (prompts_per_step * |D_pef| / |D_exp|)")
+        need(self.store_check_tokens >= 0, "store_check_tokens", "an integer >= 0 (0 = skip the check)")
+        need(self.store_check_tolerance is None or self.store_check_tolerance > 0, "store_check_tolerance",
+             "> 0, or null for the dtype-aware default")
         spec = self.spec()
         if spec.rehearsal:
             need_name(divergences.DIVERGENCES, "divergence")

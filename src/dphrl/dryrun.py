@@ -394,13 +394,17 @@ def _store_report(cfg: TrainConfig) -> tuple[list[str], dict | None]:
     lines.append(f"reference_store: {cfg.reference_store} -- found: {c.get('prompts')} prompts, D_pef {c.get('d_pef')}, "
                  f"D_exp {c.get('d_exp')}, {c.get('stored_samples')} stored samples, "
                  f"mean pass rate {m.get('mean_pass_rate', float('nan')):.3f}")
-    from dphrl.reference import _norm_model
+    from dphrl.reference import STORE_VERSION
 
-    if _norm_model(m.get("model", "")) != _norm_model(cfg.model):
-        lines.append(f"  MISMATCH: store model {m.get('model')!r} != config model {cfg.model!r}")
-    t = m.get("sampling", {}).get("temperature")
-    if t is not None and abs(float(t) - cfg.temperature) > 1e-9:
-        lines.append(f"  MISMATCH: store temperature {t} != config temperature {cfg.temperature}")
+    lines.append(f"  sampled from {m.get('model')!r} (weights fingerprint {m.get('model_fingerprint')}: the trainer "
+                 f"compares it with the loaded model's and re-scores {cfg.store_check_tokens} stored tokens at start-up)")
+    if m.get("store_version") != STORE_VERSION:
+        lines.append(f"  MISMATCH: store_version {m.get('store_version')} != {STORE_VERSION} (re-run `dphrl presample`)")
+    sampling = m.get("sampling", {})
+    for key, want in (("temperature", cfg.temperature), ("top_p", cfg.top_p)):
+        got = sampling.get(key)
+        if got is not None and abs(float(got) - want) > 1e-9:
+            lines.append(f"  MISMATCH: store sampling.{key} {got} != config {key} {want}")
     if m.get("threshold") is not None and abs(float(m["threshold"]) - cfg.split_threshold) > 1e-9:
         lines.append(f"  note: store split threshold {m['threshold']} != config split_threshold {cfg.split_threshold}")
     return lines, m

@@ -439,6 +439,29 @@ def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
+def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) -> str:
+    """A fingerprint of a model's weights (not of its path): sha256 over every tensor's name, shape and
+    ``samples_per_tensor`` evenly strided values, rounded to bfloat16.
+
+    Rounding to bf16 makes it the same whether the checkpoint was loaded in fp32 or bf16 (a bf16
+    checkpoint gives identical values both ways); any retraining, fine-tune or replaced file changes
+    it. It reads a strided sample, not every byte (seconds, not minutes, for an 8B model): it
+    identifies weights, it is not a cryptographic hash of the file. Unwrapped (plain Hugging Face)
+    models only: call it before LoRA or FSDP wrapping.
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            flat = t.detach().reshape(-1)  # (N,)
+            if flat.numel() > samples_per_tensor:
+                idx = torch.linspace(0, flat.numel() - 1, samples_per_tensor, device=flat.device).long()
+                flat = flat[idx]  # (samples,)
+            vals = flat.to(torch.bfloat16).view(torch.int16).cpu() if flat.is_floating_point() else flat.cpu()
+            h.update(f"{name}:{tuple(t.shape)}:".encode())
+            h.update(vals.numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
 def model_fingerprint(model_name: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """What a reference store records to check it matches the model/tokenizer in use."""
     return {
@@ -467,4 +490,5 @@ __all__ = [
     "model_fingerprint",
     "resolve_model",
     "tokenizer_hash",
+    "weights_fingerprint",
 ]

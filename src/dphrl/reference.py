@@ -5,15 +5,24 @@ the prompts by pass rate, and stores the correct responses of D_pef prompts with
 per-token log pi_ref (fp32, the exact distribution sampled from: same temperature, renormalized
 after top-p). Training then needs no reference model. Layout of a store directory::
 
-    manifest.json      model, tokenizer hash, sampling parameters, seed, dataset hash, counts
+    manifest.json      store version, model name and weights fingerprint, tokenizer hash, sampling
+                       parameters (n, temperature, top_p, top_k, max_new_tokens), dtype of the forward
+                       that produced the log-probs, seed, dataset hash, counts, sha256 of each file
     prompts.parquet    prompt_id, pass_rate, n_correct, n_sampled, split ("pef" | "exp")
     samples.parquet    prompt_id, prompt_ids, response_ids, ref_logprobs, finished, text
+
+The store is checked, not trusted: :class:`ReferenceStore` verifies each file's checksum, that every
+stored log-prob is finite, in [-1e5, 0], with one per response token, and :meth:`check_compatible` that the
+store was made from the same weights (fingerprint, not path), tokenizer, temperature, top-p and data;
+the trainer then re-scores a sample of stored tokens with its own forward (``verify_store``).
+A store is written to a temp directory and swapped into place (:func:`dphrl.fsutil.replace_dir`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -30,11 +39,18 @@ from dphrl.data.example import Example
 from dphrl.engines.base import Engine
 from dphrl.rewards.registry import CORRECT_THRESHOLD, RewardFn, score_batch
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+LOGPROB_SLACK = 1e-4  # stored log-probs may exceed 0 by float rounding only
+LOGPROB_FLOOR = -1e5  # below this a stored log-prob is corruption (fp32 logits/temperature never get there)
 
 
 class StoreMismatchError(ValueError):
     """The reference store was made with another model, tokenizer or sampling setting."""
+
+
+class StoreCorruptError(ValueError):
+    """A store file is missing, truncated, altered or holds impossible values; the message names the
+    file and how to rebuild it."""
 
 
 def dataset_hash(examples: list[Example]) -> str:
@@ -76,13 +92,28 @@ def presample(
     extra_manifest: dict | None = None,
     logprob_model: Any = None,
     micro_batch_size: int = 16,
+    weights_fingerprint: str | None = None,
+    dtype: str | None = None,
 ) -> dict:
     """Sample, score, split and store. Returns the manifest (also written to ``manifest.json``).
 
     ``logprob_model``: when given (engine vllm), the stored log pi_ref are recomputed by this model
     (one no-grad forward at ``temperature``, the computation the trainer uses for log pi_theta) instead
     of taken from the engine, whose kernels do not match the training forward. Needs ``top_p == 1``.
+    ``weights_fingerprint`` (:func:`dphrl.models.weights_fingerprint` of the sampled model) and
+    ``dtype`` (of the forward that produced the log-probs) default to those of ``logprob_model`` or of
+    the engine's ``model`` attribute (the HF engine's).
     """
+    src_model = logprob_model if logprob_model is not None else getattr(engine, "model", None)
+    if weights_fingerprint is None:
+        if src_model is None:
+            raise ValueError("presample: pass weights_fingerprint=dphrl.models.weights_fingerprint(model) "
+                             "(the engine does not expose its model)")
+        from dphrl.models import weights_fingerprint as _fingerprint
+
+        weights_fingerprint = _fingerprint(src_model)
+    if dtype is None:
+        dtype = str(next(src_model.parameters()).dtype).removeprefix("torch.") if src_model is not None else "unknown"
     out_dir = Path(out_dir)
     if logprob_model is not None and top_p < 1.0:
         raise ValueError("presample: recomputing log pi_ref (engine vllm) needs top_p 1.0; use engine hf for top_p < 1")
@@ -140,8 +171,10 @@ def presample(
     manifest = {
         "store_version": STORE_VERSION,
         "model": model_name,
+        "model_fingerprint": weights_fingerprint,
         "tokenizer_hash": tokenizer_hash,
         "sampling": {"n": n, "temperature": temperature, "top_p": top_p, "top_k": 0, "max_new_tokens": max_new_tokens},
+        "dtype": dtype,
         "seed": seed,
         "threshold": threshold,
         "keep_per_prompt": keep_per_prompt,
@@ -185,64 +218,182 @@ _PROMPT_SCHEMA = pa.schema(
 
 
 def _write_store(out_dir: Path, manifest: dict, prompt_rows: list[dict], sample_rows: list[dict]) -> None:
-    """Write atomically: everything goes to a temp dir that is renamed into place."""
+    """Write everything to a temp dir (with each file's sha256 in the manifest), then swap it into place."""
+    from dphrl.fsutil import replace_dir, sha256_file
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     pq.write_table(pa.Table.from_pylist(prompt_rows, schema=_PROMPT_SCHEMA), tmp / "prompts.parquet")
     pq.write_table(pa.Table.from_pylist(sample_rows, schema=_SAMPLE_SCHEMA), tmp / "samples.parquet")
+    manifest["files"] = {name: sha256_file(tmp / name) for name in STORE_FILES}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
+
+
+STORE_FILES = ("prompts.parquet", "samples.parquet")
+
+
+def _rebuild_hint(path: Path) -> str:
+    return (f"Rebuild the store with `dphrl presample --config <your config>` (it writes to the config's "
+            f"reference_store, here {path}).")
 
 
 class ReferenceStore:
-    """A reference store on disk: the split and the stored pi_ref samples of D_pef prompts."""
+    """A reference store on disk: the split and the stored pi_ref samples of D_pef prompts.
 
-    def __init__(self, path: str | Path):
+    Loading verifies the store (see the module docstring) and raises :class:`StoreCorruptError`
+    naming the file and how to rebuild it; ``max_prompt_tokens`` drops stored samples whose prompt is
+    longer (the rule rollout prompts follow), counted in ``dropped_long_prompts``.
+    """
+
+    def __init__(self, path: str | Path, *, max_prompt_tokens: int | None = None):
+        from dphrl.fsutil import recover_dir
+
         self.path = Path(path)
+        recover_dir(self.path)  # an interrupted swap left the old store aside: put it back
         mf = self.path / "manifest.json"
         if not mf.exists():
             raise FileNotFoundError(
                 f"reference store {self.path}: no manifest.json. Create it with `dphrl presample --config <your config>` "
                 "(it writes to the config's reference_store directory)."
             )
-        self.manifest: dict = json.loads(mf.read_text())
-        prompts = pq.read_table(self.path / "prompts.parquet").to_pylist()
+        try:
+            self.manifest: dict = json.loads(mf.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StoreCorruptError(f"reference store {mf}: not valid JSON ({e}). {_rebuild_hint(self.path)}") from e
+        if self.manifest.get("store_version") != STORE_VERSION:
+            raise StoreMismatchError(
+                f"reference store {self.path}: field 'store_version' is {self.manifest.get('store_version')!r}, this "
+                f"dphrl reads version {STORE_VERSION} (which records a weights fingerprint and file checksums). "
+                + _rebuild_hint(self.path)
+            )
+        prompts = self._read("prompts.parquet")
         self.pass_rate = {r["prompt_id"]: r["pass_rate"] for r in prompts}
         self.pef_ids = [r["prompt_id"] for r in prompts if r["split"] == "pef"]
         self.exp_ids = [r["prompt_id"] for r in prompts if r["split"] == "exp"]
         self.samples: dict[str, list[RefSample]] = {}
-        for r in pq.read_table(self.path / "samples.parquet").to_pylist():
+        self.dropped_long_prompts = 0
+        for i, r in enumerate(self._read("samples.parquet")):
+            lp = r["ref_logprobs"]
+            if not r["response_ids"] or lp is None or len(lp) != len(r["response_ids"]):
+                raise StoreCorruptError(f"reference store {self.path / 'samples.parquet'}: row {i} has "
+                                        f"{len(lp or [])} log-probs for {len(r['response_ids'] or [])} response tokens. "
+                                        + _rebuild_hint(self.path))
+            bad = [x for x in lp if not (math.isfinite(x) and LOGPROB_FLOOR <= x <= LOGPROB_SLACK)]
+            if bad:
+                raise StoreCorruptError(f"reference store {self.path / 'samples.parquet'}: row {i} holds impossible "
+                                        f"log-probs {bad[:3]} (must be finite, in [{LOGPROB_FLOOR:g}, 0]). " + _rebuild_hint(self.path))
+            if max_prompt_tokens is not None and len(r["prompt_ids"]) > max_prompt_tokens:
+                self.dropped_long_prompts += 1
+                continue
             self.samples.setdefault(r["prompt_id"], []).append(
-                RefSample(r["prompt_id"], r["prompt_ids"], r["response_ids"], r["ref_logprobs"])
+                RefSample(r["prompt_id"], r["prompt_ids"], r["response_ids"], lp)
             )
         # D_pef prompts with at least one stored sample are the ones that can be rehearsed
         self.pef_ids = [p for p in self.pef_ids if self.samples.get(p)]
 
+    def _read(self, name: str) -> list[dict]:
+        """One parquet file, checked against the manifest's sha256 (missing, truncated, altered: refused)."""
+        from dphrl.fsutil import sha256_file
+
+        f = self.path / name
+        if not f.is_file():
+            raise StoreCorruptError(f"reference store {f}: missing. " + _rebuild_hint(self.path))
+        want = (self.manifest.get("files") or {}).get(name)
+        got = sha256_file(f)
+        if want != got:
+            raise StoreCorruptError(f"reference store {f}: checksum {got[:12]}... differs from the manifest's "
+                                    f"{str(want)[:12]}... (truncated or altered). " + _rebuild_hint(self.path))
+        try:
+            return pq.read_table(f).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise StoreCorruptError(f"reference store {f}: unreadable parquet ({e}). {_rebuild_hint(self.path)}") from e
+
     def check_compatible(
-        self, *, model: str, tokenizer_hash: str, temperature: float, examples: list[Example] | None = None
+        self,
+        *,
+        model_fingerprint: str,
+        tokenizer_hash: str,
+        temperature: float,
+        top_p: float = 1.0,
+        examples: list[Example] | None = None,
     ) -> None:
-        """Refuse a store made with another model, tokenizer, temperature or dataset (clear message)."""
+        """Refuse a store made from other weights, tokenizer, temperature, top-p or data, naming each field."""
         m = self.manifest
+        sampling = m.get("sampling", {})
         problems = []
+        if m.get("model_fingerprint") != model_fingerprint:
+            problems.append(f"field 'model_fingerprint': the store was sampled from other weights "
+                            f"({m.get('model_fingerprint')} from {m.get('model')!r}; this model's is {model_fingerprint})")
         if m.get("tokenizer_hash") != tokenizer_hash:
-            problems.append(f"tokenizer hash {m.get('tokenizer_hash')} != the model's {tokenizer_hash}")
-        if _norm_model(m.get("model", "")) != _norm_model(model):
-            problems.append(f"model {m.get('model')!r} != config model {model!r}")
-        if abs(float(m["sampling"]["temperature"]) - temperature) > 1e-9:
-            problems.append(f"sampling temperature {m['sampling']['temperature']} != config temperature {temperature}")
+            problems.append(f"field 'tokenizer_hash': {m.get('tokenizer_hash')} != the model's {tokenizer_hash}")
+        if abs(float(sampling.get("temperature", float("nan"))) - temperature) > 1e-9:
+            problems.append(f"field 'sampling.temperature': {sampling.get('temperature')} != config temperature {temperature}")
+        if abs(float(sampling.get("top_p", float("nan"))) - top_p) > 1e-9:
+            problems.append(f"field 'sampling.top_p': {sampling.get('top_p')} != config top_p {top_p}")
         if examples is not None and m.get("dataset_hash") != dataset_hash(examples):
-            problems.append("dataset hash differs (the training prompts are not the ones that were pre-sampled)")
+            problems.append("field 'dataset_hash': differs (the training prompts are not the ones that were pre-sampled)")
         if problems:
             raise StoreMismatchError(
                 f"reference store {self.path} does not match this run: " + "; ".join(problems)
                 + ". Re-run `dphrl presample` with this config, or point reference_store at the matching store."
             )
 
+    def rescoring_sample(self, max_tokens: int) -> list[RefSample]:
+        """Stored sequences spread over D_pef prompts (one per prompt, round-robin) until ``max_tokens``
+        response tokens: what :func:`verify_store` re-scores. Deterministic (same on every rank)."""
+        out: list[RefSample] = []
+        tokens, rnd = 0, 0
+        while tokens < max_tokens:
+            added = False
+            for pid in self.pef_ids:
+                if rnd < len(self.samples[pid]) and tokens < max_tokens:
+                    out.append(self.samples[pid][rnd])
+                    tokens += len(self.samples[pid][rnd].response_ids)
+                    added = True
+            if not added:
+                break
+            rnd += 1
+        return out
 
-def _norm_model(name: str) -> str:
-    p = Path(name)
-    return str(p.resolve()) if p.exists() else name
+
+#: Tolerated mean |stored log pi_ref - recomputed log pi| per token at train start: fp32 on both sides
+#: differs by summation order only (~1e-6 measured on CPU); bf16 autocast on either side by ~1e-2.
+STORE_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
+
+
+def store_tolerance(store_dtype: str, train_dtype: str) -> float:
+    """The documented tolerance for a store computed in ``store_dtype`` re-scored in ``train_dtype``."""
+    low = "bfloat16" if "bfloat16" in (store_dtype, train_dtype) or "float16" in (store_dtype, train_dtype) else "float32"
+    return STORE_TOLERANCE[low]
+
+
+def verify_store(
+    store: ReferenceStore,
+    rescore: Any,
+    *,
+    max_tokens: int,
+    tolerance: float,
+) -> dict[str, float]:
+    """Re-score a sample of stored tokens with ``rescore(samples) -> list[list[float]]`` (the trainer's
+    own forward: same dtype and autocast as training) and refuse if the mean |delta log pi| exceeds
+    ``tolerance``. Returns ``{"store_check/tokens", "store_check/mean_abs_diff", "store_check/max_abs_diff"}``."""
+    sample = store.rescoring_sample(max_tokens)
+    if not sample:
+        return {"store_check/tokens": 0.0, "store_check/mean_abs_diff": 0.0, "store_check/max_abs_diff": 0.0}
+    fresh = rescore(sample)
+    diffs = [abs(a - b) for s, f in zip(sample, fresh) for a, b in zip(s.ref_logprobs, f)]
+    mean, worst = sum(diffs) / len(diffs), max(diffs)
+    stats = {"store_check/tokens": float(len(diffs)), "store_check/mean_abs_diff": mean,
+             "store_check/max_abs_diff": worst}
+    if not mean <= tolerance:  # also refuses NaN
+        raise StoreMismatchError(
+            f"reference store {store.path}: its stored log pi_ref do not match this model's own forward on "
+            f"{len(diffs)} re-scored tokens (mean |delta| {mean:.3g}, max {worst:.3g} > tolerance {tolerance:g}, "
+            f"store dtype {store.manifest.get('dtype')}). The samples were not drawn from this model at this "
+            f"temperature/top_p (or a checkpoint's sampling defaults leaked in). " + _rebuild_hint(store.path)
+            + " If only numerics differ (e.g. bf16 kernels), raise store_check_tolerance."
+        )
+    return stats

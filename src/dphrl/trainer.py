@@ -46,6 +46,7 @@ from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
 from dphrl.engines import build_engine, resolve_engine
 from dphrl.launch import Launch, check_launch
+from dphrl.models import weights_fingerprint
 from dphrl.reference import ReferenceStore
 from dphrl.rewards.registry import CORRECT_THRESHOLD, get_reward, score_batch
 
@@ -77,22 +78,27 @@ class PromptSampler:
         return torch.randperm(self.n, generator=g).tolist()
 
     def next(self, k: int) -> list[int]:
-        out = []
+        """The next ``k`` indices; distinct when ``k <= n`` (a new epoch started inside a call puts the
+        indices already taken by that call last)."""
+        out: list[int] = []
         while len(out) < k:
             if self.pos >= self.n:
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._perm = self._permutation()
+                if out:
+                    taken = set(out)
+                    self._perm = [i for i in self._perm if i not in taken] + [i for i in self._perm if i in taken]
             take = min(k - len(out), self.n - self.pos)
             out.extend(self._perm[self.pos : self.pos + take])
             self.pos += take
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "perm": list(self._perm)}
 
     def load_state_dict(self, s: dict) -> None:
         self.epoch, self.pos = s["epoch"], s["pos"]
-        self._perm = self._permutation()
+        self._perm = list(s["perm"]) if "perm" in s else self._permutation()
 
 
 def load_examples(spec: dict) -> list[Example]:
@@ -148,6 +154,8 @@ class Trainer:
             model = model or load_model(cfg.model)
         self.tokenizer = tokenizer
         self.pad_id = pad_token_id(tokenizer)
+        # the weights a reference store must have been sampled from (before LoRA / sharding wrappers)
+        base_fingerprint = weights_fingerprint(model) if self.spec.rehearsal else ""
         if cfg.lora:
             from dphrl.models import apply_lora
 
@@ -163,10 +171,14 @@ class Trainer:
         self.reward_fn = get_reward(cfg.reward or examples[0].task)
         self.store: ReferenceStore | None = None
         if self.spec.rehearsal:
-            self.store = ReferenceStore(cfg.reference_store)
+            self.store = ReferenceStore(cfg.reference_store, max_prompt_tokens=cfg.max_prompt_tokens)
             self.store.check_compatible(
-                model=cfg.model, tokenizer_hash=_tokenizer_hash(tokenizer), temperature=cfg.temperature, examples=examples
+                model_fingerprint=base_fingerprint, tokenizer_hash=_tokenizer_hash(tokenizer),
+                temperature=cfg.temperature, top_p=cfg.top_p, examples=examples,
             )
+            if self.store.dropped_long_prompts and self.acc.is_main_process:
+                print(f"dphrl: dropped {self.store.dropped_long_prompts} stored reference samples whose prompt is "
+                      f"longer than max_prompt_tokens={cfg.max_prompt_tokens} (the rule rollout prompts follow)")
             exp = set(self.store.exp_ids)
             self.rollout_examples = [ex for ex in examples if ex.id in exp]
             self.pef_ids = list(self.store.pef_ids)
@@ -175,7 +187,8 @@ class Trainer:
             n_ref = cfg.ref_prompts_per_step or max(
                 1, round(cfg.prompts_per_step * len(self.pef_ids) / max(1, len(self.rollout_examples)))
             )
-            self.ref_prompts_per_step = n_ref if self.pef_ids else 0
+            # a D_pef prompt is never drawn twice in one step: at most every prompt once
+            self.ref_prompts_per_step = min(n_ref, len(self.pef_ids))
             self.ref_sampler = PromptSampler(max(1, len(self.pef_ids)), cfg.seed + 1)
         else:
             self.rollout_examples = examples
@@ -210,9 +223,35 @@ class Trainer:
         self.engine = self._build_engine()
         self._engine_stale = self.engine_name == "vllm"  # push the policy's weights before the first rollout
         self.step = 0
-        self.totals = {"nonfinite_skipped": 0, "reward_failures": 0}
+        self.totals = {"nonfinite_skipped": 0, "reward_failures": 0, "empty_updates_skipped": 0}
+        self.store_check: dict[str, float] = {}
+        if self.store is not None and cfg.store_check_tokens > 0:
+            self.store_check = self._verify_store()
         if cfg.trackers:
             self.acc.init_trackers("dphrl", config=_flat_config(cfg))
+
+    def _verify_store(self) -> dict[str, float]:
+        """Re-score a sample of stored tokens with the training forward (same dtype and autocast) and
+        refuse the store if it was not sampled from this model (:func:`dphrl.reference.verify_store`)."""
+        from dphrl.reference import store_tolerance, verify_store
+
+        cfg = self.cfg
+        tol = cfg.store_check_tolerance
+        if tol is None:
+            tol = store_tolerance(str(self.store.manifest.get("dtype", "float32")), cfg.dtype)
+        top_p = float(self.store.manifest.get("sampling", {}).get("top_p", 1.0))
+
+        def rescore(samples: list) -> list[list[float]]:
+            with self.acc.autocast():  # the training numerics (every rank re-scores the same sample)
+                return sequence_logprobs(self.model, [r.prompt_ids for r in samples],
+                                         [r.response_ids for r in samples], self.pad_id, cfg.temperature,
+                                         cfg.micro_batch_size, device=self.acc.device, top_p=top_p)
+
+        stats = verify_store(self.store, rescore, max_tokens=cfg.store_check_tokens, tolerance=tol)
+        if self.acc.is_main_process and cfg.progress:
+            print(f"dphrl: reference store verified: {stats['store_check/tokens']:.0f} stored tokens re-scored, "
+                  f"mean |delta log pi| {stats['store_check/mean_abs_diff']:.2e} (tolerance {tol:g})")
+        return stats
 
     def _launch(self) -> Launch:
         """This run's layout, for :func:`dphrl.launch.check_launch` and ``run_info.json``."""
@@ -333,11 +372,18 @@ class Trainer:
         return gens, rewards, lengths, fails
 
     def collect_rollouts(self) -> tuple[list[Seq], dict[str, float]]:
-        """Generate rollout_n responses per prompt, score, shape, compute advantages, filter (dapo)."""
+        """Generate rollout_n responses per prompt, score, shape, compute advantages, filter (dapo).
+
+        Dynamic sampling keeps the first ``prompts_per_step`` informative groups in the *global* order
+        of the prompts (round, then rank, then local index: the order one process would see), each
+        refill round drawing a whole new batch of ``prompts_per_step`` prompts, so the trained groups do
+        not depend on the number of processes. A rank may keep fewer groups than another, or none;
+        the update pads it (see :meth:`optimizer_step`).
+        """
         cfg, n = self.cfg, self.cfg.rollout_n
         exs = self._local_prompts(cfg.prompts_per_step)
         kept: list[tuple[list[Any], torch.Tensor, torch.Tensor]] = []  # (gens of a group, rewards, shaped)
-        all_rewards, all_lengths, all_finished, fails, rounds = [], [], [], 0, 0
+        all_rewards, all_lengths, all_finished, fails, rounds, n_kept = [], [], [], 0, 0, 0
         while True:
             gens, rewards, lengths, f = self._generate_and_score(exs, rounds)
             fails += f
@@ -349,23 +395,23 @@ class Trainer:
                 shaped = shaped + adv_lib.overlong_penalty(
                     lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
                 )
-            for g in range(len(exs)):
-                kept.append((gens[g], rewards[g * n : (g + 1) * n], shaped[g * n : (g + 1) * n]))
+            groups = [(gens[g], rewards[g * n : (g + 1) * n], shaped[g * n : (g + 1) * n]) for g in range(len(exs))]
             if not cfg.dynamic_sampling:
+                kept += groups
                 break
-            keep = [bool(adv_lib.dynamic_sampling_mask(r, n).all()) for _, r, _ in kept]
-            informative = [k for k, ok in zip(kept, keep) if ok]
-            n_global = int(self._sum(len(informative)))
-            if n_global >= cfg.prompts_per_step or rounds >= cfg.max_refill_rounds:
-                # never leave a rank empty: groups with zero advantage add no policy gradient
-                kept = informative[: cfg.prompts_per_step // self.world] or kept[:1]
+            informative = [grp for grp in groups if bool(adv_lib.dynamic_sampling_mask(grp[1], n).all())]
+            counts = self._allgather_int(len(informative))  # this round's informative groups per rank
+            need = cfg.prompts_per_step - n_kept
+            before = sum(counts[: self.rank])
+            mine = max(0, min(counts[self.rank], need - before))
+            kept += informative[:mine]
+            n_kept += min(need, sum(counts))
+            if n_kept >= cfg.prompts_per_step or rounds >= cfg.max_refill_rounds:
                 break
-            kept = informative
             rounds += 1
-            missing = cfg.prompts_per_step - n_global
-            exs = self._local_prompts(max(self.world, math.ceil(missing / self.world) * self.world))
-        shaped_all = torch.cat([s for _, _, s in kept])  # (G*n,)
-        advs, adv_metrics = adv_lib.compute_advantages(cfg.advantage, shaped_all, n)
+            exs = self._local_prompts(cfg.prompts_per_step)  # a whole new batch (world-independent)
+        shaped_all = torch.cat([s for _, _, s in kept]) if kept else torch.zeros(0)  # (G*n,)
+        advs, adv_metrics = adv_lib.compute_advantages(cfg.advantage, shaped_all, n) if kept else (shaped_all, {})
         seqs = []
         for gi, (gens, _, _) in enumerate(kept):
             for j, g in enumerate(gens):
@@ -391,12 +437,24 @@ class Trainer:
         return seqs, metrics
 
     def _no_grad_logprobs(self, model: torch.nn.Module, seqs: list[Seq]) -> list[list[float]]:
-        """Per-token log-probs of ``seqs`` under ``model`` (no grad), micro-batch by micro-batch."""
-        return sequence_logprobs(model, [s.prompt_ids for s in seqs], [s.response_ids for s in seqs], self.pad_id,
-                                 self.cfg.temperature, self.cfg.micro_batch_size, device=self.acc.device)
+        """Per-token log-probs of ``seqs`` under ``model`` (no grad), micro-batch by micro-batch, under the
+        training autocast; every rank runs as many forwards as the busiest one (FSDP: collectives)."""
+        mbs = self.cfg.micro_batch_size
+        with self.acc.autocast():
+            out = sequence_logprobs(model, [s.prompt_ids for s in seqs], [s.response_ids for s in seqs], self.pad_id,
+                                    self.cfg.temperature, mbs, device=self.acc.device)
+            if self.world > 1:
+                mine = math.ceil(len(seqs) / mbs)
+                (most,) = self._allreduce([mine], op="max")
+                pad = self._padding_seq()
+                for _ in range(int(most) - mine):
+                    sequence_logprobs(model, [pad.prompt_ids], [pad.response_ids], self.pad_id, self.cfg.temperature,
+                                      1, device=self.acc.device)
+        return out
 
     def _attach_reference_logprobs(self, seqs: list[Seq]) -> None:
-        """rkl: log pi_ref of every rollout token from the frozen initial model (one no-grad forward)."""
+        """KL term: log pi_ref of every rollout token from the frozen initial model (one no-grad forward,
+        same autocast as the policy)."""
         if self.ref_model is not None:
             ref = self._no_grad_logprobs(self.ref_model, seqs)
         else:  # LoRA: the base model with the adapter switched off is the initial policy
@@ -444,42 +502,60 @@ class Trainer:
         return {k: sums[k] / counts[k] for k in sums}
 
     def optimizer_step(self, roll_mb: list[Seq], ref_mb: list[Seq]) -> dict[str, float]:
-        """One optimizer update on a mini-batch; rollout and reference micro-batches kept apart."""
+        """One optimizer update on a mini-batch; rollout and reference micro-batches kept apart.
+
+        Every rank runs the same number of forward/backward passes (under FSDP each is a collective):
+        the micro-batch counts are all-reduced (max) and a rank with fewer runs zero-weight padding
+        micro-batches, which add nothing to the loss, the gradients or the normalizers. A mini-batch
+        that is empty on every rank skips the update on every rank together.
+        """
         cfg, dev = self.cfg, self.acc.device
-        if not roll_mb and not ref_mb:
-            raise RuntimeError("empty mini-batch on this process: lower mini_batches or raise prompts_per_step")
-        # global normalizers: each term is divided by its own token (or sequence) count over all ranks
-        g_roll_tok = self._sum(sum(len(s.response_ids) for s in roll_mb))
-        g_roll_seq = self._sum(len(roll_mb))
-        g_ref_tok = self._sum(sum(len(s.response_ids) for s in ref_mb))
-        micro = [("roll", c) for c in _chunks(roll_mb, cfg.micro_batch_size)]
-        micro += [("ref", c) for c in _chunks(ref_mb, cfg.micro_batch_size)]
+        roll_chunks = _chunks(roll_mb, cfg.micro_batch_size)
+        ref_chunks = _chunks(ref_mb, cfg.micro_batch_size)
+        # global normalizers (each term divided by its own token / sequence count over all ranks) and the
+        # micro-batch counts every rank must run, in two all-reduces
+        g_roll_tok, g_roll_seq, g_ref_tok = self._allreduce(
+            [sum(len(s.response_ids) for s in roll_mb), len(roll_mb), sum(len(s.response_ids) for s in ref_mb)]
+        )
+        n_roll, n_ref = (int(x) for x in self._allreduce([len(roll_chunks), len(ref_chunks)], op="max"))
+        if n_roll + n_ref == 0:  # nothing to train on anywhere: no update, on every rank
+            self.totals["empty_updates_skipped"] += 1
+            return {"update/empty_skipped": 1.0}
+        micro: list[tuple[str, list[Seq] | None]] = [("roll", c) for c in roll_chunks]
+        micro += [("roll", None)] * (n_roll - len(roll_chunks))
+        micro += [("ref", c) for c in ref_chunks] + [("ref", None)] * (n_ref - len(ref_chunks))
         self.optimizer.zero_grad(set_to_none=True)
         acc_metrics: dict[str, float] = {}
         bad = 0.0
         for i, (kind, chunk) in enumerate(micro):
             sync = i == len(micro) - 1
             ctx = nullcontext() if sync or self.world == 1 else self.acc.no_sync(self.model)
+            real = chunk is not None
+            seqs = chunk if real else [self._padding_seq()]
             with ctx:
-                batch = pack([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], self.pad_id).to(dev)
+                batch = pack([s.prompt_ids for s in seqs], [s.response_ids for s in seqs], self.pad_id).to(dev)
                 if kind == "roll":
-                    loss, m = self._rollout_loss(batch, chunk, g_roll_tok, g_roll_seq)
+                    loss, m = self._rollout_loss(batch, seqs, max(g_roll_tok, 1.0), max(g_roll_seq, 1.0))
                 else:
-                    loss, m = self._reference_loss(batch, chunk, g_ref_tok)
-                if not torch.isfinite(loss):
+                    loss, m = self._reference_loss(batch, seqs, max(g_ref_tok, 1.0))
+                if not real:
+                    loss = loss * 0.0  # padding: the collectives run, nothing is learned or counted
+                elif not torch.isfinite(loss):
                     bad = 1.0
                 self.acc.backward(loss * self.world)  # DDP averages gradients over ranks; we want their sum
-            w = len(chunk)
-            for k, v in m.items():
-                acc_metrics[k] = acc_metrics.get(k, 0.0) + v * w
-                acc_metrics["_n_" + k] = acc_metrics.get("_n_" + k, 0.0) + w
+            if real:
+                w = len(seqs)
+                for k, v in m.items():
+                    acc_metrics[k] = acc_metrics.get(k, 0.0) + v * w
+                    acc_metrics["_n_" + k] = acc_metrics.get("_n_" + k, 0.0) + w
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm)
         grad_norm = float(grad_norm)
-        bad = self._sum(bad + (0.0 if math.isfinite(grad_norm) else 1.0))
+        (bad,) = self._allreduce([bad + (0.0 if math.isfinite(grad_norm) else 1.0)])
         out = {k: v / acc_metrics["_n_" + k] for k, v in acc_metrics.items() if not k.startswith("_n_")}
         if bad:
-            # NaN/inf never reaches the weights: drop the gradients, skip the update, report it
+            # NaN/inf never reaches the weights: drop the gradients, skip the update (and the LR
+            # schedule: a skipped update is not an update), report it
             self.optimizer.zero_grad(set_to_none=True)
             self.totals["nonfinite_skipped"] += 1
             out["update/nonfinite_skipped"] = 1.0
@@ -487,11 +563,17 @@ class Trainer:
                 tqdm.write(f"step {self.step + 1}: non-finite loss or gradient; update skipped")
         else:
             self.optimizer.step()
+            self.scheduler.step()
             self._engine_stale = self.engine_name == "vllm"  # a separate engine needs the new weights
             out["update/nonfinite_skipped"] = 0.0
-        self.scheduler.step()
+        out["update/empty_skipped"] = 0.0
         out["grad_norm"] = grad_norm if math.isfinite(grad_norm) else -1.0
         return out
+
+    def _padding_seq(self) -> Seq:
+        """A one-token sequence for zero-weight padding micro-batches and forwards."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.pad_id
+        return Seq([self.pad_id], [eos], old_logp=[0.0], advantage=0.0, ref_logp=[0.0])
 
     def _rollout_loss(self, batch, chunk: list[Seq], g_tok: float, g_seq: float) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
@@ -531,10 +613,24 @@ class Trainer:
     # logging and checkpoints
     # ------------------------------------------------------------------------------------------
     def _sum(self, x: float) -> float:
+        return self._allreduce([x])[0]
+
+    def _allgather_int(self, x: int) -> list[int]:
+        """``x`` of every rank, in rank order."""
         if self.world == 1:
-            return float(x)
-        t = torch.tensor([float(x)], device=self.acc.device)
-        return float(self.acc.reduce(t, reduction="sum").item())
+            return [int(x)]
+        t = torch.tensor([int(x)], device=self.acc.device)
+        return [int(v) for v in self.acc.gather(t).tolist()]
+
+    def _allreduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Element-wise sum (or max) of ``values`` over ranks, in one collective."""
+        if self.world == 1:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], device=self.acc.device)
+        if op == "max":
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            return t.tolist()
+        return self.acc.reduce(t, reduction="sum").tolist()
 
     def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
