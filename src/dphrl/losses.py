@@ -246,6 +246,8 @@ def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]
 
 
 # ----------------------------------------------------------------------------- KL estimators
+# What each estimator's value and LOSS gradient are in expectation: see ``kl_estimator``'s docstring
+# (proved by exact enumeration in tests/test_kl_gradients.py).
 
 
 KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator", config_key="kl_estimator")
@@ -253,19 +255,20 @@ KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator", c
 
 @KL_ESTIMATORS.register("k1")
 def _kl_k1(d: Tensor) -> Tensor:
-    """k1 = log(pi/pi_ref): unbiased, high variance, can be negative."""
+    """k1 = log(pi/pi_ref): unbiased value, can be negative; as a loss its expected gradient is 0."""
     return d
 
 
 @KL_ESTIMATORS.register("k2")
 def _kl_k2(d: Tensor) -> Tensor:
-    """k2 = (log-ratio)^2 / 2: biased, low variance, >= 0."""
+    """k2 = (log-ratio)^2 / 2: biased value, >= 0; as a loss its expected gradient is that of reverse KL."""
     return 0.5 * d.square()
 
 
 @KL_ESTIMATORS.register("k3")
 def _kl_k3(d: Tensor) -> Tensor:
-    """k3 = pi_ref/pi - 1 - log(pi_ref/pi) = expm1(-d) + d: unbiased, >= 0 (Schulman's low-variance estimator)."""
+    """k3 = pi_ref/pi - 1 - log(pi_ref/pi) = expm1(-d) + d: unbiased value, >= 0 (Schulman's low-variance
+    estimator); as a loss its expected gradient is that of the FORWARD KL(pi_ref || pi_theta)."""
     return expm1_linear_tail(-d) + d
 
 
@@ -274,6 +277,31 @@ def kl_estimator(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
 
     Elementwise, same shape and dtype as ``logp``; gradients flow into ``logp`` only. k3 uses expm1 with
     the linear-tail guard (no clamp), so its gradient stays finite and non-zero for any log-ratio.
+
+    An unbiased VALUE is not an unbiased GRADIENT. With y ~ pi_theta and d = log pi_theta(y) -
+    log pi_ref(y), used as a loss (differentiated through log pi_theta(y), the sample fixed, as the
+    ``live_reference`` algorithms do), in expectation over y:
+
+    ==================  ========================  ======================================
+    estimator           E[value]                  E[gradient as a loss]
+    ==================  ========================  ======================================
+    k1 = d              KL(pi_theta || pi_ref)    0 (no regularisation at all)
+    k2 = d^2 / 2        E[d^2] / 2 (!= KL)        grad KL(pi_theta || pi_ref) (reverse)
+    k3 = e^-d - 1 + d   KL(pi_theta || pi_ref)    grad KL(pi_ref || pi_theta) (FORWARD)
+    -beta d as reward   (REINFORCE, d detached)   -beta grad KL(pi_theta || pi_ref)
+    ==================  ========================  ======================================
+
+    Why: the loss gradient is l'(d) grad log pi_theta(y), and E[h(y) grad log pi_theta(y)] =
+    sum_y h(y) grad pi_theta(y); with l' = 1, d, 1 - pi_ref/pi_theta this is 0, the reverse-KL
+    gradient, and -sum_y pi_ref(y) grad log pi_theta(y) = the forward-KL gradient (Tang & Munos 2025,
+    "On a few pitfalls in KL divergence gradient estimation for RL", arXiv 2506.09477).
+    Sequences: at a fixed prefix the token-level term gives the per-position gradient of that
+    divergence; the prefix distribution is not differentiated, so summed k2 is NOT the gradient of
+    the sequence-level reverse KL (it misses E[grad log pi_theta(y_<t) KL_t]); REINFORCE with the
+    sequence's summed -beta d as the return is. k3 as a loss (verl's ``low_var_kl`` kl loss, the
+    paper's RKL baseline) therefore pulls, per position at on-policy prefixes, along forward KL. No
+    further estimator is registered: k2 already gives the per-position reverse-KL gradient, and the
+    sequence-level one needs the reward form, not a per-token loss.
     """
     fn = KL_ESTIMATORS.get(kind)
     _check_same_shape(logp, ref_logp, "logp and ref_logp")
