@@ -48,12 +48,13 @@ def test_sequential_counts_failures_and_timeouts():
     assert can_interrupt()
     items = ["ok", "raise", "hang", "nan", "ok"]
     t0 = time.monotonic()
-    res = score_batch(behaving_reward, items, [_ex(i) for i in range(len(items))], timeout_s=0.5)
+    res = score_batch(behaving_reward, items, [_ex(i) for i in range(len(items))], timeout_s=0.5, num_workers=0)
     assert time.monotonic() - t0 < 3.0
     assert isinstance(res, BatchScores)
     assert res.scores == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert (res.failures, res.timeouts) == (2, 1)  # raise + nan, hang
     assert set(res.errors) == {1, 2, 3}
+    assert all("behaving_reward" in m for m in res.errors.values())  # messages name the reward
 
 
 def test_length_mismatch_is_an_error():
