@@ -17,14 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dphrl demo --out runs/demo
+	$(BIN)/dphrl demo --out runs/demo --resume
 
 demo-quick: $(STAMP)
-	$(BIN)/dphrl demo --quick --out runs/demo-quick
+	$(BIN)/dphrl demo --quick --out runs/demo-quick --resume
 
 # The committed report in docs/demo/: 3 seeds + the eta / kl_coef sweep (resumable: finished jobs are skipped).
 demo-report: $(STAMP)
-	$(BIN)/dphrl demo --seeds 3 --sweep --out runs/demo-report
+	$(BIN)/dphrl demo --seeds 3 --sweep --out runs/demo-report --resume
 	rm -rf docs/demo && mkdir -p docs/demo
 	cp runs/demo-report/report/*.md runs/demo-report/report/*.html runs/demo-report/report/*.png runs/demo-report/report/summary.json docs/demo/
 

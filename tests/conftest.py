@@ -80,6 +80,7 @@ def base_cfg(tmp_path: Path, algorithm: str, **kw) -> TrainConfig:
         micro_batch_size=8,
         mini_batches=1,
         generation_batch_size=64,
+        reward_workers=0,  # in process: the toy reward is trusted (containment: test_reward_containment.py)
     )
     defaults.update(kw)
     return TrainConfig(**defaults)

@@ -368,6 +368,7 @@ def test_resume_is_exact(tmp_path, tok, make_model):
         assert sorted(p.name for p in ck.iterdir()) == ["step_000004"]
         assert not list(Path(run).rglob("*.tmp"))
         assert sorted(p.name for p in (ck / "step_000004").iterdir()) == [
+            "COMPLETE",  # written last: only complete checkpoints are resumable
             "config.yaml",
             "model.pt",
             "rng_0.pt",

@@ -34,6 +34,16 @@ def _load_for_generation(name: str, dtype: str = "float32"):
     return load_tokenizer(name), model
 
 
+def _refuse_existing(path: Path, what: str, *, overwrite: bool, marker: str) -> None:
+    """Refuse to write into ``path`` when it holds a previous result, unless ``--overwrite``."""
+    from dphrl.rundir import RunDirError, dir_contents
+
+    if dir_contents(path) and not overwrite:
+        held = "a finished result" if (path / marker).exists() else "other files"
+        raise RunDirError(f"{what}: {path} already holds {held} ({', '.join(dir_contents(path)[:5])}). Nothing was "
+                          "changed. Pass --overwrite to replace it, or choose another output directory.")
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from dphrl.config import config_help
 
@@ -54,6 +64,9 @@ def cmd_presample(args: argparse.Namespace) -> int:
     out = args.out or cfg.reference_store
     if not out:
         raise SystemExit("presample: set reference_store in the config (or pass --out DIR)")
+    if not examples:
+        raise SystemExit(f"presample: the dataset {cfg.dataset} gave no examples; check its path and filters")
+    _refuse_existing(Path(out), "dphrl presample", overwrite=args.overwrite, marker="manifest.json")
     tok, model = _load_for_generation(cfg.model, cfg.dtype)
     engine_name = resolve_engine(cfg.engine)
     engine = build_engine(engine_name, model, tok, batch_size=cfg.generation_batch_size, model_name=cfg.model,
@@ -83,7 +96,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from dphrl.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    if args.resume and args.overwrite:
+        raise SystemExit("dphrl train: --resume and --overwrite contradict each other; pass one")
+    trainer = Trainer(cfg, overwrite=args.overwrite)  # validates everything before touching output_dir
     if args.resume:
         trainer.resume(args.resume)
     last = trainer.train()
@@ -97,6 +112,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dphrl.rewards import get_reward
     from dphrl.trainer import load_examples
 
+    names = [name for name, _ in args.data]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise SystemExit(f"dphrl eval: --data names must be unique; {dup} given more than once (the later one "
+                         "would replace the earlier one's results)")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"dphrl eval: --limit {args.limit}: give a positive number of problems (or omit it for all)")
+    datasets_in = {}
+    for name, spec in args.data:  # load and check every dataset before any model is loaded
+        spec = dict(spec)
+        limit = spec.pop("limit", None) if args.limit is None else args.limit
+        exs = load_examples({**spec, **({"limit": limit} if limit else {})})
+        if not exs:
+            raise SystemExit(f"dphrl eval: --data {name}={spec} gave no examples; check its path and filters")
+        datasets_in[name] = exs
+    _refuse_existing(Path(args.out), "dphrl eval", overwrite=args.overwrite, marker="results.json")
     engine_name = resolve_engine(args.engine)
     if engine_name == "hf":
         tok, model = _load_for_generation(args.model, args.dtype)
@@ -108,9 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           dtype=args.dtype, seed=args.seed, gpu_memory_utilization=0.85)
     datasets, rewards = {}, {}
     style_fn = None
-    for name, spec in args.data:
-        limit = spec.pop("limit", None) if args.limit is None else args.limit
-        exs = load_examples({**spec, **({"limit": limit} if limit else {})})
+    for name, exs in datasets_in.items():
         datasets[name] = exs
         rewards[name] = get_reward(args.reward or exs[0].task)
         if exs[0].task == "styles":
@@ -138,6 +167,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     from dphrl.demo import build_base_model
 
+    _refuse_existing(Path(args.out), "dphrl sft", overwrite=args.overwrite, marker="config.json")
     build_base_model(Path(args.out), steps=args.steps, seed=args.seed, progress=True)
     return 0
 
@@ -148,6 +178,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:
         size = demo_size(args.quick, args.rl_steps, args.lr, methods, args.train_prompts)
+        if args.resume and args.overwrite:
+            raise SystemExit("dphrl demo: --resume and --overwrite contradict each other; pass one")
+        from dphrl.rundir import claim_dir
+
+        claim_dir(Path(args.out), what="dphrl demo", resume=args.resume, overwrite=args.overwrite, lock=False)
         run_demo(Path(args.out), seeds=args.seeds, sweep=args.sweep, workers=args.workers, size=size)
     except DemoBudgetError as e:
         print(f"dphrl demo: {e}", file=sys.stderr)
@@ -170,12 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RL training prompts, also pre-sampled (default 400, at most 1400).")
     d.add_argument("--methods", default=None, help="Comma-separated subset of grpo,dapo,rkl,dph-f,dph-js.")
     d.add_argument("--out", default="runs/demo")
+    d.add_argument("--resume", action="store_true", help="Continue a demo in --out (finished jobs are kept).")
+    d.add_argument("--overwrite", action="store_true", help="Replace a demo found in --out.")
     d.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("sft", help="Build the demo base model from scratch (tokenizer + tiny Llama + SFT).")
     s.add_argument("--out", default="runs/base")
     s.add_argument("--steps", type=int, default=1500)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="Replace a model found in --out.")
     s.set_defaults(fn=cmd_sft)
 
     for name, fn, hlp in (
@@ -188,8 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             t.add_argument("--resume", help="'latest' or a checkpoint directory.")
             t.add_argument("--dry-run", action="store_true", help="Validate the config, build the data, print the plan.")
+            t.add_argument("--overwrite", action="store_true", help="Replace a run found in output_dir.")
         else:
             t.add_argument("--out", help="Store directory (default: the config's reference_store).")
+            t.add_argument("--overwrite", action="store_true", help="Replace a store found there.")
         t.set_defaults(fn=fn)
 
     e = sub.add_parser("eval", help="Pass@k, diversity and styles of a model on one or more datasets.")
@@ -203,13 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--limit", type=int, default=None, help="Evaluate the first N problems of each dataset.")
     e.add_argument("--reward", default="", help="Reward name or module:function (default: the task's own).")
-    e.add_argument("--reward-workers", type=int, default=0)
+    e.add_argument("--reward-workers", type=int, default=-1,
+                   help="Reward scoring: -1 = auto pool of killable workers, N = N workers, 0 = in process.")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--engine", default="auto",
                    help="Generation engine: auto (vllm when installed and a CUDA GPU is present, else hf) | hf | vllm "
                         "| package.module:factory.")
     e.add_argument("--dtype", default="bfloat16", help="Model dtype on a GPU (the CPU always uses float32).")
     e.add_argument("--out", default="runs/eval")
+    e.add_argument("--overwrite", action="store_true", help="Replace results found in --out.")
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser("report", help="Markdown + HTML report (table, Pass@k curves, training curves) of runs.")
@@ -224,13 +266,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dphrl.config import ConfigError
+    from dphrl.rundir import RunDirError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come anywhere, e.g. `train --config c.yaml --resume latest lr=1e-5`
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except ConfigError as e:
         print(f"dphrl: config error: {e}", file=sys.stderr)
         return 2
+    except RunDirError as e:
+        print(f"dphrl: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from dphrl.trainer import TrainingStopped
+
+        if isinstance(e, TrainingStopped):  # SIGTERM / SIGINT: checkpoint written, clean exit
+            print(f"dphrl: {e}", file=sys.stderr)
+            return 143 if e.signal_name == "SIGTERM" else 130
+        raise
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ class TrainConfig:
     # --- robustness, logging, checkpoints ------------------------------------------------------
     max_reward_failure_frac: float = _f(0.2, "Stop with an error when more than this fraction of a step's rewards failed.")
     reward_timeout_s: float = _f(10.0, "Per-item reward time-out (seconds).")
-    reward_workers: int = _f(0, "Process-pool workers for reward scoring (0 = in process).")
+    reward_workers: int = _f(-1, "Reward scoring: -1 = auto (a pool of min(8, max(2, CPUs per local process)) killable worker processes: a reward that hangs in C code, exits or floods output is contained; a reward the workers cannot import, e.g. a lambda, is scored in process with a warning) | N > 0 = N workers | 0 = in process (fastest, trusted rewards only).")
     log_every: int = _f(1, "Log metrics every N steps.")
     trackers: list = _f([], "Extra accelerate trackers: tensorboard, wandb (metrics.jsonl is always written).")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model).")

@@ -144,9 +144,9 @@ def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overri
         model=str(base), dataset=spec, reward="styles", output_dir=str(out), seed=seed,
         reference_store=str(store), prompts_per_step=size.prompts_per_step, rollout_n=size.rollout_n,
         max_new_tokens=size.max_new_tokens, lr=size.lr, max_steps=size.rl_steps, micro_batch_size=64,
-        generation_batch_size=256, progress=False, **overrides,
+        generation_batch_size=256, progress=False, reward_workers=0, **overrides,
     )
-    trainer = Trainer(cfg, callbacks=[progress])
+    trainer = Trainer(cfg, callbacks=[progress], overwrite=True)  # an unfinished job restarts from scratch
     trainer.train()
     return trainer.acc.unwrap_model(trainer.model)
 
@@ -167,7 +167,7 @@ def _prepare_seed(root: Path, seed: int, size: DemoSize) -> str:
         presample(
             build_engine("hf", model, tok, batch_size=256), tok, train, styles.styles_reward, store, model_name=str(base),
             tokenizer_hash=tokenizer_hash(tok), n=size.presample_n, max_new_tokens=size.max_new_tokens,
-            seed=seed, prompts_per_call=64, progress=False,
+            seed=seed, prompts_per_call=64, progress=False, reward_workers=0,
         )
     c = json.loads((store / "manifest.json").read_text())
     return (f"seed {seed}: base model + store ({time.time() - t0:.0f} s): D_pef {c['counts']['d_pef']} prompts, "

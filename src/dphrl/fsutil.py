@@ -22,7 +22,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "recover_dir", "remove_dir", "replace_dir", "sha256_file"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "recover_dir", "remove_dir", "replace_dir", "sha256_file",
+           "sweep_leftovers"]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -104,3 +105,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sweep_leftovers(path: str | Path) -> list[str]:
+    """Delete what an interrupted write left in ``path`` (not recursive): hidden ``.*.tmp*`` files and
+    dirs and ``.deleting-*`` dirs. Only for a directory the caller owns (holds its lock)."""
+    path = Path(path)
+    gone = []
+    if path.is_dir():
+        for p in path.iterdir():
+            if p.name.startswith(".") and (".tmp" in p.name or p.name.startswith(".deleting-")):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                gone.append(p.name)
+    return gone

@@ -129,11 +129,14 @@ def _builtin_gguf_path(spec: BuiltinModel) -> Path:
 
 
 def _looks_like_local_path(name: str) -> bool:
+    """A name that can only mean a local path (never sent to the hub): absolute, ./ ../ ~, a .gguf
+    file, more than one '/', or 'dir/x' whose 'dir' exists here (runs/final, not org/model)."""
     return (
         name.startswith(("/", "./", "../", "~"))
         or name.endswith(".gguf")
         or name.count("/") > 1
         or (os.sep != "/" and os.sep in name)
+        or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())
     )
 
 
@@ -387,8 +390,16 @@ def load_tokenizer(
     """
     resolved = resolve_model(name_or_path)
     path = ensure_gguf_tokenizer_cache(resolved.gguf_file, cache_dir) if resolved.is_gguf else resolved.path
+    if resolved.source == "local" and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model directory {path} has no tokenizer files (none of {list(_TOKENIZER_FILES)}); save the tokenizer "
+            "there too (tokenizer.save_pretrained(dir)), as dphrl's final/ and checkpoints do"
+        )
     tok = AutoTokenizer.from_pretrained(str(path), **from_pretrained_kwargs)
     return _prepare_tokenizer(tok)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def apply_lora(

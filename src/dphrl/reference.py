@@ -87,7 +87,7 @@ def presample(
     seed: int = 0,
     prompts_per_call: int = 16,
     reward_timeout_s: float = 10.0,
-    reward_workers: int = 0,
+    reward_workers: int = -1,
     progress: bool = True,
     extra_manifest: dict | None = None,
     logprob_model: Any = None,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import resource
 import shutil
@@ -45,10 +44,12 @@ from dphrl.config import ConfigError, TrainConfig
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
 from dphrl.engines import build_engine, resolve_engine
+from dphrl.fsutil import atomic_write_text, remove_dir, replace_dir, sweep_leftovers
 from dphrl.launch import Launch, check_launch
 from dphrl.models import weights_fingerprint
 from dphrl.reference import ReferenceStore
 from dphrl.rewards.registry import CORRECT_THRESHOLD, get_reward, score_batch
+from dphrl.rundir import RunDirError, RunLock, StopSignals, claim_dir
 
 
 class RewardFailureError(RuntimeError):
@@ -130,8 +131,12 @@ class Trainer:
         examples: list[Example] | None = None,
         accelerator: Accelerator | None = None,
         callbacks: list[StepCallback] | None = None,
+        overwrite: bool = False,
     ):
         self.cfg = cfg
+        self.overwrite = overwrite  # replace a run found in output_dir (else refused unless resumed)
+        self._lock: RunLock | None = None
+        self._resumed = self._claimed_for_resume = False
         self.spec = cfg.spec()  # the algorithm's entry in dphrl.algorithms
         self.callbacks = list(callbacks or [])
         self.engine_name = resolve_engine(cfg.engine)  # auto resolved here, recorded in run_info.json
@@ -289,11 +294,46 @@ class Trainer:
     # the loop
     # ------------------------------------------------------------------------------------------
     def train(self) -> dict:
+        """Run the loop to ``max_steps``; save the final model. SIGTERM / SIGINT save a checkpoint at the
+        next step boundary and raise :class:`TrainingStopped` (resume it with ``resume("latest")``)."""
+        self._claim_output_dir()
+        try:
+            with StopSignals() as stop:
+                return self._loop(stop)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _claim_output_dir(self) -> None:
+        """Refuse an output dir holding another run unless resuming or overwriting; lock it (rank 0 decides,
+        every rank raises the same error)."""
+        if self._lock is not None:
+            return
+        err = None
+        if self.acc.is_main_process:
+            try:
+                self._lock = claim_dir(self.out, what="dphrl train", resume=self._resumed or self._claimed_for_resume,
+                                       overwrite=self.overwrite)
+                for d in (self.out, self.out / "checkpoints"):  # what a killed run left half-written
+                    sweep_leftovers(d)
+            except RunDirError as e:
+                err = str(e)
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [err]
+            broadcast_object_list(box, from_process=0)
+            err = box[0]
+        if err:
+            raise RunDirError(err)
+
+    def _loop(self, stop: StopSignals) -> dict:
         cfg = self.cfg
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / "config.yaml")
-            (self.out / "run_info.json").write_text(json.dumps(self.run_info(), indent=1))
+            atomic_write_text(self.out / "run_info.json", json.dumps(self.run_info(), indent=1))
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.algorithm}", unit="step",
                    disable=not (cfg.progress and self.acc.is_main_process))
         last: dict = {}
@@ -322,6 +362,11 @@ class Trainer:
                 cb(self, metrics)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}", s_per_step=f"{metrics['time/step']:.2f}")
+            stopping = self._stop_requested(stop)
+            if stopping and self.step < cfg.max_steps:  # every rank agrees: checkpoint, then stop cleanly
+                path = self.save_checkpoint()
+                bar.close()
+                raise TrainingStopped(stopping, path)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
         bar.close()
@@ -329,6 +374,12 @@ class Trainer:
         for tracker in self.acc.trackers:  # flush trackers; keep the process group for later calls
             tracker.finish()
         return last
+
+    def _stop_requested(self, stop: StopSignals) -> str | None:
+        """The signal any rank received (all ranks agree, one all-reduce), or None."""
+        code = {None: 0.0, "SIGINT": 1.0, "SIGTERM": 2.0}.get(stop.requested, 2.0)
+        (agreed,) = self._allreduce([code], op="max")
+        return {0.0: None, 1.0: "SIGINT", 2.0: "SIGTERM"}[agreed]
 
     # ------------------------------------------------------------------------------------------
     # phase 1: rollouts
@@ -705,22 +756,38 @@ class Trainer:
             torch.save(self.optimizer.state_dict(), tmp / f"optimizer_{self.rank}.pt")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            done = sorted(p for p in ckdir.glob("step_*") if p.is_dir())
+            (tmp / CHECKPOINT_MARKER).write_text(json.dumps({"step": self.step, "world_size": self.world}))
+            replace_dir(tmp, final)
+            done = self._complete_checkpoints()
             for old in done[: max(0, len(done) - self.cfg.keep_last)]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_dir(old)  # renamed away first: never a half-deleted step_N
         self.acc.wait_for_everyone()
         return final
 
+    def _complete_checkpoints(self) -> list[Path]:
+        """Checkpoint dirs that were fully written (their marker is written last, before the rename)."""
+        ckdir = self.out / "checkpoints"
+        return sorted(p for p in ckdir.glob("step_*") if p.is_dir() and (p / CHECKPOINT_MARKER).is_file())
+
     def resume(self, path: str | Path = "latest") -> None:
-        """Restore model, optimizer, scheduler, RNG and data position from a checkpoint."""
+        """Restore model, optimizer, scheduler, RNG and data position from a checkpoint.
+
+        The current config may differ from the checkpoint's only in keys that can change mid-run; the
+        optimizer's hyper-parameters (lr, betas, weight_decay) are then applied to the restored
+        optimizer and every change is printed and recorded in ``resume_log.jsonl``. Keys that define
+        the run (model, data, algorithm, seed, ...) must match: see :data:`RESUME_MUST_MATCH`.
+        """
+        self._claimed_for_resume = True
+        self._claim_output_dir()
         if str(path) == "latest":
-            done = sorted(p for p in (self.out / "checkpoints").glob("step_*") if p.is_dir())
+            done = self._complete_checkpoints()
             if not done:
-                raise FileNotFoundError(f"--resume latest: no checkpoint under {self.out / 'checkpoints'}")
+                raise FileNotFoundError(f"--resume latest: no complete checkpoint under {self.out / 'checkpoints'}")
             path = done[-1]
         path = Path(path)
+        if not (path / CHECKPOINT_MARKER).is_file():
+            raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (no {CHECKPOINT_MARKER})")
+        changes = self._resume_config_changes(path)
         st = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
         if self.sharded:
             sd = torch.load(path / "model.pt", map_location="cpu") if self.acc.is_main_process else {}
@@ -741,10 +808,48 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
-        if self.acc.is_main_process and (self.out / "metrics.jsonl").exists():  # drop log lines past the checkpoint
-            lines = (self.out / "metrics.jsonl").read_text().splitlines()
-            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
-            (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in keep))
+        for group in self.optimizer.param_groups:  # the current config's optimizer hyper-parameters
+            group["lr"] = self.cfg.lr
+            group["betas"] = tuple(self.cfg.betas)
+            group["weight_decay"] = self.cfg.weight_decay
+        self.scheduler.base_lrs = [self.cfg.lr for _ in self.scheduler.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._scheduled_lrs()):
+            group["lr"] = lr
+        self._resumed = True
+        if self.acc.is_main_process:
+            if (self.out / "metrics.jsonl").exists():  # drop log lines past the checkpoint (atomic rewrite)
+                lines = (self.out / "metrics.jsonl").read_text().splitlines()
+                keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+                atomic_write_text(self.out / "metrics.jsonl", "".join(ln + "\n" for ln in keep))
+            if changes:
+                print(f"dphrl: resuming {path.name} with changed config: "
+                      + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+                with open(self.out / "resume_log.jsonl", "a") as f:
+                    f.write(json.dumps({"checkpoint": path.name, "step": self.step,
+                                        "changed": {k: [a, b] for k, (a, b) in changes.items()}}) + "\n")
+
+    def _scheduled_lrs(self) -> list[float]:
+        """The LR schedule's value at the restored step for the (possibly changed) base LR."""
+        sched = self.scheduler
+        if hasattr(sched, "lr_lambdas"):
+            return [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        return sched.get_last_lr()
+
+    def _resume_config_changes(self, path: Path) -> dict[str, tuple[Any, Any]]:
+        """Keys whose value differs from the checkpoint's config; refuse those that define the run."""
+        import yaml
+
+        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        now = self.cfg.to_dict()
+        changes = {k: (saved.get(k), v) for k, v in now.items() if k in saved and saved[k] != v}
+        fixed = sorted(k for k in changes if k in RESUME_MUST_MATCH)
+        if fixed:
+            raise ConfigError(
+                f"--resume {path}: the config differs from the checkpoint's in keys that define the run: "
+                + ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in fixed)
+                + ". Resume with the checkpoint's values, or start a new run (--overwrite, or another output_dir)."
+            )
+        return changes
 
     def save_final(self) -> Path:
         """save_pretrained (+ tokenizer + resolved config): loadable by plain transformers."""
@@ -762,10 +867,29 @@ class Trainer:
             self.cfg.save(tmp / "dphrl_config.yaml")
             (tmp / "dphrl_run_info.json").write_text(json.dumps(self.run_info(), indent=1))
             (tmp / "dphrl_totals.json").write_text(json.dumps({"step": self.step, **self.totals}))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)  # never a moment without a final/ once one existed
         self.acc.wait_for_everyone()
         return final
+
+
+#: Written last into a checkpoint dir (before its rename): only marked checkpoints are resumable.
+CHECKPOINT_MARKER = "COMPLETE"
+
+#: Config keys a resumed run must share with its checkpoint (they define what was trained so far).
+RESUME_MUST_MATCH = frozenset({
+    "model", "algorithm", "dataset", "reward", "seed", "reference_store", "lora", "lora_r", "lora_alpha",
+    "lora_target_modules", "dtype", "rollout_n", "prompts_per_step", "presample_n", "split_threshold",
+    "keep_per_prompt", "max_prompt_tokens", "temperature", "top_p",
+})
+
+
+class TrainingStopped(RuntimeError):
+    """SIGTERM / SIGINT stopped training at a step boundary after writing a checkpoint."""
+
+    def __init__(self, signal_name: str, checkpoint: Path):
+        self.signal_name, self.checkpoint = signal_name, checkpoint
+        super().__init__(f"{signal_name}: stopped after step {checkpoint.name.removeprefix('step_').lstrip('0') or 0}; "
+                         f"checkpoint {checkpoint}. Resume with `dphrl train --config ... --resume latest`.")
 
 
 _SUMMED = {"reward/failures", "rollout/sequences", "rollout/groups_kept", "ref/sequences", "ref/tokens"}

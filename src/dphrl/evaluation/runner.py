@@ -407,13 +407,13 @@ def write_results(
     out_dir: str | Path, results: dict[str, Any], records: Sequence[dict[str, Any]] | None
 ) -> Path:
     """Write ``results.json`` (and ``samples.jsonl`` when ``records`` is given) into ``out_dir``."""
+    from dphrl.fsutil import atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
-    if records is not None:
-        with open(out / SAMPLES_FILE, "w") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if records is not None:  # samples first: a results.json always has its samples beside it
+        atomic_write_text(out / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2, allow_nan=True) + "\n")
     return out / RESULTS_FILE
 
 
