@@ -9,6 +9,7 @@ import shutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import base_cfg, make_store, toy_examples
 
 from dphrl.fsutil import recover_dir, remove_dir, replace_dir, sha256_file
@@ -186,3 +187,17 @@ def test_replace_dir_never_leaves_neither(tmp_path):
     assert recover_dir(dst) and (dst / "v").read_text() == "new"
     remove_dir(dst)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_fingerprint_big_tensors_dtypes_and_changes():
+    from dphrl.models import weights_fingerprint
+
+    big = torch.nn.Linear(4100, 4100, bias=False)  # 16.8M weights: past float32's exact integers
+    fp = weights_fingerprint(big)
+    assert weights_fingerprint(big.to(torch.bfloat16).float()) == weights_fingerprint(big.to(torch.bfloat16))
+    with torch.no_grad():
+        big.weight[-1, -1] += 1.0  # the last element is always sampled
+    assert weights_fingerprint(big) != fp
+    with torch.no_grad():
+        big.weight.mul_(1.01)  # a fine-tune moves (almost) every weight
+    assert len({fp, weights_fingerprint(big)}) == 2

@@ -465,7 +465,8 @@ def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 4096) 
         for name, t in sorted(model.state_dict().items()):
             flat = t.detach().reshape(-1)  # (N,)
             if flat.numel() > samples_per_tensor:
-                idx = torch.linspace(0, flat.numel() - 1, samples_per_tensor, device=flat.device).long()
+                k = samples_per_tensor  # integer strides: float32 linspace rounds past the end on big tensors
+                idx = torch.arange(k, device=flat.device, dtype=torch.long) * (flat.numel() - 1) // (k - 1)
                 flat = flat[idx]  # (samples,)
             vals = flat.to(torch.bfloat16).view(torch.int16).cpu() if flat.is_floating_point() else flat.cpu()
             h.update(f"{name}:{tuple(t.shape)}:".encode())
