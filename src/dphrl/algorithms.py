@@ -33,6 +33,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "dynamic_sampling": False,
     "overlong_buffer": 0,
     "kl_coef": 0.0,
+    "kl_estimator": "k2",
 }
 
 
@@ -76,8 +77,9 @@ ALGORITHMS.register("dapo", AlgorithmSpec(
               "overlong_buffer": lambda c: c.max_new_tokens // 4},
 ))
 ALGORITHMS.register("rkl", AlgorithmSpec(
-    "rkl", "grpo + kl_coef * KL estimator on rollout tokens against a live frozen copy of the initial model",
-    defaults={"kl_coef": 0.01},
+    "rkl", "grpo + kl_coef * KL estimator on rollout tokens against a live frozen copy of the initial model "
+    "(default k2: the reverse-KL gradient; kl_estimator: k3 is the paper's baseline, a forward-KL gradient)",
+    defaults={"kl_coef": 0.01, "kl_estimator": "k2"},
     live_reference=True,
 ))
 ALGORITHMS.register("dph", AlgorithmSpec(

@@ -49,8 +49,10 @@ class TrainConfig:
     ref_prompts_per_step: int | None = _f(None, "dph: D_pef prompts whose stored samples enter each step. Default: prompts_per_step*|D_pef|/|D_exp| (>=1).")
     store_check_tokens: int = _f(256, "dph: stored tokens re-scored with the training forward at start-up; the store is refused if their mean |delta log pi| exceeds store_check_tolerance (0 = skip the check).")
     store_check_tolerance: float | None = _f(None, "dph: tolerated mean |stored - recomputed log pi| per token. Default by dtype: 1e-3 when the store and training are both float32, 5e-2 when either is bfloat16.")
-    kl_coef: float | None = _f(None, "rkl: coefficient of the reverse-KL loss to the frozen initial model. Default 0.01 (0 for others).")
-    kl_estimator: str = _f("k3", "rkl: reverse-KL estimator k1 | k2 | k3.")
+    rehearsal_form: str = _f("sampled", "dph: how the rehearsal term sees the reference: sampled (the paper's: f(u) on each stored token) | topk (exact per-position f-divergence over the reference's stored top-k tokens + one tail bucket; lower variance, biased low when k < vocab) | topk_sampled_tail (topk + a sampled-tail correction: unbiased). The topk forms need a store presampled with rehearsal_topk > 0.")
+    rehearsal_topk: int = _f(0, "presample: also store the reference's top-k token ids and log-probs (and the tail mass) at every response position, for rehearsal_form topk*; 0 = off. dph: the k used (<= the store's).")
+    kl_coef: float | None = _f(None, "rkl: coefficient of the KL term on rollouts against the frozen initial model. Default 0.01 (0 for others).")
+    kl_estimator: str | None = _f(None, "rkl: per-token KL estimator used as a loss on rollout tokens: k2 (default; its loss gradient is the reverse-KL gradient, mode-seeking) | k3 (the paper's and verl/TRL's: its value estimates reverse KL but its loss gradient is the FORWARD-KL gradient) | k1 (zero expected gradient as a loss: no regularisation).")
     # --- pre-sampling (dphrl presample writes reference_store) ---------------------------------
     presample_n: int = _f(8, "presample: responses sampled per training prompt from the base model.")
     split_threshold: float = _f(1.0, "presample: prompts with pass rate >= this go to D_pef, the rest to D_exp.")
@@ -103,6 +105,15 @@ class TrainConfig:
     save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model).")
     keep_last: int = _f(2, "Checkpoints kept.")
     progress: bool = _f(True, "Show a progress bar.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~30% more compute); gradients are unchanged.")
+    # --- evaluation during training, completion logs, model card --------------------------------
+    eval_every: int = _f(0, "Evaluate every N steps (and at the end) on eval_data: unbiased Pass@k (k = 1, 2, 4, ..., eval_n), greedy accuracy, styles, logged as eval/<name>/... to metrics.jsonl and the trackers. 0 = off.")
+    eval_data: dict = _f({}, "Evaluation datasets during training: {name: dataset spec}, e.g. {gsm8k: {type: gsm8k, path: ..., limit: 64}}. Each uses its task's reward unless eval_reward is set.")
+    eval_n: int = _f(8, "Samples per problem for Pass@k during training.")
+    eval_reward: str = _f("", "Reward for eval_data (default: each dataset's task reward).")
+    completions_every: int = _f(0, "Every N steps write a sample of prompts, responses and rewards to completions.jsonl (and the trackers' tables). 0 = off.")
+    completions_per_log: int = _f(4, "Rollouts written per completions log.")
+    push_to_hub: str = _f("", "Hugging Face repo id to push final/ to after training (off when empty; needs network and a token).")
 
     def __post_init__(self) -> None:
         self.resolve()
@@ -177,8 +188,18 @@ class TrainConfig:
         need(self.store_check_tokens >= 0, "store_check_tokens", "an integer >= 0 (0 = skip the check)")
         need(self.store_check_tolerance is None or self.store_check_tolerance > 0, "store_check_tolerance",
              "> 0, or null for the dtype-aware default")
+        need(self.rehearsal_topk >= 0, "rehearsal_topk", "an integer >= 0 (0 = no top-k in the store)")
+        need(self.eval_every >= 0, "eval_every", "an integer >= 0 (0 = off)")
+        need(self.eval_every == 0 or bool(self.eval_data), "eval_data",
+             "a non-empty mapping {name: dataset spec} when eval_every > 0")
+        need(self.eval_n >= 1, "eval_n", "an integer >= 1")
+        need(self.completions_every >= 0, "completions_every", "an integer >= 0 (0 = off)")
+        need(self.completions_per_log >= 1, "completions_per_log", "an integer >= 1")
         spec = self.spec()
         if spec.rehearsal:
+            need_name(divergences.REHEARSAL_FORMS, "rehearsal_form")
+            need(not divergences.REHEARSAL_FORMS.get(self.rehearsal_form).topk or self.rehearsal_topk >= 1,
+                 "rehearsal_topk", f">= 1 with rehearsal_form {self.rehearsal_form} (the k of the stored top-k)")
             need_name(divergences.DIVERGENCES, "divergence")
             need(self.eta is not None and self.eta >= 0, "eta", ">= 0")
             need(bool(self.reference_store), "reference_store",

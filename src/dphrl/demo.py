@@ -60,7 +60,7 @@ class DemoSize:
         default_factory=lambda: {
             "grpo": {"algorithm": "grpo", **SHARED_LOSS},
             "dapo": {"algorithm": "dapo"},
-            "rkl": {"algorithm": "rkl", "kl_coef": 0.05, **SHARED_LOSS},
+            "rkl": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k3", **SHARED_LOSS},
             "dph-f": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, **SHARED_LOSS},
             "dph-js": {"algorithm": "dph", "divergence": "js", "eta": 1.0, **SHARED_LOSS},
         }
@@ -76,7 +76,7 @@ class DemoSize:
     ablation: dict = field(
         default_factory=lambda: {
             "grpo+dapo-loss": {"algorithm": "grpo", **DAPO_STYLE_LOSS},
-            "rkl+dapo-loss": {"algorithm": "rkl", "kl_coef": 0.05, **DAPO_STYLE_LOSS},
+            "rkl+dapo-loss": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k3", **DAPO_STYLE_LOSS},
             "dph-f+dapo-loss": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, **DAPO_STYLE_LOSS},
         }
     )
