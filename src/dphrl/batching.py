@@ -71,6 +71,21 @@ def pad_values(rows: list[list[float]], T: int, value: float = 0.0) -> torch.Ten
     return out
 
 
+def response_logits(model: torch.nn.Module, batch: Packed, temperature: float = 1.0) -> torch.Tensor:
+    """The policy's fp32 logits / temperature at the response positions, (B, T, V): one forward with
+    ``logits_to_keep = T + 1`` (the LM head never runs on prompt positions)."""
+    T = batch.resp_ids.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        logits_to_keep=T + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1, :].float()  # (B, T, V): position P-1+t predicts response token t
+    return logits / temperature if temperature != 1.0 else logits
+
+
 def response_logprobs(
     model: torch.nn.Module,
     batch: Packed,
@@ -88,16 +103,7 @@ def response_logprobs(
     (transformers' ``TopPLogitsWarper``): how a store sampled with top-p is re-scored.
     """
     T = batch.resp_ids.shape[1]
-    out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        logits_to_keep=T + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1, :].float()  # (B, T, V): position P-1+t predicts response token t
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = response_logits(model, batch, temperature)  # (B, T, V)
     if top_p < 1.0:
         from transformers import TopPLogitsWarper
 

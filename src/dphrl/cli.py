@@ -80,6 +80,7 @@ def cmd_presample(args: argparse.Namespace) -> int:
         reward_workers=cfg.reward_workers, progress=cfg.progress,
         # an engine other than hf samples; the HF model recomputes the stored log pi_ref (the trainer's forward)
         logprob_model=model if engine_name != "hf" else None, micro_batch_size=cfg.micro_batch_size,
+        topk=cfg.rehearsal_topk,
     )
     print(json.dumps(manifest["counts"], indent=2))
     return 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -67,6 +66,10 @@ class RefSample:
     prompt_ids: list[int]
     response_ids: list[int]
     ref_logprobs: list[float]
+    #: with a top-k store: per response position, the reference's K most likely ids (by probability)
+    #: and the log-probs of those K buckets + the tail bucket (-inf when the top-k cover the vocabulary)
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
 
 
 def presample(
@@ -94,6 +97,7 @@ def presample(
     micro_batch_size: int = 16,
     weights_fingerprint: str | None = None,
     dtype: str | None = None,
+    topk: int = 0,
 ) -> dict:
     """Sample, score, split and store. Returns the manifest (also written to ``manifest.json``).
 
@@ -102,7 +106,9 @@ def presample(
     of taken from the engine, whose kernels do not match the training forward. Needs ``top_p == 1``.
     ``weights_fingerprint`` (:func:`dphrl.models.weights_fingerprint` of the sampled model) and
     ``dtype`` (of the forward that produced the log-probs) default to those of ``logprob_model`` or of
-    the engine's ``model`` attribute (the HF engine's).
+    the engine's ``model`` attribute (the HF engine's). ``topk > 0`` also stores, per response position
+    of every stored sample, the reference's top-k ids and bucket log-probs (top-k + tail, from the same
+    model's forward at ``temperature``) for the full-distribution rehearsal forms; needs top_p 1.
     """
     src_model = logprob_model if logprob_model is not None else getattr(engine, "model", None)
     if weights_fingerprint is None:
@@ -115,6 +121,8 @@ def presample(
     if dtype is None:
         dtype = str(next(src_model.parameters()).dtype).removeprefix("torch.") if src_model is not None else "unknown"
     out_dir = Path(out_dir)
+    if topk and top_p < 1.0:
+        raise ValueError("presample: rehearsal_topk > 0 needs top_p 1.0 (the stored top-k are of the full softmax)")
     if logprob_model is not None and top_p < 1.0:
         raise ValueError("presample: recomputing log pi_ref (engine vllm) needs top_p 1.0; use engine hf for top_p < 1")
     t0 = time.time()
@@ -167,6 +175,8 @@ def presample(
                                 micro_batch_size)
         for r, lp in zip(sample_rows, lps):
             r["ref_logprobs"] = lp
+    if topk and sample_rows:
+        _add_topk(src_model, tokenizer, sample_rows, topk, temperature, micro_batch_size)
     n_pef = sum(r["split"] == "pef" for r in prompt_rows)
     manifest = {
         "store_version": STORE_VERSION,
@@ -175,6 +185,7 @@ def presample(
         "tokenizer_hash": tokenizer_hash,
         "sampling": {"n": n, "temperature": temperature, "top_p": top_p, "top_k": 0, "max_new_tokens": max_new_tokens},
         "dtype": dtype,
+        "rehearsal_topk": int(topk),
         "seed": seed,
         "threshold": threshold,
         "keep_per_prompt": keep_per_prompt,
@@ -195,6 +206,28 @@ def presample(
     _write_store(out_dir, manifest, prompt_rows, sample_rows)
     return manifest
 
+
+def _add_topk(model: Any, tokenizer: Any, rows: list[dict], k: int, temperature: float, micro: int) -> None:
+    """Set each row's ``topk_ids`` / ``topk_logprobs`` from one no-grad forward per micro-batch."""
+    import torch
+
+    from dphrl.batching import pack, pad_token_id, response_logits
+    from dphrl.divergences import reference_topk
+
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(rows), micro):
+            chunk = rows[i : i + micro]
+            batch = pack([r["prompt_ids"] for r in chunk], [r["response_ids"] for r in chunk], pad_token_id(tokenizer))
+            logits = response_logits(model, batch.to(dev), temperature)  # (B, T, V)
+            ids, ref_b = reference_topk(logits, k)  # (B, T, K), (B, T, K+1)
+            for r, row_ids, row_b in zip(chunk, ids.cpu(), ref_b.float().cpu()):
+                n = len(r["response_ids"])
+                r["topk_ids"] = row_ids[:n].tolist()
+                r["topk_logprobs"] = row_b[:n].tolist()
+
+
+_TOPK_FIELDS = [("topk_ids", pa.list_(pa.list_(pa.int32()))), ("topk_logprobs", pa.list_(pa.list_(pa.float32())))]
 
 _SAMPLE_SCHEMA = pa.schema(
     [
@@ -226,7 +259,11 @@ def _write_store(out_dir: Path, manifest: dict, prompt_rows: list[dict], sample_
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     pq.write_table(pa.Table.from_pylist(prompt_rows, schema=_PROMPT_SCHEMA), tmp / "prompts.parquet")
-    pq.write_table(pa.Table.from_pylist(sample_rows, schema=_SAMPLE_SCHEMA), tmp / "samples.parquet")
+    schema = _SAMPLE_SCHEMA
+    if manifest.get("rehearsal_topk"):
+        for name, typ in _TOPK_FIELDS:
+            schema = schema.append(pa.field(name, typ))
+    pq.write_table(pa.Table.from_pylist(sample_rows, schema=schema), tmp / "samples.parquet")
     manifest["files"] = {name: sha256_file(tmp / name) for name in STORE_FILES}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     replace_dir(tmp, out_dir)
@@ -269,32 +306,74 @@ class ReferenceStore:
                 f"dphrl reads version {STORE_VERSION} (which records a weights fingerprint and file checksums). "
                 + _rebuild_hint(self.path)
             )
+        self.topk = int(self.manifest.get("rehearsal_topk") or 0)
         prompts = self._read("prompts.parquet")
         self.pass_rate = {r["prompt_id"]: r["pass_rate"] for r in prompts}
         self.pef_ids = [r["prompt_id"] for r in prompts if r["split"] == "pef"]
         self.exp_ids = [r["prompt_id"] for r in prompts if r["split"] == "exp"]
         self.samples: dict[str, list[RefSample]] = {}
         self.dropped_long_prompts = 0
-        for i, r in enumerate(self._read("samples.parquet")):
-            lp = r["ref_logprobs"]
-            if not r["response_ids"] or lp is None or len(lp) != len(r["response_ids"]):
-                raise StoreCorruptError(f"reference store {self.path / 'samples.parquet'}: row {i} has "
-                                        f"{len(lp or [])} log-probs for {len(r['response_ids'] or [])} response tokens. "
-                                        + _rebuild_hint(self.path))
-            bad = [x for x in lp if not (math.isfinite(x) and LOGPROB_FLOOR <= x <= LOGPROB_SLACK)]
-            if bad:
-                raise StoreCorruptError(f"reference store {self.path / 'samples.parquet'}: row {i} holds impossible "
-                                        f"log-probs {bad[:3]} (must be finite, in [{LOGPROB_FLOOR:g}, 0]). " + _rebuild_hint(self.path))
+        table = self._read_table("samples.parquet")
+        self._check_samples(table)
+        for r in table.to_pylist():
             if max_prompt_tokens is not None and len(r["prompt_ids"]) > max_prompt_tokens:
                 self.dropped_long_prompts += 1
                 continue
             self.samples.setdefault(r["prompt_id"], []).append(
-                RefSample(r["prompt_id"], r["prompt_ids"], r["response_ids"], lp)
+                RefSample(r["prompt_id"], r["prompt_ids"], r["response_ids"], r["ref_logprobs"],
+                          r.get("topk_ids"), r.get("topk_logprobs"))
             )
         # D_pef prompts with at least one stored sample are the ones that can be rehearsed
         self.pef_ids = [p for p in self.pef_ids if self.samples.get(p)]
 
+    def _check_samples(self, t: pa.Table) -> None:
+        """Vectorized plausibility checks of samples.parquet: one finite log-prob in [LOGPROB_FLOOR, 0] per
+        response token; with top-k, K ids and K + 1 bucket log-probs per token (the tail may be -inf)."""
+        import numpy as np
+        import pyarrow.compute as pc
+
+        where = f"reference store {self.path / 'samples.parquet'}"
+
+        def refuse(rows: np.ndarray, what: str) -> None:
+            raise StoreCorruptError(f"{where}: row {int(rows[0])} {what}. " + _rebuild_hint(self.path))
+
+        n_resp = pc.list_value_length(t["response_ids"]).to_numpy(zero_copy_only=False)  # (N,)
+        n_lp = pc.list_value_length(t["ref_logprobs"]).fill_null(-1).to_numpy(zero_copy_only=False)  # (N,)
+        bad = np.flatnonzero((n_resp < 1) | (n_lp != n_resp))
+        if bad.size:
+            refuse(bad, f"has {n_lp[bad[0]]} log-probs for {n_resp[bad[0]]} response tokens")
+        lp = pc.list_flatten(t["ref_logprobs"]).to_numpy(zero_copy_only=False).astype(np.float64)  # (sum T,)
+        ok = np.isfinite(lp) & (lp >= LOGPROB_FLOOR) & (lp <= LOGPROB_SLACK)
+        if not ok.all():
+            row = np.searchsorted(np.cumsum(n_resp), np.flatnonzero(~ok)[0], side="right")
+            refuse(np.array([row]), f"holds impossible log-probs {lp[~ok][:3].tolist()} (must be finite, in "
+                                    f"[{LOGPROB_FLOOR:g}, 0])")
+        if not self.topk:
+            return
+        if "topk_ids" not in t.column_names or "topk_logprobs" not in t.column_names:
+            refuse(np.array([0]), "lacks the top-k columns the manifest announces")
+        n_ids = pc.list_value_length(t["topk_ids"]).fill_null(-1).to_numpy(zero_copy_only=False)
+        n_b = pc.list_value_length(t["topk_logprobs"]).fill_null(-1).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero((n_ids != n_resp) | (n_b != n_resp))
+        if bad.size:
+            refuse(bad, "has top-k columns of another length than its response")
+        k_ids = pc.list_value_length(pc.list_flatten(t["topk_ids"])).to_numpy(zero_copy_only=False)  # (sum T,)
+        buckets = pc.list_flatten(t["topk_logprobs"])
+        k_b = pc.list_value_length(buckets).to_numpy(zero_copy_only=False)  # (sum T,)
+        if not ((k_ids >= 1) & (k_ids <= self.topk) & (k_b == k_ids + 1)).all():
+            refuse(np.array([0]), f"has malformed top-k columns (want <= {self.topk} ids and one more log-prob)")
+        vals = pc.list_flatten(buckets).to_numpy(zero_copy_only=False).astype(np.float64)  # (sum T (K+1),)
+        is_tail = np.zeros(vals.size, dtype=bool)
+        is_tail[np.cumsum(k_b) - 1] = True
+        ok = (np.isfinite(vals) | (is_tail & (vals == -np.inf))) & (vals <= LOGPROB_SLACK)
+        ok &= (vals >= LOGPROB_FLOOR) | (is_tail & (vals == -np.inf))
+        if not ok.all():
+            refuse(np.array([0]), "holds impossible top-k log-probs (must be finite and <= 0; only the tail may be -inf)")
+
     def _read(self, name: str) -> list[dict]:
+        return self._read_table(name).to_pylist()
+
+    def _read_table(self, name: str) -> pa.Table:
         """One parquet file, checked against the manifest's sha256 (missing, truncated, altered: refused)."""
         from dphrl.fsutil import sha256_file
 
@@ -307,7 +386,7 @@ class ReferenceStore:
             raise StoreCorruptError(f"reference store {f}: checksum {got[:12]}... differs from the manifest's "
                                     f"{str(want)[:12]}... (truncated or altered). " + _rebuild_hint(self.path))
         try:
-            return pq.read_table(f).to_pylist()
+            return pq.read_table(f)
         except (pa.ArrowException, OSError) as e:
             raise StoreCorruptError(f"reference store {f}: unreadable parquet ({e}). {_rebuild_hint(self.path)}") from e
 

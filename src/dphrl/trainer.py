@@ -39,7 +39,14 @@ from transformers import get_scheduler
 
 from dphrl import advantages as adv_lib
 from dphrl import divergences, losses, sharding
-from dphrl.batching import pack, pad_token_id, pad_values, response_logprobs, sequence_logprobs
+from dphrl.batching import (
+    pack,
+    pad_token_id,
+    pad_values,
+    response_logits,
+    response_logprobs,
+    sequence_logprobs,
+)
 from dphrl.config import ConfigError, TrainConfig
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
@@ -47,7 +54,7 @@ from dphrl.engines import build_engine, resolve_engine
 from dphrl.fsutil import atomic_write_text, remove_dir, replace_dir, sweep_leftovers
 from dphrl.launch import Launch, check_launch
 from dphrl.models import weights_fingerprint
-from dphrl.reference import ReferenceStore
+from dphrl.reference import ReferenceStore, StoreMismatchError
 from dphrl.rewards.registry import CORRECT_THRESHOLD, get_reward, score_batch
 from dphrl.rundir import RunDirError, RunLock, StopSignals, claim_dir
 
@@ -65,6 +72,8 @@ class Seq:
     old_logp: list[float] | None = None  # rollouts: log pi_old per token
     advantage: float = 0.0
     ref_logp: list[float] | None = None  # dph reference samples: stored log pi_ref; rkl: live reference
+    topk_ids: list[list[int]] | None = None  # top-k stores: the reference's top-k ids per position
+    topk_logp: list[list[float]] | None = None  # ... and its (K+1) bucket log-probs (top-k + tail)
 
 
 class PromptSampler:
@@ -181,6 +190,12 @@ class Trainer:
                 model_fingerprint=base_fingerprint, tokenizer_hash=_tokenizer_hash(tokenizer),
                 temperature=cfg.temperature, top_p=cfg.top_p, examples=examples,
             )
+            if divergences.REHEARSAL_FORMS.get(cfg.rehearsal_form).topk and self.store.topk < cfg.rehearsal_topk:
+                raise StoreMismatchError(
+                    f"reference store {cfg.reference_store}: field 'rehearsal_topk' is {self.store.topk}, but "
+                    f"rehearsal_form {cfg.rehearsal_form} needs the top-{cfg.rehearsal_topk} of every position. "
+                    f"Re-run `dphrl presample` with rehearsal_topk={cfg.rehearsal_topk}."
+                )
             if self.store.dropped_long_prompts and self.acc.is_main_process:
                 print(f"dphrl: dropped {self.store.dropped_long_prompts} stored reference samples whose prompt is "
                       f"longer than max_prompt_tokens={cfg.max_prompt_tokens} (the rule rollout prompts follow)")
@@ -522,7 +537,8 @@ class Trainer:
         idx = self.ref_sampler.next(self.ref_prompts_per_step)
         samples = [s for i in idx for s in self.store.samples[self.pef_ids[i]]]
         mine = samples[self.rank :: self.world]  # shard evenly, never all on the last rank
-        return [Seq(s.prompt_ids, s.response_ids, ref_logp=s.ref_logprobs) for s in mine]
+        return [Seq(s.prompt_ids, s.response_ids, ref_logp=s.ref_logprobs, topk_ids=s.topk_ids,
+                    topk_logp=s.topk_logprobs) for s in mine]
 
     # ------------------------------------------------------------------------------------------
     # phase 2: update
@@ -651,13 +667,26 @@ class Trainer:
         return loss, m
 
     def _reference_loss(self, batch, chunk: list[Seq], g_tok: float) -> tuple[torch.Tensor, dict]:
+        """eta * token-mean rehearsal divergence on stored reference samples (``rehearsal_form``)."""
         cfg = self.cfg
         T = batch.resp_ids.shape[1]
-        logp, _ = response_logprobs(self.model, batch, cfg.temperature)  # (B, T)
-        ref = pad_values([s.ref_logp for s in chunk], T).to(logp.device)  # (B, T)
-        div, m = divergences.divergence_loss(
-            cfg.divergence, logp, ref, batch.resp_mask, agg="token-mean", num_tokens=g_tok, **cfg.divergence_params
-        )
+        form = divergences.REHEARSAL_FORMS.get(cfg.rehearsal_form)
+        kw = dict(agg="token-mean", num_tokens=g_tok, **cfg.divergence_params)
+        if not form.topk:  # the paper's sampled form: f(u) on each stored token
+            logp, _ = response_logprobs(self.model, batch, cfg.temperature)  # (B, T)
+            ref = pad_values([s.ref_logp for s in chunk], T).to(logp.device)  # (B, T)
+            div, m = form.loss(cfg.divergence, logp, ref, batch.resp_mask, **kw)
+            return cfg.eta * div, dict(m)
+        logits = response_logits(self.model, batch, cfg.temperature)  # (B, T, V)
+        ids, ref_b = _topk_tensors(chunk, T, cfg.rehearsal_topk)  # (B, T, k), (B, T, k+1)
+        ids, ref_b = ids.to(logits.device), ref_b.to(logits.device)
+        logp_b = divergences.topk_buckets(logits, ids)  # (B, T, k+1)
+        if form.tokens:  # the sampled token's own log-probs, for the unbiased tail correction
+            logz = torch.logsumexp(logits, dim=-1)  # (B, T)
+            kw["tok_logp"] = logits.gather(-1, batch.resp_ids.unsqueeze(-1)).squeeze(-1) - logz  # (B, T)
+            kw["tok_ref_logp"] = pad_values([s.ref_logp for s in chunk], T).to(logits.device)  # (B, T)
+            kw["tok_in_topk"] = (ids == batch.resp_ids.unsqueeze(-1)).any(-1)  # (B, T)
+        div, m = form.loss(cfg.divergence, logp_b, ref_b, batch.resp_mask, **kw)
         return cfg.eta * div, dict(m)
 
     # ------------------------------------------------------------------------------------------
@@ -893,6 +922,25 @@ class TrainingStopped(RuntimeError):
 
 
 _SUMMED = {"reward/failures", "rollout/sequences", "rollout/groups_kept", "ref/sequences", "ref/tokens"}
+
+
+def _topk_tensors(chunk: list[Seq], T: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored top-k columns of ``chunk`` as (B, T, k) ids and (B, T, k+1) bucket log-probs.
+
+    A store with more than ``k`` ids per position is cut to its ``k`` most likely (ids are stored sorted
+    by probability) and the rest merged into the tail bucket. Padding positions get distinct ids and a
+    uniform bucket distribution (finite everywhere; masked out of the loss).
+    """
+    B = len(chunk)
+    ids = torch.arange(k).expand(B, T, k).clone()  # (B, T, k) distinct ids on padding
+    ref = torch.full((B, T, k + 1), -math.log(k + 1))  # (B, T, k+1) uniform on padding
+    for i, s in enumerate(chunk):
+        n = len(s.response_ids)
+        full = torch.tensor(s.topk_logp, dtype=torch.float32)  # (n, K+1)
+        ids[i, :n] = torch.tensor(s.topk_ids, dtype=torch.long)[:, :k]
+        ref[i, :n, :k] = full[:, :k]
+        ref[i, :n, k] = torch.logsumexp(full[:, k:], dim=-1)  # (n,) the dropped ids join the tail
+    return ids, ref
 
 
 def _chunks(xs: list, k: int) -> list[list]:
