@@ -140,9 +140,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           dtype=args.dtype, seed=args.seed, gpu_memory_utilization=0.85)
     datasets, rewards = {}, {}
     style_fn = None
+    timeout_s = args.reward_timeout
     for name, exs in datasets_in.items():
         datasets[name] = exs
         rewards[name] = get_reward(args.reward or exs[0].task)
+        if args.sql_mode == "official" and not args.reward and exs[0].task in ("sql", "spider", "bird"):
+            from dphrl.rewards.sql_official import BIRD_OFFICIAL_TIMEOUT_S, SPIDER_OFFICIAL_TIMEOUT_S, official_reward
+
+            mode = "bird-official" if exs[0].task == "bird" else "spider-official"
+            rewards[name] = official_reward(mode)
+            # the official per-query limits (gold + prediction; Spider's test suite: two databases)
+            limit = 2 * (BIRD_OFFICIAL_TIMEOUT_S if mode == "bird-official" else 2 * SPIDER_OFFICIAL_TIMEOUT_S)
+            timeout_s = max(timeout_s, limit + 5)
         if exs[0].task == "styles":
             from dphrl.tasks.styles import style_of
 
@@ -151,6 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         engine, tok, datasets, rewards, n=args.n,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
         out_dir=args.out, style_fn=style_fn, num_workers=args.reward_workers, model_name=args.model,
+        timeout_s=timeout_s,
     )  # prints the table
     print(f"results: {Path(args.out) / 'results.json'} ({len(res['datasets'])} datasets)")
     return 0
@@ -246,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reward", default="", help="Reward name or module:function (default: the task's own).")
     e.add_argument("--reward-workers", type=int, default=-1,
                    help="Reward scoring: -1 = auto pool of killable workers, N = N workers, 0 = in process.")
+    e.add_argument("--reward-timeout", type=float, default=10.0, help="Per-item reward time-out in seconds.")
+    e.add_argument("--sql-mode", choices=("sandbox", "official"), default="sandbox",
+                   help="SQL datasets: sandbox = the training reward's semantics; official = Spider test-suite / BIRD "
+                        "official execution match with their time-outs (named in results.json).")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--engine", default="auto",
                    help="Generation engine: auto (vllm when installed and a CUDA GPU is present, else hf) | hf | vllm "

@@ -72,6 +72,8 @@ class Seq:
     old_logp: list[float] | None = None  # rollouts: log pi_old per token
     advantage: float = 0.0
     ref_logp: list[float] | None = None  # dph reference samples: stored log pi_ref; rkl: live reference
+    text: str = ""  # rollouts: the decoded response (completion logs)
+    reward: float = 0.0  # rollouts: the verifiable reward (before shaping)
     topk_ids: list[list[int]] | None = None  # top-k stores: the reference's top-k ids per position
     topk_logp: list[list[float]] | None = None  # ... and its (K+1) bucket log-probs (top-k + tail)
 
@@ -168,6 +170,9 @@ class Trainer:
             model = model or load_model(cfg.model)
         self.tokenizer = tokenizer
         self.pad_id = pad_token_id(tokenizer)
+        if cfg.gradient_checkpointing:  # recompute activations in backward: same gradients, less memory
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})  # the checkpoint kwargs (first argument of either name)
         # the weights a reference store must have been sampled from (before LoRA / sharding wrappers)
         base_fingerprint = weights_fingerprint(model) if self.spec.rehearsal else ""
         if cfg.lora:
@@ -224,6 +229,11 @@ class Trainer:
         if not self.rollout_examples:
             raise ValueError(f"no training prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
         self.sampler = PromptSampler(len(self.rollout_examples), cfg.seed)
+        self.eval_sets = {name: load_examples(spec) for name, spec in cfg.eval_data.items()} if cfg.eval_every else {}
+        for name, exs in self.eval_sets.items():
+            if not exs:
+                raise ValueError(f"config key 'eval_data': dataset {name!r} {cfg.eval_data[name]} gave no examples")
+        self.last_eval: dict[str, float] = {}
 
         # --- optimisation ----------------------------------------------------------------------------
         params = [p for p in model.parameters() if p.requires_grad]
@@ -352,6 +362,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.algorithm}", unit="step",
                    disable=not (cfg.progress and self.acc.is_main_process))
         last: dict = {}
+        if self.eval_sets and self.step == 0:  # the starting point of the Pass@k-over-steps curves
+            self.log({"step": 0, **self.evaluate()})
         while self.step < cfg.max_steps:
             t0 = time.time()
             rollouts, roll_metrics = self.collect_rollouts()  # generate -> score -> advantages
@@ -373,6 +385,10 @@ class Trainer:
             last = metrics
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.log(metrics)
+            if self.eval_sets and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                self.log({"step": self.step, **self.evaluate()})
+            if cfg.completions_every and self.step % cfg.completions_every == 0:
+                self.log_completions(rollouts)
             for cb in self.callbacks:
                 cb(self, metrics)
             bar.update(1)
@@ -481,7 +497,8 @@ class Trainer:
         seqs = []
         for gi, (gens, _, _) in enumerate(kept):
             for j, g in enumerate(gens):
-                seqs.append(Seq(g.prompt_ids, g.response_ids, old_logp=g.logprobs, advantage=float(advs[gi * n + j])))
+                seqs.append(Seq(g.prompt_ids, g.response_ids, old_logp=g.logprobs, advantage=float(advs[gi * n + j]),
+                                text=g.text, reward=float(kept[gi][1][j])))
         if self.live_reference:
             self._attach_reference_logprobs(seqs)
         rewards = torch.cat(all_rewards)
@@ -733,6 +750,76 @@ class Trainer:
         if self.cfg.trackers:
             self.acc.log(metrics, step=self.step)
 
+    # ------------------------------------------------------------------------------------------
+    # evaluation during training, completion logs
+    # ------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Pass@k (k = 1, 2, 4, ..., eval_n), greedy accuracy, mean reward and styles of the current policy
+        on ``eval_data``: each process samples its share of the problems, the records are merged.
+        Returns ``eval/<name>/<metric>`` keys (the report plots them over steps)."""
+        from dphrl.evaluation.runner import dataset_metrics, evaluate
+
+        cfg = self.cfg
+        out: dict[str, float] = {}
+        ctx = sharding.generation_context(self.model) if self.engine_name == "hf" and self.sharded else nullcontext()
+        if self._engine_stale:
+            self._push_weights_to_engine()
+        for name, exs in self.eval_sets.items():
+            mine = exs[self.rank :: self.world]
+            style_fn = answer_fn = None
+            if exs[0].task == "styles":
+                from dphrl.tasks.styles import final_answer, style_of
+
+                style_fn, answer_fn = style_of, final_answer
+            records: list[dict[str, Any]] = []
+            with ctx:
+                evaluate(self.engine, self.tokenizer, {name: mine}, get_reward(cfg.eval_reward or exs[0].task),
+                         n=cfg.eval_n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                         seed=cfg.seed * 7_919 + self.step * 104_729 + 17 + self.rank, style_fn=style_fn,
+                         answer_fn=answer_fn, num_workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s,
+                         progress=False, show_table=False, prompts_per_call=max(1, cfg.generation_batch_size // cfg.eval_n),
+                         records_out=records)
+            for r in records:  # problem index within this rank's share -> within the whole set
+                r["problem"] = int(r["problem"]) * self.world + self.rank
+            if self.world > 1:
+                from accelerate.utils import gather_object
+
+                records = gather_object(records)
+            m = dataset_metrics(records)
+            out.update({f"eval/{name}/pass@{k}": float(v) for k, v in m["pass@k"].items()})
+            out[f"eval/{name}/greedy_acc"] = float(m["greedy"] or 0.0)
+            out[f"eval/{name}/mean_reward"] = float(m["mean_reward"] or 0.0)
+            if "styles" in m:
+                out[f"eval/{name}/effective_styles"] = float(m["styles"]["effective_styles"])
+            if m["diversity"].get("distinct_correct_answers") is not None:
+                out[f"eval/{name}/distinct_correct"] = float(m["diversity"]["distinct_correct_answers"])
+        self.last_eval = out
+        return out
+
+    def log_completions(self, rollouts: list[Seq]) -> None:
+        """A few of this step's rollouts (prompt, response, reward, advantage) to completions.jsonl and
+        to the trackers that have tables (wandb) or text (tensorboard)."""
+        if not self.acc.is_main_process:
+            return
+        rows = [{"step": self.step, "prompt": self.tokenizer.decode(s.prompt_ids, skip_special_tokens=False),
+                 "response": s.text, "reward": s.reward, "advantage": s.advantage}
+                for s in rollouts[: self.cfg.completions_per_log]]
+        with open(self.out / "completions.jsonl", "a") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        for tracker in self.acc.trackers:
+            try:
+                if tracker.name == "wandb":
+                    import wandb  # type: ignore[import-not-found]
+
+                    cols = list(rows[0]) if rows else []
+                    tracker.log({"completions": wandb.Table(columns=cols, data=[list(r.values()) for r in rows])},
+                                step=self.step)
+                elif tracker.name == "tensorboard":
+                    tracker.writer.add_text("completions", "\n\n".join(json.dumps(r) for r in rows), self.step)
+            except Exception as e:  # noqa: BLE001 - a tracker's table must never stop training
+                tqdm.write(f"completions: tracker {tracker.name} failed: {e}")
+
     def run_info(self) -> dict[str, Any]:
         """What the config cannot say: what ``auto`` resolved to here, the launch, the versions."""
         import platform
@@ -896,7 +983,10 @@ class Trainer:
             self.cfg.save(tmp / "dphrl_config.yaml")
             (tmp / "dphrl_run_info.json").write_text(json.dumps(self.run_info(), indent=1))
             (tmp / "dphrl_totals.json").write_text(json.dumps({"step": self.step, **self.totals}))
+            (tmp / "README.md").write_text(model_card(self.cfg, self.run_info(), self.last_eval, self.step))
             replace_dir(tmp, final)  # never a moment without a final/ once one existed
+            if self.cfg.push_to_hub:
+                push_folder(final, self.cfg.push_to_hub)
         self.acc.wait_for_everyone()
         return final
 
@@ -922,6 +1012,49 @@ class TrainingStopped(RuntimeError):
 
 
 _SUMMED = {"reward/failures", "rollout/sequences", "rollout/groups_kept", "ref/sequences", "ref/tokens"}
+
+
+def model_card(cfg: TrainConfig, run_info: dict, last_eval: dict[str, float], step: int) -> str:
+    """``final/README.md`` in the Hugging Face model-card format (YAML metadata + a description): the base
+    model, algorithm, divergence, key config, data and the latest evaluation numbers."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    spec = cfg.spec()
+    base = cfg.model if "/" in cfg.model and not cfg.model.startswith((".", "/", "~")) else None
+    tags = ["dphrl", "rlvr", "reinforcement-learning", cfg.algorithm]
+    if spec.rehearsal:
+        tags.append(f"divergence-{cfg.divergence}")
+    data = ModelCardData(library_name="transformers", base_model=base, tags=tags, pipeline_tag="text-generation")
+    key = {k: getattr(cfg, k) for k in ("algorithm", "lr", "max_steps", "prompts_per_step", "rollout_n", "temperature",
+                                        "clip_low", "clip_high", "dual_clip", "loss_agg", "advantage", "seed", "lora")}
+    if spec.rehearsal:
+        key.update(divergence=cfg.divergence, eta=cfg.eta, rehearsal_form=cfg.rehearsal_form,
+                   reference_store=cfg.reference_store)
+    if spec.uses_live_reference(cfg.kl_coef):
+        key.update(kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
+    lines = [f"# {Path(cfg.output_dir).name}", "",
+             f"Fine-tuned from `{cfg.model}` with [dphrl](https://github.com/) (`{cfg.algorithm}`: {spec.summary}), "
+             f"{step} RL steps on `{json.dumps(cfg.dataset)}` with reward `{cfg.reward or 'the task default'}`.", "",
+             "## Training configuration (key values; the full resolved config is `dphrl_config.yaml`)", "",
+             "| key | value |", "|---|---|"]
+    lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in key.items()]
+    lines += ["", f"Engine {run_info.get('engine')}, {run_info.get('world_size')} process(es), "
+              f"versions {json.dumps(run_info.get('versions', {}))}.", ""]
+    if last_eval:
+        lines += ["## Latest evaluation (during training)", "", "| metric | value |", "|---|---|"]
+        lines += [f"| `{k}` | {v:.4f} |" for k, v in sorted(last_eval.items())]
+        lines.append("")
+    card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines))
+    return str(card)
+
+
+def push_folder(folder: Path, repo_id: str) -> None:
+    """Upload ``folder`` (the final model, exactly as written) to the Hub repo ``repo_id``."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="dphrl: final model")
 
 
 def _topk_tensors(chunk: list[Seq], T: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:

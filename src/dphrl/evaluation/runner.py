@@ -286,6 +286,7 @@ def evaluate(
     threshold: float = DEFAULT_THRESHOLD,
     prompts_per_call: int = 16,
     show_table: bool = True,
+    records_out: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Sample ``n`` responses (+1 greedy) per problem of every dataset, score them, compute metrics.
 
@@ -293,7 +294,8 @@ def evaluate(
     back to the registry reward named by the examples' ``task``). A sample is correct when its reward
     is ``>= threshold``. Returns the ``results.json`` content; with ``out_dir`` writes
     ``results.json`` and ``samples.jsonl`` there. ``answer_fn(response)`` enables maj@k and distinct
-    correct answers; ``style_fn(response)`` enables style shares.
+    correct answers; ``style_fn(response)`` enables style shares. ``records_out`` (a list) receives
+    every sample record (e.g. to merge the shards of several processes with :func:`dataset_metrics`).
     """
     from dphrl.data.chat import encode_prompt
 
@@ -314,6 +316,7 @@ def evaluate(
             "answer_fn": _fn_name(answer_fn),
             "style_fn": _fn_name(style_fn),
             "num_problems": {name: len(exs) for name, exs in datasets.items()},
+            "rewards": {name: _fn_name(_reward_for(reward_fns, name, list(exs))) for name, exs in datasets.items()},
             "reward_failures": {},
             "reward_timeouts": {},
         },
@@ -390,6 +393,8 @@ def evaluate(
         results["config"]["reward_timeouts"][name] = timeouts
         results["timing"][name] = {"generate_s": t1 - t0, "score_s": t2 - t1}
         all_records.extend(records)
+    if records_out is not None:
+        records_out.extend(all_records)
     if out_dir is not None:
         write_results(out_dir, results, all_records)
     if show_table:

@@ -1,0 +1,48 @@
+"""`dphrl eval` end to end on a tiny model: SQL scoring modes named in results, refusals before work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from _shared import require_shared
+
+from dphrl.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from dphrl.data.tokenizer import build_char_tokenizer
+    from dphrl.sft import save_model
+    from dphrl.testing import tiny_causal_lm
+
+    tok = build_char_tokenizer()
+    d = tmp_path_factory.mktemp("m") / "model"
+    save_model(tiny_causal_lm(tok, hidden=32, layers=2, heads=4, seed=0, max_positions=4096), tok, d)
+    return d
+
+
+@pytest.mark.parametrize("mode,fn", [("sandbox", "dphrl.rewards.sql:spider_reward"),
+                                     ("official", "dphrl.rewards.sql_official:spider_official_reward")])
+def test_sql_mode_is_used_and_named(tmp_path, model_dir, mode, fn):
+    dev = require_shared("spider", "dev.json")
+    spec = json.dumps({"type": "spider", "path": str(dev.parent), "limit": 2})
+    out = tmp_path / mode
+    rc = main(["eval", "--model", str(model_dir), "--data", f"spider={spec}", "--n", "2", "--max-new-tokens", "4",
+               "--sql-mode", mode, "--reward-workers", "0", "--out", str(out), "--engine", "hf"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["rewards"] == {"spider": fn}
+    assert res["datasets"]["spider"]["num_problems"] == 2
+
+
+def test_eval_refuses_before_loading_anything(tmp_path, model_dir):
+    data = "add={type: styles, op: add, split: test, limit: 2}"
+    with pytest.raises(SystemExit, match="unique"):
+        main(["eval", "--model", str(model_dir), "--data", data, "--data", data, "--out", str(tmp_path / "a")])
+    with pytest.raises(SystemExit, match="--limit 0"):
+        main(["eval", "--model", str(model_dir), "--data", data, "--limit", "0", "--out", str(tmp_path / "b")])
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text("{}")
+    assert main(["eval", "--model", str(model_dir), "--data", data, "--out", str(tmp_path / "c")]) == 2
+    assert (tmp_path / "c" / "results.json").read_text() == "{}"  # nothing replaced without --overwrite
