@@ -10,7 +10,10 @@ import pytest
 
 from dphrl.data.example import Example
 from dphrl.data.loaders import (
+    DatasetSpecError,
     Examples,
+    check_dataset_spec,
+    dataset_loader,
     load_bird,
     load_dataset_spec,
     load_gsm8k,
@@ -304,3 +307,58 @@ def test_real_data_loaders():
     assert len(g) == 1319 and all(e.answer.lstrip("-").replace(".", "").isdigit() for e in g)
     m = load_math(require_shared("math500", "test.jsonl"))
     assert len(m) == 500 and m[0].meta["unique_id"] == m[0].id
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input errors: encoding, empty data, spec checks before reading
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"question": "ok", "answer": "#### 1"}\n\n{"question": "caf\xe9", "answer": "#### 2"}\n')
+    for load in (load_gsm8k, lambda q: load_jsonl(q, prompt_field="question")):
+        with pytest.raises(ValueError, match=r"latin1\.jsonl, line 3: invalid UTF-8 \(byte 0xe9 at column 18\)"):
+            load(p)
+    d = _spider_dir(tmp_path)
+    (d / "dev.json").write_bytes(b'[\n  {"db_id": "zoo",\n   "question": "\xff"}\n]')
+    with pytest.raises(ValueError, match=r"dev\.json, line 3: invalid UTF-8"):
+        load_spider(d)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b'\xef\xbb\xbf{"question": "q", "answer": "#### 5"}\n')
+    assert load_gsm8k(bom)[0].answer == "5"  # a leading byte-order mark is tolerated
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path):
+    empty = _write_jsonl(tmp_path / "empty.jsonl", ["", ""])
+    assert load_gsm8k(empty) == []  # the loader itself returns what there is
+    with pytest.raises(ValueError, match=r"gave no examples: .*empty\.jsonl has no data rows"):
+        load_dataset_spec({"type": "gsm8k", "path": str(empty)})
+    d = _spider_dir(tmp_path)
+    (d / "dev.json").write_text(json.dumps([{"db_id": "gone", "question": "q", "query": "SELECT 1"}]))
+    with pytest.raises(ValueError, match=r"gave no examples: all 1 were skipped \(missing database gone: 1\)"):
+        load_dataset_spec({"type": "spider", "path": str(d)})
+    with pytest.raises(ValueError, match="gave no examples"):
+        load_dataset_spec({"type": "synthetic_arith", "n": 0})
+
+
+def test_spec_check_reads_no_data_and_suggests(tmp_path):
+    absent = str(tmp_path / "absent.jsonl")
+    check_dataset_spec({"type": "gsm8k", "path": absent, "limit": 3})  # keys only: the file is not opened
+    check_dataset_spec({"type": "gsm8k"})  # a partial spec: 'path' is required when loading
+    with pytest.raises(ValueError, match="needs 'path'"):
+        load_dataset_spec({"type": "gsm8k"})
+    with pytest.raises(DatasetSpecError, match=r"unknown option\(s\) \['limt'\].*Did you mean 'limit'\?") as e:
+        check_dataset_spec({"type": "gsm8k", "path": absent, "limt": 3})
+    assert e.value.key == "limt"
+    with pytest.raises(DatasetSpecError, match=r"Did you mean 'path'\?"):
+        check_dataset_spec({"type": "jsonl", "file": absent})
+    with pytest.raises(DatasetSpecError, match="no loader takes them") as e:  # type not known: any loader's keys
+        check_dataset_spec({"path": str(tmp_path / "absent_dir"), "promt_field": "q"})
+    assert e.value.key == "promt_field"
+    for bad, key in (({"limit": 0}, "limit"), ({"limit": "5"}, "limit"), ({"seed": 1.5}, "seed"),
+                     ({"type": "gsm8"}, "type"), ({"type": "synthetic_arith", "path": absent}, "path")):
+        with pytest.raises(DatasetSpecError) as e:
+            check_dataset_spec({"type": "gsm8k", "path": absent, **bad})
+        assert e.value.key == key
+    _, params = dataset_loader("synthetic_arith")
+    assert "digits" in params and "n" in params

@@ -72,12 +72,12 @@ def test_pool_hang_raise_crash():
     assert res.timeouts == 2, res.errors
     assert res.failures == 3, res.errors  # raise, crash, nan
     assert "RuntimeError" in res.errors[3]
-    assert elapsed < timeout + 6.0, elapsed  # includes starting (and restarting) the workers
+    assert elapsed < timeout + 20.0, elapsed  # bounded (the hang is 1 h); includes (re)starting workers on a loaded machine
     # the pool is persistent and healthy afterwards (killed workers were replaced)
     t0 = time.monotonic()
     res2 = score_batch(behaving_reward, ["ok"] * 4, [_ex(i) for i in range(4)], timeout_s=timeout, num_workers=2)
     assert res2.scores == [1.0] * 4 and res2.failures == res2.timeouts == 0
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < 15.0
 
 
 def test_pool_rejects_unpicklable_function():

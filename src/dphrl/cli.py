@@ -16,10 +16,21 @@ def _data_arg(s: str) -> tuple[str, dict]:
         raise argparse.ArgumentTypeError(f"--data {s!r}: expected NAME=SPEC, e.g. gsm8k=gsm8k:../shared/data/gsm8k/test.jsonl")
     name, _, spec = s.partition("=")
     if spec.strip().startswith("{"):
-        d = yaml.safe_load(spec)
+        try:
+            d = yaml.safe_load(spec)
+        except yaml.YAMLError as e:
+            raise argparse.ArgumentTypeError(f"--data {s!r}: SPEC is not valid YAML: {e}") from e
+        if not isinstance(d, dict):
+            raise argparse.ArgumentTypeError(f"--data {s!r}: SPEC must be a mapping, e.g. {{type: gsm8k, path: ...}}")
     else:
         typ, _, path = spec.partition(":")
         d = {"type": typ, "path": path} if path else {"type": typ}
+    from dphrl.data.loaders import check_dataset_spec
+
+    try:  # the spec's keys against its loader (with suggestions), before any file or model is read
+        check_dataset_spec(d)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--data {name}: {e}") from e
     return name, d
 
 
@@ -124,7 +135,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name, spec in args.data:  # load and check every dataset before any model is loaded
         spec = dict(spec)
         limit = spec.pop("limit", None) if args.limit is None else args.limit
-        exs = load_examples({**spec, **({"limit": limit} if limit else {})})
+        try:  # a wrong spec, a malformed or empty file: the message names the file and line
+            exs = load_examples({**spec, **({"limit": limit} if limit else {})})
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"dphrl eval: --data {name}: {e}") from e
         if not exs:
             raise SystemExit(f"dphrl eval: --data {name}={spec} gave no examples; check its path and filters")
         datasets_in[name] = exs
@@ -145,7 +159,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         datasets[name] = exs
         rewards[name] = get_reward(args.reward or exs[0].task)
         if args.sql_mode == "official" and not args.reward and exs[0].task in ("sql", "spider", "bird"):
-            from dphrl.rewards.sql_official import BIRD_OFFICIAL_TIMEOUT_S, SPIDER_OFFICIAL_TIMEOUT_S, official_reward
+            from dphrl.rewards.sql_official import (
+                BIRD_OFFICIAL_TIMEOUT_S,
+                SPIDER_OFFICIAL_TIMEOUT_S,
+                official_reward,
+            )
 
             mode = "bird-official" if exs[0].task == "bird" else "spider-official"
             rewards[name] = official_reward(mode)

@@ -8,9 +8,12 @@ config is saved with every checkpoint and artifact.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,103 +26,336 @@ from dphrl.algorithms import AlgorithmSpec, get_algorithm
 
 
 class ConfigError(ValueError):
-    """A config key or value is wrong; the message names it and says how to fix it."""
+    """A config key or value is wrong; the message names it and says how to fix it.
+
+    ``key`` is the config key at fault (``dataset.limit`` for a sub-key) and ``where`` the place it
+    came from (``recipes/x.yaml:12``, ``command line``) once :func:`load_config` has located it.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, where: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.where = where
+
+    def at(self, where: str) -> ConfigError:
+        """The same error with its location: ``config key 'lr' (recipes/x.yaml:12): ...``."""
+        msg = str(self)
+        head = f"config key '{self.key}'"
+        if self.key is not None and msg.startswith(head + ": "):
+            msg = f"{head} ({where}): {msg[len(head) + 2:]}"
+        elif self.key is not None:
+            msg = f"{head} ({where}): {msg}"
+        else:
+            msg = f"{where}: {msg}"
+        return ConfigError(msg, key=self.key, where=where)
+
+
+def _bad(key: str, value: Any, expected: str) -> str:
+    return f"config key '{key}': got {value!r}, expected {expected}. Fix it in the YAML file or with `{key}=...`."
+
+
+def _error(key: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(_bad(key, value, expected), key=key)
+
+
+# --- declarative checks: every field's metadata has ``check``; TrainConfig.validate applies them -------
+class Check:
+    """A constraint on one config value. ``noun`` describes the field's type ("an integer")."""
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        """Raise :class:`ConfigError` (with ``key``) when ``value`` is not allowed."""
+        raise NotImplementedError
+
+    def describe(self, noun: str) -> str:
+        """What is allowed, for error messages and the config reference."""
+        raise NotImplementedError
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+@dataclass(frozen=True)
+class Range(Check):
+    """A number within bounds (``ge``/``gt`` below, ``le``/``lt`` above); inf and nan are refused.
+    ``off``: one value outside the bounds that is allowed too (it switches the feature off)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    off: float | None = None
+
+    def describe(self, noun: str) -> str:
+        if self.off is not None:
+            return f"{_num(self.off)} (off) or {dataclasses.replace(self, off=None).describe(noun)}"
+        lo = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        hi = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        if lo and hi:
+            return f"{noun} in {lo}, {hi}"
+        if lo:
+            return f"{noun} {'>=' if self.ge is not None else '>'} {lo[1:]}"
+        if hi:
+            return f"{noun} {'<=' if self.le is not None else '<'} {hi[:-1]}"
+        return noun
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and self.off is not None and value == self.off:
+            return
+        ok = ok and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+        ok = ok and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        if not ok:
+            raise _error(key, value, self.describe(noun))
+
+
+@dataclass(frozen=True)
+class OneOf(Check):
+    """One of a fixed set of strings."""
+
+    choices: tuple[str, ...]
+
+    def describe(self, noun: str) -> str:
+        return "one of " + " | ".join(self.choices)
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        if value not in self.choices:
+            close = difflib.get_close_matches(str(value), self.choices, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _error(key, value, self.describe(noun) + hint)
+
+
+@dataclass(frozen=True)
+class Name(Check):
+    """A name in a :class:`dphrl.registry.Registry` (given as ``module:ATTR``, imported on first use)
+    or ``package.module:attr``; ``extra`` names are accepted too, and ``""`` when ``empty``."""
+
+    registry: str
+    what: str
+    extra: tuple[str, ...] = ()
+    empty: bool = False
+
+    def describe(self, noun: str) -> str:
+        also = "".join(f" or {e}" for e in self.extra) + (" or empty" if self.empty else "")
+        return f"{self.what} name ({self.registry.replace(':', '.')}) or package.module:attr{also}"
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        if value in self.extra or (self.empty and value == ""):
+            return
+        from dphrl.registry import import_object
+
+        try:
+            import_object(self.registry).get(value)
+        except ValueError as e:
+            msg = str(e).removeprefix(f"config key '{key}': ")
+            also = f" Also accepted: {', '.join(map(repr, self.extra))}." if self.extra else ""
+            raise ConfigError(f"config key '{key}': {msg}{also} Fix it in the YAML file or with `{key}=...`.",
+                              key=key) from e
+
+
+@dataclass(frozen=True)
+class Optional(Check):
+    """``null`` (``when_null`` says what it means) or a value passing ``check``."""
+
+    check: Check
+    when_null: str = "the algorithm's default"
+
+    def describe(self, noun: str) -> str:
+        return f"{self.check.describe(noun)}, or null ({self.when_null})"
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        if value is not None:
+            self.check(key, value, noun)
+
+
+@dataclass(frozen=True)
+class Items(Check):
+    """A list whose every item passes ``check`` (``of`` names an item); ``length`` fixes its size."""
+
+    check: Check
+    of: str
+    length: int | None = None
+
+    def describe(self, noun: str) -> str:
+        size = f"{self.length} " if self.length is not None else ""
+        return f"a list of {size}items, each {self.check.describe(self.of)}"
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        if not isinstance(value, list) or (self.length is not None and len(value) != self.length):
+            raise _error(key, value, self.describe(noun))
+        for item in value:
+            try:
+                self.check(key, item, self.of)
+            except ConfigError as e:
+                raise _error(key, value, f"{self.describe(noun)} ({item!r} is not)") from e
+
+
+@dataclass(frozen=True)
+class Text(Check):
+    """A string; ``nonempty`` refuses ``""`` (``what`` says what is expected)."""
+
+    what: str = "a string"
+    nonempty: bool = False
+
+    def describe(self, noun: str) -> str:
+        return self.what + (" (not empty)" if self.nonempty else "")
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        if not isinstance(value, str) or (self.nonempty and not value.strip()):
+            raise _error(key, value, self.describe(noun))
+
+
+@dataclass(frozen=True)
+class Flag(Check):
+    """true or false."""
+
+    def describe(self, noun: str) -> str:
+        return "true | false"
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        if not isinstance(value, bool):
+            raise _error(key, value, self.describe(noun))
+
+
+@dataclass(frozen=True)
+class Params(Check):
+    """A mapping of parameter names (strings) to values."""
+
+    def describe(self, noun: str) -> str:
+        return "a mapping {name: value}"
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _error(key, value, self.describe(noun))
+
+
+@dataclass(frozen=True)
+class DatasetSpec(Check):
+    """A dataset spec checked against its loader's signature (no data read); ``many``: {name: spec}.
+    ``{}`` is allowed (no data configured; the trainer then needs examples passed in)."""
+
+    many: bool = False
+
+    def describe(self, noun: str) -> str:
+        spec = "{type, path, limit, seed, <the loader's options>} (dphrl.data.loaders.LOADERS)"
+        return f"a mapping {{name: dataset spec {spec}}}" if self.many else f"a dataset spec {spec}, or {{}}"
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        from dphrl.data.loaders import DatasetSpecError, check_dataset_spec
+
+        if not isinstance(value, dict):
+            raise _error(key, value, self.describe(noun))
+        specs = [(f"{key}.{name}", spec) for name, spec in value.items()] if self.many else [(key, value)] if value else []
+        for sub, spec in specs:
+            if self.many and (not spec or not isinstance(spec, dict | str)):
+                raise _error(sub, spec, "a dataset spec such as {type: gsm8k, path: ..., limit: 64}")
+            try:
+                check_dataset_spec(spec)
+            except DatasetSpecError as e:
+                k = f"{sub}.{e.key}" if e.key else sub
+                raise ConfigError(f"config key '{k}': {e}", key=k) from e
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A config field: ``help`` is its reference text, ``check=`` its :class:`Check` (required by the tests)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
 
 
+#: Tracker names accelerate knows (``log_with``); metrics.jsonl is always written.
+TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")
+
+
 @dataclass
 class TrainConfig:
     # --- what to train -------------------------------------------------------------------------
-    model: str = _f("", "Policy model: local dir, Hugging Face id, .gguf file, or a built-in name (smollm2-135m-instruct).")
-    algorithm: str = _f("dph", "One of grpo | dapo | rkl | dph (dphrl.algorithms.ALGORITHMS). Fills the defaults of the fields left unset.")
-    dataset: dict = _f({}, "Training data spec for dphrl.data.loaders.load_dataset_spec, e.g. {type: gsm8k, path: ..., limit: 512}.")
-    reward: str = _f("", "Reward name (math, gsm8k, sql, bird, styles, ...) or module:function. Empty: the task's own.")
-    output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoints/ and final/ are written.")
-    seed: int = _f(0, "Seed for data order, sampling and initialisation.")
+    model: str = _f("", "Policy model: local dir, Hugging Face id, .gguf file, or a built-in name (smollm2-135m-instruct).", check=Text("a model path, hub id, .gguf file or built-in name", nonempty=True))
+    algorithm: str = _f("dph", "One of grpo | dapo | rkl | dph (dphrl.algorithms.ALGORITHMS). Fills the defaults of the fields left unset.", check=Name("dphrl.algorithms:ALGORITHMS", "an algorithm"))
+    dataset: dict = _f({}, "Training data spec for dphrl.data.loaders.load_dataset_spec, e.g. {type: gsm8k, path: ..., limit: 512}.", check=DatasetSpec())
+    reward: str = _f("", "Reward name (math, gsm8k, sql, bird, styles, ...) or module:function. Empty: the task's own.", check=Name("dphrl.rewards.registry:REWARDS", "a reward", empty=True))
+    output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoints/ and final/ are written.", check=Text("a directory path", nonempty=True))
+    seed: int = _f(0, "Seed for data order, sampling and initialisation (0 <= seed < 2**32: numpy's range).", check=Range(ge=0, le=2**32 - 1))
     # --- divergence (dph) / KL (rkl) -----------------------------------------------------------
-    divergence: str | None = _f(None, "dph: f-divergence of the rehearsal term: a registered name (forward_kl, js, alpha, ...) or package.module:f for your own generator f(u). Default js.")
-    divergence_params: dict = _f({}, "Extra parameters of the divergence, e.g. {alpha: 0.5}.")
-    eta: float | None = _f(None, "dph: weight of the divergence term. Default 0.01 for forward_kl, 0.2 for js, else 0.1.")
-    reference_store: str = _f("", "dph: directory written by `dphrl presample` (required for dph).")
-    ref_prompts_per_step: int | None = _f(None, "dph: D_pef prompts whose stored samples enter each step. Default: prompts_per_step*|D_pef|/|D_exp| (>=1).")
-    store_check_tokens: int = _f(256, "dph: stored tokens re-scored with the training forward at start-up; the store is refused if their mean |delta log pi| exceeds store_check_tolerance (0 = skip the check).")
-    store_check_tolerance: float | None = _f(None, "dph: tolerated mean |stored - recomputed log pi| per token. Default by dtype: 1e-3 when the store and training are both float32, 5e-2 when either is bfloat16.")
-    rehearsal_form: str = _f("sampled", "dph: how the rehearsal term sees the reference: sampled (the paper's: f(u) on each stored token) | topk (exact per-position f-divergence over the reference's stored top-k tokens + one tail bucket; lower variance, biased low when k < vocab) | topk_sampled_tail (topk + a sampled-tail correction: unbiased). The topk forms need a store presampled with rehearsal_topk > 0.")
-    rehearsal_topk: int = _f(0, "presample: also store the reference's top-k token ids and log-probs (and the tail mass) at every response position, for rehearsal_form topk*; 0 = off. dph: the k used (<= the store's).")
-    kl_coef: float | None = _f(None, "rkl: coefficient of the KL term on rollouts against the frozen initial model. Default 0.01 (0 for others).")
-    kl_estimator: str | None = _f(None, "rkl: per-token KL estimator used as a loss on rollout tokens: k2 (default; its loss gradient is the reverse-KL gradient, mode-seeking) | k3 (the paper's and verl/TRL's: its value estimates reverse KL but its loss gradient is the FORWARD-KL gradient) | k1 (zero expected gradient as a loss: no regularisation).")
+    divergence: str | None = _f(None, "dph: f-divergence of the rehearsal term: a registered name (forward_kl, js, alpha, ...) or package.module:f for your own generator f(u). Default js.", check=Optional(Name("dphrl.divergences:DIVERGENCES", "a divergence"), "js for dph; unused by the others"))
+    divergence_params: dict = _f({}, "Extra parameters of the divergence, e.g. {alpha: 0.5}.", check=Params())
+    eta: float | None = _f(None, "dph: weight of the divergence term. Default 0.01 for forward_kl, 0.2 for js, else 0.1.", check=Optional(Range(ge=0), "by divergence, for dph"))
+    reference_store: str = _f("", "dph: directory written by `dphrl presample` (required for dph).", check=Text("a directory path (required for dph)"))
+    ref_prompts_per_step: int | None = _f(None, "dph: D_pef prompts whose stored samples enter each step. Default: prompts_per_step*|D_pef|/|D_exp| (>=1).", check=Optional(Range(ge=1), "prompts_per_step*|D_pef|/|D_exp|"))
+    store_check_tokens: int = _f(256, "dph: stored tokens re-scored with the training forward at start-up; the store is refused if their mean |delta log pi| exceeds store_check_tolerance (0 = skip the check).", check=Range(ge=0))
+    store_check_tolerance: float | None = _f(None, "dph: tolerated mean |stored - recomputed log pi| per token. Default by dtype: 1e-3 when the store and training are both float32, 5e-2 when either is bfloat16.", check=Optional(Range(gt=0), "by dtype"))
+    rehearsal_form: str = _f("sampled", "dph: how the rehearsal term sees the reference: sampled (the paper's: f(u) on each stored token) | topk (exact per-position f-divergence over the reference's stored top-k tokens + one tail bucket; lower variance, biased low when k < vocab) | topk_sampled_tail (topk + a sampled-tail correction: unbiased). The topk forms need a store presampled with rehearsal_topk > 0.", check=Name("dphrl.divergences:REHEARSAL_FORMS", "a rehearsal form"))
+    rehearsal_topk: int = _f(0, "presample: also store the reference's top-k token ids and log-probs (and the tail mass) at every response position, for rehearsal_form topk*; 0 = off. dph: the k used (<= the store's).", check=Range(ge=0))
+    kl_coef: float | None = _f(None, "rkl: coefficient of the KL term on rollouts against the frozen initial model. Default 0.01 (0 for others).", check=Optional(Range(ge=0)))
+    kl_estimator: str | None = _f(None, "rkl: per-token KL estimator used as a loss on rollout tokens: k2 (default; its loss gradient is the reverse-KL gradient, mode-seeking) | k3 (the paper's and verl/TRL's: its value estimates reverse KL but its loss gradient is the FORWARD-KL gradient) | k1 (zero expected gradient as a loss: no regularisation).", check=Optional(Name("dphrl.losses:KL_ESTIMATORS", "a KL estimator")))
     # --- pre-sampling (dphrl presample writes reference_store) ---------------------------------
-    presample_n: int = _f(8, "presample: responses sampled per training prompt from the base model.")
-    split_threshold: float = _f(1.0, "presample: prompts with pass rate >= this go to D_pef, the rest to D_exp.")
-    keep_per_prompt: int = _f(0, "presample: correct responses stored per D_pef prompt (0 = all of them).")
+    presample_n: int = _f(8, "presample: responses sampled per training prompt from the base model.", check=Range(ge=1))
+    split_threshold: float = _f(1.0, "presample: prompts with pass rate >= this go to D_pef, the rest to D_exp (in [0, 1]).", check=Range(ge=0, le=1))
+    keep_per_prompt: int = _f(0, "presample: correct responses stored per D_pef prompt (0 = all of them).", check=Range(ge=0))
     # --- rollouts -------------------------------------------------------------------------------
-    prompts_per_step: int = _f(8, "Prompts per optimizer step (global, across processes).")
-    rollout_n: int = _f(8, "Responses sampled per prompt (GRPO group size).")
-    max_prompt_tokens: int = _f(512, "Prompts longer than this are dropped (with a count) when loading.")
-    max_new_tokens: int = _f(64, "Maximum response length in tokens.")
-    temperature: float = _f(1.0, "Sampling temperature; the training log-probs use the same temperature.")
-    top_p: float = _f(1.0, "Nucleus sampling for rollouts (log-probs are renormalized over the nucleus).")
-    generation_batch_size: int = _f(64, "Sequences generated per engine call chunk.")
-    engine: str = _f("auto", "Generation engine: auto (resolved at run time, recorded in run_info.json: vllm when it is installed and a CUDA GPU is present, else hf) | hf (transformers generate) | vllm (pip install 'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed) | package.module:factory.")
-    vllm_gpu_memory_utilization: float = _f(0.3, "engine vllm: fraction of the GPU's memory vLLM may take (the rest is the trainer's).")
-    dynamic_sampling: bool | None = _f(None, "Drop groups whose rewards are all equal and refill the batch (dapo default: true).")
-    max_refill_rounds: int = _f(3, "dynamic_sampling: extra generation rounds to refill the batch before training on fewer groups.")
-    overlong_buffer: int | None = _f(None, "DAPO soft overlong shaping: penalty ramps over the last N tokens (dapo default: max_new_tokens//4; 0 = off).")
-    overlong_penalty: float = _f(1.0, "DAPO soft overlong shaping: reward penalty at max_new_tokens.")
+    prompts_per_step: int = _f(8, "Prompts per optimizer step (global, across processes).", check=Range(ge=1))
+    rollout_n: int = _f(8, "Responses sampled per prompt (GRPO group size).", check=Range(ge=1))
+    max_prompt_tokens: int = _f(512, "Prompts longer than this are dropped (with a count) when loading.", check=Range(ge=1))
+    max_new_tokens: int = _f(64, "Maximum response length in tokens.", check=Range(ge=1))
+    temperature: float = _f(1.0, "Sampling temperature (> 0); the training log-probs use the same temperature.", check=Range(gt=0))
+    top_p: float = _f(1.0, "Nucleus sampling for rollouts, in (0, 1] (log-probs are renormalized over the nucleus).", check=Range(gt=0, le=1))
+    generation_batch_size: int = _f(64, "Sequences generated per engine call chunk (>= 1).", check=Range(ge=1))
+    engine: str = _f("auto", "Generation engine: auto (resolved at run time, recorded in run_info.json: vllm when it is installed and a CUDA GPU is present, else hf) | hf (transformers generate) | vllm (pip install 'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed) | package.module:factory.", check=Name("dphrl.engines:ENGINES", "an engine", extra=("auto",)))
+    vllm_gpu_memory_utilization: float = _f(0.3, "engine vllm: fraction of the GPU's memory, in (0, 1), vLLM may take (the rest is the trainer's).", check=Range(gt=0, lt=1))
+    dynamic_sampling: bool | None = _f(None, "Drop groups whose rewards are all equal and refill the batch (dapo default: true).", check=Optional(Flag()))
+    max_refill_rounds: int = _f(3, "dynamic_sampling: extra generation rounds to refill the batch before training on fewer groups (0 = no refill).", check=Range(ge=0))
+    overlong_buffer: int | None = _f(None, "DAPO soft overlong shaping: penalty ramps over the last N tokens (dapo default: max_new_tokens//4; 0 = off; at most max_new_tokens).", check=Optional(Range(ge=0)))
+    overlong_penalty: float = _f(1.0, "DAPO soft overlong shaping: reward penalty (>= 0, subtracted) at max_new_tokens.", check=Range(ge=0))
     # --- policy loss ----------------------------------------------------------------------------
-    advantage: str = _f("grpo", "Advantage estimator: grpo | grpo_no_std | rloo.")
-    policy_loss: str = _f("ppo_clip", "Policy loss: a name in dphrl.losses.POLICY_LOSSES (ppo_clip) or package.module:fn.")
-    clip_low: float = _f(0.2, "PPO clip: ratio lower bound is 1 - clip_low.")
-    clip_high: float | None = _f(None, "PPO clip: ratio upper bound is 1 + clip_high (grpo/rkl default 0.2; dapo/dph 0.28).")
-    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages; 0 = off. Unset: 3.0 for dph, off for the others.")
-    loss_agg: str | None = _f(None, "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo/rkl default seq-mean-token-mean; dapo/dph token-mean).")
-    entropy_coef: float = _f(0.0, "Entropy bonus coefficient (0 in the paper).")
-    old_logprob: str | None = _f(None, "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward of the rollouts). Default: rollout with the hf engine and top_p 1, else recompute (top-p log-probs are renormalized over the nucleus; vLLM's kernels differ from the training forward); with engine auto it is resolved at run time.")
+    advantage: str = _f("grpo", "Advantage estimator: grpo | grpo_no_std | rloo.", check=Name("dphrl.advantages:ADVANTAGES", "an advantage estimator"))
+    policy_loss: str = _f("ppo_clip", "Policy loss: a name in dphrl.losses.POLICY_LOSSES (ppo_clip) or package.module:fn.", check=Name("dphrl.losses:POLICY_LOSSES", "a policy loss"))
+    clip_low: float = _f(0.2, "PPO clip: ratio lower bound is 1 - clip_low (clip_low in [0, 1)).", check=Range(ge=0, lt=1))
+    clip_high: float | None = _f(None, "PPO clip: ratio upper bound is 1 + clip_high (grpo/rkl default 0.2; dapo/dph 0.28).", check=Optional(Range(ge=0)))
+    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages; 0 = off. Unset: 3.0 for dph, off for the others.", check=Optional(Range(gt=1, off=0)))
+    loss_agg: str | None = _f(None, "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo/rkl default seq-mean-token-mean; dapo/dph token-mean).", check=Optional(Name("dphrl.losses:AGGREGATIONS", "a loss aggregation")))
+    entropy_coef: float = _f(0.0, "Entropy bonus coefficient (>= 0; 0 in the paper).", check=Range(ge=0))
+    old_logprob: str | None = _f(None, "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward of the rollouts). Default: rollout with the hf engine and top_p 1, else recompute (top-p log-probs are renormalized over the nucleus; vLLM's kernels differ from the training forward); with engine auto it is resolved at run time.", check=Optional(OneOf(("rollout", "recompute")), "by engine and top_p"))
     # --- optimisation ---------------------------------------------------------------------------
-    max_steps: int = _f(20, "Optimizer steps (one rollout batch per step, times ppo_epochs x mini_batches updates).")
-    ppo_epochs: int = _f(1, "Passes over each rollout batch.")
-    mini_batches: int = _f(1, "Optimizer updates per epoch (the batch is split into this many mini-batches).")
-    micro_batch_size: int = _f(16, "Sequences per forward/backward (gradient accumulation inside a mini-batch).")
-    lr: float = _f(1e-6, "AdamW learning rate.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    betas: list = _f([0.9, 0.999], "AdamW betas.")
-    lr_schedule: str = _f("constant", "constant | linear | cosine (after warmup).")
-    warmup_steps: int = _f(0, "Linear warmup updates.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping (0 = off).")
-    dtype: str = _f("float32", "float32 | bfloat16 (bf16 autocast where the hardware has it).")
-    lora: bool = _f(False, "Train LoRA adapters instead of all weights.")
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: int = _f(32, "LoRA alpha.")
-    lora_target_modules: str = _f("all-linear", "LoRA target modules (peft syntax).")
+    max_steps: int = _f(20, "Optimizer steps, >= 0 (one rollout batch per step, times ppo_epochs x mini_batches updates).", check=Range(ge=0))
+    ppo_epochs: int = _f(1, "Passes over each rollout batch.", check=Range(ge=1))
+    mini_batches: int = _f(1, "Optimizer updates per epoch (the batch is split into this many mini-batches).", check=Range(ge=1))
+    micro_batch_size: int = _f(16, "Sequences per forward/backward (gradient accumulation inside a mini-batch).", check=Range(ge=1))
+    lr: float = _f(1e-6, "AdamW learning rate (finite, > 0).", check=Range(gt=0))
+    weight_decay: float = _f(0.0, "AdamW weight decay (>= 0).", check=Range(ge=0))
+    betas: list = _f([0.9, 0.999], "AdamW betas [beta1, beta2], each in [0, 1).", check=Items(Range(ge=0, lt=1), "a finite number", length=2))
+    lr_schedule: str = _f("constant", "constant | linear | cosine (after warmup).", check=OneOf(("constant", "linear", "cosine")))
+    warmup_steps: int = _f(0, "Linear warmup updates (0 = none).", check=Range(ge=0))
+    max_grad_norm: float = _f(1.0, "Gradient clipping: max total gradient norm (0 = off).", check=Range(ge=0))
+    dtype: str = _f("float32", "float32 | bfloat16 (bf16 autocast where the hardware has it).", check=OneOf(("float32", "bfloat16")))
+    lora: bool = _f(False, "Train LoRA adapters instead of all weights.", check=Flag())
+    lora_r: int = _f(16, "LoRA rank.", check=Range(ge=1))
+    lora_alpha: int = _f(32, "LoRA alpha.", check=Range(ge=1))
+    lora_target_modules: str = _f("all-linear", "LoRA target modules (peft syntax).", check=Text("peft target modules", nonempty=True))
     # --- robustness, logging, checkpoints ------------------------------------------------------
-    max_reward_failure_frac: float = _f(0.2, "Stop with an error when more than this fraction of a step's rewards failed.")
-    reward_timeout_s: float = _f(10.0, "Per-item reward time-out (seconds).")
-    reward_workers: int = _f(-1, "Reward scoring: -1 = auto (a pool of min(8, max(2, CPUs per local process)) killable worker processes: a reward that hangs in C code, exits or floods output is contained; a reward the workers cannot import, e.g. a lambda, is scored in process with a warning) | N > 0 = N workers | 0 = in process (fastest, trusted rewards only).")
-    log_every: int = _f(1, "Log metrics every N steps.")
-    trackers: list = _f([], "Extra accelerate trackers: tensorboard, wandb (metrics.jsonl is always written).")
-    save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model).")
-    keep_last: int = _f(2, "Checkpoints kept.")
-    progress: bool = _f(True, "Show a progress bar.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~30% more compute); gradients are unchanged.")
+    max_reward_failure_frac: float = _f(0.2, "Stop with an error when more than this fraction of a step's rewards failed.", check=Range(ge=0, le=1))
+    reward_timeout_s: float = _f(10.0, "Per-item reward time-out in seconds (> 0).", check=Range(gt=0))
+    reward_workers: int = _f(-1, "Reward scoring: -1 = auto (a pool of min(8, max(2, CPUs per local process)) killable worker processes: a reward that hangs in C code, exits or floods output is contained; a reward the workers cannot import, e.g. a lambda, is scored in process with a warning) | N > 0 = N workers | 0 = in process (fastest, trusted rewards only).", check=Range(ge=-1))
+    log_every: int = _f(1, "Log metrics every N steps (N >= 1; the last step is always logged).", check=Range(ge=1))
+    trackers: list = _f([], "Extra accelerate trackers, e.g. [tensorboard, wandb] (metrics.jsonl is always written).", check=Items(OneOf(TRACKERS), "a tracker name"))
+    save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model).", check=Range(ge=0))
+    keep_last: int = _f(2, "Checkpoints kept (>= 1: 0 would delete the one just written).", check=Range(ge=1))
+    progress: bool = _f(True, "Show a progress bar.", check=Flag())
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~30% more compute); gradients are unchanged.", check=Flag())
     # --- evaluation during training, completion logs, model card --------------------------------
-    eval_every: int = _f(0, "Evaluate every N steps (and at the end) on eval_data: unbiased Pass@k (k = 1, 2, 4, ..., eval_n), greedy accuracy, styles, logged as eval/<name>/... to metrics.jsonl and the trackers. 0 = off.")
-    eval_data: dict = _f({}, "Evaluation datasets during training: {name: dataset spec}, e.g. {gsm8k: {type: gsm8k, path: ..., limit: 64}}. Each uses its task's reward unless eval_reward is set.")
-    eval_n: int = _f(8, "Samples per problem for Pass@k during training.")
-    eval_reward: str = _f("", "Reward for eval_data (default: each dataset's task reward).")
-    completions_every: int = _f(0, "Every N steps write a sample of prompts, responses and rewards to completions.jsonl (and the trackers' tables). 0 = off.")
-    completions_per_log: int = _f(4, "Rollouts written per completions log.")
-    push_to_hub: str = _f("", "Hugging Face repo id to push final/ to after training (off when empty; needs network and a token).")
+    eval_every: int = _f(0, "Evaluate every N steps (and at the end) on eval_data: unbiased Pass@k (k = 1, 2, 4, ..., eval_n), greedy accuracy, styles, logged as eval/<name>/... to metrics.jsonl and the trackers. 0 = off.", check=Range(ge=0))
+    eval_data: dict = _f({}, "Evaluation datasets during training: {name: dataset spec}, e.g. {gsm8k: {type: gsm8k, path: ..., limit: 64}}. Each uses its task's reward unless eval_reward is set.", check=DatasetSpec(many=True))
+    eval_n: int = _f(8, "Samples per problem for Pass@k during training.", check=Range(ge=1))
+    eval_reward: str = _f("", "Reward for eval_data (default: each dataset's task reward).", check=Name("dphrl.rewards.registry:REWARDS", "a reward", empty=True))
+    completions_every: int = _f(0, "Every N steps write a sample of prompts, responses and rewards to completions.jsonl (and the trackers' tables). 0 = off.", check=Range(ge=0))
+    completions_per_log: int = _f(4, "Rollouts written per completions log.", check=Range(ge=1))
+    push_to_hub: str = _f("", "Hugging Face repo id to push final/ to after training (off when empty; needs network and a token).", check=Text("a Hugging Face repo id, or empty"))
 
     def __post_init__(self) -> None:
         self.resolve()
 
     # The algorithm presets (dphrl.algorithms): each fills only the fields the user left unset (None).
     def resolve(self) -> None:
+        self.check_fields()  # types and ranges first: the presets and the checks below read them
         spec = self.spec()
         spec.fill_defaults(self)
         if self.old_logprob is None and (self.engine != "auto" or self.top_p < 1.0):
@@ -131,7 +367,7 @@ class TrainConfig:
         try:
             return get_algorithm(self.algorithm)
         except ValueError as e:
-            raise ConfigError(f"{e} Fix it in the YAML file or with `algorithm=...`.") from e
+            raise ConfigError(f"{e} Fix it in the YAML file or with `algorithm=...`.", key="algorithm") from e
 
     def old_logprob_for(self, engine: str) -> str:
         """pi_old source with ``engine`` (a resolved engine name): the configured one, or the default."""
@@ -139,75 +375,59 @@ class TrainConfig:
             return self.old_logprob
         return "rollout" if self.top_p >= 1.0 and engine == "hf" else "recompute"
 
+    def check_fields(self) -> None:
+        """Apply every field's declarative ``check`` (its metadata) after checking the value's type;
+        inf and nan are refused for every float field; None passes where the type allows it."""
+        types_ = _field_types(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            base, optional = types_[f.name]
+            noun = _NOUNS.get(base, getattr(base, "__name__", str(base)))
+            if value is None:
+                if optional:
+                    continue
+                raise _error(f.name, value, f"{noun} (null is not allowed)")
+            if not _type_ok(value, base):
+                raise _error(f.name, value, noun)
+            check = f.metadata.get("check")
+            if base is float and not math.isfinite(value):
+                expected = check.describe(noun) if check is not None else noun
+                raise _error(f.name, value, f"{expected} (inf and nan are refused)")
+            if check is not None:
+                check(f.name, value, noun)
+
     def validate(self) -> None:
-        from dphrl import advantages, divergences, losses
-        from dphrl.engines import ENGINES
+        """Every field's own check (:meth:`check_fields`), then the checks that relate several fields."""
+        from dphrl.divergences import REHEARSAL_FORMS
+
+        self.check_fields()
 
         def need(cond: bool, key: str, expected: str) -> None:
             if not cond:
-                raise ConfigError(_bad(key, getattr(self, key), expected))
+                raise _error(key, getattr(self, key), expected)
 
-        def need_name(registry: Any, key: str) -> None:
-            try:
-                registry.get(getattr(self, key))
-            except ValueError as e:
-                raise ConfigError(f"{e} Fix it in the YAML file or with `{key}=...`.") from e
-
-        need(bool(self.model), "model", "a model path, hub id, .gguf file or built-in name")
-        need(self.prompts_per_step >= 1, "prompts_per_step", "an integer >= 1")
-        need(self.rollout_n >= 1, "rollout_n", "an integer >= 1")
-        need(self.rollout_n >= 2 or self.advantage == "none", "rollout_n", ">= 2 (group-normalized advantages need a group)")
-        need(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")
-        need(self.temperature > 0, "temperature", "> 0")
-        need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
-        need(self.max_steps >= 0, "max_steps", ">= 0")
-        need(self.ppo_epochs >= 1 and self.mini_batches >= 1, "ppo_epochs", ">= 1 (and mini_batches >= 1)")
-        need(self.micro_batch_size >= 1, "micro_batch_size", ">= 1")
-        need(self.lr > 0, "lr", "> 0")
-        need(0 <= self.clip_low < 1, "clip_low", "in [0, 1)")
-        need(self.clip_high is not None and self.clip_high >= 0, "clip_high", ">= 0")
-        need(self.dual_clip is None or self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "0 (off) or > 1")
-        need(self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule", "constant | linear | cosine")
-        need(self.dtype in ("float32", "bfloat16"), "dtype", "float32 | bfloat16")
-        if self.engine != "auto":
-            need_name(ENGINES, "engine")
-        need(self.old_logprob in ("rollout", "recompute", None), "old_logprob", "rollout | recompute")
+        need(self.rollout_n >= 2 or self.advantage == "none", "rollout_n",
+             f">= 2 with advantage {self.advantage} (group-normalized advantages need a group)")
+        need(self.overlong_buffer is None or self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
+             f"<= max_new_tokens ({self.max_new_tokens}): the penalty ramps over the response's last "
+             "overlong_buffer tokens")
         need(self.engine != "vllm" or self.old_logprob != "rollout", "old_logprob",
              "recompute with engine: vllm (vLLM's bf16 kernels do not reproduce the training forward, so its "
              "log-probs would bias the PPO ratio; leave old_logprob unset)")
-        need(0 < self.vllm_gpu_memory_utilization < 1, "vllm_gpu_memory_utilization", "in (0, 1)")
-        need(0 <= self.max_reward_failure_frac <= 1, "max_reward_failure_frac", "in [0, 1]")
-        need(self.keep_last >= 1, "keep_last", "an integer >= 1 (0 would delete the checkpoint just written)")
-        need_name(losses.AGGREGATIONS, "loss_agg")
-        need_name(losses.POLICY_LOSSES, "policy_loss")
-        need_name(advantages.ADVANTAGES, "advantage")
-        need_name(losses.KL_ESTIMATORS, "kl_estimator")
-        need(self.kl_coef is not None and self.kl_coef >= 0, "kl_coef", ">= 0")
-        need(self.ref_prompts_per_step is None or self.ref_prompts_per_step >= 1, "ref_prompts_per_step",
-             "an integer >= 1, or null for the default (prompts_per_step * |D_pef| / |D_exp|)")
-        need(self.store_check_tokens >= 0, "store_check_tokens", "an integer >= 0 (0 = skip the check)")
-        need(self.store_check_tolerance is None or self.store_check_tolerance > 0, "store_check_tolerance",
-             "> 0, or null for the dtype-aware default")
-        need(self.rehearsal_topk >= 0, "rehearsal_topk", "an integer >= 0 (0 = no top-k in the store)")
-        need(self.eval_every >= 0, "eval_every", "an integer >= 0 (0 = off)")
         need(self.eval_every == 0 or bool(self.eval_data), "eval_data",
-             "a non-empty mapping {name: dataset spec} when eval_every > 0")
-        need(self.eval_n >= 1, "eval_n", "an integer >= 1")
-        need(self.completions_every >= 0, "completions_every", "an integer >= 0 (0 = off)")
-        need(self.completions_per_log >= 1, "completions_per_log", "an integer >= 1")
+             f"a non-empty mapping {{name: dataset spec}} when eval_every > 0 (it is {self.eval_every})")
         spec = self.spec()
         if spec.rehearsal:
-            need_name(divergences.REHEARSAL_FORMS, "rehearsal_form")
-            need(not divergences.REHEARSAL_FORMS.get(self.rehearsal_form).topk or self.rehearsal_topk >= 1,
+            need(not REHEARSAL_FORMS.get(self.rehearsal_form).topk or self.rehearsal_topk >= 1,
                  "rehearsal_topk", f">= 1 with rehearsal_form {self.rehearsal_form} (the k of the stored top-k)")
-            need_name(divergences.DIVERGENCES, "divergence")
-            need(self.eta is not None and self.eta >= 0, "eta", ">= 0")
+            need(self.divergence is not None, "divergence", f"a divergence name (algorithm {self.algorithm})")
+            need(self.eta is not None, "eta", f"a number >= 0 (algorithm {self.algorithm} weighs its divergence)")
             need(bool(self.reference_store), "reference_store",
                  "the directory written by `dphrl presample` (dph trains on stored reference samples; run presample first)")
-        elif self.kl_coef and not spec.live_reference:
+        if self.kl_coef and not spec.live_reference:
             with_ref = [n for n, a in _algorithms().items() if a.live_reference]
-            raise ConfigError(f"kl_coef={self.kl_coef} is only used by the algorithms with a live reference "
-                              f"{with_ref}; set algorithm: {with_ref[0]} or kl_coef: 0")
+            raise ConfigError(f"config key 'kl_coef': kl_coef={self.kl_coef} is only used by the algorithms with a "
+                              f"live reference {with_ref}; set algorithm: {with_ref[0]} or kl_coef: 0", key="kl_coef")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,23 +436,47 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
+_NOUNS: dict[type, str] = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+                           list: "a list", dict: "a mapping"}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[Any, bool]]:
+    """Field name -> (its base type, whether None is allowed), from the annotations."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[Any, bool]] = {}
+    for f in dataclasses.fields(cls):
+        args = typing.get_args(hints[f.name])
+        optional = type(None) in args
+        out[f.name] = (next((a for a in args if a is not type(None)), hints[f.name]) if optional else hints[f.name], optional)
+    return out
+
+
+def _type_ok(value: Any, base: Any) -> bool:
+    if base is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(base, type) or isinstance(value, base)
+
+
 def _algorithms() -> dict[str, AlgorithmSpec]:
     from dphrl.algorithms import ALGORITHMS
 
     return dict(ALGORITHMS.items())
 
 
-def _bad(key: str, value: Any, expected: str) -> str:
-    return f"config key '{key}': got {value!r}, expected {expected}. Fix it in the YAML file or with `{key}=...`."
-
-
 def config_help(cls: type = TrainConfig) -> str:
-    """Markdown table of every key, its default and its help text (the config reference)."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
+    """Markdown table of every key, its default, what its check allows and its help text (the config reference)."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         text = f.metadata.get("help", "").replace("|", "\\|")
-        rows.append(f"| `{f.name}` | `{json.dumps(default)}` | {text} |")
+        noun = _NOUNS.get(types_[f.name][0], "any")
+        check = f.metadata.get("check")
+        allowed = (check.describe(noun) if check is not None else noun).replace("|", "\\|")
+        rows.append(f"| `{f.name}` | `{json.dumps(default)}` | {allowed} | {text} |")
     return "\n".join(rows)
 
 
@@ -249,11 +493,12 @@ def _coerce(key: str, raw: Any, typ: Any, where: str) -> Any:
         try:
             raw = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config key '{key}' ({where}): cannot parse {raw!r}: {e}") from e
+            raise ConfigError(f"config key '{key}' ({where}): cannot parse {raw!r}: {e}", key=key, where=where) from e
     if raw is None:
         if optional:
             return None
-        raise ConfigError(f"config key '{key}' ({where}): null is not allowed, expected {base.__name__}")
+        raise ConfigError(f"config key '{key}' ({where}): null is not allowed, expected {base.__name__}",
+                          key=key, where=where)
     try:
         if base is bool:
             if not isinstance(raw, bool):
@@ -273,62 +518,202 @@ def _coerce(key: str, raw: Any, typ: Any, where: str) -> Any:
             if not isinstance(raw, base):
                 raise TypeError
             return raw
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config key '{key}' ({where}): got {raw!r}, expected {base.__name__}") from e
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"config key '{key}' ({where}): got {raw!r}, expected {base.__name__}",
+                          key=key, where=where) from e
     return raw
 
 
 def _yaml_lines(text: str) -> dict[str, int]:
-    """Line number of each top-level key in a YAML text (for error messages)."""
+    """Line number of each key in a YAML text, nested mapping keys dotted (``dataset.limit``)."""
     lines: dict[str, int] = {}
-    node = yaml.compose(text)
-    if isinstance(node, yaml.MappingNode):
-        for k, _ in node.value:
-            lines[str(k.value)] = k.start_mark.line + 1
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode):
+                    lines[prefix + str(k.value)] = k.start_mark.line + 1  # a repeated key: the last wins, as in loading
+                    walk(v, f"{prefix}{k.value}.")
+
+    walk(yaml.compose(text), "")
     return lines
 
 
+#: Names other trainers (TRL, verl, HF Trainer, OpenRLHF) give a setting -> (the dphrl key, a note).
+KEY_ALIASES: dict[str, tuple[str, str]] = {
+    "learning_rate": ("lr", ""),
+    "num_generations": ("rollout_n", "responses per prompt"),
+    "n_samples_per_prompt": ("rollout_n", "responses per prompt"),
+    "group_size": ("rollout_n", "responses per prompt"),
+    "beta": ("kl_coef", "with algorithm: rkl"),
+    "kl_loss_coef": ("kl_coef", "with algorithm: rkl"),
+    "init_kl_coef": ("kl_coef", "with algorithm: rkl"),
+    "use_kl_loss": ("kl_coef", "algorithm: rkl with kl_coef > 0"),
+    "kl_loss_type": ("kl_estimator", ""),
+    "kl_penalty": ("kl_estimator", ""),
+    "max_completion_length": ("max_new_tokens", ""),
+    "max_response_length": ("max_new_tokens", ""),
+    "max_tokens": ("max_new_tokens", ""),
+    "max_prompt_length": ("max_prompt_tokens", ""),
+    "gradient_accumulation_steps": ("micro_batch_size", "there is no accumulation count: each of the mini_batches "
+                                    "updates per batch accumulates gradients over micro-batches of micro_batch_size sequences"),
+    "per_device_train_batch_size": ("micro_batch_size", "sequences per forward/backward; the batch of a step is "
+                                    "prompts_per_step x rollout_n sequences"),
+    "train_batch_size": ("prompts_per_step", "prompts per optimizer step"),
+    "ppo_mini_batch_size": ("mini_batches", "a number of mini-batches per epoch, not a size"),
+    "epsilon": ("clip_low", ""),
+    "epsilon_low": ("clip_low", ""),
+    "cliprange": ("clip_low", ""),
+    "clip_ratio": ("clip_low", ""),
+    "clip_ratio_low": ("clip_low", ""),
+    "epsilon_high": ("clip_high", ""),
+    "clip_ratio_high": ("clip_high", ""),
+    "clip_ratio_c": ("dual_clip", ""),
+    "num_iterations": ("ppo_epochs", ""),
+    "ppo_epochs_per_batch": ("ppo_epochs", ""),
+    "loss_type": ("loss_agg", "the aggregation; policy_loss picks the per-token loss"),
+    "loss_agg_mode": ("loss_agg", ""),
+    "adv_estimator": ("advantage", ""),
+    "scale_rewards": ("advantage", "grpo_no_std: no std scaling"),
+    "lr_scheduler_type": ("lr_schedule", ""),
+    "lr_scheduler": ("lr_schedule", ""),
+    "warmup_ratio": ("warmup_steps", "a number of updates, not a ratio"),
+    "grad_clip": ("max_grad_norm", ""),
+    "bf16": ("dtype", "dtype: bfloat16"),
+    "torch_dtype": ("dtype", ""),
+    "use_peft": ("lora", ""),
+    "use_lora": ("lora", ""),
+    "lora_rank": ("lora_r", ""),
+    "target_modules": ("lora_target_modules", ""),
+    "model_name_or_path": ("model", ""),
+    "model_name": ("model", ""),
+    "model_path": ("model", ""),
+    "train_files": ("dataset", "a spec {type: ..., path: ...}"),
+    "train_dataset": ("dataset", "a spec {type: ..., path: ...}"),
+    "dataset_name": ("dataset", "a spec {type: ..., path: ...}"),
+    "eval_dataset": ("eval_data", "{name: dataset spec}"),
+    "report_to": ("trackers", ""),
+    "logging_steps": ("log_every", ""),
+    "save_steps": ("save_every", ""),
+    "save_total_limit": ("keep_last", ""),
+    "eval_steps": ("eval_every", ""),
+    "reward_funcs": ("reward", ""),
+    "use_vllm": ("engine", "engine: vllm"),
+    "gpu_memory_utilization": ("vllm_gpu_memory_utilization", ""),
+    "filter_groups": ("dynamic_sampling", ""),
+    "max_num_gen_batches": ("max_refill_rounds", ""),
+    "overlong_buffer_len": ("overlong_buffer", ""),
+    "overlong_penalty_factor": ("overlong_penalty", ""),
+    "total_training_steps": ("max_steps", ""),
+    "num_train_epochs": ("max_steps", "a number of optimizer steps, not epochs"),
+    "adam_beta1": ("betas", "[beta1, beta2]"),
+    "adam_beta2": ("betas", "[beta1, beta2]"),
+}
+
+
+def suggest_key(key: str, names: list[str]) -> str:
+    """`` Did you mean 'lr'?`` for an unknown key: a known alias (TRL/verl/HF names) or the closest keys."""
+    alias = KEY_ALIASES.get(key) or KEY_ALIASES.get(key.lower())
+    if alias and alias[0] in names:
+        return f" Did you mean {alias[0]!r}?" + (f" ({alias[1]})" if alias[1] else "")
+    close = difflib.get_close_matches(key, names, n=2)
+    if close:
+        return " Did you mean " + " or ".join(map(repr, close)) + "?"
+    return f" Valid keys: {sorted(names)} (`dphrl config` explains each)."
+
+
+def _locate(key: str | None, origin: dict[str, str], path: str | Path | None) -> str | None:
+    """Where ``key`` (or its closest dotted parent) was given; ``not set in ...`` for a default."""
+    if key is None:
+        return None
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        where = origin.get(".".join(parts[:n]))
+        if where is not None:
+            return where
+    return f"not set in {path}" if path is not None else "not set"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig, **kw: Any):
-    """Build a config from a YAML file, ``key=value`` overrides and keyword arguments, validated."""
+    """Build a config from a YAML file, ``key=value`` overrides and keyword arguments, validated.
+
+    Every :class:`ConfigError` names the key and where it came from (``file:line``, nested keys such
+    as ``dataset.limit`` included, ``command line``, ``keyword argument``, or ``not set``).
+    """
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # key (dotted for sub-keys) -> where it was given
     names = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
 
     def put(key: str, raw: Any, where: str) -> None:
         if key not in names:
-            close = difflib.get_close_matches(key, list(names), n=3)
-            hint = f" Did you mean {close}?" if close else f" Valid keys: {sorted(names)}."
-            raise ConfigError(f"unknown config key '{key}' ({where}).{hint}")
+            raise ConfigError(f"unknown config key '{key}' ({where}).{suggest_key(key, list(names))}",
+                              key=key, where=where)
         values[key] = _coerce(key, raw, hints[key], where)
+        for k in [k for k in origin if k.startswith(key + ".")]:
+            del origin[k]  # a whole value replaces the sub-keys' locations
+        origin[key] = where
 
     if path is not None:
-        text = Path(path).read_text()
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the config file: {e}") from e
         try:
             data = yaml.safe_load(text) or {}
+            lines = _yaml_lines(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-        lines = _yaml_lines(text)
         for k, v in data.items():
             put(str(k), v, f"{path}:{lines.get(str(k), '?')}")
+        origin.update({k: f"{path}:{n}" for k, n in lines.items() if "." in k and k.split(".")[0] in values})
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r}: expected key=value (e.g. lr=1e-5)")
         k, _, v = ov.partition("=")
-        if "." in k:  # nested dict keys: dataset.limit=32
-            top, _, sub = k.partition(".")
-            if top not in names or not isinstance(_default(names[top]), dict):
-                dict_keys = [n for n, f in names.items() if isinstance(_default(f), dict)]
-                raise ConfigError(f"override {ov!r}: only the dict keys {dict_keys} take dotted sub-keys")
-            cur = dict(values.get(top) or _default(names[top]))
-            cur[sub] = yaml.safe_load(v)
-            values[top] = cur
+        k = k.strip()
+        if "." in k:  # nested dict keys: dataset.limit=32, eval_data.gsm8k.limit=16
+            _put_dotted(values, names, ov, k, v)
+            origin[k] = "command line"
             continue
-        put(k.strip(), v, "command line")
+        put(k, v, "command line")
     for k, v in kw.items():
         put(k, v, "keyword argument")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        where = None if e.where is not None else _locate(e.key, origin, path)
+        if where is None:
+            raise
+        raise e.at(where) from e
+
+
+def _put_dotted(values: dict[str, Any], names: dict[str, dataclasses.Field], ov: str, key: str, raw: str) -> None:
+    """Apply the override ``top.sub[.sub2]=raw`` to the dict field ``top`` in ``values``."""
+    top, *subs = key.split(".")
+    dict_keys = [n for n, f in names.items() if isinstance(_default(f), dict)]
+    if top not in dict_keys:
+        hint = suggest_key(top, dict_keys) if top not in names else ""
+        raise ConfigError(f"override {ov!r}: only the dict keys {dict_keys} take dotted sub-keys.{hint}",
+                          key=top, where="command line")
+    if not all(subs):
+        raise ConfigError(f"override {ov!r}: empty sub-key", key=top, where="command line")
+    try:
+        parsed = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config key '{key}' (command line): cannot parse {raw!r}: {e}", key=key,
+                          where="command line") from e
+    cur = copy.deepcopy(values.get(top) or _default(names[top]))
+    node = cur
+    for i, part in enumerate(subs[:-1]):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            inner = ".".join([top, *subs[: i + 1]])
+            raise ConfigError(f"override {ov!r}: {inner} is {node!r}, not a mapping", key=inner, where="command line")
+    node[subs[-1]] = parsed
+    values[top] = cur
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -37,6 +37,7 @@ from dphrl.testing import tiny_causal_lm
 #: out of domain in this task (the ``--sweep`` ablation measures it); DAPO keeps its own loss recipe.
 SHARED_LOSS = {"clip_high": 0.2, "loss_agg": "seq-mean-token-mean", "dual_clip": 0}
 DAPO_STYLE_LOSS = {"clip_high": 0.28, "loss_agg": "token-mean", "dual_clip": 3.0}
+IND, OOD = "add (in-domain)", "sub (out-of-domain)"
 
 
 @dataclass
@@ -56,27 +57,41 @@ class DemoSize:
     rollout_n: int = 8
     lr: float = 2e-4
     max_new_tokens: int = 28
+    #: the reference's top-k stored per position (rehearsal_form topk); the vocabulary has 26 tokens
+    store_topk: int = 8
+    #: presample: prompts with at least this pass rate (of presample_n) go to D_pef
+    split_threshold: float = 1.0
+    #: Pass@k over training steps on the first problems of each domain (0 = off), main methods only
+    eval_every: int = 25
+    eval_during_problems: int = 48
+    eval_during_n: int = 8
     methods: dict = field(
         default_factory=lambda: {
             "grpo": {"algorithm": "grpo", **SHARED_LOSS},
             "dapo": {"algorithm": "dapo"},
-            "rkl": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k3", **SHARED_LOSS},
+            "rkl": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k2", **SHARED_LOSS},
+            "rkl-k3": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k3", **SHARED_LOSS},
             "dph-f": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, **SHARED_LOSS},
             "dph-js": {"algorithm": "dph", "divergence": "js", "eta": 1.0, **SHARED_LOSS},
+            "dph-f-topk": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, "rehearsal_form": "topk",
+                           "rehearsal_topk": 8, **SHARED_LOSS},
         }
     )
+    #: every family at 4 coefficients (its main value + these 3)
     sweep: dict = field(
         default_factory=lambda: {
+            "rkl": ("kl_coef", [0.01, 0.2, 1.0]),
+            "rkl-k3": ("kl_coef", [0.01, 0.2, 1.0]),
             "dph-f": ("eta", [0.05, 0.1, 1.0]),
             "dph-js": ("eta", [0.2, 0.5, 3.0]),
-            "rkl": ("kl_coef", [0.01, 0.2, 1.0]),
+            "dph-f-topk": ("eta", [0.05, 0.1, 1.0]),
         }
     )
     #: --sweep also runs these: the main methods with the DAPO-style policy loss instead of the shared one
     ablation: dict = field(
         default_factory=lambda: {
             "grpo+dapo-loss": {"algorithm": "grpo", **DAPO_STYLE_LOSS},
-            "rkl+dapo-loss": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k3", **DAPO_STYLE_LOSS},
+            "rkl-k3+dapo-loss": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k3", **DAPO_STYLE_LOSS},
             "dph-f+dapo-loss": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, **DAPO_STYLE_LOSS},
         }
     )
@@ -85,7 +100,9 @@ class DemoSize:
 FULL = DemoSize()
 QUICK = replace(
     FULL, sft_steps=400, train_prompts=96, eval_problems=40, rl_steps=12, prompts_per_step=16,
-    sweep={"dph-f": ("eta", [1.0]), "dph-js": ("eta", [3.0]), "rkl": ("kl_coef", [0.2])},
+    eval_every=6, eval_during_problems=16, split_threshold=0.5,  # the quick base model solves few prompts 8/8
+    sweep={"rkl": ("kl_coef", [0.2]), "rkl-k3": ("kl_coef", [0.2]), "dph-f": ("eta", [1.0]), "dph-js": ("eta", [3.0]),
+           "dph-f-topk": ("eta", [1.0])},
     ablation={"dph-f+dapo-loss": FULL.ablation["dph-f+dapo-loss"]},
 )
 
@@ -129,7 +146,7 @@ def _evaluate(model, tok, size: DemoSize, out: Path, seed: int) -> dict:
 
 
 def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overrides: dict,
-           label: str = "") -> torch.nn.Module:
+           label: str = "", eval_during: bool = False) -> torch.nn.Module:
     from dphrl.trainer import Trainer
 
     def progress(trainer: Trainer, metrics: dict) -> None:
@@ -140,11 +157,18 @@ def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overri
                  f"{metrics.get('reward/pass_rate', 0):.2f}, {metrics['time/step']:.1f} s/step")
 
     spec = {"type": "styles", "op": "add", "split": "train", "limit": size.train_prompts}
+    evals = {}
+    if eval_during and size.eval_every:  # Pass@k over training steps (the report plots it)
+        n = size.eval_during_problems
+        evals = dict(eval_every=size.eval_every, eval_n=size.eval_during_n, eval_data={
+            IND: {"type": "styles", "op": "add", "split": "test", "limit": n},
+            OOD: {"type": "styles", "op": "sub", "split": "test", "limit": n},
+        })
     cfg = TrainConfig(
         model=str(base), dataset=spec, reward="styles", output_dir=str(out), seed=seed,
         reference_store=str(store), prompts_per_step=size.prompts_per_step, rollout_n=size.rollout_n,
         max_new_tokens=size.max_new_tokens, lr=size.lr, max_steps=size.rl_steps, micro_batch_size=64,
-        generation_batch_size=256, progress=False, reward_workers=0, **overrides,
+        generation_batch_size=256, progress=False, reward_workers=0, **evals, **overrides,
     )
     trainer = Trainer(cfg, callbacks=[progress], overwrite=True)  # an unfinished job restarts from scratch
     trainer.train()
@@ -167,7 +191,8 @@ def _prepare_seed(root: Path, seed: int, size: DemoSize) -> str:
         presample(
             build_engine("hf", model, tok, batch_size=256), tok, train, styles.styles_reward, store, model_name=str(base),
             tokenizer_hash=tokenizer_hash(tok), n=size.presample_n, max_new_tokens=size.max_new_tokens,
-            seed=seed, prompts_per_call=64, progress=False, reward_workers=0,
+            seed=seed, prompts_per_call=64, progress=False, reward_workers=0, topk=size.store_topk,
+            threshold=size.split_threshold,
         )
     c = json.loads((store / "manifest.json").read_text())
     return (f"seed {seed}: base model + store ({time.time() - t0:.0f} s): D_pef {c['counts']['d_pef']} prompts, "
@@ -175,7 +200,8 @@ def _prepare_seed(root: Path, seed: int, size: DemoSize) -> str:
             f"base pass rate {c['mean_pass_rate']:.3f}")
 
 
-def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: DemoSize, seed: int) -> str:
+def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: DemoSize, seed: int,
+         eval_during: bool = False) -> str:
     """One demo job in its own process: train (unless ``kw`` is None: the base model) and evaluate.
 
     A job whose evaluation results exist is skipped, so an interrupted demo resumes where it stopped.
@@ -188,7 +214,7 @@ def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: D
         tok, model = load_tokenizer(str(base)), load_model(str(base))
     else:
         tok = load_tokenizer(str(base))
-        model = _train(base, store, out, size, seed, kw, label=f"seed {seed}: {name}")
+        model = _train(base, store, out, size, seed, kw, label=f"seed {seed}: {name}", eval_during=eval_during)
     _evaluate(model, tok, size, out / "eval", seed)
     return f"seed {seed}: {name} ({time.time() - t0:.0f} s)"
 
@@ -202,7 +228,8 @@ def _seed_jobs(root: Path, seed: int, size: DemoSize, sweep: bool) -> tuple[dict
             jobs += [(f"{name}@{key}={v}", {**size.methods[name], key: v}) for v in values]
         jobs += list(size.ablation.items())
     runs = {name: sd / "runs" / name for name, _ in jobs}
-    args = [(name, kw, sd / "base_model", sd / "store", runs[name], size, seed) for name, kw in jobs]
+    args = [(name, kw, sd / "base_model", sd / "store", runs[name], size, seed, name in size.methods)
+            for name, kw in jobs]
     return runs, args
 
 
@@ -243,8 +270,6 @@ def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int 
                     pending.update({pool.submit(_job, *a): None for a in per_seed[seed]})
     return all_runs
 
-
-IND, OOD = "add (in-domain)", "sub (out-of-domain)"
 
 
 def _metric(run: Path, dataset: str, key: str, k: int | None = None) -> float:
@@ -317,15 +342,70 @@ def summarize(all_runs: list[dict[str, Path]], size: DemoSize) -> dict:
         return {"seeds": len(all_runs), "table": table, "sweep": extra, "checks": checks}
     checks[f"collapse: GRPO {pk} >= 3 points below base"] = table["grpo"][pk][0] <= b[pk][0] - 0.03
     checks["collapse: GRPO effective styles <= half of base"] = table["grpo"]["styles"][0] <= b["styles"][0] / 2
-    for d in [d for d in ("dph-f", "dph-js") if d in table and "rkl" in table]:
+    rkls = [r for r in ("rkl", "rkl-k3") if r in table]
+    for d in [d for d in ("dph-f", "dph-js", "dph-f-topk") if d in table and rkls]:
         gap = table[d][pk][0] - table["grpo"][pk][0]
         std = max(table[d][pk][1], table["grpo"][pk][1])
         checks[f"cure: {d} {pk} >= GRPO + 3 points (gap {gap:+.3f}, std {std:.3f})"] = gap >= 0.03 and gap > std
         checks[f"cure: {d} keeps more styles than GRPO"] = table[d]["styles"][0] > table["grpo"]["styles"][0]
-        checks[f"cure: {d} loses less out of domain ({pk}) than GRPO and RKL"] = ood_loss(d) < min(
-            ood_loss("grpo"), ood_loss("rkl")
+        checks[f"cure: {d} loses less out of domain ({pk}) than GRPO and {' and '.join(rkls)}"] = ood_loss(d) < min(
+            ood_loss(n) for n in ["grpo", *rkls]
         )
-    return {"seeds": len(all_runs), "table": table, "sweep": extra, "checks": checks}
+    return {"seeds": len(all_runs), "table": table, "sweep": extra, "checks": checks,
+            "matched": matched_frontier(all_runs, size)}
+
+
+def _family_points(runs: dict[str, Path], size: DemoSize, fam: str) -> list[tuple[float, Path]]:
+    """A family's runs of one seed, by coefficient: [(value, run dir)], sorted by value."""
+    key, values = size.sweep[fam]
+    pts = [(size.methods[fam][key], runs[fam])] + [(v, runs[f"{fam}@{key}={v}"]) for v in values]
+    return sorted((v, r) for v, r in pts if r.exists())
+
+
+def _interp(points: list[tuple[float, float]], x: float) -> float | None:
+    """Piecewise-linear interpolation of y at x through the points sorted by x (None outside their range)."""
+    pts = sorted(points)
+    if not pts or x < pts[0][0] - 1e-12 or x > pts[-1][0] + 1e-12:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1] if abs(x - pts[-1][0]) < 1e-12 else pts[0][1]
+
+
+def matched_frontier(all_runs: list[dict[str, Path]], size: DemoSize, grid: int = 4) -> dict:
+    """Pass@K in and out of domain of every swept family at matched in-domain Pass@1.
+
+    Per seed, each family's 4 coefficients give 4 (Pass@1, Pass@K) points; Pass@K is interpolated
+    linearly in Pass@1 at ``grid`` Pass@1 values spread over the range every family covers on every
+    seed, then averaged over seeds (mean ± std). ``top`` names the family with the highest mean.
+    """
+    K = size.eval_n
+    fams = [f for f in size.sweep if all(f in r for r in all_runs)]
+    if len(fams) < 2:
+        return {}
+    curves: dict[str, list[dict[str, list[tuple[float, float]]]]] = {}
+    for fam in fams:
+        curves[fam] = []
+        for runs in all_runs:
+            pts = _family_points(runs, size, fam)
+            p1 = [_metric(r, IND, "pass", 1) for _, r in pts]
+            curves[fam].append({"in": list(zip(p1, [_metric(r, IND, "pass", K) for _, r in pts])),
+                                "ood": list(zip(p1, [_metric(r, OOD, "pass", K) for _, r in pts]))})
+    lo = max(min(x for x, _ in c["in"]) for f in fams for c in curves[f])
+    hi = min(max(x for x, _ in c["in"]) for f in fams for c in curves[f])
+    if hi <= lo:
+        return {"families": fams, "overlap": None}
+    xs = [lo + (hi - lo) * i / (grid - 1) for i in range(grid)]
+    out: dict = {"families": fams, "overlap": [lo, hi], "points": []}
+    for x in xs:
+        row: dict = {"pass@1": x}
+        for dom in ("in", "ood"):
+            vals = {f: _ms([_interp(c[dom], x) for c in curves[f]]) for f in fams}
+            row[dom] = vals
+            row[f"top_{dom}"] = max(vals, key=lambda f: vals[f][0])
+        out["points"].append(row)
+    return out
 
 
 def plot_frontier(summary: dict, size: DemoSize, path: Path) -> Path | None:
@@ -384,7 +464,9 @@ def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | 
         "",
         "How style validity arises: " + styles.VALIDITY_NOTE,
         "",
-        "grpo, rkl, dph-f and dph-js share one policy loss (clip 0.2/0.2, no dual clip, seq-mean-token-mean): "
+        "grpo, rkl (k2: the reverse-KL gradient), rkl-k3 (the paper's RKL baseline: a forward-KL gradient on "
+        "rollouts), dph-f, dph-js and dph-f-topk (forward-KL over the reference's stored top-8 + tail) share one "
+        "policy loss (clip 0.2/0.2, no dual clip, seq-mean-token-mean): "
         "the divergence term is the only difference. dapo uses its own recipe (clip-higher, token-mean, "
         "dynamic sampling, overlong shaping). OOD answer acc.: share of sampled a-b responses whose final "
         "number is right whatever the style (low = the skill itself was lost, not only the style mix).",
@@ -394,6 +476,22 @@ def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | 
     lines += [f"| {n} | " + " | ".join(_cells(row)) + " |" for n, row in summary["table"].items()]
     lines += ["", "## Claims checked on these numbers", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {c}" for c, ok in summary["checks"].items()]
+    matched = summary.get("matched") or {}
+    if matched.get("points"):
+        fams = matched["families"]
+        lines += ["", f"## Which family lies on top at matched Pass@1 (Pass@{K}, mean ± std over seeds)", "",
+                  f"Each family's 4 coefficients give a Pass@1-Pass@{K} curve per seed; Pass@{K} is interpolated at "
+                  f"in-domain Pass@1 values inside the range every family covers on every seed "
+                  f"([{matched['overlap'][0]:.3f}, {matched['overlap'][1]:.3f}]).", ""]
+        for dom, title in (("in", "in domain"), ("ood", "out of domain")):
+            lines += [f"**{title}**", "", "| Pass@1 | " + " | ".join(fams) + " | on top |",
+                      "|---|" + "---|" * (len(fams) + 1)]
+            for row in matched["points"]:
+                cells = [f"{row[dom][f][0]:.3f} ± {row[dom][f][1]:.3f}" for f in fams]
+                lines.append(f"| {row['pass@1']:.3f} | " + " | ".join(cells) + f" | {row[f'top_{dom}']} |")
+            lines.append("")
+    elif matched:
+        lines += ["", "The swept families' Pass@1 ranges do not overlap on every seed: no matched comparison."]
     if summary["sweep"]:
         lines += ["", "## Sweep (eta, kl_coef) and policy-loss ablation", "", head.replace("| method", "| run")]
         lines += [f"| {n} | " + " | ".join(_cells(row)) + " |" for n, row in summary["sweep"].items()]

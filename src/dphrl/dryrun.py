@@ -363,7 +363,7 @@ _TASK_OF_TYPE = {"bird": "bird", "spider": "sql", "synthetic_sql": "sql", "gsm8k
 
 def _load_sample(cfg: TrainConfig, limit: int) -> tuple[list[Example] | None, str | None]:
     """A few examples of the training data, or (None, why) when the data is absent on this machine."""
-    from dphrl.trainer import load_examples
+    from dphrl.data.loaders import load_dataset_spec
 
     spec = dict(cfg.dataset)
     if not spec:
@@ -373,7 +373,7 @@ def _load_sample(cfg: TrainConfig, limit: int) -> tuple[list[Example] | None, st
     elif spec.get("seed") is None:  # with a seed the loader shuffles everything first: keep the user's limit
         spec["limit"] = min(int(spec["limit"]), limit) if spec.get("limit") is not None else limit
     try:
-        return load_examples(spec), None
+        return load_dataset_spec(spec), None
     except FileNotFoundError as e:
         return None, str(e)
     except (ValueError, TypeError, KeyError) as e:

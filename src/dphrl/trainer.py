@@ -119,7 +119,13 @@ def load_examples(spec: dict) -> list[Example]:
         raise ValueError("config key 'dataset' is empty: give a spec such as {type: gsm8k, path: ...}")
     from dphrl.data.loaders import load_dataset_spec
 
-    return load_dataset_spec(spec)
+    try:
+        examples = load_dataset_spec(spec)
+    except (ValueError, FileNotFoundError) as e:  # a data problem is a config problem: no traceback
+        raise ConfigError(f"config key 'dataset' {spec}: {e}") from e
+    if not examples:
+        raise ConfigError(f"config key 'dataset' {spec} gave no examples; check its path and filters")
+    return examples
 
 
 #: ``callback(trainer, metrics)``, called after every step with that step's reduced metrics.
@@ -214,6 +220,10 @@ class Trainer:
             )
             # a D_pef prompt is never drawn twice in one step: at most every prompt once
             self.ref_prompts_per_step = min(n_ref, len(self.pef_ids))
+            if not self.pef_ids and self.acc.is_main_process:
+                print(f"dphrl: WARNING: reference store {cfg.reference_store} has no rehearsable D_pef prompt: "
+                      f"{cfg.algorithm} trains without its rehearsal term (lower split_threshold at presample, or "
+                      "use more training prompts)")
             self.ref_sampler = PromptSampler(max(1, len(self.pef_ids)), cfg.seed + 1)
         else:
             self.rollout_examples = examples

@@ -3,19 +3,23 @@
 Formats: GSM8K (jsonl), MATH / MATH-500 (jsonl), Spider (directory), BIRD (directory), generic jsonl,
 parquet, and Hugging Face ``datasets`` from local files; :func:`load_dataset_spec` dispatches on a
 ``type`` key (this is what the trainer config uses). Every example's ``meta`` records its source file
-and line (or entry/row index). A malformed row raises ``ValueError`` naming the file, the line and the
-missing field, and how to fix it. Loaders return :class:`Examples`, a ``list`` with a ``skipped``
-count (e.g. Spider examples whose database file is missing).
+and line (or entry/row index). A malformed row (missing field, invalid JSON or UTF-8) raises
+``ValueError`` naming the file, the line and the problem, and how to fix it. Loaders return
+:class:`Examples`, a ``list`` with a ``skipped`` count (e.g. Spider examples whose database file is
+missing). :func:`resolve_dataset_spec` checks a spec against its loader's signature without reading
+data (the config does this at load time); a spec that gives no example raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import logging
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +40,24 @@ class Examples(list):
         self.skip_reasons: dict[str, int] = dict(skip_reasons or {})
 
 
+def _utf8_error(path: Path, data: bytes, e: UnicodeDecodeError, line_offset: int = 0) -> ValueError:
+    """ValueError naming the file, the line and the byte of an invalid UTF-8 sequence."""
+    lineno = line_offset + data.count(b"\n", 0, e.start) + 1
+    col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return ValueError(f"{path}, line {lineno}: invalid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
+                      "the file must be UTF-8 encoded: re-save it as UTF-8 or fix the line")
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for every non-blank line; bad JSON -> ValueError with the line."""
+    """(1-based line number, object) for every non-blank line; bad UTF-8 or JSON -> ValueError with the line."""
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is tolerated
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, raw, e, lineno - 1) from None
             if not line.strip():
                 continue
             try:
@@ -132,8 +148,13 @@ def load_math(path: PathLike, *, limit: int | None = None, system: str | None = 
 def _load_json_list(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a leading BOM is tolerated
+    except UnicodeDecodeError as e:
+        raise _utf8_error(path, raw, e) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
     if not isinstance(data, list):
@@ -413,6 +434,35 @@ _PATH_ARG = {"gsm8k": "path", "math": "path", "spider": "directory", "bird": "di
              "parquet": "path", "hf": "path", "synthetic_sql": "directory"}
 
 
+#: Spec keys of every dataset type, besides its loader's own keyword options.
+SPEC_KEYS = ("type", "path", "limit", "seed")
+
+#: Names other tools use for a spec key -> the key meant (the suggestion for an unknown key).
+_SPEC_ALIASES = {
+    "file": "path", "data_file": "path", "data_files": "path", "data_path": "path", "dir": "path",
+    "max_samples": "limit", "num_samples": "limit", "n_samples": "limit", "max_examples": "limit",
+    "shuffle_seed": "seed", "kind": "type", "format": "type", "loader": "type", "name": "type",
+}
+
+
+class DatasetSpecError(ValueError):
+    """A dataset spec is wrong (found before any data is read); ``key`` is the spec key at fault, or None."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _suggest(word: str, valid: Iterable[str], aliases: dict[str, str] | None = None) -> str:
+    """`` Did you mean 'x'?`` for the closest valid name (an alias first), or ''."""
+    valid = list(valid)
+    target = (aliases or {}).get(word)
+    if target in valid:
+        return f" Did you mean {target!r}?"
+    close = difflib.get_close_matches(word, valid, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def _infer_type(path: Path) -> str:
     if path.is_dir():
         if (path / "database").is_dir() and any((path / f).is_file() for f in ("dev.json", "train_spider.json")):
@@ -425,7 +475,125 @@ def _infer_type(path: Path) -> str:
         return "parquet"
     if suffix in (".jsonl", ".json"):
         return "jsonl"
-    raise ValueError(f"cannot infer the dataset type of {path}; use a dict spec with 'type' ({sorted(LOADERS)})")
+    raise DatasetSpecError(f"cannot infer the dataset type of {path}; use a dict spec with 'type' ({sorted(LOADERS)})",
+                           key="type")
+
+
+def dataset_loader(kind: str) -> tuple[Callable[..., list[Example]], dict[str, inspect.Parameter]]:
+    """The loader of dataset type ``kind`` and its keyword parameters (the options its spec may give)."""
+    if not isinstance(kind, str) or kind not in LOADERS:
+        raise DatasetSpecError(f"unknown dataset type {kind!r}; valid types: {sorted(LOADERS)}."
+                               + _suggest(str(kind), LOADERS), key="type")
+    entry = LOADERS[kind]
+    fn = _synthetic(entry) if isinstance(entry, str) else entry
+    return fn, dict(inspect.signature(fn).parameters)
+
+
+@dataclass
+class ResolvedSpec:
+    """A checked dataset spec: the loader to call and its keyword arguments (``limit``/``seed`` applied after)."""
+
+    kind: str
+    fn: Callable[..., list[Example]]
+    kwargs: dict[str, Any]
+    limit: int | None
+    seed: int | None
+    path: Path | None
+
+
+def resolve_dataset_spec(
+    spec: dict[str, Any] | str | os.PathLike, *, base_dir: PathLike | None = None, strict: bool = True
+) -> ResolvedSpec | None:
+    """Check ``spec`` against the signature of the loader its ``type`` picks, reading no data file.
+
+    Raises :class:`DatasetSpecError` (with the spec key at fault and a close-match suggestion) for an
+    unknown type or option, a missing ``path`` or required option, or a bad ``limit``/``seed``. A
+    spec without ``type`` infers it from ``path``. With ``strict=False`` (config time: the data may live
+    on another machine, the spec may be partial) a missing ``path`` or required option is accepted, and
+    a spec whose type is unknown (absent, and not inferable from an absent path) returns None once its
+    keys are checked against every loader's.
+    """
+    if isinstance(spec, str | os.PathLike):
+        s = str(spec)
+        head, sep, tail = s.partition(":")
+        spec = {"type": head, "path": tail} if sep and head in LOADERS else {"path": s}
+    if not isinstance(spec, dict):
+        raise DatasetSpecError(f"dataset spec must be a mapping {{type: ..., path: ...}} or a string, got "
+                               f"{type(spec).__name__} {spec!r}")
+    opts = {str(k): v for k, v in spec.items()}
+    limit = opts.pop("limit", None)
+    seed = opts.pop("seed", None)
+    kind = opts.pop("type", None)
+    raw_path = opts.pop("path", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise DatasetSpecError(f"'limit' must be an integer >= 1 (or absent for all examples), got {limit!r}",
+                               key="limit")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise DatasetSpecError(f"'seed' must be an integer (or absent for the file order), got {seed!r}", key="seed")
+    path = None
+    if raw_path is not None:
+        if not isinstance(raw_path, str | os.PathLike) or not str(raw_path):
+            raise DatasetSpecError(f"'path' must be a file or directory path, got {raw_path!r}", key="path")
+        path = Path(os.path.expanduser(str(raw_path)))
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+    if kind is None:
+        try:
+            if path is None:
+                raise DatasetSpecError("dataset spec needs a 'type' (or a 'path' to infer it from); valid types: "
+                                       f"{sorted(LOADERS)}", key="type")
+            kind = _infer_type(path)
+        except DatasetSpecError:
+            if strict or (path is not None and path.exists()):
+                raise
+            _check_any_loader_keys(opts)  # the type is not known yet: every key must mean something to a loader
+            return None
+    fn, params = dataset_loader(kind)
+    if kind in _PATH_ARG:
+        arg = _PATH_ARG[kind]
+        if path is None and arg not in opts and strict:
+            raise DatasetSpecError(f"dataset type {kind!r} needs 'path'", key="path")
+        if path is not None:
+            opts[arg] = path
+    elif path is not None:
+        raise DatasetSpecError(f"dataset type {kind!r} takes no 'path'", key="path")
+    if (kind.startswith("synthetic") or kind == "styles") and seed is not None and "seed" in params:
+        opts["seed"], seed = seed, None  # synthetic generators are seeded directly
+    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [] if takes_any else [k for k in opts if k not in named]
+    if unknown:
+        valid = sorted(named - {"limit"} | {"type", "limit", "seed"} | ({"path"} if kind in _PATH_ARG else set()))
+        raise DatasetSpecError(f"dataset type {kind!r}: unknown option(s) {sorted(unknown)}; valid: {valid}."
+                               + _suggest(unknown[0], valid, _SPEC_ALIASES), key=unknown[0])
+    for n, p in params.items():
+        if strict and n in named and p.default is p.empty and n not in opts:
+            raise DatasetSpecError(f"dataset type {kind!r} needs {n!r}", key=n)
+    if limit is not None and seed is None and "limit" in params:
+        opts["limit"] = limit  # loaders stop early
+    return ResolvedSpec(kind, fn, opts, limit, seed, path)
+
+
+def _check_any_loader_keys(opts: dict[str, Any]) -> None:
+    """Refuse keys that no loader takes (for a spec whose type is not known yet)."""
+    valid = set(SPEC_KEYS)
+    for kind in LOADERS:
+        valid |= {n for n, p in dataset_loader(kind)[1].items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = [k for k in opts if k not in valid]
+    if unknown:
+        raise DatasetSpecError(f"unknown dataset option(s) {sorted(unknown)} (no loader takes them); valid: "
+                               f"{sorted(valid)}." + _suggest(unknown[0], valid, _SPEC_ALIASES), key=unknown[0])
+
+
+def check_dataset_spec(spec: dict[str, Any] | str) -> None:
+    """Config-time check of a dataset spec without reading its data files: the type, every key against
+    the loader's options (or any loader's while the type is not known), ``limit`` and ``seed``. A
+    missing ``path`` or required option is left to load time (a config may hold a partial spec)."""
+    resolve_dataset_spec(spec, strict=False)
+
+
+def _describe_spec(spec: Any) -> str:
+    return json.dumps(spec, default=str) if isinstance(spec, dict) else repr(str(spec))
 
 
 def load_dataset_spec(spec: dict[str, Any] | str, *, base_dir: PathLike | None = None) -> list[Example]:
@@ -434,53 +602,23 @@ def load_dataset_spec(spec: dict[str, Any] | str, *, base_dir: PathLike | None =
     ``spec`` is a dict with ``type`` (one of :data:`LOADERS`), usually ``path`` (a file or directory,
     relative paths resolved against ``base_dir``), optional ``limit`` and ``seed`` (shuffle with this
     seed before applying ``limit``), and the loader's own keyword options. A string is a path (type
-    inferred) or ``"<type>:<path>"``. Unknown options raise ``ValueError`` listing the valid ones.
+    inferred) or ``"<type>:<path>"``. A wrong spec raises :class:`DatasetSpecError` (a ``ValueError``)
+    listing the valid options before any file is read; a spec that gives no example raises ``ValueError``.
     """
-    if isinstance(spec, str | os.PathLike):
-        s = str(spec)
-        head, sep, tail = s.partition(":")
-        spec = {"type": head, "path": tail} if sep and head in LOADERS else {"path": s}
-    if not isinstance(spec, dict):
-        raise ValueError(f"dataset spec must be a dict or a string, got {type(spec).__name__}")
-    opts = dict(spec)
-    limit = opts.pop("limit", None)
-    seed = opts.pop("seed", None)
-    kind = opts.pop("type", None)
-    raw_path = opts.pop("path", None)
-    path = None
-    if raw_path is not None:
-        path = Path(os.path.expanduser(str(raw_path)))
-        if base_dir is not None and not path.is_absolute():
-            path = Path(base_dir) / path
-    if kind is None:
-        if path is None:
-            raise ValueError("dataset spec needs a 'type' (or a 'path' to infer it from)")
-        kind = _infer_type(path)
-    if kind not in LOADERS:
-        raise ValueError(f"unknown dataset type {kind!r}; valid types: {sorted(LOADERS)}")
-    entry = LOADERS[kind]
-    fn = _synthetic(entry) if isinstance(entry, str) else entry
-    params = inspect.signature(fn).parameters
-    if kind in _PATH_ARG:
-        arg = _PATH_ARG[kind]
-        if path is None and arg not in opts:
-            raise ValueError(f"dataset type {kind!r} needs 'path'")
-        if path is not None:
-            opts[arg] = path
-    elif path is not None:
-        raise ValueError(f"dataset type {kind!r} takes no 'path'")
-    if (kind.startswith("synthetic") or kind == "styles") and seed is not None and "seed" in params:
-        opts["seed"], seed = seed, None  # synthetic generators are seeded directly
-    unknown = sorted(set(opts) - set(params))
-    if unknown:
-        valid = sorted(set(params) - {"limit"} | {"type", "path", "limit", "seed"})
-        raise ValueError(f"dataset type {kind!r}: unknown option(s) {unknown}; valid: {valid}")
-    if limit is not None and seed is None and "limit" in params:
-        opts["limit"] = limit  # loaders stop early
-    examples = fn(**opts)
+    r = resolve_dataset_spec(spec, base_dir=base_dir)
+    assert r is not None  # strict
+    examples = r.fn(**r.kwargs)
     skipped = getattr(examples, "skipped", 0)
     reasons = getattr(examples, "skip_reasons", {})
     items = list(examples)
-    if seed is not None:
-        random.Random(seed).shuffle(items)
-    return Examples(_take(items, limit), skipped=skipped, skip_reasons=reasons)
+    if not items:
+        if skipped:
+            why = f"all {skipped} were skipped ({', '.join(f'{k}: {n}' for k, n in sorted(reasons.items()))})"
+        elif r.path is not None:
+            why = f"{r.path} has no data rows, or the spec's options filter them all out"
+        else:
+            why = "the generator returned none; check its options"
+        raise ValueError(f"dataset {_describe_spec(spec)} gave no examples: {why}. Check its path and filters.")
+    if r.seed is not None:
+        random.Random(r.seed).shuffle(items)
+    return Examples(_take(items, r.limit), skipped=skipped, skip_reasons=reasons)
