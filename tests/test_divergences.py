@@ -262,3 +262,23 @@ def test_unknown_names_and_params():
         "hellinger",
         "chi2",
     }
+
+
+@pytest.mark.parametrize("alpha", [2.8, 3.0, 5.0, 10.0, -4.0, -10.0])
+def test_alpha_is_finite_for_any_alpha_and_exact_inside_its_guard(alpha):
+    """alpha >~ 2.8 (or <~ -3.4) used to give NaN everywhere: (1 - alpha) d overflowed at the guard."""
+    d = torch.linspace(-80, 40, 241, requires_grad=True)
+    v = D.per_token_loss("alpha", d, torch.zeros_like(d), alpha=alpha)
+    v.sum().backward()
+    assert torch.isfinite(v).all() and torch.isfinite(d.grad).all()
+    lo, hi = D._alpha_bounds(alpha)
+    inside = torch.linspace(lo, hi, 50, dtype=F64)
+    u = inside.exp()
+    exact = (u.pow(1 - alpha) - (1 - alpha) * u - alpha) / (alpha * (alpha - 1))
+    torch.testing.assert_close(D.per_token_loss("alpha", inside, torch.zeros_like(inside), alpha=alpha), exact,
+                               rtol=1e-9, atol=1e-9)
+    # outside, the tangent line: slope at the boundary equals the exact derivative there
+    x = torch.tensor([lo - 5.0, lo], dtype=F64, requires_grad=True)
+    y = D.per_token_loss("alpha", x, torch.zeros_like(x), alpha=alpha)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert gx[0].item() == pytest.approx(gx[1].item(), rel=1e-6)

@@ -111,6 +111,9 @@ class Divergence:
 
     generator: Callable[..., Tensor]
     log_space: Callable[..., Tensor] | None = None
+    #: ``bounds(**params) -> (lo, hi)``: the exact region of the guard when it must be narrower than
+    #: [GUARD_LOW, GUARD_HIGH] (e.g. alpha: exponents of (1 - alpha) d stay below EXP_ARG_MAX)
+    bounds: Callable[..., tuple[float, float]] | None = None
 
 
 # ----------------------------------------------------------------------------- generators f(u)
@@ -204,6 +207,19 @@ def _check_alpha(alpha: float) -> float:
     return alpha
 
 
+#: Largest argument the exact region of the guard lets any exponential see (float32 overflows at 88.7).
+EXP_ARG_MAX = 60.0
+
+
+def _alpha_bounds(alpha: float = 0.5) -> tuple[float, float]:
+    """Exact region for alpha: the exponents d and (1 - alpha) d stay within EXP_ARG_MAX, so any finite
+    alpha is finite everywhere (before: NaN for alpha >~ 2.8 at d = -50, or alpha <~ -3.4 at d = 20)."""
+    a = _check_alpha(alpha)
+    lo = GUARD_LOW if a <= 1.0 else max(GUARD_LOW, -EXP_ARG_MAX / (a - 1.0))
+    hi = GUARD_HIGH if a >= 0.0 else min(GUARD_HIGH, EXP_ARG_MAX / (1.0 - a))
+    return lo, hi
+
+
 def _as_divergence(obj: object) -> Divergence:
     """What ``divergence: package.module:attr`` may name: a :class:`Divergence` or a generator ``f(u)``."""
     if isinstance(obj, Divergence):
@@ -224,7 +240,7 @@ for _name, _f, _g in (
     ("hellinger", _f_hellinger, _g_hellinger),
     ("chi2", _f_chi2, _g_chi2),
 ):
-    DIVERGENCES.register(_name, Divergence(_f, _g))
+    DIVERGENCES.register(_name, Divergence(_f, _g, _alpha_bounds if _name == "alpha" else None))
 
 
 # ----------------------------------------------------------------------------- registry API
@@ -293,16 +309,21 @@ def _log_space_fn(div: Divergence) -> Callable[..., Tensor]:
     return lambda d, **params: div.generator(torch.exp(d), **params)
 
 
-def _boundary_slopes(name: str, g: Callable[..., Tensor], params: dict) -> tuple[float, float]:
-    """``g'(GUARD_LOW)``, ``g'(GUARD_HIGH)`` by autograd in float64 (also under no_grad / inference_mode)."""
+def _guard_bounds(div: Divergence, params: dict) -> tuple[float, float]:
+    return div.bounds(**params) if div.bounds is not None else (GUARD_LOW, GUARD_HIGH)
+
+
+def _boundary_slopes(name: str, g: Callable[..., Tensor], params: dict,
+                     bounds: tuple[float, float] = (GUARD_LOW, GUARD_HIGH)) -> tuple[float, float]:
+    """``g'`` at the two guard boundaries by autograd in float64 (also under no_grad / inference_mode)."""
     with torch.inference_mode(False), torch.enable_grad():
-        x = torch.tensor([GUARD_LOW, GUARD_HIGH], dtype=torch.float64, requires_grad=True)  # (2,)
+        x = torch.tensor(list(bounds), dtype=torch.float64, requires_grad=True)  # (2,)
         (grad,) = torch.autograd.grad(g(x, **params).sum(), x)  # (2,)
     lo, hi = grad.tolist()
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(
             f"divergence {name!r} with {params}: slope not finite at the guard boundaries "
-            f"d={GUARD_LOW}/{GUARD_HIGH} (parameters out of range?)"
+            f"d={bounds[0]}/{bounds[1]} (parameters out of range?)"
         )
     return lo, hi
 
@@ -314,12 +335,13 @@ def _per_token(name: str, logp: Tensor, ref_logp: Tensor, params: dict) -> Tenso
         raise ValueError(f"logp and ref_logp: shapes differ, {tuple(logp.shape)} vs {tuple(ref_logp.shape)}")
     _check_params(name, div.log_space or div.generator, params)
     g = _log_space_fn(div)
-    slope_lo, slope_hi = _boundary_slopes(name, g, params)
+    lo, hi = _guard_bounds(div, params)
+    slope_lo, slope_hi = _boundary_slopes(name, g, params, (lo, hi))
     cdt = compute_dtype(logp)
     d = logp.to(cdt) - ref_logp.detach().to(cdt)  # (B, T) log-ratio; ref_logp is data
-    dc = d.clamp(GUARD_LOW, GUARD_HIGH)  # (B, T) exact region
-    # tangent-line continuation outside [GUARD_LOW, GUARD_HIGH]
-    tail = slope_hi * torch.relu(d - GUARD_HIGH) - slope_lo * torch.relu(GUARD_LOW - d)  # (B, T)
+    dc = d.clamp(lo, hi)  # (B, T) exact region
+    # tangent-line continuation outside [lo, hi]
+    tail = slope_hi * torch.relu(d - hi) - slope_lo * torch.relu(lo - d)  # (B, T)
     return g(dc, **params) + tail  # (B, T)
 
 
