@@ -22,7 +22,6 @@ from pathlib import Path
 
 import _ddp_worker as base
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 
 from dphrl import sharding
@@ -54,21 +53,9 @@ SPLITS = ("uneven", "no_rollouts_on_rank1", "rank1_empty")
 
 
 def _wrap(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    if mode == "fsdp1":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from _fsdp_worker import wrap
 
-        return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), use_orig_params=True,
-                    device_id=torch.device("cpu"))
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+    return wrap(model, mode)
 
 
 def _sgd_prepare(acc: Accelerator, mode: str):

@@ -82,3 +82,22 @@ def run_two_processes(script: Path, args: list[str], out_dir: Path, started_glob
             pytest.skip(f"torchrun could not start 2 processes here (rc={proc.returncode}):\n{log}")
         raise AssertionError(f"2-process run failed after starting (rc={proc.returncode}):\n{log}")
     return proc
+
+
+def brute_force_equal(pred, gold, ordered: bool, norm=lambda v: v) -> bool:
+    """Reference for SQL result comparison: some column permutation makes the results equal (as lists
+    when ``ordered``, else as multisets), values mapped through ``norm``."""
+    import itertools
+    from collections import Counter
+
+    pred = [tuple(norm(v) for v in r) for r in pred]
+    gold = [tuple(norm(v) for v in r) for r in gold]
+    if not pred and not gold:
+        return True
+    if len(pred) != len(gold) or len(pred[0]) != len(gold[0]):
+        return False
+    for perm in itertools.permutations(range(len(gold[0]))):
+        pp = [tuple(r[i] for i in perm) for r in pred]
+        if (pp == gold) if ordered else (Counter(pp) == Counter(gold)):
+            return True
+    return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -153,17 +152,9 @@ def test_lexer_agrees_with_sqlite_tokenizer_on_random_text():
 
 def _ref_equal(pred, gold, ordered):
     """Brute-force reference: some column permutation makes the results equal (as lists or multisets)."""
-    pred = [tuple(sr._norm(v) for v in r) for r in pred]
-    gold = [tuple(sr._norm(v) for v in r) for r in gold]
-    if not pred and not gold:
-        return True
-    if len(pred) != len(gold) or len(pred[0]) != len(gold[0]):
-        return False
-    for perm in itertools.permutations(range(len(gold[0]))):
-        pp = [tuple(r[i] for i in perm) for r in pred]
-        if (pp == gold) if ordered else (Counter(pp) == Counter(gold)):
-            return True
-    return False
+    from _shared import brute_force_equal
+
+    return brute_force_equal(pred, gold, ordered, norm=sr._norm)
 
 
 def test_results_match_semantics():

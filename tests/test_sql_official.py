@@ -161,19 +161,12 @@ def test_official_spider_quick_reject_is_type_sensitive(db):
 def test_spider_result_eq_matches_brute_force_on_exact_values():
     """Apart from that pre-check, official result_eq is "some column permutation makes the results
     equal" (as lists or multisets), on raw values."""
-    import itertools
     import random
 
+    from _shared import brute_force_equal
+
     def brute(gold, pred, ordered):
-        if not gold and not pred:
-            return True
-        if len(gold) != len(pred) or len(gold[0]) != len(pred[0]):
-            return False
-        for perm in itertools.permutations(range(len(gold[0]))):
-            pp = [tuple(r[i] for i in perm) for r in pred]
-            if (pp == gold) if ordered else (Counter(pp) == Counter(gold)):
-                return True
-        return False
+        return brute_force_equal(pred, gold, ordered)
 
     rng = random.Random(1)
     for _ in range(300):
