@@ -10,6 +10,14 @@ algorithms instead of hitting one of them).
     python benchmarks/step_time.py                      # all algorithms + TRL, defaults below
     python benchmarks/step_time.py --no-trl --steps 3   # only ours
     python benchmarks/step_time.py --rounds 3 --out runs/bench.json
+    python benchmarks/step_time.py --workload long      # SQL-shaped: 1,024-token prompts, 25M params
+
+Workloads: ``default`` (tiny 1M Llama, 16 prompts x 8 rollouts of <= 32 tokens, short arithmetic
+prompts) and ``long`` (shaped like text-to-SQL RLVR: 2 prompts per step of exactly 1,024 tokens, a
+schema of ``create table`` statements and a question, 8 rollouts of <= 128 new tokens, a random Llama
+of 25.2M parameters: hidden 512, 6 layers, MLP 2048, 8 heads; micro-batch 8; ``grpo``, ``grpo+prefix``
+and TRL; 2 measured steps and no warm-up step, since one step takes 20-100 s and one-time costs are
+below 1 s). Any flag given explicitly overrides the workload's value.
 
 What runs:
 
@@ -18,6 +26,16 @@ What runs:
   from D_exp, *plus* the stored pi_ref samples of ``ref_prompts_per_step`` D_pef prompts from a
   reference store made by ``presample`` on the same model (so dph does extra forward/backward work
   on reference tokens; the table prints how many).
+* ``grpo+prefix`` (any algorithm with ``+prefix``): the same trainer with its update routed through
+  :mod:`dphrl.prefix` (each group's prompt forwarded once, micro-batches of whole groups sorted by
+  length): the worker replaces ``dphrl.trainer``'s ``pack``, ``response_logprobs`` and ``_chunks`` by
+  ``pack_groups``, ``prefix_response_logprobs`` and ``micro_batch_order`` (same signatures), a preview
+  of the trainer's own wiring; the trainer's code is not changed. ``+noshare``: the engine without
+  the shared prompt prefill (``HFEngine(share_prefix=False)``, generation as before it existed).
+* ``components`` (``--no-components`` to skip): generation of one step's batch through ``HFEngine``
+  with and without the shared prompt prefill, and the update alone (forward + backward of a GRPO
+  loss on those rollouts, micro-batches as the trainer makes them) packed vs shared-prefix; the same
+  data for both, alternating order, with the largest log-prob and gradient differences as a check.
 * ``trl``: ``trl.GRPOTrainer`` with beta 0 (no reference model), one iteration per batch, no vLLM,
   the same lr, group size, max_new_tokens, temperature (top-k/top-p off), fp32, the same threads,
   the same number of sequences per optimizer step (``per_device_train_batch_size`` =
@@ -52,6 +70,16 @@ from pathlib import Path
 
 OURS = ("grpo", "dapo", "rkl", "dph-forward_kl", "dph-js")
 ALIASES = {"dph": "dph-js", "dph-fkl": "dph-forward_kl", "dph-f": "dph-forward_kl"}
+VARIANTS = ("+prefix", "+noshare")  # suffixes: shared-prefix update; engine without shared prefill
+#: Per-workload defaults of the flags that are left unset on the command line.
+WORKLOADS: dict[str, dict] = {
+    "default": dict(algorithms=",".join(OURS + ("grpo+prefix",)), steps=5, warmup=1, prompts=16, rollouts=8,
+                    max_new_tokens=32, micro_batch=16, hidden=128, layers=4, intermediate=512, heads=4,
+                    prompt_tokens=0, component_reps=5),
+    "long": dict(algorithms="grpo,grpo+prefix", steps=2, warmup=0, prompts=2, rollouts=8, max_new_tokens=128,
+                 micro_batch=8, hidden=512, layers=6, intermediate=2048, heads=8, prompt_tokens=1024,
+                 component_reps=2),
+}
 MODEL_NAME = "bench-tiny-llama"
 # 58 characters + 6 chat special tokens = a 64-token vocabulary (as in docs/measurements)
 CHARS = string.digits + string.ascii_lowercase + " +-*/=?.,:;()" + "ABCDEFGHI"
@@ -80,7 +108,25 @@ def build_tokenizer():
     return build_char_tokenizer(CHARS)
 
 
-def build_examples(n_examples: int, pef_frac: float) -> list:
+def sql_prompt(i: int, question: str, length: int) -> str:
+    """A text-to-SQL-shaped prompt of exactly ``length`` characters: a schema, then the question.
+
+    Deterministic in ``i`` (table names carry it, so every example's prompt is distinct); only
+    characters of ``CHARS`` (the character tokenizer drops others), one token per character.
+    """
+    tail = f" question: {question}"
+    tables, k, size = [], 0, 0
+    while size < length:
+        cols = ", ".join(f"c{j} {('int', 'text', 'real')[(i + j + k) % 3]}" for j in range(3 + (i + k) % 5))
+        tables.append(f"create table t{i}x{k} ({cols}); ")
+        size += len(tables[-1])
+        k += 1
+    return ("schema: " + "".join(tables))[: length - len(tail)] + tail
+
+
+def build_examples(n_examples: int, pef_frac: float, prompt_tokens: int = 0, tok=None) -> list:
+    """The synthetic task; ``prompt_tokens`` > 0: SQL-shaped prompts encoding to exactly that many tokens."""
+    from dphrl.data.chat import encode_prompt
     from dphrl.data.example import Example
 
     n_easy = round(n_examples * pef_frac)
@@ -88,12 +134,19 @@ def build_examples(n_examples: int, pef_frac: float) -> list:
     for i in range(n_examples):
         a, b = (7 * i + 3) % 50, (13 * i + 5) % 50
         answer = "easy" if i < n_easy else str(a + b)
-        out.append(Example(id=f"q{i:04d}", prompt=[{"role": "user", "content": f"what is {a}+{b}?"}],
+        content = f"what is {a}+{b}?"
+        if prompt_tokens:
+            overhead = len(encode_prompt(tok, [{"role": "user", "content": "x"}])) - 1  # chat template tokens
+            content = sql_prompt(i, content, prompt_tokens - overhead)
+            got = len(encode_prompt(tok, [{"role": "user", "content": content}]))
+            if got != prompt_tokens:
+                raise RuntimeError(f"sql prompt encodes to {got} tokens, not {prompt_tokens}")
+        out.append(Example(id=f"q{i:04d}", prompt=[{"role": "user", "content": content}],
                            answer=answer, task=REWARD_NAME))
     return out
 
 
-def build_model(tok, hidden: int, layers: int, intermediate: int, heads: int, seed: int):
+def build_model(tok, hidden: int, layers: int, intermediate: int, heads: int, seed: int, max_positions: int = 256):
     """A random tiny Llama (tied embeddings), like dphrl.testing.tiny_causal_lm with a free MLP width."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -101,7 +154,7 @@ def build_model(tok, hidden: int, layers: int, intermediate: int, heads: int, se
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
         tie_word_embeddings=True,
     )
@@ -117,8 +170,9 @@ def _setup(spec: dict):
     torch.set_num_threads(spec["threads"])
     _register_reward()
     tok = build_tokenizer()
-    examples = build_examples(spec["examples"], spec["pef_frac"])
-    model = build_model(tok, spec["hidden"], spec["layers"], spec["intermediate"], spec["heads"], spec["seed"])
+    examples = build_examples(spec["examples"], spec["pef_frac"], spec.get("prompt_tokens", 0), tok)
+    model = build_model(tok, spec["hidden"], spec["layers"], spec["intermediate"], spec["heads"], spec["seed"],
+                        spec.get("max_positions", 256))
     return tok, examples, model
 
 
@@ -175,6 +229,34 @@ def _memory(rss_before: float) -> dict:
 # ----------------------------------------------------------------------------------------------
 # worker: our Trainer
 # ----------------------------------------------------------------------------------------------
+def split_variant(name: str) -> tuple[str, set[str]]:
+    """'grpo+prefix+noshare' -> ('grpo', {'+prefix', '+noshare'})."""
+    base, *flags = name.split("+")
+    variants = {"+" + f for f in flags}
+    if not variants <= set(VARIANTS):
+        raise SystemExit(f"unknown variant in {name!r}; suffixes: {list(VARIANTS)}")
+    return base, variants
+
+
+def use_prefix_update() -> None:
+    """Route ``dphrl.trainer``'s update through :mod:`dphrl.prefix` in this process (same signatures):
+    micro-batches of whole groups sorted by length, each prompt forwarded once per micro-batch."""
+    import dphrl.trainer as trainer_mod
+    from dphrl import prefix
+
+    for attr in ("pack", "response_logprobs", "_chunks"):
+        if not hasattr(trainer_mod, attr):
+            raise RuntimeError(f"dphrl.trainer has no {attr!r} any more: update use_prefix_update()")
+
+    def chunks(xs: list, k: int) -> list[list]:
+        order = prefix.micro_batch_order([s.prompt_ids for s in xs], [s.response_ids for s in xs], max_seqs=k)
+        return [[xs[i] for i in ix] for ix in order]
+
+    trainer_mod.pack = prefix.pack_groups
+    trainer_mod.response_logprobs = prefix.prefix_response_logprobs
+    trainer_mod._chunks = chunks
+
+
 def run_ours(spec: dict) -> dict:
     import torch
 
@@ -183,7 +265,10 @@ def run_ours(spec: dict) -> dict:
 
     tok, examples, model = _setup(spec)
     name = spec["name"]
-    algo, _, div = name.partition("-")
+    base, variants = split_variant(name)
+    if "+prefix" in variants:
+        use_prefix_update()
+    algo, _, div = base.partition("-")
     extra = {}
     if algo == "dph":
         extra = dict(reference_store=spec["store"], divergence=div)
@@ -195,13 +280,15 @@ def run_ours(spec: dict) -> dict:
         prompts_per_step=spec["prompts"], rollout_n=spec["rollouts"], max_new_tokens=spec["max_new_tokens"],
         temperature=spec["temperature"], lr=spec["lr"], max_steps=n_steps, micro_batch_size=spec["micro_batch"],
         generation_batch_size=spec["gen_batch"], output_dir=str(Path(spec["workdir"]) / f"run-{name}"),
-        progress=False, **extra,
+        progress=False, max_prompt_tokens=max(512, spec.get("prompt_tokens", 0)), **extra,
     )
     sync = _sync_fn()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
     tr = Trainer(cfg, model=model, tokenizer=tok, examples=examples)
+    if hasattr(tr.engine, "share_prefix"):
+        tr.engine.share_prefix = "+noshare" not in variants
     # instance-level timers (the trainer's code is not changed)
     gen_count = {"seqs": 0, "tokens": 0}
     engine_generate = tr.engine.generate
@@ -249,6 +336,94 @@ def run_ours(spec: dict) -> dict:
             "n_params": sum(p.numel() for p in model.parameters()),
             "device": str(tr.acc.device), "threads": torch.get_num_threads(),
             "ref_prompts_per_step": tr.ref_prompts_per_step}
+
+
+# ----------------------------------------------------------------------------------------------
+# worker: components (generation with / without shared prefill; the update packed / shared-prefix)
+# ----------------------------------------------------------------------------------------------
+def _grpo_like_loss(logp, mask, adv, n_tokens: float):
+    """A GRPO-shaped token-mean policy-gradient loss (the forward/backward cost is what matters)."""
+    return -(logp * mask * adv.unsqueeze(1)).sum() / n_tokens
+
+
+def run_components(spec: dict) -> dict:
+    """Time generation (``HFEngine`` shared / unshared prefill) and the update alone (packed forward vs
+    :mod:`dphrl.prefix`) on one step's batch, ``component_reps`` times, alternating which goes first."""
+    import torch
+
+    from dphrl.batching import pack, response_logprobs
+    from dphrl.data.chat import encode_prompt
+    from dphrl.engines.hf import HFEngine
+    from dphrl.prefix import micro_batch_order, pack_groups, prefix_response_logprobs
+
+    tok, examples, model = _setup(spec)
+    sync = _sync_fn()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(dev)
+    prompts = [encode_prompt(tok, ex.prompt) for ex in examples[-spec["prompts"]:]]  # not D_pef, any will do
+    engines = {True: HFEngine(model, tok, batch_size=spec["gen_batch"], share_prefix=True),
+               False: HFEngine(model, tok, batch_size=spec["gen_batch"], share_prefix=False)}
+    kw = dict(max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"])
+    times: dict[str, list[float]] = {k: [] for k in ("gen_shared_s", "gen_unshared_s", "upd_packed_s", "upd_shared_s")}
+    same_tokens, max_gen_dlogp, gens = True, 0.0, None
+    for r in range(spec["component_reps"]):
+        out = {}
+        for share in ((True, False) if r % 2 == 0 else (False, True)):
+            sync()
+            t = time.perf_counter()
+            out[share] = [g for gs in engines[share].generate(prompts, spec["rollouts"], seed=r, **kw) for g in gs]
+            sync()
+            times["gen_shared_s" if share else "gen_unshared_s"].append(time.perf_counter() - t)
+        same_tokens &= [g.response_ids for g in out[True]] == [g.response_ids for g in out[False]]
+        max_gen_dlogp = max([max_gen_dlogp] + [abs(a - b) for x, y in zip(out[True], out[False])
+                                               for a, b in zip(x.logprobs, y.logprobs)])
+        gens = out[True]
+    model.train()
+    P = [g.prompt_ids for g in gens]
+    R = [g.response_ids for g in gens]
+    n_tok = float(sum(len(r) for r in R))
+    adv = torch.linspace(-1.0, 1.0, len(R))  # (B,) fixed advantages
+    mbs = spec["micro_batch"]
+    perm = torch.randperm(len(R), generator=torch.Generator().manual_seed(0)).tolist()  # as the trainer shuffles
+    packed_chunks = [perm[i : i + mbs] for i in range(0, len(R), mbs)]
+    shared_chunks = micro_batch_order(P, R, max_seqs=mbs)
+
+    def update(shared: bool) -> tuple[dict[int, list[float]], dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        logps: dict[int, list[float]] = {}
+        for ix in shared_chunks if shared else packed_chunks:
+            ps, rs = [P[i] for i in ix], [R[i] for i in ix]
+            if shared:
+                b = pack_groups(ps, rs, tok.pad_token_id).to(dev)
+                logp, _ = prefix_response_logprobs(model, b, spec["temperature"], with_entropy=True)
+            else:
+                b = pack(ps, rs, tok.pad_token_id).to(dev)
+                logp, _ = response_logprobs(model, b, spec["temperature"], with_entropy=True)
+            _grpo_like_loss(logp, b.resp_mask, adv[ix].to(dev), n_tok).backward()
+            logps.update({i: row[: len(R[i])].tolist() for i, row in zip(ix, logp.detach().float().cpu())})
+        return logps, {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    results = {}
+    for r in range(spec["component_reps"]):
+        for shared in ((True, False) if r % 2 == 0 else (False, True)):
+            sync()
+            t = time.perf_counter()
+            results[shared] = update(shared)
+            sync()
+            times["upd_shared_s" if shared else "upd_packed_s"].append(time.perf_counter() - t)
+    (lp_s, g_s), (lp_p, g_p) = results[True], results[False]
+    max_dlogp = max(abs(a - b) for i in lp_p for a, b in zip(lp_s[i], lp_p[i]))
+    max_dgrad = max(float((g_s[k] - g_p[k]).abs().max()) for k in g_p)
+    max_grad = max(float(g.abs().max()) for g in g_p.values())
+    return {
+        "name": "components", "kind": "components", "times": times,
+        "median": {k: statistics.median(v) for k, v in times.items()},
+        "gen_same_tokens": same_tokens, "gen_max_abs_dlogp": max_gen_dlogp,
+        "upd_max_abs_dlogp": max_dlogp, "upd_max_abs_dgrad": max_dgrad, "upd_max_abs_grad": max_grad,
+        "seqs": len(R), "response_tokens": int(n_tok), "prompt_tokens": sum(len(p) for p in P),
+        "distinct_prompts": len(prompts), "micro_batches_packed": len(packed_chunks),
+        "micro_batches_shared": len(shared_chunks), "threads": torch.get_num_threads(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,6 +624,67 @@ def format_breakdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: Targets per workload: ours / TRL GRPOTrainer (full step, update alone), dph / rkl (full step).
+TARGETS = {"default": {"step": 0.8, "dph_vs_rkl": 1.0}, "long": {"step": 0.5, "update": 0.4}}
+
+
+def print_ratios(rows: list[dict], components: dict | None, workload: str) -> dict:
+    """Print every ratio against TRL (and dph / rkl, and the components); returns them for the JSON."""
+    by = {r["name"]: r for r in rows}
+    targets = TARGETS[workload]
+    verdicts: dict = {}
+
+    def tgt(key: str, name: str = "grpo") -> str:  # the TRL targets are grpo's (GRPOTrainer's own algorithm)
+        return f" (target <= {targets[key]})" if key in targets and (key == "dph_vs_rkl" or name.startswith("grpo")) else ""
+
+    for d in ("dph-forward_kl", "dph-js"):
+        if d in by and "rkl" in by:
+            ts = by[d]["median"]["step_s"] / by["rkl"]["median"]["step_s"]
+            mem = by[d]["peak_rss_mb"] - by["rkl"]["peak_rss_mb"]
+            verdicts[f"{d}_vs_rkl"] = {"time_ratio": ts, "peak_rss_diff_mb": mem, "target": targets.get("dph_vs_rkl")}
+            print(f"{d} / rkl step time: {ts:.2f}{tgt('dph_vs_rkl')}; peak RSS difference {mem:+.0f} MB")
+    print()
+    if "trl" not in by:
+        print("ratios vs TRL: not measured (--no-trl, or TRL not installed)")
+    else:
+        trl = by["trl"]["median"]
+        version = by["trl"].get("trl_version")
+        print(f"ratios vs TRL {version} GRPOTrainer, same workload, same run (median step s / update s / generate s):")
+        for r in rows:
+            if r["name"] == "trl" or not r["name"].startswith(("grpo", "dapo", "rkl", "dph")):
+                continue
+            m = r["median"]
+            step = m["step_s"] / trl["step_s"]
+            upd = m["update_s"] / trl["update_s"] if trl.get("update_s") else None
+            gen = m["generate_s"] / trl["generate_s"] if trl.get("generate_s") and m.get("generate_s") else None
+            verdicts[f"{r['name']}_vs_trl"] = {"time_ratio": step, "update_ratio": upd, "generate_ratio": gen,
+                                               "target": targets.get("step"), "update_target": targets.get("update"),
+                                               "trl_version": version}
+            print(f"{r['name']} / TRL {version} GRPOTrainer step time: {step:.2f}{tgt('step', r['name'])}; update "
+                  f"alone {upd if upd is None else f'{upd:.2f}'}{tgt('update', r['name'])}; generate "
+                  f"{gen if gen is None else f'{gen:.2f}'}")
+    if components:
+        c = components["median"]
+        gen = c["gen_shared_s"] / c["gen_unshared_s"]
+        upd = c["upd_shared_s"] / c["upd_packed_s"]
+        verdicts["components"] = {"generate_shared_vs_unshared": gen, "update_shared_vs_packed": upd, **c}
+        print(f"components ({components['seqs']} sequences of {components['distinct_prompts']} prompts, "
+              f"{components['prompt_tokens']} prompt + {components['response_tokens']} response tokens; median of "
+              f"{len(components['times']['gen_shared_s'])}):")
+        print(f"  generation (HFEngine) shared prefill {c['gen_shared_s']:.3f} s / unshared {c['gen_unshared_s']:.3f} s"
+              f" = {gen:.2f}; same tokens: {components['gen_same_tokens']}, largest log-prob difference "
+              f"{components['gen_max_abs_dlogp']:.1e}")
+        print(f"  update alone (fwd + bwd) shared prefix {c['upd_shared_s']:.3f} s ({components['micro_batches_shared']}"
+              f" micro-batches) / packed {c['upd_packed_s']:.3f} s ({components['micro_batches_packed']}) = {upd:.2f}; "
+              f"largest log-prob difference {components['upd_max_abs_dlogp']:.1e}, gradient difference "
+              f"{components['upd_max_abs_dgrad']:.1e} (largest gradient {components['upd_max_abs_grad']:.1e})")
+        if "trl" in by and by["trl"]["median"].get("update_s"):
+            ratio = c["upd_shared_s"] / by["trl"]["median"]["update_s"]
+            verdicts["components"]["update_shared_vs_trl_update"] = ratio
+            print(f"  shared-prefix update alone (no optimizer step) / TRL update: {ratio:.2f}{tgt('update')}")
+    return verdicts
+
+
 def _machine() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
     try:
@@ -477,51 +713,67 @@ def _machine() -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--algorithms", default=",".join(OURS), help=f"comma list of {list(OURS)} (dph = dph-js)")
-    ap.add_argument("--steps", type=int, default=5, help="measured steps per run (after warm-up)")
-    ap.add_argument("--warmup", type=int, default=1, help="warm-up steps excluded from the statistics")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="default",
+                    help="preset for the flags marked [workload] (an explicit flag wins): " + "; ".join(
+                        f"{k}: {v}" for k, v in WORKLOADS.items()))
+    ap.add_argument("--algorithms", default=None,
+                    help=f"[workload] comma list of {list(OURS)} (dph = dph-js), each optionally with {list(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=None, help="[workload] measured steps per run (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=None, help="[workload] warm-up steps excluded from the statistics")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds over all algorithms (fresh process each)")
-    ap.add_argument("--prompts", type=int, default=16, help="rollout prompts per step")
-    ap.add_argument("--rollouts", type=int, default=8, help="samples per prompt (group size)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--prompts", type=int, default=None, help="[workload] rollout prompts per step")
+    ap.add_argument("--rollouts", type=int, default=None, help="[workload] samples per prompt (group size)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="[workload]")
+    ap.add_argument("--prompt-tokens", type=int, default=None,
+                    help="[workload] 0: short arithmetic prompts; N: SQL-shaped prompts of exactly N tokens")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (both trainers)")
+    ap.add_argument("--micro-batch", type=int, default=None, help="[workload] sequences per forward/backward (both trainers)")
     ap.add_argument("--gen-batch", type=int, default=0, help="sequences per generate call (0 = the whole batch, as TRL)")
     ap.add_argument("--examples", type=int, default=64, help="training prompts in the synthetic task")
     ap.add_argument("--pef-frac", type=float, default=0.25, help="fraction of easy prompts (D_pef for dph)")
     ap.add_argument("--ref-prompts", type=int, default=0,
                     help="dph ref_prompts_per_step (0 = the trainer's default prompts*|D_pef|/|D_exp|)")
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=None, help="[workload]")
+    ap.add_argument("--layers", type=int, default=None, help="[workload]")
+    ap.add_argument("--intermediate", type=int, default=None, help="[workload]")
+    ap.add_argument("--heads", type=int, default=None, help="[workload]")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in every worker (0 = os.cpu_count()); 1 is robust on a shared machine")
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer comparison")
+    ap.add_argument("--no-components", action="store_true",
+                    help="skip the generation / update-alone measurements (shared vs unshared prefix)")
+    ap.add_argument("--component-reps", type=int, default=None, help="[workload] repetitions of each component timing")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--workdir", default="", help="scratch directory (default: a temp dir, removed)")
     ap.add_argument("--verbose", action="store_true", help="show the workers' output")
     ap.add_argument("--_worker", default="", help=argparse.SUPPRESS)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for k, v in WORKLOADS[args.workload].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args._worker:
         spec = json.loads(Path(args._worker).read_text())
-        res = run_trl(spec) if spec["name"] == "trl" else run_ours(spec)
+        run = {"trl": run_trl, "components": run_components}.get(spec["name"], run_ours)
+        res = run(spec)
         Path(spec["result"]).write_text(json.dumps(res))
         return 0
 
     names = []
     for a in args.algorithms.split(","):
-        a = ALIASES.get(a.strip(), a.strip())
-        if not a:
+        base, variants = split_variant(a.strip())
+        base = ALIASES.get(base, base)
+        if not base:
             continue
-        if a not in OURS:
-            raise SystemExit(f"unknown algorithm {a!r}; choose from {list(OURS)} (or dph = dph-js)")
+        if base not in OURS:
+            raise SystemExit(f"unknown algorithm {base!r}; choose from {list(OURS)} (or dph = dph-js)")
+        a = base + "".join(v for v in VARIANTS if v in variants)
         if a not in names:
             names.append(a)
     want_trl = not args.no_trl
@@ -540,6 +792,8 @@ def main(argv=None) -> int:
         gen_batch=args.gen_batch or args.prompts * args.rollouts, examples=args.examples, pef_frac=args.pef_frac,
         ref_prompts=args.ref_prompts, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
         heads=args.heads, seed=args.seed, threads=threads, workdir=str(tmp), store=str(tmp / "store"),
+        prompt_tokens=args.prompt_tokens, max_positions=max(256, args.prompt_tokens + args.max_new_tokens + 8),
+        component_reps=args.component_reps, workload=args.workload,
     )
     machine_before = _machine()
     try:
@@ -562,15 +816,22 @@ def main(argv=None) -> int:
                 print(f"  round {r + 1}/{args.rounds} {n:15s} median step {_med(meas) or float('nan'):.3f}s "
                       f"(process {time.time() - t:.1f}s, load {load:.2f})", flush=True)
         rows = [summarize(n, results[n]) for n in order]
+        components = None
+        if not args.no_components:
+            t = time.time()
+            components = run_worker({**spec, "name": "components", "round": 0}, tmp, args.verbose)
+            print(f"  components (generation shared/unshared, update packed/shared) process {time.time() - t:.1f}s",
+                  flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
     machine_after = _machine()
 
     print()
-    print(f"model: tiny Llama hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, vocab "
-          f"{len(CHARS) + 6}, {rows[0]['n_params'] / 1e6:.2f}M params; batch {args.prompts} prompts x "
-          f"{args.rollouts} rollouts, <= {args.max_new_tokens} new tokens, micro-batch {args.micro_batch}; "
+    shape = (f"SQL-shaped prompts of {args.prompt_tokens} tokens" if args.prompt_tokens else "short arithmetic prompts")
+    print(f"workload {args.workload}: tiny Llama hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, "
+          f"vocab {len(CHARS) + 6}, {rows[0]['n_params'] / 1e6:.2f}M params; batch {args.prompts} prompts x "
+          f"{args.rollouts} rollouts, {shape}, <= {args.max_new_tokens} new tokens, micro-batch {args.micro_batch}; "
           f"device {rows[0]['device']}, {threads} threads; median of {args.steps} steps x {args.rounds} round(s) "
           f"after {args.warmup} warm-up")
     print(f"load average before {machine_before.get('load_avg')}, after {machine_after.get('load_avg')}")
@@ -586,25 +847,13 @@ def main(argv=None) -> int:
             print(f"{r['name']}: {int(m.get('ref_seqs') or 0)} reference sequences / {int(m.get('ref_tokens') or 0)} "
                   f"reference tokens per step (ref_prompts_per_step={r.get('ref_prompts_per_step')}) on top of "
                   f"{int(m.get('rollout_seqs') or 0)} rollouts")
-    by = {r["name"]: r for r in rows}
-    verdicts = {}
-    if "rkl" in by:
-        for d in ("dph-forward_kl", "dph-js"):
-            if d in by:
-                ts = by[d]["median"]["step_s"] / by["rkl"]["median"]["step_s"]
-                mem = by[d]["peak_rss_mb"] - by["rkl"]["peak_rss_mb"]
-                verdicts[f"{d}_vs_rkl"] = {"time_ratio": ts, "peak_rss_diff_mb": mem}
-                print(f"{d} / rkl step time: {ts:.2f}; peak RSS difference {mem:+.0f} MB")
-    if "trl" in by and "grpo" in by:
-        ratio = by["grpo"]["median"]["step_s"] / by["trl"]["median"]["step_s"]
-        verdicts["grpo_vs_trl"] = {"time_ratio": ratio, "target": 0.8, "trl_version": by["trl"].get("trl_version")}
-        print(f"grpo / TRL {by['trl'].get('trl_version')} GRPOTrainer step time: {ratio:.2f} (target <= 0.8)")
+    verdicts = print_ratios(rows, components, args.workload)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         payload = {"args": {k: v for k, v in vars(args).items() if k != "_worker"}, "spec": spec,
                    "machine_before": machine_before, "machine_after": machine_after,
                    "store": store_manifest and store_manifest["counts"], "summary": rows, "verdicts": verdicts,
-                   "runs": results}
+                   "components": components, "runs": results}
         Path(args.out).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.out}")
     return 0

@@ -1,5 +1,6 @@
 """HFEngine: log-probs are those of the exact distribution sampled from (temperature, top-p renormalized)."""
 
+import pytest
 import torch
 
 from dphrl.batching import pack
@@ -67,3 +68,86 @@ def test_seeded_generation_is_reproducible_and_greedy_is_deterministic():
     assert [[g.response_ids for g in gs] for gs in a] == [[g.response_ids for g in gs] for gs in b]
     g1 = e.generate(prompts, 2, max_new_tokens=8, greedy=True)
     assert all(gs[0].response_ids == gs[1].response_ids for gs in g1)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared prompt prefill (share_prefix, the default)
+
+
+def _spy_forward(model: torch.nn.Module) -> list[dict]:
+    """The keyword arguments of every forward call of ``model`` (+ the cache's length at the call)."""
+    calls: list[dict] = []
+
+    def hook(_m, _a, kw):
+        cache = kw.get("cache")
+        calls.append(dict(kw, cache_len=cache.get_seq_length() if cache is not None else 0))
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def _flat(gens):
+    return [g for gs in gens for g in gs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_shared_prefill_samples_what_unshared_samples(arch):
+    """Same seed: the same tokens, EOS and texts; log-probs equal up to float rounding (not bitwise:
+    the last prompt column is forwarded apart from the rest, see engines/hf.py)."""
+    tok = build_char_tokenizer("0123456789+")
+    model = tiny_causal_lm(tok, arch=arch, hidden=32, layers=2, seed=1).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(6)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": c}]) for c in ("1+2", "11+22", "3", "123+456+78")]
+    settings = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(greedy=True)]
+    n_tokens, finished = 0, []
+    for batch_size in (64, 3):  # one batch; batches that cut groups (n = 4) and mix prompt lengths
+        for kw in settings:
+            a = _flat(HFEngine(model, tok, batch_size=batch_size).generate(prompts, 4, max_new_tokens=12, seed=7, **kw))
+            b = _flat(HFEngine(model, tok, batch_size=batch_size, share_prefix=False).generate(
+                prompts, 4, max_new_tokens=12, seed=7, **kw))
+            assert [(g.prompt_ids, g.response_ids, g.finished, g.text) for g in a] == [
+                (g.prompt_ids, g.response_ids, g.finished, g.text) for g in b]
+            for x, y in zip(a, b):
+                torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-6)
+            n_tokens += sum(len(g.response_ids) for g in a)
+            finished += [g.finished for g in a]
+    assert n_tokens > 200 and any(finished) and not all(finished)  # ended by EOS and cut at the limit both occur
+
+
+def test_each_prompt_is_prefilled_once():
+    tok, model, prompts = _setup()
+    P = max(len(p) for p in prompts)
+    calls = _spy_forward(model)
+    HFEngine(model, tok).generate(prompts, 4, max_new_tokens=3, seed=0)
+    prefill, first, *rest = calls
+    assert prefill["input_ids"].shape == (2, P - 1)  # the 2 distinct prompts, all but the last column
+    assert prefill["attention_mask"].tolist() == [[0] * (P - 1 - (len(p) - 1)) + [1] * (len(p) - 1) for p in prompts]
+    assert prefill["cache_len"] == 0 and first["cache_len"] == P - 1  # the prefill filled the cache ...
+    assert first["input_ids"].shape == (8, 1)  # ... and generate forwards only the last prompt column
+    assert first["position_ids"][:, -1].tolist() == [len(p) - 1 for p in prompts for _ in range(4)]
+    assert len(rest) == 2 and all(c["input_ids"].shape == (8, 1) for c in rest)
+    calls.clear()
+    HFEngine(model, tok, share_prefix=False).generate(prompts, 4, max_new_tokens=3, seed=0)
+    assert calls[0]["input_ids"].shape == (8, P)  # unshared: every copy forwards the whole prompt
+    calls.clear()
+    HFEngine(model, tok).generate(prompts, 1, max_new_tokens=3, seed=0)
+    assert calls[0]["input_ids"].shape == (2, P)  # n = 1: nothing to share, no extra forward
+
+
+def test_one_token_prompts_and_unsupported_models():
+    tok = build_char_tokenizer("0123456789+")
+    model = tiny_causal_lm(tok, hidden=32, layers=2, seed=1).eval()
+    prompts = [[7], [8]]  # P = 1: the shared path adds a left pad column
+    a = _flat(HFEngine(model, tok).generate(prompts, 3, max_new_tokens=6, seed=2))
+    b = _flat(HFEngine(model, tok, share_prefix=False).generate(prompts, 3, max_new_tokens=6, seed=2))
+    assert [g.response_ids for g in a] == [g.response_ids for g in b]
+    # a sliding-window model (no plain full-attention cache) falls back to the unshared path
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    sliding = AutoModelForCausalLM.from_config(MistralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, sliding_window=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    calls = _spy_forward(sliding)
+    gens = _flat(HFEngine(sliding, tok).generate([[7, 8, 9]], 2, max_new_tokens=2, seed=0))
+    assert calls[0]["input_ids"].shape == (2, 3) and len(gens) == 2

@@ -9,7 +9,9 @@ fills every field left unset from it).
 
 The distribution test is a chi-square goodness of fit (first token and two later positions) at
 significance 1e-6, shown to have power: the same test on the same samples rejects the checkpoint's
-distribution and a temperature 25% off.
+distribution and a temperature 25% off. The samples come from the engine's default path, the shared
+prompt prefill (one prompt forward, its KV cache copied to the N rows; checked in the fixture), so
+these tests also prove that path's distribution and log-probs.
 """
 
 from __future__ import annotations
@@ -202,8 +204,13 @@ def sampled(instruct):
         key = (arch, temperature, top_p)
         if key not in cache:
             model = instruct[arch]
-            gens = HFEngine(model, TOK, batch_size=N).generate(
+            engine = HFEngine(model, TOK, batch_size=N)
+            prefills: list = []
+            shared = engine._prefill_shared
+            engine._prefill_shared = lambda *a: prefills.append(shared(*a)) or prefills[-1]
+            gens = engine.generate(
                 _prompts()[:1], N, max_new_tokens=STEPS, temperature=temperature, top_p=top_p, seed=0)[0]
+            assert len(prefills) == 1 and prefills[0] is not None  # the shared-prefill path is the one tested
             cache[key] = Sampled(gens, *_forward_logits(model, gens))
         return cache[key]
 

@@ -48,6 +48,30 @@ Length, stopping, outputs:
   use_cache True; cache_implementation, cache_config, compile_config unset -- transformers' default
       dynamic cache and eager forward, not a checkpoint's static cache / compiled forward.
   Custom keys of generation_config.json are not copied either.
+
+Shared prompt prefill (``share_prefix``, on by default). The rows of a ``generate`` batch are the
+prompts repeated ``n`` times; recomputing the prompt for each copy is most of the prefill's FLOPs when
+prompts are long. The engine instead runs one forward over the batch's *distinct* prompts, all but
+their last column (the batch's left-padded layout, columns ``0..P-2``, position ids from the attention
+mask exactly as ``generate`` computes them), copies that ``DynamicCache`` to the rows with
+``batch_select_indices`` and hands it to ``generate`` (``cache=``) with the full (B, P) prompts: generate
+then forwards only the last prompt column and samples as before, through the same neutral config,
+warpers and recorder. EOS handling, left padding and ``synced_gpus`` are untouched; every rank runs
+exactly one extra prefill forward per batch (the decision depends on ``n`` and the batch size only,
+never on the data), so sharded ranks stay in lockstep.
+
+What is and is not identical to ``share_prefix=False`` for the same seed: the sampler consumes the
+random stream identically (the same (B, V) draw per step; the prefill draws nothing), and the model
+computes the same function, but the prompt's last column is forwarded separately from the rest
+(query length 1 instead of P) and the prefill's matrix products have D instead of B rows, which
+changes the floats' summation order: log-probs differ in the last bits (< 1e-6 in fp32 on the test
+models; bf16 rounds coarser, so expect differences of its own precision there). The tokens are
+therefore the same unless a uniform draw falls within that rounding of a boundary between two tokens
+(never observed in the tests); the log-probs stay those of the distribution sampled from, to 1e-5
+against the model's own full forward (tests/test_sampling_exact.py runs on this path, chi-square tests
+included; tests/test_engine.py compares both paths token for token). Models whose cache is not plain
+full attention (sliding-window, linear-attention layers) and transformers versions without the
+``Cache`` API fall back to the unshared path.
 """
 
 from __future__ import annotations
@@ -70,6 +94,7 @@ from transformers import (
 )
 
 from dphrl.engines.base import Generation
+from dphrl.prefix import CACHE_KW, empty_prefix_cache
 
 #: Fields set explicitly to their neutral value in every call (see the module docstring).
 NEUTRAL_FIELDS: dict[str, Any] = {
@@ -179,15 +204,19 @@ class HFEngine:
 
     ``synced_gpus=True`` (sharded training: every forward is a collective) keeps every process decoding
     until all are done; the caller runs :meth:`generate` inside :func:`dphrl.sharding.generation_context`.
+    ``share_prefix=True`` prefills each distinct prompt of a batch once and shares its KV cache with the
+    prompt's copies (see the module docstring); ``False`` forwards every copy, as plain ``generate``.
     """
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64, synced_gpus: bool = False
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64, synced_gpus: bool = False,
+        share_prefix: bool = True,
     ):
         self.model = model
         self.synced_gpus = synced_gpus
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.share_prefix = share_prefix
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
 
@@ -206,26 +235,55 @@ class HFEngine:
         if seed is not None:
             torch.manual_seed(seed)
         flat = [p for p in prompts for _ in range(n)]  # each prompt repeated n times, in order
+        # data-independent (same on every rank): a batch can hold copies of a prompt only when n > 1
+        share = self.share_prefix and n > 1 and self.batch_size > 1
         out: list[Generation] = []
         was_training = self.model.training
         self.model.eval()
         try:
             for i in range(0, len(flat), self.batch_size):
-                out.extend(self._generate_batch(flat[i : i + self.batch_size], max_new_tokens, temperature, top_p, greedy))
+                out.extend(self._generate_batch(flat[i : i + self.batch_size], max_new_tokens, temperature, top_p,
+                                                greedy, share))
         finally:
             self.model.train(was_training)
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
+    def _prefill_shared(self, input_ids: torch.Tensor, attn: torch.Tensor, prompts: list[list[int]]) -> Any | None:
+        """The KV cache of columns ``0..P-2`` of the batch, computed once per distinct prompt, one row per
+        batch row; ``None`` when the model's cache is not plain full attention (then nothing is run)."""
+        cache = empty_prefix_cache(self.model)
+        if cache is None:
+            return None
+        distinct: dict[tuple[int, ...], int] = {}
+        reps: list[int] = []  # a batch row holding each distinct prompt
+        row_of: list[int] = []  # batch row -> distinct prompt
+        for j, p in enumerate(prompts):
+            k = distinct.setdefault(tuple(p), len(distinct))
+            if k == len(reps):
+                reps.append(j)
+            row_of.append(k)
+        pre_ids = input_ids[reps, :-1]  # (D, P-1) the batch's own left-padded layout
+        pre_attn = attn[reps, :-1]  # (D, P-1)
+        pos = (pre_attn.cumsum(-1) - 1).masked_fill(pre_attn == 0, 0)  # (D, P-1) as generate computes them
+        self.model(input_ids=pre_ids, attention_mask=pre_attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                   **{CACHE_KW: cache})
+        cache.batch_select_indices(torch.tensor(row_of, device=input_ids.device))  # (B, heads, P-1, d) per layer
+        return cache
+
     def _generate_batch(
-        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, greedy: bool
+        self, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, greedy: bool,
+        share: bool = False,
     ) -> list[Generation]:
         device = next(self.model.parameters()).device
-        plen = max(len(p) for p in prompts)
+        # shared prefill needs >= 1 column before the last one: a batch of 1-token prompts gets a pad column
+        plen = max(max(len(p) for p in prompts), 2 if share else 1)
         input_ids = torch.full((len(prompts), plen), self.pad_id, dtype=torch.long)  # (B, P) left-padded
         attn = torch.zeros_like(input_ids)  # (B, P)
         for j, p in enumerate(prompts):
             input_ids[j, plen - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[j, plen - len(p) :] = 1
+        input_ids, attn = input_ids.to(device), attn.to(device)
+        cache = self._prefill_shared(input_ids, attn, prompts) if share else None
         # The only processors: our warpers, in this order, then the recorder (transformers adds none).
         procs: list[LogitsProcessor] = []
         if not greedy and temperature != 1.0:
@@ -238,10 +296,11 @@ class HFEngine:
             max_new_tokens=max_new_tokens, greedy=greedy, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
             bos_token_id=getattr(self.tokenizer, "bos_token_id", None),
         )
+        extra = {CACHE_KW: cache} if cache is not None else {}
         with checkpoint_defaults_off(self.model, gen_cfg):
             out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attn.to(device), generation_config=gen_cfg,
-                logits_processor=LogitsProcessorList(procs), synced_gpus=self.synced_gpus,
+                input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList(procs), synced_gpus=self.synced_gpus, **extra,
             )  # (B, P + T)
         seqs_dev = out[:, plen:]  # (B, T)
         logps = recorder.finish(seqs_dev[:, -1]).cpu()  # (B, T); greedy: log-probs at temperature 1
