@@ -16,8 +16,9 @@ Workloads: ``default`` (tiny 1M Llama, 16 prompts x 8 rollouts of <= 32 tokens, 
 prompts) and ``long`` (shaped like text-to-SQL RLVR: 2 prompts per step of exactly 1,024 tokens, a
 schema of ``create table`` statements and a question, 8 rollouts of <= 128 new tokens, a random Llama
 of 25.2M parameters: hidden 512, 6 layers, MLP 2048, 8 heads; micro-batch 8; ``grpo``, ``grpo+prefix``
-and TRL; 2 measured steps and no warm-up step, since one step takes 20-100 s and one-time costs are
-below 1 s). Any flag given explicitly overrides the workload's value.
+and TRL; 1 warm-up step and 2 measured steps, and one warm-up repetition of the components: a cold
+first step generated 1.6-2.6x slower, as the allocator's first large KV-cache blocks are fresh pages).
+Any flag given explicitly overrides the workload's value.
 
 What runs:
 
@@ -30,10 +31,11 @@ What runs:
   :mod:`dphrl.prefix` (each group's prompt forwarded once, micro-batches of whole groups sorted by
   length): the worker replaces ``dphrl.trainer``'s ``pack``, ``response_logprobs`` and ``_chunks`` by
   ``pack_groups``, ``prefix_response_logprobs`` and ``micro_batch_order`` (same signatures), a preview
-  of the trainer's own wiring; the trainer's code is not changed. ``+noshare``: the engine without
-  the shared prompt prefill (``HFEngine(share_prefix=False)``, generation as before it existed).
+  of the trainer's own wiring; the trainer's code is not changed. ``+noshare``: the engine as plain
+  ``generate`` (``HFEngine(share_prefix=False, preallocate_cache=False)``, generation as before).
 * ``components`` (``--no-components`` to skip): generation of one step's batch through ``HFEngine``
-  with and without the shared prompt prefill, and the update alone (forward + backward of a GRPO
+  as configured by default (shared prompt prefill + preallocated KV cache), with the shared prefill
+  only, and as plain ``generate``; and the update alone (forward + backward of a GRPO
   loss on those rollouts, micro-batches as the trainer makes them) packed vs shared-prefix; the same
   data for both, alternating order, with the largest log-prob and gradient differences as a check.
 * ``trl``: ``trl.GRPOTrainer`` with beta 0 (no reference model), one iteration per batch, no vLLM,
@@ -76,9 +78,9 @@ WORKLOADS: dict[str, dict] = {
     "default": dict(algorithms=",".join(OURS + ("grpo+prefix",)), steps=5, warmup=1, prompts=16, rollouts=8,
                     max_new_tokens=32, micro_batch=16, hidden=128, layers=4, intermediate=512, heads=4,
                     prompt_tokens=0, component_reps=5),
-    "long": dict(algorithms="grpo,grpo+prefix", steps=2, warmup=0, prompts=2, rollouts=8, max_new_tokens=128,
+    "long": dict(algorithms="grpo,grpo+prefix", steps=2, warmup=1, prompts=2, rollouts=8, max_new_tokens=128,
                  micro_batch=8, hidden=512, layers=6, intermediate=2048, heads=8, prompt_tokens=1024,
-                 component_reps=2),
+                 component_reps=1),
 }
 MODEL_NAME = "bench-tiny-llama"
 # 58 characters + 6 chat special tokens = a 64-token vocabulary (as in docs/measurements)
@@ -287,8 +289,8 @@ def run_ours(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
     tr = Trainer(cfg, model=model, tokenizer=tok, examples=examples)
-    if hasattr(tr.engine, "share_prefix"):
-        tr.engine.share_prefix = "+noshare" not in variants
+    if "+noshare" in variants:  # the engine as plain generate (before the shared prefill / preallocated cache)
+        tr.engine.share_prefix = tr.engine.preallocate_cache = False
     # instance-level timers (the trainer's code is not changed)
     gen_count = {"seqs": 0, "tokens": 0}
     engine_generate = tr.engine.generate
@@ -348,7 +350,8 @@ def _grpo_like_loss(logp, mask, adv, n_tokens: float):
 
 def run_components(spec: dict) -> dict:
     """Time generation (``HFEngine`` shared / unshared prefill) and the update alone (packed forward vs
-    :mod:`dphrl.prefix`) on one step's batch, ``component_reps`` times, alternating which goes first."""
+    :mod:`dphrl.prefix`) on one step's batch, ``component_reps`` times after one warm-up repetition,
+    alternating which goes first."""
     import torch
 
     from dphrl.batching import pack, response_logprobs
@@ -361,23 +364,28 @@ def run_components(spec: dict) -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(dev)
     prompts = [encode_prompt(tok, ex.prompt) for ex in examples[-spec["prompts"]:]]  # not D_pef, any will do
-    engines = {True: HFEngine(model, tok, batch_size=spec["gen_batch"], share_prefix=True),
-               False: HFEngine(model, tok, batch_size=spec["gen_batch"], share_prefix=False)}
+    gb = spec["gen_batch"]
+    engines = {"gen_shared_s": HFEngine(model, tok, batch_size=gb),  # the default: shared prefill + preallocated
+               "gen_shared_dyncache_s": HFEngine(model, tok, batch_size=gb, preallocate_cache=False),
+               "gen_unshared_s": HFEngine(model, tok, batch_size=gb, share_prefix=False, preallocate_cache=False)}
     kw = dict(max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"])
-    times: dict[str, list[float]] = {k: [] for k in ("gen_shared_s", "gen_unshared_s", "upd_packed_s", "upd_shared_s")}
+    times: dict[str, list[float]] = {k: [] for k in [*engines, "upd_packed_s", "upd_shared_s"]}
     same_tokens, max_gen_dlogp, gens = True, 0.0, None
-    for r in range(spec["component_reps"]):
+    for r in range(-1, spec["component_reps"]):  # r = -1: warm-up, not timed
         out = {}
-        for share in ((True, False) if r % 2 == 0 else (False, True)):
+        for key in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
             sync()
             t = time.perf_counter()
-            out[share] = [g for gs in engines[share].generate(prompts, spec["rollouts"], seed=r, **kw) for g in gs]
+            out[key] = [g for gs in engines[key].generate(prompts, spec["rollouts"], seed=r + 1, **kw) for g in gs]
             sync()
-            times["gen_shared_s" if share else "gen_unshared_s"].append(time.perf_counter() - t)
-        same_tokens &= [g.response_ids for g in out[True]] == [g.response_ids for g in out[False]]
-        max_gen_dlogp = max([max_gen_dlogp] + [abs(a - b) for x, y in zip(out[True], out[False])
-                                               for a, b in zip(x.logprobs, y.logprobs)])
-        gens = out[True]
+            if r >= 0:
+                times[key].append(time.perf_counter() - t)
+        base = out["gen_unshared_s"]
+        for key in engines:
+            same_tokens &= [g.response_ids for g in out[key]] == [g.response_ids for g in base]
+            max_gen_dlogp = max([max_gen_dlogp] + [abs(a - b) for x, y in zip(out[key], base)
+                                                   for a, b in zip(x.logprobs, y.logprobs)])
+        gens = out["gen_shared_s"]
     model.train()
     P = [g.prompt_ids for g in gens]
     R = [g.response_ids for g in gens]
@@ -404,13 +412,14 @@ def run_components(spec: dict) -> dict:
         return logps, {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
     results = {}
-    for r in range(spec["component_reps"]):
+    for r in range(-1, spec["component_reps"]):  # r = -1: warm-up, not timed
         for shared in ((True, False) if r % 2 == 0 else (False, True)):
             sync()
             t = time.perf_counter()
             results[shared] = update(shared)
             sync()
-            times["upd_shared_s" if shared else "upd_packed_s"].append(time.perf_counter() - t)
+            if r >= 0:
+                times["upd_shared_s" if shared else "upd_packed_s"].append(time.perf_counter() - t)
     (lp_s, g_s), (lp_p, g_p) = results[True], results[False]
     max_dlogp = max(abs(a - b) for i in lp_p for a, b in zip(lp_s[i], lp_p[i]))
     max_dgrad = max(float((g_s[k] - g_p[k]).abs().max()) for k in g_p)
@@ -671,9 +680,11 @@ def print_ratios(rows: list[dict], components: dict | None, workload: str) -> di
         print(f"components ({components['seqs']} sequences of {components['distinct_prompts']} prompts, "
               f"{components['prompt_tokens']} prompt + {components['response_tokens']} response tokens; median of "
               f"{len(components['times']['gen_shared_s'])}):")
-        print(f"  generation (HFEngine) shared prefill {c['gen_shared_s']:.3f} s / unshared {c['gen_unshared_s']:.3f} s"
-              f" = {gen:.2f}; same tokens: {components['gen_same_tokens']}, largest log-prob difference "
-              f"{components['gen_max_abs_dlogp']:.1e}")
+        print(f"  generation (HFEngine): default (shared prefill + preallocated cache) {c['gen_shared_s']:.3f} s, "
+              f"shared prefill only {c['gen_shared_dyncache_s']:.3f} s, plain generate {c['gen_unshared_s']:.3f} s: "
+              f"default / plain = {gen:.2f}, shared prefill only / plain = "
+              f"{c['gen_shared_dyncache_s'] / c['gen_unshared_s']:.2f}; same tokens: {components['gen_same_tokens']}, "
+              f"largest log-prob difference {components['gen_max_abs_dlogp']:.1e}")
         print(f"  update alone (fwd + bwd) shared prefix {c['upd_shared_s']:.3f} s ({components['micro_batches_shared']}"
               f" micro-batches) / packed {c['upd_packed_s']:.3f} s ({components['micro_batches_packed']}) = {upd:.2f}; "
               f"largest log-prob difference {components['upd_max_abs_dlogp']:.1e}, gradient difference "

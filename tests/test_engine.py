@@ -1,4 +1,5 @@
-"""HFEngine: log-probs are those of the exact distribution sampled from (temperature, top-p renormalized)."""
+"""HFEngine: log-probs are those of the exact distribution sampled from (temperature, top-p renormalized);
+the shared prompt prefill and the preallocated KV cache sample what plain ``generate`` samples."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from dphrl.batching import pack
 from dphrl.data.chat import encode_prompt
 from dphrl.data.tokenizer import build_char_tokenizer
-from dphrl.engines.hf import HFEngine
+from dphrl.engines.hf import PREALLOCATE_MIN_POSITIONS, HFEngine, _PreallocatedLayer
 from dphrl.testing import tiny_causal_lm
 
 
@@ -151,3 +152,35 @@ def test_one_token_prompts_and_unsupported_models():
     calls = _spy_forward(sliding)
     gens = _flat(HFEngine(sliding, tok).generate([[7, 8, 9]], 2, max_new_tokens=2, seed=0))
     assert calls[0]["input_ids"].shape == (2, 3) and len(gens) == 2
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_preallocated_cache_decodes_in_place_and_samples_the_same(share):
+    """Prompt + new tokens >= PREALLOCATE_MIN_POSITIONS: the cache is written in place, and the tokens
+    and log-probs are those of the plain dynamic cache (and of the model's own forward)."""
+    tok = build_char_tokenizer("0123456789+")
+    model = tiny_causal_lm(tok, hidden=32, layers=2, seed=1).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(6)
+    prompts = [encode_prompt(tok, [{"role": "user", "content": c * 60}]) for c in ("1+2", "45+")]  # 182, 122 tokens
+    assert max(len(p) for p in prompts) + 12 >= PREALLOCATE_MIN_POSITIONS
+    kw = dict(max_new_tokens=12, temperature=0.8, top_p=0.95, seed=4)
+    buffers: list[int] = []
+    original = _PreallocatedLayer.update
+
+    def spy(self, *a, **k):
+        out = original(self, *a, **k)
+        buffers.append(self._k.data_ptr())
+        return out
+
+    engine = HFEngine(model, tok, share_prefix=share)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_PreallocatedLayer, "update", spy)
+        got = _flat(engine.generate(prompts, 3, **kw))
+    want = _flat(HFEngine(model, tok, share_prefix=share, preallocate_cache=False).generate(prompts, 3, **kw))
+    assert len(buffers) >= 2 * 11 and len(set(buffers[2:])) == 2  # one buffer per layer after the prefill
+    assert [(g.response_ids, g.finished) for g in got] == [(g.response_ids, g.finished) for g in want]
+    for x, y in zip(got, want):
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-6)
+    for g, r in zip(got, _reference_logprobs(model, tok, got, 0.8, 0.95)):
+        torch.testing.assert_close(torch.tensor(g.logprobs), r, rtol=0, atol=1e-5)

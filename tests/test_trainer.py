@@ -89,7 +89,7 @@ def test_dph_learns_without_reference_model(tmp_path, saved_model_dir, monkeypat
         prompts_per_step=4,
         rollout_n=8,
         max_new_tokens=4,
-        lr=3e-2,
+        lr=1e-2,  # 3e-2 was chaotic: 1e-7 float differences (e.g. shared-prefix prefill) changed the outcome
         max_steps=20,
         mini_batches=2,
         micro_batch_size=8,

@@ -1,0 +1,350 @@
+"""Shared-prefix log-probs: a group's prompt is forwarded once, its rollouts attend to its KV cache.
+
+In RLVR every rollout of a group shares the group's prompt, and prompts are often much longer than
+the responses (SQL prompts with schemas: 1-4k tokens for 100-300 response tokens). The packed
+forward of :mod:`dphrl.batching` recomputes the prompt for every rollout. Here a micro-batch is
+forwarded in two passes ("Prefix Grouper"-style sharing, with the KV cache instead of a block mask):
+
+1. the batch's *distinct* prompts, left-padded to P, with ``use_cache=True``: a ``DynamicCache`` of
+   (G, heads, P, d) per layer, and the logits of the last prompt position (they predict every
+   rollout's first response token);
+2. the rollouts' response tokens but the last, right-padded to T-1, on top of that cache copied to the
+   rollouts (``batch_select_indices``: an index, so autograd sums the rollouts' gradients back into the
+   one prompt forward), with the prompt's attention mask prepended and position ids continuing after
+   the prompt's length.
+
+The log-probs and their gradients w.r.t. every parameter equal the packed computation (``pack`` +
+``response_logprobs``) up to float summation order (tests/test_prefix.py: 1e-5 in fp32, Llama and
+Qwen2). Both forwards always run (also for 1-token responses), so sharded ranks run the same number
+of collectives. The prompt's KV cache is not detached: the prompt forward gets the gradient of all of
+its rollouts. Gradient checkpointing drops the cache inside the layers during training; that is
+detected and refused (use the packed path).
+
+:func:`plan_micro_batches` / :func:`micro_batch_order` build micro-batches that keep a group's
+sequences together and sort by length, so that little is padded and each prompt is forwarded once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dphrl.batching import _entropy_no_grad
+
+try:  # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` before)
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    #: The keyword under which ``forward`` / ``generate`` take a cache in the installed transformers.
+    CACHE_KW = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+except ImportError:  # pragma: no cover - transformers without the layered cache: no prefix sharing
+    DynamicCache = DynamicLayer = None  # type: ignore[assignment,misc]
+    CACHE_KW = "past_key_values"
+
+
+def empty_prefix_cache(model: torch.nn.Module) -> Any | None:
+    """An empty ``DynamicCache`` for ``model`` when every layer is plain full attention, else ``None``.
+
+    Sliding-window, linear-attention or indexed layers (and transformers without the layered cache
+    API) are not shared: a caller falls back to the unshared computation. Depends on the model's
+    config only, so it is the same on every rank.
+    """
+    # the model or, under a wrapper without ``config`` (DDP, FSDP1, torch.compile), its first submodule with one
+    config = next((c for m in model.modules() if hasattr(c := getattr(m, "config", None), "get_text_config")), None)
+    if DynamicCache is None or config is None:
+        return None
+    try:
+        cache = DynamicCache(config=config)
+    except (TypeError, ValueError, AttributeError):
+        return None
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None
+    return cache
+
+
+# --------------------------------------------------------------------------------------------------
+# packing
+
+
+@dataclass
+class PrefixPacked:
+    """A micro-batch laid out for the shared-prefix forward (the counterpart of ``batching.Packed``).
+
+    Rows keep the order of the ``(prompt, response)`` pairs given to :func:`pack_groups`; ``resp_ids``
+    and ``resp_mask`` have the same meaning and shape as ``Packed``'s, so a loss written for ``Packed``
+    works unchanged.
+    """
+
+    prompt_ids: torch.Tensor  # (G, P) distinct prompts, left-padded
+    prompt_mask: torch.Tensor  # (G, P) 1 on real prompt tokens
+    prompt_lens: torch.Tensor  # (G,) real prompt lengths
+    group_of: torch.Tensor  # (B,) long: row -> its prompt in prompt_ids
+    resp_ids: torch.Tensor  # (B, T) right-padded responses
+    resp_mask: torch.Tensor  # (B, T) float, 1 on real response tokens (EOS included)
+
+    @property
+    def prompt_len(self) -> int:
+        """P, the padded prompt width."""
+        return int(self.prompt_ids.shape[1])
+
+    def prompt_position_ids(self) -> torch.Tensor:
+        """(G, P) positions counting real tokens only (0 on the left padding), as ``pack`` computes them."""
+        return (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (G, P)
+
+    def response_position_ids(self, width: int) -> torch.Tensor:
+        """(B, width) positions of the response columns: prompt length + 0, 1, ..."""
+        steps = torch.arange(width, device=self.resp_ids.device)  # (width,)
+        return self.prompt_lens[self.group_of].unsqueeze(1) + steps  # (B, width)
+
+    def to(self, device: torch.device | str) -> PrefixPacked:
+        return PrefixPacked(
+            self.prompt_ids.to(device), self.prompt_mask.to(device), self.prompt_lens.to(device),
+            self.group_of.to(device), self.resp_ids.to(device), self.resp_mask.to(device),
+        )
+
+
+def pack_groups(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int, resp_len: int | None = None
+) -> PrefixPacked:
+    """Like ``batching.pack`` (same arguments), but each distinct prompt is stored once.
+
+    Rows with equal prompt ids share one prompt row, wherever they are in the list; rows keep their order.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"pack_groups: {len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        raise ValueError("pack_groups: empty batch")
+    distinct: dict[tuple[int, ...], int] = {}
+    group_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    uniq = [list(p) for p in distinct]
+    if any(not p for p in uniq):
+        raise ValueError("pack_groups: empty prompt (the first response token needs a prompt position)")
+    G, P = len(uniq), max(len(p) for p in uniq)
+    B, T = len(responses), max(1, resp_len or max(len(r) for r in responses))
+    prompt_ids = torch.full((G, P), pad_id, dtype=torch.long)  # (G, P)
+    prompt_mask = torch.zeros((G, P), dtype=torch.long)  # (G, P)
+    for g, p in enumerate(uniq):
+        prompt_ids[g, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        prompt_mask[g, P - len(p) :] = 1
+    resp_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
+    resp_mask = torch.zeros((B, T), dtype=torch.float32)  # (B, T)
+    for i, r in enumerate(responses):
+        if len(r) > T:
+            raise ValueError(f"pack_groups: response {i} has {len(r)} tokens > resp_len {T}")
+        if r:
+            resp_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            resp_mask[i, : len(r)] = 1.0
+    lens = torch.tensor([len(p) for p in uniq], dtype=torch.long)  # (G,)
+    return PrefixPacked(prompt_ids, prompt_mask, lens, torch.tensor(group_of, dtype=torch.long), resp_ids, resp_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# log-probs
+
+
+def _token_logprobs(
+    logits: torch.Tensor, resp_ids: torch.Tensor, temperature: float, with_entropy: bool, entropy_grad: bool,
+    top_p: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``response_logprobs``' head, on (B, T, V) logits predicting the (B, T) response tokens.
+
+    One difference: the entropy with gradient is finite under top-p (``response_logprobs`` computes
+    0 * -inf = NaN outside the nucleus there); elsewhere the same operations in the same order.
+    """
+    logits = logits.float()  # (B, T, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_p < 1.0:
+        from transformers import TopPLogitsWarper
+
+        B, T, V = logits.shape
+        logits = TopPLogitsWarper(top_p)(None, logits.reshape(B * T, V)).reshape(B, T, V)  # (B, T, V) -inf outside
+    logz = torch.logsumexp(logits, dim=-1)  # (B, T)
+    logp = logits.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1) - logz  # (B, T)
+    entropy = None
+    if with_entropy:
+        if entropy_grad and torch.is_grad_enabled():
+            probs = torch.softmax(logits, dim=-1)  # (B, T, V)
+            finite = torch.where(probs > 0, logits, torch.zeros_like(logits))  # (B, T, V) 0 * -inf outside top-p
+            entropy = logz - (probs * finite).sum(-1)  # (B, T)
+        else:
+            entropy = _entropy_no_grad(logits.detach(), logz.detach())  # (B, T)
+    return logp, entropy
+
+
+def prefix_response_logprobs(
+    model: torch.nn.Module,
+    batch: PrefixPacked,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``batching.response_logprobs`` on a :class:`PrefixPacked` batch: each prompt forwarded once.
+
+    Returns ``logp`` (B, T) and ``entropy`` (B, T) or None, exactly as ``response_logprobs`` (values on
+    padding are meaningless: mask with ``batch.resp_mask``). Two forwards, always.
+    """
+    cache = empty_prefix_cache(model)
+    if cache is None:
+        raise ValueError("prefix sharing needs a model whose layers all use full attention with a DynamicCache "
+                         "(sliding-window / linear-attention models: use batching.pack + response_logprobs)")
+    P, T = batch.prompt_len, batch.resp_ids.shape[1]
+    out = model(
+        input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=batch.prompt_position_ids(),
+        use_cache=True, logits_to_keep=1, **{CACHE_KW: cache},
+    )
+    if cache.get_seq_length() != P:
+        raise RuntimeError(
+            "prefix sharing: the model did not fill the KV cache during the prompt forward (gradient "
+            "checkpointing drops the cache in training); use batching.pack + response_logprobs instead")
+    first = out.logits[:, -1, :]  # (G, V): the last prompt position predicts response token 0
+    cache.batch_select_indices(batch.group_of)  # every layer (B, heads, P, d), gradient summed back per prompt
+    width = max(T - 1, 1)  # tokens 0..T-2 predict tokens 1..T-1; one column even when T == 1 (same collectives)
+    attn = torch.cat([batch.prompt_mask[batch.group_of], batch.resp_mask[:, :width].to(batch.prompt_mask.dtype)],
+                     dim=1)  # (B, P + width)
+    rest = model(
+        input_ids=batch.resp_ids[:, :width], attention_mask=attn, position_ids=batch.response_position_ids(width),
+        use_cache=True, logits_to_keep=0 if T > 1 else 1, **{CACHE_KW: cache},
+    ).logits  # (B, width, V)
+    logits = first[batch.group_of].unsqueeze(1)  # (B, 1, V)
+    if T > 1:
+        logits = torch.cat([logits, rest.to(logits.dtype)], dim=1)  # (B, T, V)
+    return _token_logprobs(logits, batch.resp_ids, temperature, with_entropy, entropy_grad, top_p)
+
+
+def grouped_response_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    responses: list[list[int]],
+    temperature: float = 1.0,
+    *,
+    pad_id: int = 0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One group: the prompt forwarded once, its n responses on top. Returns ``logp`` (n, T), entropy or None.
+
+    ``pad_id`` only fills the right padding of the responses (masked; any id works).
+    """
+    return batched_grouped_response_logprobs(model, [(prompt_ids, responses)], temperature, pad_id=pad_id,
+                                             with_entropy=with_entropy, entropy_grad=entropy_grad, top_p=top_p)
+
+
+def batched_grouped_response_logprobs(
+    model: torch.nn.Module,
+    groups: Sequence[tuple[list[int], list[list[int]]]],
+    temperature: float = 1.0,
+    *,
+    pad_id: int = 0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Several groups ``(prompt_ids, responses)`` in one pair of forwards; rows in group order.
+
+    Returns ``logp`` (N, T) with N the total number of responses and T the longest, entropy or None.
+    """
+    prompts = [list(p) for p, rs in groups for _ in rs]
+    responses = [list(r) for _, rs in groups for r in rs]
+    device = next(model.parameters()).device
+    batch = pack_groups(prompts, responses, pad_id).to(device)
+    return prefix_response_logprobs(model, batch, temperature, with_entropy, entropy_grad, top_p)
+
+
+# --------------------------------------------------------------------------------------------------
+# micro-batch planning
+
+
+def group_by_prompt(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Indices of the sequences sharing each distinct prompt, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p), []).append(i)
+    return list(groups.values())
+
+
+def micro_batch_cost(prompt_lens: Sequence[int], resp_lens: Sequence[int]) -> int:
+    """Padded tokens forwarded by a shared-prefix micro-batch: G x max prompt + B x max response."""
+    if not resp_lens:
+        return 0
+    return len(prompt_lens) * max(prompt_lens, default=0) + len(resp_lens) * max(max(resp_lens), 1)
+
+
+def plan_micro_batches(
+    groups: Sequence[tuple[int, Sequence[int]]], *, max_tokens: int | None = None, max_seqs: int | None = None
+) -> list[list[tuple[int, list[int]]]]:
+    """Micro-batches of whole groups where possible, sorted by length.
+
+    ``groups[g] = (prompt_len, response lengths)``. Returns micro-batches, each a list of
+    ``(g, indices into groups[g]'s responses)``. Every sequence appears exactly once. Limits: at most
+    ``max_seqs`` sequences and at most ``max_tokens`` padded tokens (:func:`micro_batch_cost`) per
+    micro-batch; at least one must be given. Groups go longest response first (so a micro-batch holds
+    similar lengths and pads little), each whole into the current micro-batch if it fits, else into a
+    new one; a group that does not fit an empty micro-batch is split (its longest sequences first),
+    which forwards its prompt once per piece. A single sequence over ``max_tokens`` gets a micro-batch
+    of its own.
+    """
+    if max_tokens is None and max_seqs is None:
+        raise ValueError("plan_micro_batches: give max_tokens or max_seqs")
+    if (max_tokens is not None and max_tokens < 1) or (max_seqs is not None and max_seqs < 1):
+        raise ValueError("plan_micro_batches: limits must be >= 1")
+
+    def fits(items: list[tuple[int, list[int]]]) -> bool:
+        if max_seqs is not None and sum(len(ix) for _, ix in items) > max_seqs:
+            return False
+        if max_tokens is None:
+            return True
+        plens = [groups[g][0] for g, _ in items]
+        rlens = [groups[g][1][i] for g, ix in items for i in ix]
+        return micro_batch_cost(plens, rlens) <= max_tokens
+
+    def order(g: int) -> tuple[int, int, int]:
+        plen, rlens = groups[g]
+        return (-max(rlens, default=0), -plen, g)
+
+    plan: list[list[tuple[int, list[int]]]] = []
+    cur: list[tuple[int, list[int]]] = []
+    for g in sorted((g for g in range(len(groups)) if len(groups[g][1])), key=order):
+        rlens = groups[g][1]
+        seqs = sorted(range(len(rlens)), key=lambda i: (-rlens[i], i))  # longest first
+        if fits(cur + [(g, seqs)]):
+            cur.append((g, seqs))
+            continue
+        if cur and fits([(g, seqs)]):
+            plan.append(cur)
+            cur = [(g, seqs)]
+            continue
+        piece: list[int] = []  # the group alone is too large: split it, filling the current micro-batch first
+        for i in seqs:
+            if fits(cur + [(g, piece + [i])]):
+                piece.append(i)
+                continue
+            if piece or cur:
+                plan.append(cur + ([(g, piece)] if piece else []))
+            cur, piece = [], [i]
+        cur = cur + [(g, piece)]
+    if cur:
+        plan.append(cur)
+    return plan
+
+
+def micro_batch_order(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, max_tokens: int | None = None,
+    max_seqs: int | None = None,
+) -> list[list[int]]:
+    """Sequence indices of each micro-batch of :func:`plan_micro_batches` over ``(prompts, responses)``.
+
+    Sequences sharing a prompt are grouped wherever they are in the list; within a micro-batch a
+    group's sequences are contiguous.
+    """
+    index = group_by_prompt(prompts)
+    groups = [(len(prompts[ix[0]]), [len(responses[i]) for i in ix]) for ix in index]
+    plan = plan_micro_batches(groups, max_tokens=max_tokens, max_seqs=max_seqs)
+    return [[index[g][i] for g, ix in mb for i in ix] for mb in plan]
