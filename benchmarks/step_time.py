@@ -15,7 +15,7 @@ algorithms instead of hitting one of them).
 Workloads: ``default`` (tiny 1M Llama, 16 prompts x 8 rollouts of <= 32 tokens, short arithmetic
 prompts) and ``long`` (shaped like text-to-SQL RLVR: 2 prompts per step of exactly 1,024 tokens, a
 schema of ``create table`` statements and a question, 8 rollouts of <= 128 new tokens, a random Llama
-of 25.2M parameters: hidden 512, 6 layers, MLP 2048, 8 heads; micro-batch 8; ``grpo``, ``grpo+prefix``
+of 25.2M parameters: hidden 512, 6 layers, MLP 2048, 8 heads; micro-batch 8; ``grpo``, ``grpo+packed``
 and TRL; 1 warm-up step and 2 measured steps, and one warm-up repetition of the components: a cold
 first step generated 1.6-2.6x slower, as the allocator's first large KV-cache blocks are fresh pages).
 Any flag given explicitly overrides the workload's value.
@@ -27,12 +27,12 @@ What runs:
   from D_exp, *plus* the stored pi_ref samples of ``ref_prompts_per_step`` D_pef prompts from a
   reference store made by ``presample`` on the same model (so dph does extra forward/backward work
   on reference tokens; the table prints how many).
-* ``grpo+prefix`` (any algorithm with ``+prefix``): the same trainer with its update routed through
-  :mod:`dphrl.prefix` (each group's prompt forwarded once, micro-batches of whole groups sorted by
-  length): the worker replaces ``dphrl.trainer``'s ``pack``, ``response_logprobs`` and ``_chunks`` by
-  ``pack_groups``, ``prefix_response_logprobs`` and ``micro_batch_order`` (same signatures), a preview
-  of the trainer's own wiring; the trainer's code is not changed. ``+noshare``: the engine as plain
-  ``generate`` (``HFEngine(share_prefix=False, preallocate_cache=False)``, generation as before).
+* Every algorithm runs as the trainer does by default (``share_prefix: true``: each distinct prompt
+  prefilled once in generation, and forwarded once per micro-batch in the update, micro-batches of
+  whole groups sorted by length). Variants (suffixes, combinable): ``+packed``: the update as packed
+  rows (every rollout forwards its prompt; generation still shared), i.e. what sharing the update
+  saves; ``+noshare``: ``share_prefix: false`` and no preallocated decoding cache (nothing shared,
+  generation as plain ``generate``).
 * ``components`` (``--no-components`` to skip): generation of one step's batch through ``HFEngine``
   as configured by default (shared prompt prefill + preallocated KV cache), with the shared prefill
   only, and as plain ``generate``; and the update alone (forward + backward of a GRPO
@@ -72,13 +72,13 @@ from pathlib import Path
 
 OURS = ("grpo", "dapo", "rkl", "dph-forward_kl", "dph-js")
 ALIASES = {"dph": "dph-js", "dph-fkl": "dph-forward_kl", "dph-f": "dph-forward_kl"}
-VARIANTS = ("+prefix", "+noshare")  # suffixes: shared-prefix update; engine without shared prefill
+VARIANTS = ("+packed", "+noshare")  # suffixes: packed update (shared generation); nothing shared (share_prefix off)
 #: Per-workload defaults of the flags that are left unset on the command line.
 WORKLOADS: dict[str, dict] = {
-    "default": dict(algorithms=",".join(OURS + ("grpo+prefix",)), steps=5, warmup=1, prompts=16, rollouts=8,
+    "default": dict(algorithms=",".join(OURS + ("grpo+packed",)), steps=5, warmup=1, prompts=16, rollouts=8,
                     max_new_tokens=32, micro_batch=16, hidden=128, layers=4, intermediate=512, heads=4,
                     prompt_tokens=0, component_reps=5),
-    "long": dict(algorithms="grpo,grpo+prefix", steps=2, warmup=1, prompts=2, rollouts=8, max_new_tokens=128,
+    "long": dict(algorithms="grpo,grpo+packed", steps=2, warmup=1, prompts=2, rollouts=8, max_new_tokens=128,
                  micro_batch=8, hidden=512, layers=6, intermediate=2048, heads=8, prompt_tokens=1024,
                  component_reps=1),
 }
@@ -232,31 +232,12 @@ def _memory(rss_before: float) -> dict:
 # worker: our Trainer
 # ----------------------------------------------------------------------------------------------
 def split_variant(name: str) -> tuple[str, set[str]]:
-    """'grpo+prefix+noshare' -> ('grpo', {'+prefix', '+noshare'})."""
+    """'grpo+packed+noshare' -> ('grpo', {'+packed', '+noshare'})."""
     base, *flags = name.split("+")
     variants = {"+" + f for f in flags}
     if not variants <= set(VARIANTS):
         raise SystemExit(f"unknown variant in {name!r}; suffixes: {list(VARIANTS)}")
     return base, variants
-
-
-def use_prefix_update() -> None:
-    """Route ``dphrl.trainer``'s update through :mod:`dphrl.prefix` in this process (same signatures):
-    micro-batches of whole groups sorted by length, each prompt forwarded once per micro-batch."""
-    import dphrl.trainer as trainer_mod
-    from dphrl import prefix
-
-    for attr in ("pack", "response_logprobs", "_chunks"):
-        if not hasattr(trainer_mod, attr):
-            raise RuntimeError(f"dphrl.trainer has no {attr!r} any more: update use_prefix_update()")
-
-    def chunks(xs: list, k: int) -> list[list]:
-        order = prefix.micro_batch_order([s.prompt_ids for s in xs], [s.response_ids for s in xs], max_seqs=k)
-        return [[xs[i] for i in ix] for ix in order]
-
-    trainer_mod.pack = prefix.pack_groups
-    trainer_mod.response_logprobs = prefix.prefix_response_logprobs
-    trainer_mod._chunks = chunks
 
 
 def run_ours(spec: dict) -> dict:
@@ -268,8 +249,6 @@ def run_ours(spec: dict) -> dict:
     tok, examples, model = _setup(spec)
     name = spec["name"]
     base, variants = split_variant(name)
-    if "+prefix" in variants:
-        use_prefix_update()
     algo, _, div = base.partition("-")
     extra = {}
     if algo == "dph":
@@ -282,15 +261,18 @@ def run_ours(spec: dict) -> dict:
         prompts_per_step=spec["prompts"], rollout_n=spec["rollouts"], max_new_tokens=spec["max_new_tokens"],
         temperature=spec["temperature"], lr=spec["lr"], max_steps=n_steps, micro_batch_size=spec["micro_batch"],
         generation_batch_size=spec["gen_batch"], output_dir=str(Path(spec["workdir"]) / f"run-{name}"),
-        progress=False, max_prompt_tokens=max(512, spec.get("prompt_tokens", 0)), **extra,
+        progress=False, max_prompt_tokens=max(512, spec.get("prompt_tokens", 0)),
+        share_prefix="+noshare" not in variants, **extra,
     )
     sync = _sync_fn()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
     tr = Trainer(cfg, model=model, tokenizer=tok, examples=examples)
-    if "+noshare" in variants:  # the engine as plain generate (before the shared prefill / preallocated cache)
-        tr.engine.share_prefix = tr.engine.preallocate_cache = False
+    if "+packed" in variants:  # shared generation, the update packed (every rollout forwards its prompt)
+        tr.share_prefix = False
+    if "+noshare" in variants:  # nothing shared, and generation as plain generate (no preallocated cache)
+        tr.engine.preallocate_cache = False
     # instance-level timers (the trainer's code is not changed)
     gen_count = {"seqs": 0, "tokens": 0}
     engine_generate = tr.engine.generate

@@ -291,3 +291,59 @@ def test_micro_batch_order_groups_scattered_prompts():
     assert order == [[5, 2, 0], [1, 4, 3]]
     with pytest.raises(ValueError, match="max_tokens or max_seqs"):
         micro_batch_order(prompts, responses)
+
+
+def test_one_token_backward_runs_through_both_forwards():
+    """A batch of 1-token responses (e.g. a padding micro-batch) still back-propagates through the response
+    forward: the backward collectives of a sharded model (FSDP2) match a rank with longer responses."""
+    model = _model("llama")
+    seen: list[int] = []
+    model.model.layers[0].register_full_backward_hook(lambda *_: seen.append(1))
+    logp, _ = prefix_response_logprobs(model, pack_groups([[7, 8]], [[EOS]], 0))  # (1, 1)
+    logp.sum().backward()
+    assert len(seen) == 2  # the layer's backward ran for the prompt forward and the response forward
+
+
+def _trainer_grads(tmp_path, share: bool, **kw) -> tuple[object, dict[str, torch.Tensor]]:
+    import _ddp_worker as base
+
+    from dphrl.config import TrainConfig
+    from dphrl.trainer import Trainer
+
+    store = tmp_path / "store"
+    if not store.exists():
+        base.make_store(store)
+    tok = base.tokenizer()
+    cfg = TrainConfig(model=base.MODEL_NAME, algorithm="dph", reward="ddp_toy", reference_store=str(store),
+                      divergence="js", eta=0.5, prompts_per_step=base.GROUPS, rollout_n=base.GROUP_SIZE,
+                      max_new_tokens=5, micro_batch_size=4, lr=1e-3, max_grad_norm=0.0, progress=False,
+                      output_dir=str(tmp_path / f"run-{share}"), share_prefix=share, **kw)
+    tr = Trainer(cfg, model=base.model(tok), tokenizer=tok, examples=base.examples())
+    rolls, refs = base.global_batch(tok, base.model(tok))
+    tr.optimizer_step(rolls, refs)
+    return tr, {n: p.grad.clone() for n, p in tr.model.named_parameters() if p.grad is not None}
+
+
+def test_trainer_update_equals_the_packed_update(tmp_path):
+    """The trainer's shared-prefix update (micro-batches of whole groups) gives the packed update's
+    gradients (rollout loss + rehearsal term), and the stored-log-prob forward agrees too."""
+    shared, g_shared = _trainer_grads(tmp_path, True)
+    packed, g_packed = _trainer_grads(tmp_path, False)
+    assert shared.share_prefix and not packed.share_prefix
+    assert shared.run_info()["share_prefix_update"] is True
+    assert g_shared.keys() == g_packed.keys() and len(g_shared) > 0
+    assert max(g.abs().max().item() for g in g_packed.values()) > 1e-3  # a real gradient, not zeros
+    for n, g in g_packed.items():
+        torch.testing.assert_close(g_shared[n], g, rtol=1e-4, atol=1e-6, msg=n)
+    import _ddp_worker as base
+
+    rolls, _ = base.global_batch(base.tokenizer(), base.model(base.tokenizer()))
+    a = shared._no_grad_logprobs(shared.model, rolls)
+    b = packed._no_grad_logprobs(shared.model, rolls)  # same weights, the packed layout
+    assert [len(x) for x in a] == [len(s.response_ids) for s in rolls]  # back in the input order
+    torch.testing.assert_close(torch.tensor(sum(a, [])), torch.tensor(sum(b, [])), rtol=0, atol=1e-5)
+
+
+def test_trainer_falls_back_to_packed_with_gradient_checkpointing(tmp_path):
+    tr, _ = _trainer_grads(tmp_path, True, gradient_checkpointing=True)
+    assert tr.share_prefix is False and tr.run_info()["share_prefix_update"] is False

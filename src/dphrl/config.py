@@ -340,6 +340,7 @@ class TrainConfig:
     save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model).", check=Range(ge=0))
     keep_last: int = _f(2, "Checkpoints kept (>= 1: 0 would delete the one just written).", check=Range(ge=1))
     progress: bool = _f(True, "Show a progress bar.", check=Flag())
+    share_prefix: bool = _f(True, "Forward each group's prompt once: in generation (hf engine: one prefill per distinct prompt, its KV cache shared by the rollouts) and in the update (micro-batches of whole groups sorted by length; the prompt forward runs once, its rollouts attend to its cache). Same log-probs and gradients as without it up to float summation order (tests: 1e-5 fp32). Used where the model allows it (every layer full attention, no gradient_checkpointing): run_info.json records it.", check=Flag())
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~30% more compute); gradients are unchanged.", check=Flag())
     # --- evaluation during training, completion logs, model card --------------------------------
     eval_every: int = _f(0, "Evaluate every N steps (and at the end) on eval_data: unbiased Pass@k (k = 1, 2, 4, ..., eval_n), greedy accuracy, styles, logged as eval/<name>/... to metrics.jsonl and the trackers. 0 = off.", check=Range(ge=0))

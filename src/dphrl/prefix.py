@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from dphrl.batching import _entropy_no_grad
+from dphrl.batching import Packed, _entropy_no_grad, pack, response_logits, response_logprobs
 
 try:  # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` before)
     from transformers import DynamicCache
@@ -177,19 +177,9 @@ def _token_logprobs(
     return logp, entropy
 
 
-def prefix_response_logprobs(
-    model: torch.nn.Module,
-    batch: PrefixPacked,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    entropy_grad: bool = False,
-    top_p: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``batching.response_logprobs`` on a :class:`PrefixPacked` batch: each prompt forwarded once.
-
-    Returns ``logp`` (B, T) and ``entropy`` (B, T) or None, exactly as ``response_logprobs`` (values on
-    padding are meaningless: mask with ``batch.resp_mask``). Two forwards, always.
-    """
+def prefix_response_logits(model: torch.nn.Module, batch: PrefixPacked, temperature: float = 1.0) -> torch.Tensor:
+    """``batching.response_logits`` on a :class:`PrefixPacked` batch: fp32 logits / temperature at the
+    response positions, (B, T, V), each prompt forwarded once. Two forwards, always."""
     cache = empty_prefix_cache(model)
     if cache is None:
         raise ValueError("prefix sharing needs a model whose layers all use full attention with a DynamicCache "
@@ -212,10 +202,61 @@ def prefix_response_logprobs(
         input_ids=batch.resp_ids[:, :width], attention_mask=attn, position_ids=batch.response_position_ids(width),
         use_cache=True, logits_to_keep=0 if T > 1 else 1, **{CACHE_KW: cache},
     ).logits  # (B, width, V)
-    logits = first[batch.group_of].unsqueeze(1)  # (B, 1, V)
-    if T > 1:
-        logits = torch.cat([logits, rest.to(logits.dtype)], dim=1)  # (B, T, V)
-    return _token_logprobs(logits, batch.resp_ids, temperature, with_entropy, entropy_grad, top_p)
+    # (B, T, V); with T == 1 the response forward's output joins as a 0-width slice: its backward still
+    # runs, so every rank's backward has the same collectives (FSDP2 hangs otherwise)
+    rest = rest if T > 1 else rest[:, :0]
+    logits = torch.cat([first[batch.group_of].unsqueeze(1), rest.to(first.dtype)], dim=1).float()  # (B, T, V)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def prefix_response_logprobs(
+    model: torch.nn.Module,
+    batch: PrefixPacked,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``batching.response_logprobs`` on a :class:`PrefixPacked` batch: each prompt forwarded once.
+
+    Returns ``logp`` (B, T) and ``entropy`` (B, T) or None, exactly as ``response_logprobs`` (values on
+    padding are meaningless: mask with ``batch.resp_mask``). Two forwards, always.
+    """
+    logits = prefix_response_logits(model, batch, temperature)  # (B, T, V) already / temperature
+    return _token_logprobs(logits, batch.resp_ids, 1.0, with_entropy, entropy_grad, top_p)
+
+
+# --------------------------------------------------------------------------------------------------
+# one interface over both layouts (the trainer's forwards)
+
+Batch = Packed | PrefixPacked
+
+
+def pack_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, shared: bool) -> Batch:
+    """``pack_groups`` (each distinct prompt once) when ``shared``, else ``batching.pack``."""
+    return pack_groups(prompts, responses, pad_id) if shared else pack(prompts, responses, pad_id)
+
+
+def batch_logits(model: torch.nn.Module, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T, V) fp32 response logits / temperature of either layout."""
+    if isinstance(batch, PrefixPacked):
+        return prefix_response_logits(model, batch, temperature)
+    return response_logits(model, batch, temperature)
+
+
+def batch_logprobs(
+    model: torch.nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,
+    entropy_grad: bool = False, top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) response log-probs (and entropy or None) of either layout."""
+    fn = prefix_response_logprobs if isinstance(batch, PrefixPacked) else response_logprobs
+    return fn(model, batch, temperature, with_entropy=with_entropy, entropy_grad=entropy_grad, top_p=top_p)
+
+
+def can_share_prefix(model: torch.nn.Module, gradient_checkpointing: bool = False) -> bool:
+    """Whether the shared-prefix update applies to ``model``: every layer full attention with a
+    ``DynamicCache``, and no gradient checkpointing (it drops the cache inside the layers)."""
+    return not gradient_checkpointing and empty_prefix_cache(model) is not None
 
 
 def grouped_response_logprobs(

@@ -39,14 +39,7 @@ from transformers import get_scheduler
 
 from dphrl import advantages as adv_lib
 from dphrl import divergences, losses, sharding
-from dphrl.batching import (
-    pack,
-    pad_token_id,
-    pad_values,
-    response_logits,
-    response_logprobs,
-    sequence_logprobs,
-)
+from dphrl.batching import pad_token_id, pad_values
 from dphrl.config import ConfigError, TrainConfig
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
@@ -54,6 +47,7 @@ from dphrl.engines import build_engine, resolve_engine
 from dphrl.fsutil import atomic_write_text, remove_dir, replace_dir, sweep_leftovers
 from dphrl.launch import Launch, check_launch
 from dphrl.models import weights_fingerprint
+from dphrl.prefix import Batch, batch_logits, batch_logprobs, can_share_prefix, micro_batch_order, pack_batch
 from dphrl.reference import ReferenceStore, StoreMismatchError
 from dphrl.rewards.registry import CORRECT_THRESHOLD, get_reward, score_batch
 from dphrl.rundir import RunDirError, RunLock, StopSignals, claim_dir
@@ -252,6 +246,8 @@ class Trainer:
         # stepped once per update whatever the number of processes
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.sharded = sharding.is_sharded(self.model)
+        # the update forwards each micro-batch's distinct prompts once (dphrl.prefix) where the model allows
+        self.share_prefix = cfg.share_prefix and can_share_prefix(self.model, cfg.gradient_checkpointing)
         self.launch = self._launch()
         errors = check_launch(cfg, self.launch).errors
         if errors:
@@ -281,11 +277,8 @@ class Trainer:
             tol = store_tolerance(str(self.store.manifest.get("dtype", "float32")), cfg.dtype)
         top_p = float(self.store.manifest.get("sampling", {}).get("top_p", 1.0))
 
-        def rescore(samples: list) -> list[list[float]]:
-            with self.acc.autocast():  # the training numerics (every rank re-scores the same sample)
-                return sequence_logprobs(self.model, [r.prompt_ids for r in samples],
-                                         [r.response_ids for r in samples], self.pad_id, cfg.temperature,
-                                         cfg.micro_batch_size, device=self.acc.device, top_p=top_p)
+        def rescore(samples: list) -> list[list[float]]:  # the training forward (every rank: the same sample)
+            return self._no_grad_logprobs(self.model, [Seq(r.prompt_ids, r.response_ids) for r in samples], top_p)
 
         stats = verify_store(self.store, rescore, max_tokens=cfg.store_check_tokens, tolerance=tol)
         if self.acc.is_main_process and cfg.progress:
@@ -314,7 +307,7 @@ class Trainer:
             synced_gpus=self.sharded and self.world > 1, model_name=cfg.model, dtype=cfg.dtype,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed + self.rank,
-            distributed=self.world > 1,
+            distributed=self.world > 1, share_prefix=cfg.share_prefix,
         )
 
     def _push_weights_to_engine(self) -> None:
@@ -529,21 +522,33 @@ class Trainer:
         }
         return seqs, metrics
 
-    def _no_grad_logprobs(self, model: torch.nn.Module, seqs: list[Seq]) -> list[list[float]]:
-        """Per-token log-probs of ``seqs`` under ``model`` (no grad), micro-batch by micro-batch, under the
-        training autocast; every rank runs as many forwards as the busiest one (FSDP: collectives)."""
-        mbs = self.cfg.micro_batch_size
-        with self.acc.autocast():
-            out = sequence_logprobs(model, [s.prompt_ids for s in seqs], [s.response_ids for s in seqs], self.pad_id,
-                                    self.cfg.temperature, mbs, device=self.acc.device)
-            if self.world > 1:
-                mine = math.ceil(len(seqs) / mbs)
-                (most,) = self._allreduce([mine], op="max")
-                pad = self._padding_seq()
-                for _ in range(int(most) - mine):
-                    sequence_logprobs(model, [pad.prompt_ids], [pad.response_ids], self.pad_id, self.cfg.temperature,
-                                      1, device=self.acc.device)
+    def _no_grad_logprobs(self, model: torch.nn.Module, seqs: list[Seq], top_p: float = 1.0) -> list[list[float]]:
+        """Per-token log-probs of ``seqs`` under ``model`` (no grad, fp32), micro-batch by micro-batch as the
+        update makes them (same layout, same autocast: the training numerics); every rank runs as many
+        forwards as the busiest one (FSDP: collectives)."""
+        out: list[list[float]] = [[] for _ in seqs]
+        plan = self._micro_batches(seqs)
+        (most,) = self._allreduce([len(plan)], op="max") if self.world > 1 else (len(plan),)
+        with torch.no_grad(), self.acc.autocast():
+            for ix in plan + [None] * (int(most) - len(plan)):
+                chunk = [seqs[i] for i in ix] if ix is not None else [self._padding_seq()]
+                lp, _ = batch_logprobs(model, self._pack(chunk), self.cfg.temperature, top_p=top_p)  # (B, T)
+                for i, s, row in zip(ix or [], chunk, lp.float().cpu()):
+                    out[i] = row[: len(s.response_ids)].tolist()
         return out
+
+    def _micro_batches(self, seqs: list[Seq]) -> list[list[int]]:
+        """Indices of each micro-batch of at most ``micro_batch_size`` sequences: with the shared-prefix
+        update, whole groups sorted by length (each prompt forwarded once per micro-batch), else in order."""
+        k = self.cfg.micro_batch_size
+        if not self.share_prefix:
+            return [list(range(i, min(i + k, len(seqs)))) for i in range(0, len(seqs), k)]
+        return micro_batch_order([s.prompt_ids for s in seqs], [s.response_ids for s in seqs], max_seqs=k)
+
+    def _pack(self, seqs: list[Seq]) -> Batch:
+        """One micro-batch on the device, in the update's layout (shared prompts or packed rows)."""
+        prompts, responses = [s.prompt_ids for s in seqs], [s.response_ids for s in seqs]
+        return pack_batch(prompts, responses, self.pad_id, self.share_prefix).to(self.acc.device)
 
     def _attach_reference_logprobs(self, seqs: list[Seq]) -> None:
         """KL term: log pi_ref of every rollout token from the frozen initial model (one no-grad forward,
@@ -603,9 +608,9 @@ class Trainer:
         micro-batches, which add nothing to the loss, the gradients or the normalizers. A mini-batch
         that is empty on every rank skips the update on every rank together.
         """
-        cfg, dev = self.cfg, self.acc.device
-        roll_chunks = _chunks(roll_mb, cfg.micro_batch_size)
-        ref_chunks = _chunks(ref_mb, cfg.micro_batch_size)
+        cfg = self.cfg
+        roll_chunks = [[roll_mb[i] for i in ix] for ix in self._micro_batches(roll_mb)]
+        ref_chunks = [[ref_mb[i] for i in ix] for ix in self._micro_batches(ref_mb)]
         # global normalizers (each term divided by its own token / sequence count over all ranks) and the
         # micro-batch counts every rank must run, in two all-reduces
         g_roll_tok, g_roll_seq, g_ref_tok = self._allreduce(
@@ -627,7 +632,7 @@ class Trainer:
             real = chunk is not None
             seqs = chunk if real else [self._padding_seq()]
             with ctx:
-                batch = pack([s.prompt_ids for s in seqs], [s.response_ids for s in seqs], self.pad_id).to(dev)
+                batch = self._pack(seqs)
                 if kind == "roll":
                     loss, m = self._rollout_loss(batch, seqs, max(g_roll_tok, 1.0), max(g_roll_seq, 1.0))
                 else:
@@ -673,8 +678,8 @@ class Trainer:
         cfg = self.cfg
         T = batch.resp_ids.shape[1]
         mask = batch.resp_mask  # (B, T)
-        logp, ent = response_logprobs(self.model, batch, cfg.temperature, with_entropy=True,
-                                      entropy_grad=cfg.entropy_coef > 0)
+        logp, ent = batch_logprobs(self.model, batch, cfg.temperature, with_entropy=True,
+                                   entropy_grad=cfg.entropy_coef > 0)  # (B, T), (B, T)
         old = pad_values([s.old_logp for s in chunk], T).to(logp.device)  # (B, T) pi_old of every token
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logp.device)  # (B,)
         agg = dict(num_tokens=g_tok, num_seqs=g_seq, max_len=cfg.max_new_tokens)
@@ -700,11 +705,11 @@ class Trainer:
         form = divergences.REHEARSAL_FORMS.get(cfg.rehearsal_form)
         kw = dict(agg="token-mean", num_tokens=g_tok, **cfg.divergence_params)
         if not form.topk:  # the paper's sampled form: f(u) on each stored token
-            logp, _ = response_logprobs(self.model, batch, cfg.temperature)  # (B, T)
+            logp, _ = batch_logprobs(self.model, batch, cfg.temperature)  # (B, T)
             ref = pad_values([s.ref_logp for s in chunk], T).to(logp.device)  # (B, T)
             div, m = form.loss(cfg.divergence, logp, ref, batch.resp_mask, **kw)
             return cfg.eta * div, dict(m)
-        logits = response_logits(self.model, batch, cfg.temperature)  # (B, T, V)
+        logits = batch_logits(self.model, batch, cfg.temperature)  # (B, T, V)
         ids, ref_b = _topk_tensors(chunk, T, cfg.rehearsal_topk)  # (B, T, k), (B, T, k+1)
         ids, ref_b = ids.to(logits.device), ref_b.to(logits.device)
         logp_b = divergences.topk_buckets(logits, ids)  # (B, T, k+1)
@@ -842,6 +847,7 @@ class Trainer:
             "engine": self.engine_name,
             "engine_requested": self.cfg.engine,
             "old_logprob": self.old_logprob,
+            "share_prefix_update": self.share_prefix,
             "world_size": self.world,
             "sharding": self.launch.sharding,
             "device": str(self.acc.device),
@@ -1084,10 +1090,6 @@ def _topk_tensors(chunk: list[Seq], T: int, k: int) -> tuple[torch.Tensor, torch
         ref[i, :n, :k] = full[:, :k]
         ref[i, :n, k] = torch.logsumexp(full[:, k:], dim=-1)  # (n,) the dropped ids join the tail
     return ids, ref
-
-
-def _chunks(xs: list, k: int) -> list[list]:
-    return [xs[i : i + k] for i in range(0, len(xs), k)]
 
 
 def _peak_memory_mb() -> float:

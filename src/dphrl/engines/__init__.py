@@ -26,13 +26,15 @@ ENGINES: Registry[Any] = Registry("engine", config_key="engine")
 
 
 @ENGINES.register("hf")
-def _hf_engine(model: Any, tokenizer: Any, *, batch_size: int = 64, synced_gpus: bool = False, **_: Any) -> Engine:
-    """Hugging Face ``generate`` on ``model`` (the policy itself during training: no copy)."""
+def _hf_engine(model: Any, tokenizer: Any, *, batch_size: int = 64, synced_gpus: bool = False,
+               share_prefix: bool = True, **_: Any) -> Engine:
+    """Hugging Face ``generate`` on ``model`` (the policy itself during training: no copy); ``share_prefix``
+    prefills each distinct prompt of a batch once."""
     from dphrl.engines.hf import HFEngine
 
     if model is None:
         raise ValueError("engine 'hf' needs the model object")
-    return HFEngine(model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus)
+    return HFEngine(model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus, share_prefix=share_prefix)
 
 
 @ENGINES.register("vllm")
@@ -71,7 +73,7 @@ def resolve_engine(name: str) -> str:
 def build_engine(name: str, model: Any, tokenizer: Any, **opts: Any) -> Engine:
     """The engine ``name`` (``auto`` resolved here) for ``model`` / ``tokenizer``.
 
-    ``opts``: ``batch_size``, ``synced_gpus`` (hf); ``model_name``, ``dtype``, ``seed``,
+    ``opts``: ``batch_size``, ``synced_gpus``, ``share_prefix`` (hf); ``model_name``, ``dtype``, ``seed``,
     ``gpu_memory_utilization``, ``max_model_len``, ``distributed`` (vllm).
     """
     return ENGINES.get(resolve_engine(name))(model, tokenizer, **opts)

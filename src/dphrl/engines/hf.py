@@ -99,6 +99,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from dphrl.batching import pad_token_id
 from dphrl.engines.base import Generation
 from dphrl.prefix import CACHE_KW, DynamicLayer, empty_prefix_cache
 
@@ -279,7 +280,7 @@ class HFEngine:
         self.batch_size = batch_size
         self.share_prefix = share_prefix
         self.preallocate_cache = preallocate_cache
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
         self.eos_id = tokenizer.eos_token_id
 
     @torch.no_grad()
