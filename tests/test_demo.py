@@ -13,7 +13,7 @@ from pathlib import Path
 def test_demo_quick_end_to_end(tmp_path: Path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "dphrl.cli", "demo", "--quick", "--sweep", "--out", str(out)],
+        [sys.executable, "-m", "dphrl.cli", "demo", "--quick", "--sweep", "--ablation", "--out", str(out)],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

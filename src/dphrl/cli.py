@@ -212,7 +212,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from dphrl.rundir import claim_dir
 
         claim_dir(Path(args.out), what="dphrl demo", resume=args.resume, overwrite=args.overwrite, lock=False)
-        run_demo(Path(args.out), seeds=args.seeds, sweep=args.sweep, workers=args.workers, size=size)
+        run_demo(Path(args.out), seeds=args.seeds, sweep=args.sweep, workers=args.workers, size=size,
+                 ablation=args.ablation)
     except DemoBudgetError as e:
         print(f"dphrl demo: {e}", file=sys.stderr)
         return 2
@@ -226,13 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="Reproduce diversity collapse and its cure on CPU (the main job).")
     d.add_argument("--quick", action="store_true", help="Small version (< 5 min) for a first look and CI.")
     d.add_argument("--seeds", type=int, default=1, help="Repeat over this many seeds; report mean ± std.")
-    d.add_argument("--sweep", action="store_true", help="Also sweep eta (DPH-F, DPH-JS) and kl_coef (RKL).")
+    d.add_argument("--sweep", action="store_true",
+                   help="Also sweep every divergence family's coefficient (eta for dph-*, kl_coef for rkl, rkl-k3).")
+    d.add_argument("--ablation", action="store_true",
+                   help="Also train grpo, rkl-k3 and dph-f with the DAPO-style policy loss (clip-higher, token-mean).")
     d.add_argument("--workers", type=int, default=2, help="Parallel single-threaded job processes (default 2 = cores).")
     d.add_argument("--rl-steps", type=int, default=None, help="RL steps per method (default 100; quick 12).")
     d.add_argument("--lr", type=float, default=None, help="RL learning rate (default 2e-4).")
     d.add_argument("--train-prompts", type=int, default=None,
                    help="RL training prompts, also pre-sampled (default 400, at most 1400).")
-    d.add_argument("--methods", default=None, help="Comma-separated subset of grpo,dapo,rkl,dph-f,dph-js.")
+    d.add_argument("--methods", default=None, help="Comma-separated subset of grpo,dapo,rkl,rkl-k3,dph-f,dph-js,dph-f-topk.")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--resume", action="store_true", help="Continue a demo in --out (finished jobs are kept).")
     d.add_argument("--overwrite", action="store_true", help="Replace a demo found in --out.")

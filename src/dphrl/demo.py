@@ -87,7 +87,7 @@ class DemoSize:
             "dph-f-topk": ("eta", [0.05, 0.1, 1.0]),
         }
     )
-    #: --sweep also runs these: the main methods with the DAPO-style policy loss instead of the shared one
+    #: --ablation runs these: the main methods with the DAPO-style policy loss instead of the shared one
     ablation: dict = field(
         default_factory=lambda: {
             "grpo+dapo-loss": {"algorithm": "grpo", **DAPO_STYLE_LOSS},
@@ -219,13 +219,16 @@ def _job(name: str, kw: dict | None, base: Path, store: Path, out: Path, size: D
     return f"seed {seed}: {name} ({time.time() - t0:.0f} s)"
 
 
-def _seed_jobs(root: Path, seed: int, size: DemoSize, sweep: bool) -> tuple[dict[str, Path], list[tuple]]:
-    """Run dirs and ``_job`` arguments of one seed (base evaluation + every method; the sweep if asked)."""
+def _seed_jobs(root: Path, seed: int, size: DemoSize, sweep: bool, ablation: bool = False
+               ) -> tuple[dict[str, Path], list[tuple]]:
+    """Run dirs and ``_job`` arguments of one seed (base evaluation + every method; the sweep and the
+    policy-loss ablation if asked)."""
     sd = root / f"seed{seed}"
     jobs: list[tuple[str, dict | None]] = [("base", None)] + list(size.methods.items())
     if sweep:
         for name, (key, values) in size.sweep.items():
             jobs += [(f"{name}@{key}={v}", {**size.methods[name], key: v}) for v in values]
+    if ablation:
         jobs += list(size.ablation.items())
     runs = {name: sd / "runs" / name for name, _ in jobs}
     args = [(name, kw, sd / "base_model", sd / "store", runs[name], size, seed, name in size.methods)
@@ -233,8 +236,9 @@ def _seed_jobs(root: Path, seed: int, size: DemoSize, sweep: bool) -> tuple[dict
     return runs, args
 
 
-def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int = 2) -> list[dict[str, Path]]:
-    """All seeds in one pool of ``workers`` single-threaded processes (with ``sweep``, on every seed).
+def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int = 2, ablation: bool = False
+              ) -> list[dict[str, Path]]:
+    """All seeds in one pool of ``workers`` single-threaded processes (``sweep`` / ``ablation``: on every seed).
 
     A seed's base model (SFT) and reference store come first; its jobs (base evaluation, one training
     + evaluation per method) are queued as soon as they exist, so no worker waits for other seeds.
@@ -243,13 +247,14 @@ def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int 
     """
     all_runs, per_seed = [], []
     for s in range(seeds):
-        runs, args = _seed_jobs(root, s, size, sweep)
+        runs, args = _seed_jobs(root, s, size, sweep, ablation)
         all_runs.append(runs)
         per_seed.append(args)
     total = seeds + sum(len(a) for a in per_seed)
     _say(f"{seeds} seed(s), {total} jobs on {workers} worker process(es): per seed a base model (SFT, "
          f"{size.sft_steps} steps) + reference store (presample {size.presample_n} x {size.train_prompts}), "
-         f"then training + evaluation of {', '.join(size.methods)}" + (" and the sweep + loss ablation" if sweep else ""))
+         f"then training + evaluation of {', '.join(size.methods)}" + (" and the coefficient sweep" if sweep else "")
+         + (" and the policy-loss ablation" if ablation else ""))
     done = 0
     if workers <= 1:
         for s in range(seeds):
@@ -545,14 +550,14 @@ def _check_budget(out: Path, size: DemoSize) -> None:
 
 
 def run_demo(out: Path, quick: bool = False, seeds: int = 1, sweep: bool = False, workers: int = 2,
-             size: DemoSize | None = None) -> dict:
+             size: DemoSize | None = None, ablation: bool = False) -> dict:
     """Run the whole demo and write ``out/report`` (report.md/html, PNGs, summary.json/md)."""
     from dphrl.evaluation.report import print_table, write_report
 
     size = size or (QUICK if quick else FULL)
     _check_budget(out, size)
     t0 = time.time()
-    all_runs = run_seeds(out, seeds, size, sweep, workers)
+    all_runs = run_seeds(out, seeds, size, sweep, workers, ablation)
     rep = out / "report"
     if rep.exists():
         shutil.rmtree(rep)
