@@ -61,13 +61,6 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None and _cuda_available()
 
 
-def resolve_engine(kind: str) -> str:
-    """``auto`` -> ``vllm`` where vLLM can run here, else ``hf``; ``hf`` / ``vllm`` unchanged."""
-    if kind == "auto":
-        return "vllm" if vllm_available() else "hf"
-    return kind
-
-
 def sampling_params_kwargs(
     *, n: int, max_new_tokens: int, temperature: float, top_p: float, greedy: bool, seed: int | None,
     eos_id: int | None,
