@@ -102,22 +102,32 @@ def response_logprobs(
     (B, T, V) tensor. ``top_p < 1`` renormalizes over the nucleus exactly as the HF engine samples
     (transformers' ``TopPLogitsWarper``): how a store sampled with top-p is re-scored.
     """
-    T = batch.resp_ids.shape[1]
     logits = response_logits(model, batch, temperature)  # (B, T, V)
+    return token_logprobs(logits, batch.resp_ids, with_entropy, entropy_grad, top_p)
+
+
+def token_logprobs(
+    logits: torch.Tensor, resp_ids: torch.Tensor, with_entropy: bool = False, entropy_grad: bool = False,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The log-prob head shared by both batch layouts: (B, T, V) fp32 logits (already / temperature)
+    predicting the (B, T) ``resp_ids`` -> ``logp`` (B, T) and entropy (B, T) or None (see
+    :func:`response_logprobs`). The entropy with gradient is finite under top-p (0 * -inf masked)."""
     if top_p < 1.0:
         from transformers import TopPLogitsWarper
 
-        B, _, V = logits.shape
+        B, T, V = logits.shape
         logits = TopPLogitsWarper(top_p)(None, logits.reshape(B * T, V)).reshape(B, T, V)  # (B, T, V) -inf outside
     logz = torch.logsumexp(logits, dim=-1)  # (B, T)
-    logp = logits.gather(-1, batch.resp_ids.unsqueeze(-1)).squeeze(-1) - logz  # (B, T)
+    logp = logits.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1) - logz  # (B, T)
     entropy = None
     if with_entropy:
         if entropy_grad and torch.is_grad_enabled():
             probs = torch.softmax(logits, dim=-1)  # (B, T, V)
-            entropy = logz - (probs * logits).sum(-1)  # (B, T)
+            finite = torch.where(probs > 0, logits, torch.zeros_like(logits))  # (B, T, V) 0 * -inf outside top-p
+            entropy = logz - (probs * finite).sum(-1)  # (B, T)
         else:
-            entropy = _entropy_no_grad(logits.detach(), logz.detach())
+            entropy = _entropy_no_grad(logits.detach(), logz.detach())  # (B, T)
     return logp, entropy
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from dphrl.batching import Packed, _entropy_no_grad, pack, response_logits, response_logprobs
+from dphrl.batching import Packed, pack, response_logits, response_logprobs, token_logprobs
 
 try:  # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` before)
     from transformers import DynamicCache
@@ -147,36 +147,6 @@ def pack_groups(
 # log-probs
 
 
-def _token_logprobs(
-    logits: torch.Tensor, resp_ids: torch.Tensor, temperature: float, with_entropy: bool, entropy_grad: bool,
-    top_p: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``response_logprobs``' head, on (B, T, V) logits predicting the (B, T) response tokens.
-
-    One difference: the entropy with gradient is finite under top-p (``response_logprobs`` computes
-    0 * -inf = NaN outside the nucleus there); elsewhere the same operations in the same order.
-    """
-    logits = logits.float()  # (B, T, V)
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_p < 1.0:
-        from transformers import TopPLogitsWarper
-
-        B, T, V = logits.shape
-        logits = TopPLogitsWarper(top_p)(None, logits.reshape(B * T, V)).reshape(B, T, V)  # (B, T, V) -inf outside
-    logz = torch.logsumexp(logits, dim=-1)  # (B, T)
-    logp = logits.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1) - logz  # (B, T)
-    entropy = None
-    if with_entropy:
-        if entropy_grad and torch.is_grad_enabled():
-            probs = torch.softmax(logits, dim=-1)  # (B, T, V)
-            finite = torch.where(probs > 0, logits, torch.zeros_like(logits))  # (B, T, V) 0 * -inf outside top-p
-            entropy = logz - (probs * finite).sum(-1)  # (B, T)
-        else:
-            entropy = _entropy_no_grad(logits.detach(), logz.detach())  # (B, T)
-    return logp, entropy
-
-
 def prefix_response_logits(model: torch.nn.Module, batch: PrefixPacked, temperature: float = 1.0) -> torch.Tensor:
     """``batching.response_logits`` on a :class:`PrefixPacked` batch: fp32 logits / temperature at the
     response positions, (B, T, V), each prompt forwarded once. Two forwards, always."""
@@ -223,7 +193,7 @@ def prefix_response_logprobs(
     padding are meaningless: mask with ``batch.resp_mask``). Two forwards, always.
     """
     logits = prefix_response_logits(model, batch, temperature)  # (B, T, V) already / temperature
-    return _token_logprobs(logits, batch.resp_ids, 1.0, with_entropy, entropy_grad, top_p)
+    return token_logprobs(logits, batch.resp_ids, with_entropy, entropy_grad, top_p)
 
 
 # --------------------------------------------------------------------------------------------------
