@@ -20,11 +20,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from _ddp_worker import model, tokenizer  # noqa: E402  (the same tiny tokenizer and model)
+
 from dphrl.data.example import Example  # noqa: E402
-from dphrl.data.tokenizer import build_char_tokenizer  # noqa: E402
 from dphrl.reference import ReferenceStore  # noqa: E402
 from dphrl.rewards.registry import register_reward  # noqa: E402
-from dphrl.testing import tiny_causal_lm  # noqa: E402
 
 DIVERGENCE, ETA = "forward_kl", 0.5
 KEEP = (3, 2, 2, 1, 3, 2)  # stored samples kept per D_pef prompt: 13 in all, an odd count to pad
@@ -41,14 +41,6 @@ def trl_toy(response: str, ex: Example) -> float:
 def trl_zero(response: str, ex: Example) -> float:
     """0 for everything: GRPO advantages are all 0, so TRL's own loss has zero gradient."""
     return 0.0
-
-
-def tokenizer():
-    return build_char_tokenizer("0123456789+")
-
-
-def model(tok):
-    return tiny_causal_lm(tok, hidden=32, layers=2, heads=4, seed=0)
 
 
 def examples() -> list[Example]:

@@ -38,6 +38,7 @@ from dphrl.integrations.trl import (  # noqa: E402
     trl_reward,
 )
 from dphrl.reference import ReferenceStore, StoreMismatchError  # noqa: E402
+from dphrl.testing import tiny_causal_lm
 from dphrl.trainer import PromptSampler, Seq, Trainer  # noqa: E402
 
 torch.set_num_threads(1)
@@ -301,7 +302,7 @@ def test_refuses_other_tokenizer_weights_or_stored_values(store_dir, tmp_path):
         make_trainer(store_dir, tmp_path, net=w.model(other_tok), tok=other_tok)
     tok = w.tokenizer()
     with pytest.raises(StoreMismatchError, match="model_fingerprint"):
-        make_trainer(store_dir, tmp_path, net=w.tiny_causal_lm(tok, hidden=32, layers=2, heads=4, seed=1))
+        make_trainer(store_dir, tmp_path, net=tiny_causal_lm(tok, hidden=32, layers=2, heads=4, seed=1))
     # right weights by fingerprint, wrong stored log-probs: the start-up re-scoring refuses the store
     store = ReferenceStore(store_dir)
     for samples in store.samples.values():
