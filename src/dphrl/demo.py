@@ -383,7 +383,9 @@ def matched_frontier(all_runs: list[dict[str, Path]], size: DemoSize, grid: int 
 
     Per seed, each family's 4 coefficients give 4 (Pass@1, Pass@K) points; Pass@K is interpolated
     linearly in Pass@1 at ``grid`` Pass@1 values spread over the range every family covers on every
-    seed, then averaged over seeds (mean ± std). ``top`` names the family with the highest mean.
+    seed, then averaged over seeds (mean ± std). ``top_<dom>`` names the family with the highest mean,
+    ``margin_<dom>`` its lead over the second, and ``clear_<dom>`` whether that lead exceeds the larger
+    of the two families' seed std (else the two are within the seed-to-seed noise).
     """
     K = size.eval_n
     fams = [f for f in size.sweep if all(f in r for r in all_runs)]
@@ -408,7 +410,10 @@ def matched_frontier(all_runs: list[dict[str, Path]], size: DemoSize, grid: int 
         for dom in ("in", "ood"):
             vals = {f: _ms([_interp(c[dom], x) for c in curves[f]]) for f in fams}
             row[dom] = vals
-            row[f"top_{dom}"] = max(vals, key=lambda f: vals[f][0])
+            first, second = sorted(vals, key=lambda f: vals[f][0], reverse=True)[:2]
+            row[f"top_{dom}"], row[f"second_{dom}"] = first, second
+            row[f"margin_{dom}"] = vals[first][0] - vals[second][0]
+            row[f"clear_{dom}"] = row[f"margin_{dom}"] > max(vals[first][1], vals[second][1])
         out["points"].append(row)
     return out
 
@@ -457,6 +462,16 @@ def _cells(row: dict) -> list[str]:
     return [f"{m:.2f} ± {s:.2f}" if k == "styles" else f"{m:.3f} ± {s:.3f}" for k, (m, s) in row.items()]
 
 
+def _top_sentence(points: list[dict], dom: str) -> str:
+    """One plain sentence: which family is on top at how many matched points, and whether clearly."""
+    tops = [p[f"top_{dom}"] for p in points]
+    best = max(set(tops), key=tops.count)
+    clear = sum(1 for p in points if p[f"top_{dom}"] == best and p[f"clear_{dom}"])
+    return (f"{best} is on top at {tops.count(best)} of {len(points)} matched Pass@1 values, by more than the "
+            f"seed std at {clear} of them" + (f"; elsewhere {', '.join(sorted(set(tops) - {best}))}" if
+                                               len(set(tops)) > 1 else "") + ".")
+
+
 def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | None) -> str:
     K = size.eval_n
     head = (f"| method | Pass@1 | Pass@{K} | effective styles | OOD Pass@1 | OOD Pass@{K} | OOD answer acc. |\n"
@@ -489,11 +504,14 @@ def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | 
                   f"in-domain Pass@1 values inside the range every family covers on every seed "
                   f"([{matched['overlap'][0]:.3f}, {matched['overlap'][1]:.3f}]).", ""]
         for dom, title in (("in", "in domain"), ("ood", "out of domain")):
-            lines += [f"**{title}**", "", "| Pass@1 | " + " | ".join(fams) + " | on top |",
+            lines += [f"**{title}**: " + _top_sentence(matched["points"], dom), "",
+                      "| Pass@1 | " + " | ".join(fams) + " | on top (lead over 2nd) |",
                       "|---|" + "---|" * (len(fams) + 1)]
             for row in matched["points"]:
                 cells = [f"{row[dom][f][0]:.3f} ± {row[dom][f][1]:.3f}" for f in fams]
-                lines.append(f"| {row['pass@1']:.3f} | " + " | ".join(cells) + f" | {row[f'top_{dom}']} |")
+                lead = f"{row[f'top_{dom}']} (+{row[f'margin_{dom}']:.3f} over {row[f'second_{dom}']}" + (
+                    ")" if row[f"clear_{dom}"] else ", within seed std)")
+                lines.append(f"| {row['pass@1']:.3f} | " + " | ".join(cells) + f" | {lead} |")
             lines.append("")
     elif matched:
         lines += ["", "The swept families' Pass@1 ranges do not overlap on every seed: no matched comparison."]

@@ -1,0 +1,66 @@
+"""The demo's matched-Pass@1 comparison: interpolation, mean ± std over seeds, who is on top and by how much."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from dphrl.demo import FULL, IND, OOD, _interp, _summary_md, matched_frontier
+
+
+def _run(root: Path, name: str, p1: float, p16: float, ood16: float) -> Path:
+    run = root / name
+    (run / "eval").mkdir(parents=True)
+    res = {"datasets": {IND: {"pass@k": {"1": p1, "16": p16}}, OOD: {"pass@k": {"1": p1, "16": ood16}}}}
+    (run / "eval" / "results.json").write_text(json.dumps(res))
+    return run
+
+
+def test_interp():
+    pts = [(0.5, 1.0), (0.7, 0.0), (0.6, 0.4)]
+    assert _interp(pts, 0.55) == pytest.approx(0.7)
+    assert _interp(pts, 0.65) == pytest.approx(0.2)
+    assert _interp(pts, 0.7) == pytest.approx(0.0)
+    assert _interp(pts, 0.71) is None and _interp(pts, 0.49) is None
+
+
+def test_matched_frontier_by_hand(tmp_path):
+    size = replace(FULL, sweep={"a": ("eta", [1.0]), "b": ("eta", [1.0])},
+                   methods={"a": {"eta": 0.0}, "b": {"eta": 0.0}})
+    seeds = []
+    for s, shift in enumerate((0.0, 0.02)):  # two seeds; family a's Pass@16 is 0.1 higher, b's OOD 0.01 higher
+        d = tmp_path / f"seed{s}"
+        seeds.append({
+            "a": _run(d, "a", 0.5, 0.8 + shift, 0.70), "a@eta=1.0": _run(d, "a@eta=1.0", 0.7, 0.6 + shift, 0.50),
+            "b": _run(d, "b", 0.5, 0.7 + shift, 0.71), "b@eta=1.0": _run(d, "b@eta=1.0", 0.7, 0.5 + shift, 0.51),
+        })
+    m = matched_frontier(seeds, size, grid=3)
+    assert m["families"] == ["a", "b"] and m["overlap"] == pytest.approx([0.5, 0.7])
+    mid = m["points"][1]  # Pass@1 0.6: a = 0.7 / 0.72 (mean 0.71, std 0.0141), b = 0.61
+    assert mid["pass@1"] == pytest.approx(0.6)
+    assert mid["in"]["a"][0] == pytest.approx(0.71) and mid["in"]["a"][1] == pytest.approx(0.02 / 2**0.5)
+    assert (mid["top_in"], mid["second_in"], mid["clear_in"]) == ("a", "b", True)
+    assert mid["margin_in"] == pytest.approx(0.1)
+    # out of domain b leads by 0.01 with zero seed std: on top, and clearly
+    assert (mid["top_ood"], mid["clear_ood"]) == ("b", True) and mid["margin_ood"] == pytest.approx(0.01)
+    summary = {"seeds": 2, "table": {}, "checks": {}, "sweep": {}, "matched": m}
+    md = _summary_md(summary, size, 60.0, None)
+    assert "a is on top at 3 of 3 matched Pass@1 values, by more than the seed std at 3 of them." in md
+    assert "b is on top at 3 of 3" in md
+
+
+def test_matched_frontier_within_noise(tmp_path):
+    size = replace(FULL, sweep={"a": ("eta", [1.0]), "b": ("eta", [1.0])},
+                   methods={"a": {"eta": 0.0}, "b": {"eta": 0.0}})
+    seeds = []
+    for s, (da, db) in enumerate(((0.05, 0.0), (0.0, 0.04))):  # a ahead on one seed, b on the other
+        d = tmp_path / f"seed{s}"
+        seeds.append({
+            "a": _run(d, "a", 0.5, 0.8 + da, 0.7), "a@eta=1.0": _run(d, "a@eta=1.0", 0.7, 0.6 + da, 0.5),
+            "b": _run(d, "b", 0.5, 0.8 + db, 0.7), "b@eta=1.0": _run(d, "b@eta=1.0", 0.7, 0.6 + db, 0.5),
+        })
+    row = matched_frontier(seeds, size, grid=2)["points"][0]
+    assert row["top_in"] == "a" and row["margin_in"] == pytest.approx(0.005) and row["clear_in"] is False
