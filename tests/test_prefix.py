@@ -12,6 +12,7 @@ from dphrl.batching import pack, response_logprobs
 from dphrl.data.tokenizer import build_char_tokenizer
 from dphrl.prefix import (
     batched_grouped_response_logprobs,
+    can_share_prefix,
     group_by_prompt,
     grouped_response_logprobs,
     micro_batch_cost,
@@ -347,3 +348,10 @@ def test_trainer_update_equals_the_packed_update(tmp_path):
 def test_trainer_falls_back_to_packed_with_gradient_checkpointing(tmp_path):
     tr, _ = _trainer_grads(tmp_path, True, gradient_checkpointing=True)
     assert tr.share_prefix is False and tr.run_info()["share_prefix_update"] is False
+
+
+def test_can_share_prefix_detects_checkpointing_already_on():
+    model = _model("llama")
+    assert can_share_prefix(model)
+    model.gradient_checkpointing_enable()
+    assert not can_share_prefix(model)  # on in the model, not only in the config flag

@@ -225,8 +225,12 @@ def batch_logprobs(
 
 def can_share_prefix(model: torch.nn.Module, gradient_checkpointing: bool = False) -> bool:
     """Whether the shared-prefix update applies to ``model``: every layer full attention with a
-    ``DynamicCache``, and no gradient checkpointing (it drops the cache inside the layers)."""
-    return not gradient_checkpointing and empty_prefix_cache(model) is not None
+    ``DynamicCache``, and no gradient checkpointing (it drops the cache inside the layers): neither the
+    flag, nor a model whose modules already checkpoint (``gradient_checkpointing`` set by transformers,
+    or torch's ``CheckpointWrapper``, e.g. FSDP activation checkpointing)."""
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) is True or type(m).__name__ == "CheckpointWrapper"
+                       for m in model.modules())
+    return not (gradient_checkpointing or checkpointed) and empty_prefix_cache(model) is not None
 
 
 def grouped_response_logprobs(

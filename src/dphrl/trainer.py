@@ -246,8 +246,11 @@ class Trainer:
         # stepped once per update whatever the number of processes
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.sharded = sharding.is_sharded(self.model)
-        # the update forwards each micro-batch's distinct prompts once (dphrl.prefix) where the model allows
-        self.share_prefix = cfg.share_prefix and can_share_prefix(self.model, cfg.gradient_checkpointing)
+        # the update forwards each micro-batch's distinct prompts once (dphrl.prefix) where the model allows;
+        # not under FSDP: a parameter's gradient is accumulated only after both forwards' backward, so FSDP1
+        # would keep every layer unsharded through the response backward (memory not measured yet)
+        self.share_prefix = (cfg.share_prefix and not self.sharded
+                             and can_share_prefix(self.model, cfg.gradient_checkpointing))
         self.launch = self._launch()
         errors = check_launch(cfg, self.launch).errors
         if errors:
@@ -643,7 +646,7 @@ class Trainer:
                     bad = 1.0
                 self.acc.backward(loss * self.world)  # DDP averages gradients over ranks; we want their sum
             if real:
-                w = len(seqs)
+                w = max(1.0, float(sum(len(x.response_ids) for x in seqs)))  # token means: weighted by tokens
                 for k, v in m.items():
                     acc_metrics[k] = acc_metrics.get(k, 0.0) + v * w
                     acc_metrics["_n_" + k] = acc_metrics.get("_n_" + k, 0.0) + w
