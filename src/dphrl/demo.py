@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
 import shutil
 import statistics
@@ -175,9 +176,12 @@ def _train(base: Path, store: Path, out: Path, size: DemoSize, seed: int, overri
     return trainer.acc.unwrap_model(trainer.model)
 
 
-def _prepare_seed(root: Path, seed: int, size: DemoSize) -> str:
-    """Base model (SFT) and reference store (presample) of one seed; skipped when already there."""
-    torch.set_num_threads(1)
+def _prepare_seed(root: Path, seed: int, size: DemoSize, threads: int = 1) -> str:
+    """Base model (SFT) and reference store (presample) of one seed; skipped when already there.
+
+    ``threads`` > 1 only when nothing else can run meanwhile (one seed: every job needs this base
+    model); the results do not depend on it (same weights bitwise, checked with 1 and 2 threads)."""
+    torch.set_num_threads(threads)
     t0 = time.time()
     sd = root / f"seed{seed}"
     base = sd / "base_model"
@@ -264,7 +268,9 @@ def run_seeds(root: Path, seeds: int, size: DemoSize, sweep: bool, workers: int 
         return all_runs
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        pending = {pool.submit(_prepare_seed, root, s, size): s for s in range(seeds)}
+        # one seed: the other workers would idle during SFT, so it takes their cores as threads
+        threads = min(workers, os.cpu_count() or 1) if seeds == 1 else 1
+        pending = {pool.submit(_prepare_seed, root, s, size, threads): s for s in range(seeds)}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
