@@ -64,3 +64,15 @@ def test_matched_frontier_within_noise(tmp_path):
         })
     row = matched_frontier(seeds, size, grid=2)["points"][0]
     assert row["top_in"] == "a" and row["margin_in"] == pytest.approx(0.005) and row["clear_in"] is False
+
+
+def test_one_seed_claims_no_std_comparison(tmp_path):
+    size = replace(FULL, sweep={"a": ("eta", [1.0]), "b": ("eta", [1.0])},
+                   methods={"a": {"eta": 0.0}, "b": {"eta": 0.0}})
+    d = tmp_path / "seed0"
+    runs = {"a": _run(d, "a", 0.5, 0.8, 0.7), "a@eta=1.0": _run(d, "a@eta=1.0", 0.7, 0.6, 0.5),
+            "b": _run(d, "b", 0.5, 0.7, 0.7), "b@eta=1.0": _run(d, "b@eta=1.0", 0.7, 0.5, 0.5)}
+    m = matched_frontier([runs], size, grid=2)
+    assert m["points"][0]["clear_in"] is None
+    md = _summary_md({"seeds": 1, "table": {}, "checks": {}, "sweep": {}, "matched": m}, size, 1.0, None)
+    assert "one seed: no seed std to compare the lead with" in md and "by more than" not in md

@@ -419,7 +419,9 @@ def matched_frontier(all_runs: list[dict[str, Path]], size: DemoSize, grid: int 
             first, second = sorted(vals, key=lambda f: vals[f][0], reverse=True)[:2]
             row[f"top_{dom}"], row[f"second_{dom}"] = first, second
             row[f"margin_{dom}"] = vals[first][0] - vals[second][0]
-            row[f"clear_{dom}"] = row[f"margin_{dom}"] > max(vals[first][1], vals[second][1])
+            # one seed has no std to compare with: None
+            row[f"clear_{dom}"] = (row[f"margin_{dom}"] > max(vals[first][1], vals[second][1])
+                                   if len(all_runs) > 1 else None)
         out["points"].append(row)
     return out
 
@@ -473,9 +475,10 @@ def _top_sentence(points: list[dict], dom: str) -> str:
     tops = [p[f"top_{dom}"] for p in points]
     best = max(set(tops), key=tops.count)
     clear = sum(1 for p in points if p[f"top_{dom}"] == best and p[f"clear_{dom}"])
-    return (f"{best} is on top at {tops.count(best)} of {len(points)} matched Pass@1 values, by more than the "
-            f"seed std at {clear} of them" + (f"; elsewhere {', '.join(sorted(set(tops) - {best}))}" if
-                                               len(set(tops)) > 1 else "") + ".")
+    noise = ("one seed: no seed std to compare the lead with" if points[0][f"clear_{dom}"] is None else
+             f"by more than the seed std at {clear} of them")
+    return (f"{best} is on top at {tops.count(best)} of {len(points)} matched Pass@1 values, {noise}"
+            + (f"; elsewhere {', '.join(sorted(set(tops) - {best}))}" if len(set(tops)) > 1 else "") + ".")
 
 
 def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | None) -> str:
@@ -516,7 +519,7 @@ def _summary_md(summary: dict, size: DemoSize, seconds: float, frontier: Path | 
             for row in matched["points"]:
                 cells = [f"{row[dom][f][0]:.3f} ± {row[dom][f][1]:.3f}" for f in fams]
                 lead = f"{row[f'top_{dom}']} (+{row[f'margin_{dom}']:.3f} over {row[f'second_{dom}']}" + (
-                    ")" if row[f"clear_{dom}"] else ", within seed std)")
+                    ", within seed std)" if row[f"clear_{dom}"] is False else ")")
                 lines.append(f"| {row['pass@1']:.3f} | " + " | ".join(cells) + f" | {lead} |")
             lines.append("")
     elif matched:
