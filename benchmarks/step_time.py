@@ -522,18 +522,21 @@ def make_store(spec: dict) -> dict:
     )
 
 
-def _worker_cmd(spec: dict, path: Path) -> list[str]:
+def _worker_cmd(spec: dict, path: Path, script: str) -> list[str]:
     path.write_text(json.dumps(spec))
-    return [sys.executable, os.path.abspath(__file__), "--_worker", str(path)]
+    return [sys.executable, os.path.abspath(script), "--_worker", str(path)]
 
 
-def run_worker(spec: dict, workdir: Path, verbose: bool) -> dict:
-    spec_path = workdir / f"spec-{spec['name']}-{spec['round']}.json"
-    out_path = workdir / f"result-{spec['name']}-{spec['round']}.json"
+def run_worker(spec: dict, workdir: Path, verbose: bool = False, script: str = __file__) -> dict:
+    """Run ``script --_worker SPEC`` in a fresh process (``spec['threads']`` threads, offline) and return
+    the JSON it writes to ``spec['result']``; files are named by ``spec['slug']`` (else its name)."""
+    tag = f"{spec.get('slug', spec['name'])}-{spec['round']}"
+    spec_path, out_path = workdir / f"spec-{tag}.json", workdir / f"result-{tag}.json"
     spec = {**spec, "result": str(out_path)}
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(spec["threads"]),
-           "MKL_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run(_worker_cmd(spec, spec_path), env=env, capture_output=not verbose, text=True)
+           "MKL_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    p = subprocess.run(_worker_cmd(spec, spec_path, script), env=env, capture_output=not verbose, text=True)
     if p.returncode != 0 or not out_path.exists():
         tail = "" if verbose else (p.stdout[-3000:] + p.stderr[-6000:])
         raise RuntimeError(f"worker {spec['name']} failed (exit {p.returncode}):\n{tail}")

@@ -32,8 +32,6 @@ import os
 import platform
 import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -160,23 +158,10 @@ def run_trl(spec: dict, dph: bool, ref_batch_size: int | None = None) -> dict:
 
 
 def run_worker(spec: dict, workdir: Path) -> dict:
-    spec_path = workdir / f"spec-{spec['slug']}-{spec['round']}.json"
-    out_path = workdir / f"result-{spec['slug']}-{spec['round']}.json"
-    spec = {**spec, "result": str(out_path)}
-    spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(spec["threads"]),
-           "MKL_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1",
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", str(spec_path)], env=env,
-                       capture_output=True, text=True)
-    if p.returncode != 0 or not out_path.exists():
-        raise RuntimeError(f"worker {spec['name']} failed (exit {p.returncode}):\n{p.stdout[-3000:]}{p.stderr[-6000:]}")
-    return json.loads(out_path.read_text())
+    return st.run_worker(spec, workdir, script=__file__)
 
 
-def _med(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+_med = st._med
 
 
 def summarize(name: str, runs: list[dict]) -> dict:
