@@ -14,7 +14,6 @@ from dphrl.prefix import (
     batched_grouped_response_logprobs,
     can_share_prefix,
     group_by_prompt,
-    grouped_response_logprobs,
     micro_batch_cost,
     micro_batch_order,
     pack_groups,
@@ -117,7 +116,7 @@ def test_prompt_cache_carries_gradient(monkeypatch):
     assert (got_g[k] - want_g[k]).abs().max() > 1e-3
 
 
-def test_single_group_and_batched_apis():
+def test_single_group_and_several_groups():
     model = _model("qwen2")
     groups = _groups(seed=5)
     prompts, responses = _flat(groups)
@@ -129,7 +128,7 @@ def test_single_group_and_batched_apis():
         assert ent is not None and ent.shape == got.shape
         row = 0
         for prompt, rs in groups:
-            one, none = grouped_response_logprobs(model, prompt, rs)
+            one, none = batched_grouped_response_logprobs(model, [(prompt, rs)])  # one group
             T = max(len(r) for r in rs)
             assert one.shape == (len(rs), T) and none is None
             sub = mask[row : row + len(rs), :T]

@@ -233,25 +233,6 @@ def can_share_prefix(model: torch.nn.Module, gradient_checkpointing: bool = Fals
     return not (gradient_checkpointing or checkpointed) and empty_prefix_cache(model) is not None
 
 
-def grouped_response_logprobs(
-    model: torch.nn.Module,
-    prompt_ids: list[int],
-    responses: list[list[int]],
-    temperature: float = 1.0,
-    *,
-    pad_id: int = 0,
-    with_entropy: bool = False,
-    entropy_grad: bool = False,
-    top_p: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One group: the prompt forwarded once, its n responses on top. Returns ``logp`` (n, T), entropy or None.
-
-    ``pad_id`` only fills the right padding of the responses (masked; any id works).
-    """
-    return batched_grouped_response_logprobs(model, [(prompt_ids, responses)], temperature, pad_id=pad_id,
-                                             with_entropy=with_entropy, entropy_grad=entropy_grad, top_p=top_p)
-
-
 def batched_grouped_response_logprobs(
     model: torch.nn.Module,
     groups: Sequence[tuple[list[int], list[list[int]]]],
