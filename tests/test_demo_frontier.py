@@ -76,3 +76,14 @@ def test_one_seed_claims_no_std_comparison(tmp_path):
     assert m["points"][0]["clear_in"] is None
     md = _summary_md({"seeds": 1, "table": {}, "checks": {}, "sweep": {}, "matched": m}, size, 1.0, None)
     assert "one seed: no seed std to compare the lead with" in md and "by more than" not in md
+
+
+def test_without_sweep_there_is_no_matched_comparison(tmp_path):
+    """`make demo` (no --sweep): each family has one point, so no curve and no comparison (was a KeyError)."""
+    size = replace(FULL, sweep={"a": ("eta", [1.0]), "b": ("eta", [1.0])},
+                   methods={"a": {"eta": 0.0}, "b": {"eta": 0.0}})
+    d = tmp_path / "seed0"
+    runs = {"a": _run(d, "a", 0.5, 0.8, 0.7), "b": _run(d, "b", 0.5, 0.7, 0.7)}
+    assert matched_frontier([runs], size) == {}
+    md = _summary_md({"seeds": 1, "table": {}, "checks": {}, "sweep": {}, "matched": {}}, size, 1.0, None)
+    assert "matched Pass@1" not in md

@@ -372,8 +372,8 @@ def summarize(all_runs: list[dict[str, Path]], size: DemoSize) -> dict:
 def _family_points(runs: dict[str, Path], size: DemoSize, fam: str) -> list[tuple[float, Path]]:
     """A family's runs of one seed, by coefficient: [(value, run dir)], sorted by value."""
     key, values = size.sweep[fam]
-    pts = [(size.methods[fam][key], runs[fam])] + [(v, runs[f"{fam}@{key}={v}"]) for v in values]
-    return sorted((v, r) for v, r in pts if r.exists())
+    names = {size.methods[fam][key]: fam} | {v: f"{fam}@{key}={v}" for v in values}
+    return sorted((v, runs[n]) for v, n in names.items() if n in runs and runs[n].exists())  # without --sweep: 1
 
 
 def _interp(points: list[tuple[float, float]], x: float) -> float | None:
@@ -397,7 +397,8 @@ def matched_frontier(all_runs: list[dict[str, Path]], size: DemoSize, grid: int 
     of the two families' seed std (else the two are within the seed-to-seed noise).
     """
     K = size.eval_n
-    fams = [f for f in size.sweep if all(f in r for r in all_runs)]
+    # a curve needs 2 coefficients on every seed (a demo without --sweep has 1: no comparison)
+    fams = [f for f in size.sweep if all(len(_family_points(r, size, f)) >= 2 for r in all_runs)]
     if len(fams) < 2:
         return {}
     curves: dict[str, list[dict[str, list[tuple[float, float]]]]] = {}
