@@ -11,7 +11,6 @@ from transformers.cache_utils import DynamicLayer
 from dphrl.batching import pack, response_logprobs
 from dphrl.data.tokenizer import build_char_tokenizer
 from dphrl.prefix import (
-    batched_grouped_response_logprobs,
     can_share_prefix,
     group_by_prompt,
     micro_batch_cost,
@@ -123,12 +122,12 @@ def test_single_group_and_several_groups():
     with torch.no_grad():
         want, _ = response_logprobs(model, pack(prompts, responses, 0))  # (B, T)
         mask = pack(prompts, responses, 0).resp_mask
-        got, ent = batched_grouped_response_logprobs(model, groups, with_entropy=True)
+        got, ent = prefix_response_logprobs(model, pack_groups(prompts, responses, 0), with_entropy=True)
         torch.testing.assert_close(got * mask, want * mask, rtol=0, atol=1e-5)
         assert ent is not None and ent.shape == got.shape
         row = 0
         for prompt, rs in groups:
-            one, none = batched_grouped_response_logprobs(model, [(prompt, rs)])  # one group
+            one, none = prefix_response_logprobs(model, pack_groups([prompt] * len(rs), rs, 0))  # one group
             T = max(len(r) for r in rs)
             assert one.shape == (len(rs), T) and none is None
             sub = mask[row : row + len(rs), :T]

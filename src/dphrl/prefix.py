@@ -233,27 +233,6 @@ def can_share_prefix(model: torch.nn.Module, gradient_checkpointing: bool = Fals
     return not (gradient_checkpointing or checkpointed) and empty_prefix_cache(model) is not None
 
 
-def batched_grouped_response_logprobs(
-    model: torch.nn.Module,
-    groups: Sequence[tuple[list[int], list[list[int]]]],
-    temperature: float = 1.0,
-    *,
-    pad_id: int = 0,
-    with_entropy: bool = False,
-    entropy_grad: bool = False,
-    top_p: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Several groups ``(prompt_ids, responses)`` in one pair of forwards; rows in group order.
-
-    Returns ``logp`` (N, T) with N the total number of responses and T the longest, entropy or None.
-    """
-    prompts = [list(p) for p, rs in groups for _ in rs]
-    responses = [list(r) for _, rs in groups for r in rs]
-    device = next(model.parameters()).device
-    batch = pack_groups(prompts, responses, pad_id).to(device)
-    return prefix_response_logprobs(model, batch, temperature, with_entropy, entropy_grad, top_p)
-
-
 # --------------------------------------------------------------------------------------------------
 # micro-batch planning
 
