@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dphrl.evaluation import plots, write_report
 from dphrl.evaluation import report as rp
-from dphrl.evaluation import write_report
 
 HOSTILE = [
     "a|b||c",
@@ -244,7 +244,7 @@ def test_md_escape_round_trips_through_a_renderer(text):
 
 
 def test_failed_plots_are_named_and_the_report_is_still_written(tmp_path, monkeypatch):
-    plt = rp._plt()
+    plt = plots._plt()
     before = plt.get_fignums()
     run = write(tmp_path / "r", results(0.4, 0.6, "m"), eval_log())
     (tmp_path / "rep").mkdir()
@@ -266,7 +266,7 @@ def test_failed_plots_are_named_and_the_report_is_still_written(tmp_path, monkey
     assert "| m\\|x |" in md and "(passk.png)" in md
 
     # a failure inside the drawing (after the figure exists): every plot fails, no figure leaks
-    monkeypatch.setattr(rp, "_save", boom)
+    monkeypatch.setattr(plots, "_save", boom)  # the plots module draws (and saves) every figure
     out = write_report({"m|x": run}, tmp_path / "rep2")
     assert set(out) == {"md", "html"} and plt.get_fignums() == before
     assert out["md"].read_text().count("could not be drawn") == 4
