@@ -122,6 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dphrl.engines import build_engine, resolve_engine
     from dphrl.evaluation.runner import evaluate
     from dphrl.rewards import get_reward
+    from dphrl.tasks import eval_hooks
     from dphrl.trainer import load_examples
 
     names = [name for name, _ in args.data]
@@ -152,8 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tok, model = load_tokenizer(args.model), None
     engine = build_engine(engine_name, model, tok, batch_size=args.batch_size, model_name=args.model,
                           dtype=args.dtype, seed=args.seed, gpu_memory_utilization=0.85)
-    datasets, rewards = {}, {}
-    style_fn = None
+    datasets, rewards, style_fns, answer_fns = {}, {}, {}, {}
     timeout_s = args.reward_timeout
     for name, exs in datasets_in.items():
         datasets[name] = exs
@@ -170,15 +170,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             # the official per-query limits (gold + prediction; Spider's test suite: two databases)
             limit = 2 * (BIRD_OFFICIAL_TIMEOUT_S if mode == "bird-official" else 2 * SPIDER_OFFICIAL_TIMEOUT_S)
             timeout_s = max(timeout_s, limit + 5)
-        if exs[0].task == "styles":
-            from dphrl.tasks.styles import style_of
-
-            style_fn = style_of
+        style_fns[name], answer_fns[name] = eval_hooks(exs)  # the task's labels (dphrl.tasks), if any
     res = evaluate(
         engine, tok, datasets, rewards, n=args.n,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        out_dir=args.out, style_fn=style_fn, num_workers=args.reward_workers, model_name=args.model,
-        timeout_s=timeout_s,
+        out_dir=args.out, style_fn=style_fns, answer_fn=answer_fns, num_workers=args.reward_workers,
+        model_name=args.model, timeout_s=timeout_s,
     )  # prints the table
     print(f"results: {Path(args.out) / 'results.json'} ({len(res['datasets'])} datasets)")
     return 0

@@ -29,7 +29,7 @@ from dphrl.evaluation.runner import evaluate
 from dphrl.models import load_model, load_tokenizer, tokenizer_hash
 from dphrl.reference import presample
 from dphrl.sft import save_model, sft_train
-from dphrl.tasks import styles
+from dphrl.tasks import eval_hooks, styles
 from dphrl.testing import tiny_causal_lm
 
 #: grpo, rkl and both dph variants share one policy loss (GRPO's: clip 0.2/0.2, no dual clip,
@@ -138,10 +138,11 @@ def _eval_sets(size: DemoSize) -> dict[str, list]:
 
 
 def _evaluate(model, tok, size: DemoSize, out: Path, seed: int) -> dict:
+    style_fn, answer_fn = eval_hooks("styles")  # the styles task's labels (dphrl.tasks.TASKS)
     return evaluate(
         build_engine("hf", model, tok, batch_size=256), tok, _eval_sets(size), styles.styles_reward, n=size.eval_n,
-        max_new_tokens=size.max_new_tokens, seed=seed, out_dir=out, style_fn=styles.style_of,
-        answer_fn=styles.final_answer, model_name=str(out), prompts_per_call=64, show_table=False,
+        max_new_tokens=size.max_new_tokens, seed=seed, out_dir=out, style_fn=style_fn,
+        answer_fn=answer_fn, model_name=str(out), prompts_per_call=64, show_table=False,
         progress=False,
     )
 

@@ -357,18 +357,16 @@ def _count(n: float) -> str:
 # Data, reward, reference store
 
 
-_TASK_OF_TYPE = {"bird": "bird", "spider": "sql", "synthetic_sql": "sql", "gsm8k": "math", "math": "math",
-                 "synthetic_arith": "math", "styles": "styles"}
-
-
 def _load_sample(cfg: TrainConfig, limit: int) -> tuple[list[Example] | None, str | None]:
     """A few examples of the training data, or (None, why) when the data is absent on this machine."""
     from dphrl.data.loaders import load_dataset_spec
+    from dphrl.tasks import find_task
 
     spec = dict(cfg.dataset)
     if not spec:
         raise ConfigError("config key 'dataset': empty; give a spec such as {type: gsm8k, path: ...}")
-    if spec.get("type") == "styles":
+    task = find_task(spec.get("type"))
+    if task is not None and task.seeded:  # a generator: a preview may take its first examples only
         spec["limit"] = min(int(spec.get("limit") or limit), limit)
     elif spec.get("seed") is None:  # with a seed the loader shuffles everything first: keep the user's limit
         spec["limit"] = min(int(spec["limit"]), limit) if spec.get("limit") is not None else limit
@@ -522,7 +520,10 @@ def _data_section(plan: _Plan, cfg: TrainConfig, examples_limit: int, load_token
         plan.out.append(f"  DATA MISSING on this machine: {missing}")
         plan.out.append("  (the rest of the plan is computed without it; put the data there before training)")
         plan.warn.append(f"dataset not found here: {missing}")
-        task = cfg.dataset.get("task") or _TASK_OF_TYPE.get(str(cfg.dataset.get("type")), "math")
+        from dphrl.tasks import find_task
+
+        spec_task = find_task(cfg.dataset.get("type"))
+        task = cfg.dataset.get("task") or (spec_task.default_reward if spec_task else None) or "math"
     elif not examples:
         raise ConfigError(f"config key 'dataset': {spec_s} gave no examples")
     else:

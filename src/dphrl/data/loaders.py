@@ -8,6 +8,9 @@ and line (or entry/row index). A malformed row (missing field, invalid JSON or U
 :class:`Examples`, a ``list`` with a ``skipped`` count (e.g. Spider examples whose database file is
 missing). :func:`resolve_dataset_spec` checks a spec against its loader's signature without reading
 data (the config does this at load time); a spec that gives no example raises ``ValueError``.
+
+Dataset types are the entries of :data:`dphrl.tasks.TASKS` (loader, path keyword, reward, hooks): this
+module only reads that table, so a new type is one entry there (or a ``package.module:attr`` type).
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dphrl.data.example import Example
 from dphrl.data.templates import math_messages, sql_messages
+from dphrl.tasks import TASKS, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +36,17 @@ PathLike = str | os.PathLike
 
 
 class Examples(list):
-    """A list of examples that also reports how many source rows were skipped (and why)."""
+    """A list of examples that also reports how many source rows were skipped (and why), and the dataset
+    type it was loaded as (``dataset_type``, set by :func:`load_dataset_spec`; see :mod:`dphrl.tasks`)."""
 
-    def __init__(self, items: Iterable[Example] = (), skipped: int = 0, skip_reasons: dict[str, int] | None = None):
+    def __init__(
+        self, items: Iterable[Example] = (), skipped: int = 0, skip_reasons: dict[str, int] | None = None,
+        dataset_type: str | None = None,
+    ):
         super().__init__(items)
         self.skipped = skipped
         self.skip_reasons: dict[str, int] = dict(skip_reasons or {})
+        self.dataset_type = dataset_type
 
 
 def _utf8_error(path: Path, data: bytes, e: UnicodeDecodeError, line_offset: int = 0) -> ValueError:
@@ -406,32 +415,24 @@ def load_hf(
 # Spec dispatch
 
 
-def _synthetic(name: str) -> Callable[..., list[Example]]:
-    """A generator by name in dphrl.data.synthetic, or by ``module:function`` (imported lazily)."""
-    import importlib
+class _LoaderView(Mapping):
+    """Read-only view ``type -> loader`` (function or ``"module:function"``) of :data:`dphrl.tasks.TASKS`."""
 
-    if ":" in name:
-        mod, _, attr = name.partition(":")
-        return getattr(importlib.import_module(mod), attr)
-    from dphrl.data import synthetic
+    def __getitem__(self, kind: str) -> Callable[..., list[Example]] | str:
+        return TASKS[kind].loader
 
-    return getattr(synthetic, name)
+    def __iter__(self) -> Iterator[str]:
+        return iter(TASKS)
+
+    def __len__(self) -> int:
+        return len(TASKS)
+
+    def __repr__(self) -> str:
+        return f"LOADERS({TASKS.names()})"
 
 
-LOADERS: dict[str, Callable[..., list[Example]] | str] = {
-    "gsm8k": load_gsm8k,
-    "math": load_math,
-    "spider": load_spider,
-    "bird": load_bird,
-    "jsonl": load_jsonl,
-    "parquet": load_parquet,
-    "hf": load_hf,
-    "synthetic_arith": "make_arithmetic",  # resolved lazily from dphrl.data.synthetic
-    "synthetic_sql": "make_sql_tasks",
-    "styles": "dphrl.tasks.styles:make_examples",  # the demo's multi-style arithmetic
-}
-_PATH_ARG = {"gsm8k": "path", "math": "path", "spider": "directory", "bird": "directory", "jsonl": "path",
-             "parquet": "path", "hf": "path", "synthetic_sql": "directory"}
+#: Dataset type -> loader: a read-only view of :data:`dphrl.tasks.TASKS` (register new types there).
+LOADERS: Mapping[str, Callable[..., list[Example]] | str] = _LoaderView()
 
 
 #: Spec keys of every dataset type, besides its loader's own keyword options.
@@ -475,18 +476,34 @@ def _infer_type(path: Path) -> str:
         return "parquet"
     if suffix in (".jsonl", ".json"):
         return "jsonl"
-    raise DatasetSpecError(f"cannot infer the dataset type of {path}; use a dict spec with 'type' ({sorted(LOADERS)})",
-                           key="type")
+    raise DatasetSpecError(f"cannot infer the dataset type of {path}; use a dict spec with 'type' "
+                           f"({TASKS.names()})", key="type")
+
+
+def dataset_task(kind: str) -> TaskSpec:
+    """The :class:`~dphrl.tasks.TaskSpec` of dataset type ``kind`` (registered or ``package.module:attr``)."""
+    if isinstance(kind, str) and ":" in kind:
+        try:
+            return TASKS.get(kind)
+        except ValueError as e:
+            raise DatasetSpecError(str(e), key="type") from e
+    if not isinstance(kind, str) or kind not in TASKS:
+        raise DatasetSpecError(f"unknown dataset type {kind!r}; valid types: {TASKS.names()} or "
+                               "'package.module:attr' for your own." + _suggest(str(kind), TASKS), key="type")
+    return TASKS[kind]
+
+
+def _loader_of(task: TaskSpec) -> tuple[Callable[..., list[Example]], dict[str, inspect.Parameter]]:
+    try:
+        fn = task.load_fn()
+        return fn, dict(inspect.signature(fn).parameters)
+    except (ValueError, TypeError) as e:
+        raise DatasetSpecError(f"dataset type {task.name!r}: {e}", key="type") from e
 
 
 def dataset_loader(kind: str) -> tuple[Callable[..., list[Example]], dict[str, inspect.Parameter]]:
     """The loader of dataset type ``kind`` and its keyword parameters (the options its spec may give)."""
-    if not isinstance(kind, str) or kind not in LOADERS:
-        raise DatasetSpecError(f"unknown dataset type {kind!r}; valid types: {sorted(LOADERS)}."
-                               + _suggest(str(kind), LOADERS), key="type")
-    entry = LOADERS[kind]
-    fn = _synthetic(entry) if isinstance(entry, str) else entry
-    return fn, dict(inspect.signature(fn).parameters)
+    return _loader_of(dataset_task(kind))
 
 
 @dataclass
@@ -499,6 +516,7 @@ class ResolvedSpec:
     limit: int | None
     seed: int | None
     path: Path | None
+    task: TaskSpec | None = None
 
 
 def resolve_dataset_spec(
@@ -516,7 +534,7 @@ def resolve_dataset_spec(
     if isinstance(spec, str | os.PathLike):
         s = str(spec)
         head, sep, tail = s.partition(":")
-        spec = {"type": head, "path": tail} if sep and head in LOADERS else {"path": s}
+        spec = {"type": head, "path": tail} if sep and head in TASKS else {"path": s}
     if not isinstance(spec, dict):
         raise DatasetSpecError(f"dataset spec must be a mapping {{type: ..., path: ...}} or a string, got "
                                f"{type(spec).__name__} {spec!r}")
@@ -541,29 +559,30 @@ def resolve_dataset_spec(
         try:
             if path is None:
                 raise DatasetSpecError("dataset spec needs a 'type' (or a 'path' to infer it from); valid types: "
-                                       f"{sorted(LOADERS)}", key="type")
+                                       f"{TASKS.names()}", key="type")
             kind = _infer_type(path)
         except DatasetSpecError:
             if strict or (path is not None and path.exists()):
                 raise
             _check_any_loader_keys(opts)  # the type is not known yet: every key must mean something to a loader
             return None
-    fn, params = dataset_loader(kind)
-    if kind in _PATH_ARG:
-        arg = _PATH_ARG[kind]
+    task = dataset_task(kind)
+    fn, params = _loader_of(task)
+    arg = task.path_arg
+    if arg is not None:
         if path is None and arg not in opts and strict:
             raise DatasetSpecError(f"dataset type {kind!r} needs 'path'", key="path")
         if path is not None:
             opts[arg] = path
     elif path is not None:
         raise DatasetSpecError(f"dataset type {kind!r} takes no 'path'", key="path")
-    if (kind.startswith("synthetic") or kind == "styles") and seed is not None and "seed" in params:
-        opts["seed"], seed = seed, None  # synthetic generators are seeded directly
+    if task.seeded and seed is not None and "seed" in params:
+        opts["seed"], seed = seed, None  # generators are seeded directly
     named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     unknown = [] if takes_any else [k for k in opts if k not in named]
     if unknown:
-        valid = sorted(named - {"limit"} | {"type", "limit", "seed"} | ({"path"} if kind in _PATH_ARG else set()))
+        valid = sorted(named - {"limit"} | {"type", "limit", "seed"} | ({"path"} if arg else set()))
         raise DatasetSpecError(f"dataset type {kind!r}: unknown option(s) {sorted(unknown)}; valid: {valid}."
                                + _suggest(unknown[0], valid, _SPEC_ALIASES), key=unknown[0])
     for n, p in params.items():
@@ -571,13 +590,13 @@ def resolve_dataset_spec(
             raise DatasetSpecError(f"dataset type {kind!r} needs {n!r}", key=n)
     if limit is not None and seed is None and "limit" in params:
         opts["limit"] = limit  # loaders stop early
-    return ResolvedSpec(kind, fn, opts, limit, seed, path)
+    return ResolvedSpec(kind, fn, opts, limit, seed, path, task)
 
 
 def _check_any_loader_keys(opts: dict[str, Any]) -> None:
     """Refuse keys that no loader takes (for a spec whose type is not known yet)."""
     valid = set(SPEC_KEYS)
-    for kind in LOADERS:
+    for kind in TASKS:
         valid |= {n for n, p in dataset_loader(kind)[1].items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     unknown = [k for k in opts if k not in valid]
     if unknown:
@@ -599,11 +618,12 @@ def _describe_spec(spec: Any) -> str:
 def load_dataset_spec(spec: dict[str, Any] | str, *, base_dir: PathLike | None = None) -> list[Example]:
     """Load examples from a config spec.
 
-    ``spec`` is a dict with ``type`` (one of :data:`LOADERS`), usually ``path`` (a file or directory,
-    relative paths resolved against ``base_dir``), optional ``limit`` and ``seed`` (shuffle with this
-    seed before applying ``limit``), and the loader's own keyword options. A string is a path (type
-    inferred) or ``"<type>:<path>"``. A wrong spec raises :class:`DatasetSpecError` (a ``ValueError``)
-    listing the valid options before any file is read; a spec that gives no example raises ``ValueError``.
+    ``spec`` is a dict with ``type`` (a :data:`dphrl.tasks.TASKS` name or ``package.module:attr``),
+    usually ``path`` (a file or directory, relative paths resolved against ``base_dir``), optional
+    ``limit`` and ``seed`` (shuffle with this seed before applying ``limit``), and the loader's own
+    keyword options. A string is a path (type inferred) or ``"<type>:<path>"``. A wrong spec raises
+    :class:`DatasetSpecError` (a ``ValueError``) listing the valid options before any file is read; a
+    spec that gives no example raises ``ValueError``. The result records the type as ``dataset_type``.
     """
     r = resolve_dataset_spec(spec, base_dir=base_dir)
     assert r is not None  # strict
@@ -621,4 +641,4 @@ def load_dataset_spec(spec: dict[str, Any] | str, *, base_dir: PathLike | None =
         raise ValueError(f"dataset {_describe_spec(spec)} gave no examples: {why}. Check its path and filters.")
     if r.seed is not None:
         random.Random(r.seed).shuffle(items)
-    return Examples(_take(items, r.limit), skipped=skipped, skip_reasons=reasons)
+    return Examples(_take(items, r.limit), skipped=skipped, skip_reasons=reasons, dataset_type=r.kind)

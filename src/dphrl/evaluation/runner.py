@@ -138,6 +138,20 @@ def _score(
     return failures, timeouts
 
 
+#: One labelling function for every dataset, or ``{dataset name: function or None}`` (a missing name: none).
+Labels = Callable[[str], Any] | Mapping[str, Callable[[str], Any] | None] | None
+
+
+def _for_dataset(fn: Labels, name: str) -> Callable[[str], Any] | None:
+    """The labelling function of dataset ``name``: ``fn`` itself, or its entry when ``fn`` is a mapping."""
+    return fn.get(name) if isinstance(fn, Mapping) else fn
+
+
+def _label_names(fn: Labels) -> str | dict[str, str | None] | None:
+    """``fn`` as ``results.json`` records it: ``module:name``, or ``{dataset: module:name}`` for a mapping."""
+    return {k: _fn_name(f) for k, f in fn.items()} if isinstance(fn, Mapping) else _fn_name(fn)
+
+
 def _annotate(
     records: list[dict[str, Any]], answer_fn: AnswerFn | None, style_fn: StyleFn | None, threshold: float
 ) -> None:
@@ -277,8 +291,8 @@ def evaluate(
     seed: int | None = 0,
     greedy: bool = True,
     out_dir: str | Path | None = None,
-    answer_fn: AnswerFn | None = None,
-    style_fn: StyleFn | None = None,
+    answer_fn: AnswerFn | Mapping[str, AnswerFn | None] | None = None,
+    style_fn: StyleFn | Mapping[str, StyleFn | None] | None = None,
     num_workers: int = 0,
     progress: bool = True,
     model_name: str | None = None,
@@ -294,7 +308,9 @@ def evaluate(
     back to the registry reward named by the examples' ``task``). A sample is correct when its reward
     is ``>= threshold``. Returns the ``results.json`` content; with ``out_dir`` writes
     ``results.json`` and ``samples.jsonl`` there. ``answer_fn(response)`` enables maj@k and distinct
-    correct answers; ``style_fn(response)`` enables style shares. ``records_out`` (a list) receives
+    correct answers; ``style_fn(response)`` enables style shares; either may be a mapping
+    ``{dataset name: function or None}`` (e.g. each dataset's task hooks, :func:`dphrl.tasks.eval_hooks`),
+    recorded per dataset in the config. ``records_out`` (a list) receives
     every sample record (e.g. to merge the shards of several processes with :func:`dataset_metrics`).
     """
     from dphrl.data.chat import encode_prompt
@@ -313,8 +329,8 @@ def evaluate(
             "model": _model_name(engine, model_name),
             "threshold": threshold,
             "ks": ks_for(n),
-            "answer_fn": _fn_name(answer_fn),
-            "style_fn": _fn_name(style_fn),
+            "answer_fn": _label_names(answer_fn),
+            "style_fn": _label_names(style_fn),
             "num_problems": {name: len(exs) for name, exs in datasets.items()},
             "rewards": {name: _fn_name(_reward_for(reward_fns, name, list(exs))) for name, exs in datasets.items()},
             "reward_failures": {},
@@ -384,7 +400,7 @@ def evaluate(
             progress=progress,
             desc=f"{name}: scoring",
         )
-        _annotate(records, answer_fn, style_fn, threshold)
+        _annotate(records, _for_dataset(answer_fn, name), _for_dataset(style_fn, name), threshold)
         t2 = time.perf_counter()
         results["datasets"][name] = dataset_metrics(
             records, threshold=threshold, reward_failures=failures, reward_timeouts=timeouts
@@ -434,8 +450,8 @@ def rescore(
     datasets: Mapping[str, Sequence[Example]] | None = None,
     reward_fns: Mapping[str, RewardFn] | RewardFn | None = None,
     *,
-    answer_fn: AnswerFn | None = None,
-    style_fn: StyleFn | None = None,
+    answer_fn: AnswerFn | Mapping[str, AnswerFn | None] | None = None,
+    style_fn: StyleFn | Mapping[str, StyleFn | None] | None = None,
     num_workers: int = 0,
     timeout_s: float = 10.0,
     threshold: float | None = None,
@@ -445,8 +461,9 @@ def rescore(
     """Recompute the results of :func:`evaluate` from its ``samples.jsonl`` without generating.
 
     With ``reward_fns`` (and the ``datasets`` the samples came from) every response is scored again,
-    else the stored rewards are used. ``answer_fn``/``style_fn`` relabel the responses; without them
-    stored labels are kept. The config is taken from ``results.json`` beside the JSONL when present.
+    else the stored rewards are used. ``answer_fn``/``style_fn`` (or ``{dataset: function}``, as for
+    :func:`evaluate`) relabel the responses; without them stored labels are kept. The config is taken
+    from ``results.json`` beside the JSONL when present.
     With ``out_dir`` writes the new ``results.json`` and ``samples.jsonl`` there.
     """
     path = Path(samples_jsonl)
@@ -466,9 +483,9 @@ def rescore(
     config = dict(old_cfg)
     config.update(threshold=threshold, rescored_from=str(path), reward_failures={}, reward_timeouts={})
     if answer_fn is not None:
-        config["answer_fn"] = _fn_name(answer_fn)
+        config["answer_fn"] = _label_names(answer_fn)
     if style_fn is not None:
-        config["style_fn"] = _fn_name(style_fn)
+        config["style_fn"] = _label_names(style_fn)
     results: dict[str, Any] = {"config": config, "datasets": {}}
     for name, recs in by_ds.items():
         failures = timeouts = 0
@@ -495,7 +512,7 @@ def rescore(
         else:
             failures = int(old_cfg.get("reward_failures", {}).get(name, 0))
             timeouts = int(old_cfg.get("reward_timeouts", {}).get(name, 0))
-        _annotate(recs, answer_fn, style_fn, threshold)
+        _annotate(recs, _for_dataset(answer_fn, name), _for_dataset(style_fn, name), threshold)
         results["datasets"][name] = dataset_metrics(
             recs, threshold=threshold, reward_failures=failures, reward_timeouts=timeouts
         )

@@ -180,7 +180,7 @@ class _ReferenceStream:
         self._next = 0  # the window the sampler's next call returns
 
     def indices(self, window: int) -> list[int]:
-        from dphrl.trainer import PromptSampler
+        from dphrl.data.sampler import PromptSampler
 
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
