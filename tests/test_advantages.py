@@ -1,4 +1,7 @@
-"""Group advantages (GRPO, Dr. GRPO, RLOO), DAPO overlong penalty and dynamic-sampling mask."""
+"""Group advantages (GRPO, Dr. GRPO, RLOO), DAPO overlong penalty and dynamic-sampling mask.
+
+pass@k, PKPO and W-REINFORCE: tests/test_advantages_passk.py.
+"""
 
 from __future__ import annotations
 
@@ -33,12 +36,19 @@ def test_grpo_no_std_and_registry():
     assert adv3[0].item() == pytest.approx(math.sqrt(3) / 2)
 
 
+# keyword arguments some estimators need for a group of 3 (their default k is 4)
+SMALL_GROUP_KW = {"passk": {"k": 2}, "pkpo": {"k": 2}}
+
+
 def test_all_equal_groups_get_exactly_zero():
     r = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7])  # mean of 0.1s is not exactly 0.1 in float
     for name in A.ADVANTAGES:
-        adv, m = A.compute_advantages(name, r, 3)
-        assert torch.equal(adv, torch.zeros(6)), name
+        adv, m = A.compute_advantages(name, r, 3, **SMALL_GROUP_KW.get(name, {}))
         assert m["adv/zero_std_frac"] == 1.0
+        if name == "w_reinforce":  # no baseline by design: every response is incorrect here -> -1
+            assert torch.equal(adv, -torch.ones(6))
+            continue
+        assert torch.equal(adv, torch.zeros(6)), name
     adv, _ = A.grpo_advantages(torch.tensor([1.0, 0.0, 1.0]), 1)  # group_size 1: every group is all-equal
     assert torch.equal(adv, torch.zeros(3))
 

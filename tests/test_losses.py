@@ -1,4 +1,4 @@
-"""Aggregation, PPO-clip, KL estimators, entropy: hand-computed values and gradients."""
+"""Aggregation, PPO-clip, KL-Cov / Clip-Cov, KL estimators, entropy: hand-computed values and gradients."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dphrl import losses as L
+from dphrl.batching import token_logprobs
 
 F64 = torch.float64
 
@@ -145,10 +146,194 @@ def test_ppo_extreme_log_ratio_is_finite():
 
 
 def test_policy_loss_registry():
-    assert L.get_policy_loss("ppo_clip") is L.ppo_clip_loss
-    assert L.POLICY_LOSSES == {"ppo_clip": L.ppo_clip_loss}
+    assert L.POLICY_LOSSES.get("ppo_clip") is L.ppo_clip_loss
+    assert L.POLICY_LOSSES == {
+        "ppo_clip": L.ppo_clip_loss, "kl_cov": L.kl_cov_loss, "clip_cov": L.clip_cov_loss,
+    }
     with pytest.raises(ValueError, match="ppo_clip"):
-        L.get_policy_loss("ppo")
+        L.POLICY_LOSSES.get("ppo")
+
+
+# ----------------------------------------------------------------------------- KL-Cov / Clip-Cov
+# One hand-built batch: 2 sequences, 5 real tokens, A = +1 / -1 per sequence, known log-probs and
+# log-ratios. Padding carries a large finite log-prob that must not move any mean or get selected.
+
+COV_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]], dtype=F64)
+COV_LOGP = [[-0.5, -1.0, -2.0], [-0.2, -3.0, 50.0]]
+COV_DELTA = torch.tensor([[0.3, -0.2, 0.05], [0.3, -0.1, 0.0]], dtype=F64)  # logp - old_logp
+COV_ADV = torch.tensor([1.0, -1.0], dtype=F64)
+# by hand: mean A over real tokens = (3 - 2) / 5 = 0.2; mean logp = -6.7 / 5 = -1.34
+COV = torch.tensor(
+    [
+        [(-0.5 + 1.34) * 0.8, (-1.0 + 1.34) * 0.8, (-2.0 + 1.34) * 0.8],  # 0.672, 0.272, -0.528
+        [(-0.2 + 1.34) * -1.2, (-3.0 + 1.34) * -1.2, 0.0],  # -1.368, 1.992, padding
+    ],
+    dtype=F64,
+)
+
+
+def _cov_batch():
+    logp = torch.tensor(COV_LOGP, dtype=F64, requires_grad=True)
+    old = (logp.detach() - COV_DELTA).clone()
+    return logp, old
+
+
+def test_token_covariance_hand_values():
+    logp, _ = _cov_batch()
+    torch.testing.assert_close(L.token_covariance(logp, COV_ADV, COV_MASK), COV)
+    torch.testing.assert_close(L.token_covariance(logp, COV_ADV[:, None].expand(2, 3), COV_MASK.bool()), COV)
+    assert not L.token_covariance(logp, COV_ADV, COV_MASK).requires_grad
+
+
+def _kl_cov(ratio, **kw):
+    logp, old = _cov_batch()
+    loss, m = L.kl_cov_loss(logp, old, COV_ADV, COV_MASK, kl_cov_ratio=ratio, dual_clip=None, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss, m, grad
+
+
+@pytest.mark.parametrize(
+    "ratio,selected",
+    [
+        (0.2, [(1, 1)]),  # floor(0.2 * 5) = 1: the largest covariance, 1.992
+        (0.01, [(1, 1)]),  # floor(0.05) = 0 -> max(1, .) = 1 (the paper's code's rounding)
+        (2e-3, [(1, 1)]),  # the paper's default on a small batch
+        (0.4, [(1, 1), (0, 0)]),  # 1.992, 0.672
+        (0.6, [(1, 1), (0, 0), (0, 1)]),
+    ],
+)
+def test_kl_cov_selects_top_covariance_tokens(ratio, selected):
+    loss, m, grad = _kl_cov(ratio, ppo_kl_coef=0.5)
+    sel = torch.zeros(2, 3, dtype=F64)
+    for i, j in selected:
+        sel[i, j] = 1.0
+    adv = COV_ADV[:, None].expand(2, 3)
+    r = COV_DELTA.exp()
+    per_token = (-adv * r + 0.5 * COV_DELTA.abs() * sel) * COV_MASK  # (B, T)
+    assert loss.item() == pytest.approx(per_token.sum().item() / 5, rel=1e-12)
+    # gradient: -A r / N everywhere, plus coef * sign(log-ratio) / N on the selected tokens, 0 on padding
+    expected = (-adv * r + 0.5 * COV_DELTA.sign() * sel) * COV_MASK / 5
+    torch.testing.assert_close(grad, expected)
+    assert m["pg/kl_cov_frac"] == pytest.approx(len(selected) / 5)
+    assert m["pg/abs_log_ratio"] == pytest.approx((0.3 + 0.2 + 0.05 + 0.3 + 0.1) / 5)
+
+
+def test_kl_cov_ratio_zero_is_the_unclipped_policy_gradient():
+    loss, m, grad = _kl_cov(0.0)
+    adv = COV_ADV[:, None].expand(2, 3)
+    r = COV_DELTA.exp()
+    assert loss.item() == pytest.approx(((-adv * r) * COV_MASK).sum().item() / 5, rel=1e-12)
+    torch.testing.assert_close(grad, -adv * r * COV_MASK / 5)
+    assert m["pg/kl_cov_frac"] == 0.0
+    # = ppo_clip with a range that never binds (ratio in [0, 1e9]): exactly, value and gradient
+    logp, old = _cov_batch()
+    ref, _ = L.ppo_clip_loss(logp, old, COV_ADV, COV_MASK, clip_low=1.0, clip_high=1e9)
+    (g_ref,) = torch.autograd.grad(ref, logp)
+    assert loss.item() == ref.item()
+    assert torch.equal(grad, g_ref)
+
+
+def test_kl_cov_options_and_refusals():
+    logp, old = _cov_batch()
+    loss_s, _ = L.kl_cov_loss(logp, old, COV_ADV, COV_MASK, kl_cov_ratio=0.2, agg="seq-mean-token-mean")
+    r = COV_DELTA.exp()
+    row0 = (-r[0]).sum() / 3
+    row1 = (r[1, 0] + r[1, 1] + 1.0 * 0.1) / 2  # (1, 1) selected: + |-0.1|
+    assert loss_s.item() == pytest.approx(((row0 + row1) / 2).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="dual_clip"):
+        L.kl_cov_loss(logp, old, COV_ADV, COV_MASK, dual_clip=3.0)
+    with pytest.raises(ValueError, match="kl_cov_ratio"):
+        L.kl_cov_loss(logp, old, COV_ADV, COV_MASK, kl_cov_ratio=1.5)
+    # equal covariances (all advantages equal): ties go to the lowest flat index
+    _, m = L.kl_cov_loss(logp, old, torch.ones(2, dtype=F64), COV_MASK, kl_cov_ratio=0.2)
+    assert m["pg/kl_cov_frac"] == pytest.approx(1 / 5)
+
+
+def _clip_cov(ratio, generator=None, **kw):
+    logp, old = _cov_batch()
+    loss, m = L.clip_cov_loss(logp, old, COV_ADV, COV_MASK, clip_cov_ratio=ratio, generator=generator, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss, m, grad
+
+
+def _ppo_reference(**kw):
+    logp, old = _cov_batch()
+    loss, m = L.ppo_clip_loss(logp, old, COV_ADV, COV_MASK, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    return loss, m, grad
+
+
+# PPO range [0.8, 1.28]: (0, 0) has A = +1 and r = e^0.3 = 1.35 -> clipped, never a Clip-Cov candidate
+E = math.exp
+PPO_TOKENS = torch.tensor([[-1.28, -E(-0.2), -E(0.05)], [E(0.3), E(-0.1), 0.0]], dtype=F64)  # per-token loss
+PPO_GRAD = torch.tensor([[0.0, -E(-0.2), -E(0.05)], [E(0.3), E(-0.1), 0.0]], dtype=F64) / 5  # d loss / d logp
+
+
+def test_clip_cov_default_band_detaches_the_one_candidate():
+    # covariances in (1, 5): only (1, 1) (1.992); ratio 2e-4 * 5 -> max(1, 0) = 1 token
+    loss, m, grad = _clip_cov(2e-4, torch.Generator().manual_seed(0))
+    zero = torch.ones(2, 3, dtype=F64)
+    zero[1, 1] = 0.0
+    assert loss.item() == pytest.approx((PPO_TOKENS * zero).sum().item() / 5, rel=1e-12)
+    torch.testing.assert_close(grad, PPO_GRAD * zero)
+    assert grad[1, 1] == 0.0 and grad[1, 0] != 0.0
+    assert m["pg/clip_cov_frac"] == pytest.approx(1 / 5)
+    assert m["pg/clip_frac"] == pytest.approx(1 / 5)  # (0, 0), by the PPO clip itself
+
+
+def test_clip_cov_random_choice_among_candidates():
+    # band (0.2, 5): (0, 1) 0.272 and (1, 1) 1.992; (0, 0) 0.672 is excluded (already PPO-clipped)
+    loss_all, m_all, grad_all = _clip_cov(1.0, clip_cov_lb=0.2)
+    zero = torch.ones(2, 3, dtype=F64)
+    zero[0, 1] = zero[1, 1] = 0.0
+    torch.testing.assert_close(grad_all, PPO_GRAD * zero)
+    assert loss_all.item() == pytest.approx((PPO_TOKENS * zero).sum().item() / 5, rel=1e-12)
+    assert m_all["pg/clip_cov_frac"] == pytest.approx(2 / 5)
+    # one of the two, chosen by the generator: deterministic per seed, both occur over seeds
+    picks = set()
+    for seed in range(20):
+        _, m, grad = _clip_cov(0.2, torch.Generator().manual_seed(seed), clip_cov_lb=0.2)
+        _, _, again = _clip_cov(0.2, torch.Generator().manual_seed(seed), clip_cov_lb=0.2)
+        assert torch.equal(grad, again)
+        dropped = {(i, j) for i, j in [(0, 1), (1, 1)] if grad[i, j] == 0.0}
+        assert len(dropped) == 1 and m["pg/clip_cov_frac"] == pytest.approx(1 / 5)
+        picks |= dropped
+        kept = torch.ones(2, 3, dtype=F64)
+        kept[next(iter(dropped))] = 0.0
+        torch.testing.assert_close(grad, PPO_GRAD * kept)
+    assert picks == {(0, 1), (1, 1)}
+
+
+@pytest.mark.parametrize("kw", [{}, {"dual_clip": 3.0}, {"clip_high": 0.2, "agg": "seq-mean-token-mean"}])
+def test_clip_cov_ratio_zero_is_ppo_clip(kw):
+    loss, m, grad = _clip_cov(0.0, clip_cov_lb=-10.0, **kw)  # every token a candidate, none selected
+    ref, m_ref, g_ref = _ppo_reference(**kw)
+    assert loss.item() == ref.item() and torch.equal(grad, g_ref)
+    assert m["pg/clip_cov_frac"] == 0.0
+    assert {k: v for k, v in m.items() if k in m_ref} == m_ref
+
+
+def test_clip_cov_refusals_and_inputs_untouched():
+    logp, old = _cov_batch()
+    with pytest.raises(ValueError, match="clip_cov_lb < clip_cov_ub"):
+        L.clip_cov_loss(logp, old, COV_ADV, COV_MASK, clip_cov_lb=5.0, clip_cov_ub=1.0)
+    with pytest.raises(ValueError, match="clip_cov_ratio"):
+        L.clip_cov_loss(logp, old, COV_ADV, COV_MASK, clip_cov_ratio=-0.1)
+    copies = [t.detach().clone() for t in (logp, old, COV_ADV, COV_MASK)]
+    for name in ("ppo_clip", "kl_cov", "clip_cov"):
+        loss_fn = L.POLICY_LOSSES.get(name)
+        loss_fn(logp, old, COV_ADV, COV_MASK, clip_low=0.2, clip_high=0.28, agg="token-mean")
+    for t, c in zip((logp, old, COV_ADV, COV_MASK), copies):
+        assert torch.equal(t.detach(), c)
+
+
+def test_covariance_losses_bf16_and_no_valid_tokens():
+    logp, old = _cov_batch()
+    for fn in (L.kl_cov_loss, L.clip_cov_loss):
+        loss, _ = fn(logp.detach().bfloat16().requires_grad_(), old.bfloat16(), COV_ADV.bfloat16(), COV_MASK)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        empty, m = fn(logp, old, COV_ADV, torch.zeros_like(COV_MASK))
+        assert empty.item() == 0.0 and m["pg/ratio_max"] == 0.0
 
 
 # ----------------------------------------------------------------------------- KL estimators
@@ -189,18 +374,26 @@ def test_kl_estimator_unknown_kind():
 # ----------------------------------------------------------------------------- entropy / helpers
 
 
-def test_entropy_from_logits():
+def test_entropy_of_the_logprob_head():
+    """The trainer's entropy is ``batching.token_logprobs``'s (both paths); it replaced the unused
+    ``losses.entropy_from_logits``, whose assertions these are."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 7, generator=g, dtype=F64) * 5
+    ids = torch.zeros(2, 3, dtype=torch.long)
     p = logits.softmax(-1)
-    torch.testing.assert_close(L.entropy_from_logits(logits), -(p * p.log()).sum(-1))
-    assert L.entropy_from_logits(torch.zeros(4, dtype=F64)).item() == pytest.approx(math.log(4))
-    masked = torch.tensor([0.0, 0.0, float("-inf"), 1e4], requires_grad=True)
-    h = L.entropy_from_logits(masked)
-    h.backward()
-    assert torch.isfinite(h) and torch.isfinite(masked.grad).all()
-    masked2 = torch.tensor([0.0, 0.0, float("-inf")])
-    assert L.entropy_from_logits(masked2).item() == pytest.approx(math.log(2), rel=1e-6)
+    for grad in (False, True):
+        _, h = token_logprobs(logits, ids, with_entropy=True, entropy_grad=grad)
+        torch.testing.assert_close(h, -(p * p.log()).sum(-1))
+        uniform = torch.zeros(1, 1, 4, dtype=F64)
+        _, h4 = token_logprobs(uniform, ids[:1, :1], with_entropy=True, entropy_grad=grad)
+        assert h4.item() == pytest.approx(math.log(4))
+        masked2 = torch.tensor([[[0.0, 0.0, float("-inf")]]])
+        _, h2 = token_logprobs(masked2, ids[:1, :1], with_entropy=True, entropy_grad=grad)
+        assert h2.item() == pytest.approx(math.log(2), rel=1e-6)
+    masked = torch.tensor([[[0.0, 0.0, float("-inf"), 1e4]]], requires_grad=True)
+    _, h = token_logprobs(masked, ids[:1, :1], with_entropy=True, entropy_grad=True)
+    h.sum().backward()
+    assert torch.isfinite(h).all() and torch.isfinite(masked.grad).all()
 
 
 def test_linear_tail_helpers():

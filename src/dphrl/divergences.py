@@ -91,7 +91,6 @@ __all__ = [
     "divergence_loss",
     "full_distribution_loss",
     "generator",
-    "list_divergences",
     "per_token_loss",
     "reference_topk",
     "register_divergence",
@@ -244,11 +243,6 @@ for _name, _f, _g in (
 
 
 # ----------------------------------------------------------------------------- registry API
-
-
-def list_divergences() -> list[str]:
-    """Registered names accepted by ``per_token_loss`` / ``divergence_loss`` (config values)."""
-    return DIVERGENCES.names()
 
 
 def register_divergence(

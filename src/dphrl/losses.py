@@ -1,4 +1,4 @@
-"""Policy-gradient loss, KL estimators, entropy and loss aggregation: small pure tensor functions.
+"""Policy-gradient losses, KL estimators and loss aggregation: small pure tensor functions.
 
 Conventions (as in verl's ``core_algos.py``):
 
@@ -20,6 +20,7 @@ never zeroed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -35,14 +36,15 @@ __all__ = [
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "aggregate",
+    "clip_cov_loss",
     "compute_dtype",
-    "entropy_from_logits",
     "exp_linear_tail",
     "expm1_linear_tail",
-    "get_policy_loss",
+    "kl_cov_loss",
     "kl_estimator",
     "masked_mean",
     "ppo_clip_loss",
+    "token_covariance",
 ]
 
 
@@ -175,6 +177,54 @@ POLICY_LOSSES: Registry[Callable[..., tuple[Tensor, dict[str, float]]]] = Regist
 )
 
 
+def _pg_inputs(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked inputs of every policy loss: (adv (B, T) detached, log_ratio (B, T), ratio (B, T)) in the
+    compute dtype; ``advantages`` is (B,) (one per sequence) or (B, T)."""
+    _check_same_shape(logp, old_logp, "logp and old_logp")
+    _check_same_shape(logp, mask, "logp and mask")
+    cdt = compute_dtype(logp)
+    adv = advantages.detach().to(cdt)
+    if adv.dim() == logp.dim() - 1:
+        adv = adv.unsqueeze(-1)  # (B, 1)
+    adv = adv.expand_as(logp)  # (B, T)
+    log_ratio = logp.to(cdt) - old_logp.detach().to(cdt)  # (B, T)
+    ratio = exp_linear_tail(log_ratio)  # (B, T)
+    return adv, log_ratio, ratio
+
+
+def _ppo_per_token(
+    adv: Tensor, ratio: Tensor, clip_low: float, clip_high: float, dual_clip: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO-clip per-token loss (B, T), the clipped-branch mask (B, T) and the dual-clip mask (B, T)."""
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
+    if clip_low < 0 or clip_high < 0:
+        raise ValueError(f"clip_low/clip_high must be >= 0, got {clip_low}, {clip_high}")
+    loss_unclipped = -adv * ratio  # (B, T)
+    loss_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
+    per_token = torch.maximum(loss_unclipped, loss_clipped)  # (B, T)
+    clipped = loss_clipped > loss_unclipped  # (B, T)
+    dual = torch.zeros_like(clipped)  # (B, T)
+    if dual_clip is not None:
+        loss_dual = -adv * dual_clip  # (B, T)
+        dual = (adv < 0) & (per_token > loss_dual)  # (B, T)
+        per_token = torch.where(dual, loss_dual, per_token)  # (B, T)
+    return per_token, clipped, dual
+
+
+@torch.no_grad()
+def _ratio_metrics(log_ratio: Tensor, ratio: Tensor, m: Tensor) -> dict[str, float]:
+    """``pg/approx_kl`` (mean k3 = r - 1 - log r >= 0), ``pg/ratio_mean``, ``pg/ratio_max`` (real tokens)."""
+    k3 = expm1_linear_tail(log_ratio) - log_ratio  # (B, T)
+    return {
+        "pg/approx_kl": masked_mean(k3, m).item(),
+        "pg/ratio_mean": masked_mean(ratio, m).item(),
+        "pg/ratio_max": ratio[m].max().item() if m.any() else 0.0,
+    }
+
+
 @POLICY_LOSSES.register("ppo_clip")
 def ppo_clip_loss(
     logp: Tensor,
@@ -201,48 +251,169 @@ def ppo_clip_loss(
     KL(pi_old || pi_theta) on tokens sampled from pi_old), ``pg/ratio_mean``, ``pg/ratio_max``.
     The ratio uses ``exp_linear_tail``: finite for any log-ratio, gradient never zeroed.
     """
-    _check_same_shape(logp, old_logp, "logp and old_logp")
-    _check_same_shape(logp, mask, "logp and mask")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
-    if clip_low < 0 or clip_high < 0:
-        raise ValueError(f"clip_low/clip_high must be >= 0, got {clip_low}, {clip_high}")
-    cdt = compute_dtype(logp)
-    adv = advantages.detach().to(cdt)
-    if adv.dim() == logp.dim() - 1:
-        adv = adv.unsqueeze(-1)  # (B, 1)
-    adv = adv.expand_as(logp)  # (B, T)
-
-    log_ratio = logp.to(cdt) - old_logp.detach().to(cdt)  # (B, T)
-    ratio = exp_linear_tail(log_ratio)  # (B, T)
-    loss_unclipped = -adv * ratio  # (B, T)
-    loss_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
-    per_token = torch.maximum(loss_unclipped, loss_clipped)  # (B, T)
-    clipped = loss_clipped > loss_unclipped  # (B, T)
-    dual = torch.zeros_like(clipped)  # (B, T)
-    if dual_clip is not None:
-        loss_dual = -adv * dual_clip  # (B, T)
-        dual = (adv < 0) & (per_token > loss_dual)  # (B, T)
-        per_token = torch.where(dual, loss_dual, per_token)  # (B, T)
-
+    adv, log_ratio, ratio = _pg_inputs(logp, old_logp, advantages, mask)  # (B, T) x3
+    per_token, clipped, dual = _ppo_per_token(adv, ratio, clip_low, clip_high, dual_clip)  # (B, T) x3
     loss = aggregate(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
-
     with torch.no_grad():
         m = mask != 0  # (B, T)
-        k3 = expm1_linear_tail(log_ratio) - log_ratio  # (B, T)
         metrics = {
-            "pg/clip_frac": masked_mean(clipped.to(cdt), m).item(),
-            "pg/dual_clip_frac": masked_mean(dual.to(cdt), m).item(),
-            "pg/approx_kl": masked_mean(k3, m).item(),
-            "pg/ratio_mean": masked_mean(ratio, m).item(),
-            "pg/ratio_max": ratio[m].max().item() if m.any() else 0.0,
+            "pg/clip_frac": masked_mean(clipped.to(ratio.dtype), m).item(),
+            "pg/dual_clip_frac": masked_mean(dual.to(ratio.dtype), m).item(),
+            **_ratio_metrics(log_ratio, ratio, m),
         }
     return loss, metrics
 
 
-def get_policy_loss(name: str) -> Callable[..., tuple[Tensor, dict[str, float]]]:
-    """Look up a policy loss by config name (or ``package.module:fn``)."""
-    return POLICY_LOSSES.get(name)
+# ----------------------------------------------------------------------------- covariance-based (Cui et al.)
+
+
+@torch.no_grad()
+def token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Cui et al.'s per-token covariance term, detached: (B, T), 0 on padding.
+
+    ``cov_t = (logp_t - mean logp) * (A_t - mean A)``, both means over the real tokens of the batch
+    (token-weighted: a long response counts once per token). Its mean is the covariance between the
+    log-probability and the advantage that, by the paper's analysis, drives the entropy change.
+    """
+    _check_same_shape(logp, mask, "logp and mask")
+    cdt = compute_dtype(logp)
+    m = mask != 0  # (B, T)
+    adv = advantages.detach().to(cdt)
+    adv = (adv.unsqueeze(-1) if adv.dim() == logp.dim() - 1 else adv).expand_as(logp)  # (B, T)
+    lp = logp.detach().to(cdt)  # (B, T)
+    cov = (lp - masked_mean(lp, m)) * (adv - masked_mean(adv, m))  # (B, T)
+    return torch.where(m, cov, torch.zeros_like(cov))  # (B, T)
+
+
+def _cov_count(ratio: float, n_valid: int, what: str) -> int:
+    """Tokens to select: 0 for ratio 0, else max(1, floor(ratio * N)) as the authors' code (1e-9 slack for
+    float rounding, so 0.29 * 100 gives 29, not 28)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"{what} must be in [0, 1], got {ratio}")
+    if ratio == 0 or n_valid == 0:
+        return 0
+    return max(1, math.floor(ratio * n_valid + 1e-9))
+
+
+@POLICY_LOSSES.register("kl_cov")
+def kl_cov_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    kl_cov_ratio: float = 2e-3,
+    ppo_kl_coef: float = 1.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | int | Tensor | None = None,
+    num_seqs: float | int | Tensor | None = None,
+    max_len: float | int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """KL-Cov (Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language
+    Models", arXiv 2505.22617): a KL penalty on the few tokens with the largest covariance.
+
+    Per token, with r = exp(logp - old_logp) and I_KL the ``max(1, floor(kl_cov_ratio * N))`` real tokens
+    of this call with the largest ``token_covariance`` (N real tokens; ties: lower flat index first;
+    ratio 0 selects none):
+
+        l_t = -A_t r_t                                       t not in I_KL
+        l_t = -A_t r_t + ppo_kl_coef * |logp_t - old_logp_t|  t in I_KL
+
+    then aggregated by ``agg``. No ratio clipping (as the paper's objective and the authors' verl code):
+    the penalty is the only trust region, so ``clip_low`` / ``clip_high`` are accepted for a uniform call
+    and ignored, and ``dual_clip`` is refused. Paper defaults: kl_cov_ratio 2e-3 (Qwen2.5-7B; 2e-4 for
+    32B), ppo_kl_coef 1. The |log-ratio| has gradient sign(logp - old_logp) (0 on the first on-policy
+    step, where logp == old_logp). Selection is per call, i.e. per micro-batch, as in verl.
+    Metrics: ``pg/kl_cov_frac`` (selected / real tokens), ``pg/abs_log_ratio`` (mean |logp - old_logp|),
+    ``pg/approx_kl``, ``pg/ratio_mean``, ``pg/ratio_max``.
+    """
+    if dual_clip is not None:
+        raise ValueError("kl_cov has no ratio clipping (Cui et al.); dual_clip does not apply: set it to 0")
+    if ppo_kl_coef < 0:
+        raise ValueError(f"ppo_kl_coef must be >= 0, got {ppo_kl_coef}")
+    adv, log_ratio, ratio = _pg_inputs(logp, old_logp, advantages, mask)  # (B, T) x3
+    m = mask != 0  # (B, T)
+    n_sel = _cov_count(kl_cov_ratio, int(m.sum().item()), "kl_cov_ratio")
+    cov = torch.where(m, token_covariance(logp, adv, mask), -torch.inf)  # (B, T) padding never selected
+    top = torch.sort(cov.reshape(-1), descending=True, stable=True).indices[:n_sel]  # (n_sel,)
+    selected = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)  # (B*T,)
+    selected[top] = True
+    selected = selected.view_as(cov)  # (B, T)
+    abs_log_ratio = log_ratio.abs()  # (B, T)
+    penalty = torch.where(selected, ppo_kl_coef * abs_log_ratio, torch.zeros_like(abs_log_ratio))  # (B, T)
+    per_token = -adv * ratio + penalty  # (B, T)
+    loss = aggregate(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+    with torch.no_grad():
+        metrics = {
+            "pg/kl_cov_frac": masked_mean(selected.to(ratio.dtype), m).item(),
+            "pg/abs_log_ratio": masked_mean(abs_log_ratio, m).item(),
+            **_ratio_metrics(log_ratio, ratio, m),
+        }
+    return loss, metrics
+
+
+@POLICY_LOSSES.register("clip_cov")
+def clip_cov_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    generator: torch.Generator | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    num_tokens: float | int | Tensor | None = None,
+    num_seqs: float | int | Tensor | None = None,
+    max_len: float | int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clip-Cov (Cui et al. 2025, arXiv 2505.22617): drop the policy-gradient term of a few random
+    tokens whose covariance lies in a band.
+
+    Candidates: real tokens with ``clip_cov_lb < token_covariance < clip_cov_ub`` (strict, as the
+    authors' verl code; the paper writes the interval closed: only a token exactly on a bound differs)
+    that the PPO clip has not already cut (clipped branch active, or dual-clipped). I_clip: a uniformly
+    random ``max(1, floor(clip_cov_ratio * N))`` of them (N real tokens of this call; all of them if
+    fewer; ratio 0 selects none), drawn with ``generator`` (None: torch's default generator). Per token:
+
+        l_t = ppo_clip_t(A_t, r_t)   t not in I_clip      l_t = 0   t in I_clip
+
+    so a selected token contributes neither value nor gradient (the paper's objective; verl multiplies
+    by 0); everything else is exactly ``ppo_clip_loss`` (same clip range, dual clip, aggregation).
+    Paper defaults: clip_cov_ratio 2e-4, bounds 1 and 5. Selection is per call (per micro-batch).
+    Metrics: ``pg/clip_cov_frac`` (selected / real tokens), then those of ``ppo_clip_loss``.
+    """
+    if not clip_cov_lb < clip_cov_ub:
+        raise ValueError(f"need clip_cov_lb < clip_cov_ub, got {clip_cov_lb}, {clip_cov_ub}")
+    adv, log_ratio, ratio = _pg_inputs(logp, old_logp, advantages, mask)  # (B, T) x3
+    per_token, clipped, dual = _ppo_per_token(adv, ratio, clip_low, clip_high, dual_clip)  # (B, T) x3
+    m = mask != 0  # (B, T)
+    n_sel = _cov_count(clip_cov_ratio, int(m.sum().item()), "clip_cov_ratio")
+    cov = token_covariance(logp, adv, mask)  # (B, T)
+    candidates = m & ~clipped & ~dual & (cov > clip_cov_lb) & (cov < clip_cov_ub)  # (B, T)
+    idx = candidates.reshape(-1).nonzero().squeeze(-1)  # (M,) flat indices
+    dev = generator.device if generator is not None else torch.device("cpu")
+    perm = torch.randperm(idx.numel(), generator=generator, device=dev)[:n_sel].to(idx.device)  # (<= n_sel,)
+    selected = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)  # (B*T,)
+    selected[idx[perm]] = True
+    selected = selected.view_as(cov)  # (B, T)
+    per_token = torch.where(selected, torch.zeros_like(per_token), per_token)  # (B, T)
+    loss = aggregate(per_token, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+    with torch.no_grad():
+        metrics = {
+            "pg/clip_cov_frac": masked_mean(selected.to(ratio.dtype), m).item(),
+            "pg/clip_frac": masked_mean(clipped.to(ratio.dtype), m).item(),
+            "pg/dual_clip_frac": masked_mean(dual.to(ratio.dtype), m).item(),
+            **_ratio_metrics(log_ratio, ratio, m),
+        }
+    return loss, metrics
 
 
 # ----------------------------------------------------------------------------- KL estimators
@@ -308,14 +479,3 @@ def kl_estimator(logp: Tensor, ref_logp: Tensor, kind: str = "k3") -> Tensor:
     cdt = compute_dtype(logp)
     d = logp.to(cdt) - ref_logp.detach().to(cdt)  # (B, T)
     return fn(d).to(logp.dtype)  # (B, T)
-
-
-# ----------------------------------------------------------------------------- entropy
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last dim, (..., V) -> (...); stable, -inf logits allowed."""
-    logp = torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)  # (..., V) via logsumexp
-    p = logp.exp()  # (..., V)
-    logp_safe = torch.where(p > 0, logp, torch.zeros_like(logp))  # (..., V) 0 * log 0 := 0
-    return (-(p * logp_safe).sum(-1)).to(logits.dtype)  # (...)
