@@ -270,7 +270,7 @@ def run_ours(spec: dict) -> dict:
     rss_before = _rss_mb()
     tr = Trainer(cfg, model=model, tokenizer=tok, examples=examples)
     if "+packed" in variants:  # shared generation, the update packed (every rollout forwards its prompt)
-        tr.share_prefix = False
+        tr.share_prefix = tr.updater.share_prefix = False
     if "+noshare" in variants:  # nothing shared, and generation as plain generate (no preallocated cache)
         tr.engine.preallocate_cache = False
     # instance-level timers (the trainer's code is not changed)
@@ -284,9 +284,9 @@ def run_ours(spec: dict) -> dict:
         return out
 
     t_gen = tr.engine.generate = Timer(counting_generate, sync)
-    t_refl = tr._attach_reference_logprobs = Timer(tr._attach_reference_logprobs, sync)
-    t_fwd_roll = tr._rollout_loss = Timer(tr._rollout_loss, sync)
-    t_fwd_ref = tr._reference_loss = Timer(tr._reference_loss, sync)
+    t_refl = tr.updater.attach_reference_logprobs = Timer(tr.updater.attach_reference_logprobs, sync)
+    t_fwd_roll = tr.updater.rollout_loss = Timer(tr.updater.rollout_loss, sync)
+    t_fwd_ref = tr.updater.reference_loss = Timer(tr.updater.reference_loss, sync)
     t_bwd = tr.acc.backward = Timer(tr.acc.backward, sync)
     t_opt = tr.optimizer.step = Timer(tr.optimizer.step, sync)
     steps = []

@@ -78,8 +78,8 @@ def run_dphrl(spec: dict) -> dict:
         output_dir=str(Path(spec["workdir"]) / f"run-dphrl-{spec['round']}"), progress=False,
     )
     tr = Trainer(cfg, model=model, tokenizer=tok, examples=examples)
-    t_ref = st.Timer(tr._reference_loss, lambda: None)
-    tr._reference_loss = t_ref
+    t_ref = st.Timer(tr.updater.reference_loss, lambda: None)
+    tr.updater.reference_loss = t_ref
     steps = []
     for i in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()

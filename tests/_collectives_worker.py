@@ -120,7 +120,7 @@ def scripted_dapo(store: str, out: Path, acc: Accelerator) -> dict:
     def fake(batch, round_):
         gens, rewards = [], []
         for ex in batch:
-            ids = trainer._encode(ex)
+            ids = trainer.rollouts.encode(ex)
             gens.append([Generation(ids, [7, tok.eos_token_id], [-1.0, -1.0], ex.id, True) for _ in range(3)])
             rewards += [1.0, 0.0, 0.0] if informative[ex.id] else [0.0, 0.0, 0.0]
         lengths = torch.full((len(rewards),), 2.0)
@@ -137,7 +137,7 @@ def scripted_dapo(store: str, out: Path, acc: Accelerator) -> dict:
 def trainer_id(trainer, seq) -> str:
     """The example id of a rollout (by its prompt ids)."""
     for ex in trainer.rollout_examples:
-        if trainer._encode(ex) == seq.prompt_ids:
+        if trainer.rollouts.encode(ex) == seq.prompt_ids:
             return ex.id
     raise KeyError(seq.prompt_ids)
 

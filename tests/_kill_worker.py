@@ -27,7 +27,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from dphrl import fsutil, trainer
+    from dphrl import checkpoint, fsutil, trainer
 
     hits = {"n": 0}
 
@@ -50,7 +50,7 @@ def main() -> int:
                 return real_remove(doomed)
             return real_remove(path)
 
-        trainer.remove_dir = remove_dir
+        checkpoint.remove_dir = remove_dir
     elif point == "ckpt_write":
         real_save = torch.save
 
@@ -62,7 +62,7 @@ def main() -> int:
                 return None
             return real_save(obj, f, *a, **kw)
 
-        trainer.torch.save = save
+        checkpoint.torch.save = save
     elif point == "final":
         real_replace = fsutil.replace_dir
 
@@ -71,7 +71,7 @@ def main() -> int:
                 hit()
             return real_replace(tmp, dst)
 
-        trainer.replace_dir = replace_dir
+        checkpoint.replace_dir = replace_dir
     elif point == "metrics":
         real_write = fsutil.atomic_write_bytes
 

@@ -337,8 +337,8 @@ def test_trainer_update_equals_the_packed_update(tmp_path):
     import _ddp_worker as base
 
     rolls, _ = base.global_batch(base.tokenizer(), base.model(base.tokenizer()))
-    a = shared._no_grad_logprobs(shared.model, rolls)
-    b = packed._no_grad_logprobs(shared.model, rolls)  # same weights, the packed layout
+    a = shared.updater.no_grad_logprobs(shared.model, rolls)
+    b = packed.updater.no_grad_logprobs(shared.model, rolls)  # same weights, the packed layout
     assert [len(x) for x in a] == [len(s.response_ids) for s in rolls]  # back in the input order
     torch.testing.assert_close(torch.tensor(sum(a, [])), torch.tensor(sum(b, [])), rtol=0, atol=1e-5)
 

@@ -14,7 +14,8 @@ from dphrl.engines.hf import HFEngine
 from dphrl.models import tokenizer_hash
 from dphrl.reference import ReferenceStore, StoreMismatchError, presample
 from dphrl.testing import tiny_causal_lm
-from dphrl.trainer import Trainer, _topk_tensors
+from dphrl.trainer import Trainer
+from dphrl.update import topk_tensors as _topk_tensors
 
 TEMP = 0.8
 
@@ -77,7 +78,7 @@ def test_trainer_term_equals_the_pure_function(topk_store, tok, tmp_path, form):
     assert refs and all(r.topk_ids is not None for r in refs)
     batch = pack([s.prompt_ids for s in refs], [s.response_ids for s in refs], tok.pad_token_id)
     n_tok = float(batch.resp_mask.sum())
-    loss, m = t._reference_loss(batch, refs, n_tok)
+    loss, m = t.updater.reference_loss(batch, refs, n_tok)
     logits = response_logits(t.model, batch, TEMP)  # (B, T, V)
     ids, ref_b = _topk_tensors(refs, batch.resp_ids.shape[1], 5)
     logp_b = divergences.topk_buckets(logits, ids)
@@ -118,7 +119,7 @@ def test_with_k_equal_vocab_the_bucket_form_is_the_exact_kl(tmp_path, tok):
     vals = {}
     for form in ("topk", "topk_sampled_tail"):
         t.cfg.rehearsal_form = form
-        vals[form] = t._reference_loss(batch, seqs, float(batch.resp_mask.sum()))[0].item()
+        vals[form] = t.updater.reference_loss(batch, seqs, float(batch.resp_mask.sum()))[0].item()
     ref_model = _model(tok)
     with torch.no_grad():
         lq = torch.log_softmax(response_logits(ref_model, batch, 1.0), -1)  # (B, T, V)

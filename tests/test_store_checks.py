@@ -130,7 +130,7 @@ def test_a_top_p_store_is_rescored_over_the_nucleus(tmp_path, tok):
     assert t.store_check["store_check/mean_abs_diff"] < 1e-5
     t = Trainer(_dph(tmp_path, path, top_p=0.7, store_check_tokens=0), model=_model(tok), tokenizer=tok, examples=exs)
     samples = t.store.rescoring_sample(64)
-    full = t._no_grad_logprobs(t.model, [type("S", (), {"prompt_ids": s.prompt_ids, "response_ids": s.response_ids})
+    full = t.updater.no_grad_logprobs(t.model, [type("S", (), {"prompt_ids": s.prompt_ids, "response_ids": s.response_ids})
                                          for s in samples])
     gap = max(abs(a - b) for s, f in zip(samples, full) for a, b in zip(s.ref_logprobs, f))
     assert gap > 1e-3  # without the nucleus the stored values would not match: the check has teeth

@@ -113,11 +113,11 @@ def test_dph_learns_without_reference_model(tmp_path, saved_model_dir, monkeypat
     step_refs: list[set[int]] = []
     step_rewards: list[torch.Tensor] = []
     real_roll, real_ref, real_collect, real_refbatch, real_gen = (
-        t._rollout_loss,
-        t._reference_loss,
+        t.updater.rollout_loss,
+        t.updater.reference_loss,
         t.collect_rollouts,
         t.reference_batch,
-        t._generate_and_score,
+        t.rollouts.generate_and_score,
     )
 
     def roll_loss(batch, chunk, *a):
@@ -143,7 +143,7 @@ def test_dph_learns_without_reference_model(tmp_path, saved_model_dir, monkeypat
         step_rewards.append(out[1].clone())
         return out
 
-    t._rollout_loss, t._reference_loss, t.collect_rollouts, t.reference_batch, t._generate_and_score = (
+    t.updater.rollout_loss, t.updater.reference_loss, t.collect_rollouts, t.reference_batch, t.rollouts.generate_and_score = (
         roll_loss,
         ref_loss,
         collect,
@@ -482,14 +482,14 @@ def test_nonfinite_loss_skips_the_update(tmp_path, tok, make_model, monkeypatch)
     cfg = base_cfg(tmp_path, "grpo", max_steps=2, micro_batch_size=16)
     t = Trainer(cfg, model=model, tokenizer=tok, examples=toy_examples(8))
     snapshots = []
-    real_step = t.optimizer_step
+    real_step = t.updater.optimizer_step
 
     def step_and_snapshot(*a):
         out = real_step(*a)
         snapshots.append((state_copy(t._unwrapped()), len(t.optimizer.state)))
         return out
 
-    t.optimizer_step = step_and_snapshot
+    t.updater.optimizer_step = step_and_snapshot
     t.train()
     m = read_metrics(cfg.output_dir)
     assert [x["update/nonfinite_skipped"] for x in m] == [1.0, 0.0]
@@ -517,7 +517,7 @@ def test_recomputed_old_logprobs_equal_the_engine_logprobs(tmp_path, tok, make_m
     t = Trainer(cfg, model=make_model(), tokenizer=tok, examples=toy_examples(8))
     rollouts, _ = t.collect_rollouts()
     engine_lp = [list(s.old_logp) for s in rollouts]
-    t._recompute_old_logprobs(rollouts)
+    t.updater.recompute_old_logprobs(rollouts)
     for s, e in zip(rollouts, engine_lp):
         assert torch.allclose(torch.tensor(s.old_logp), torch.tensor(e), atol=1e-5)
     m = t.update(rollouts, [])

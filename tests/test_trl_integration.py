@@ -1,6 +1,6 @@
 """DPH-RL on TRL (``dphrl.integrations.trl``): the added term is dphrl's, exactly scaled, and nothing else.
 
-(a) the term equals dphrl's own ``Trainer._reference_loss`` on the same samples (loss and gradients,
+(a) the term equals dphrl's own ``Updater.reference_loss`` on the same samples (loss and gradients,
     fp32, atol 1e-6), and a full TRL optimizer step with 1 or 3 accumulation micro-steps (and 2
     processes, (d)) gives its gradient; the reference stream is dphrl's ``PromptSampler``;
 (b) a 20-step run on the toy task raises the reward; the term keeps the policy near pi_ref;
@@ -39,7 +39,8 @@ from dphrl.integrations.trl import (  # noqa: E402
 )
 from dphrl.reference import ReferenceStore, StoreMismatchError  # noqa: E402
 from dphrl.testing import tiny_causal_lm
-from dphrl.trainer import PromptSampler, Seq, Trainer  # noqa: E402
+from dphrl.trainer import PromptSampler, Seq  # noqa: E402
+from dphrl.update import Updater  # noqa: E402
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,13 +71,13 @@ def make_trainer(store, tmp: Path, net=None, args: GRPOConfig | None = None, tok
 
 
 def dphrl_reference_term(store_dir: Path, samples, net, divergence: str, params: dict, eta: float):
-    """dphrl's own Trainer._reference_loss on ``samples`` (one micro-batch, normalized by their tokens)."""
+    """dphrl's own Updater.reference_loss on ``samples`` (one micro-batch, normalized by their tokens)."""
     cfg = TrainConfig(model=w.MODEL_NAME, algorithm="dph", reward="trl_toy", reference_store=str(store_dir),
                       divergence=divergence, divergence_params=params, eta=eta)
     seqs = [Seq(s.prompt_ids, s.response_ids, ref_logp=s.ref_logprobs) for s in samples]
     batch = pack([s.prompt_ids for s in seqs], [s.response_ids for s in seqs], w.tokenizer().pad_token_id)
     n_tok = float(sum(len(s.response_ids) for s in seqs))
-    loss, _ = Trainer._reference_loss(SimpleNamespace(cfg=cfg, model=net), batch, seqs, n_tok)
+    loss, _ = Updater.reference_loss(SimpleNamespace(cfg=cfg, model=net), batch, seqs, n_tok)
     loss.backward()
     return loss.detach(), {n: p.grad.detach().clone() for n, p in net.named_parameters()}
 
@@ -92,7 +93,7 @@ def assert_grads_close(got: dict, want: dict, what: str) -> None:
 # ------------------------------------------------------------------------------------------------ (a)
 @pytest.mark.parametrize("divergence,params", [("forward_kl", {}), ("js", {}), ("alpha", {"alpha": 0.5})])
 def test_reference_term_equals_dphrl_trainer_term(store_dir, tmp_path, divergence, params):
-    """Same samples, same weights: TRL-side loss and gradients == dphrl's Trainer._reference_loss (1e-6)."""
+    """Same samples, same weights: TRL-side loss and gradients == dphrl's Updater.reference_loss (1e-6)."""
     trainer = make_trainer(store_dir, tmp_path, divergence=divergence, divergence_params=params, eta=0.7,
                            ref_prompts_per_step=4)
     w.perturb(trainer.model)

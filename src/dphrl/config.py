@@ -374,7 +374,10 @@ class TrainConfig:
         """pi_old source with ``engine`` (a resolved engine name): the configured one, or the default."""
         if self.old_logprob is not None:
             return self.old_logprob
-        return "rollout" if self.top_p >= 1.0 and engine == "hf" else "recompute"
+        from dphrl.engines import engine_capabilities
+
+        exact = engine_capabilities(engine).exact_logprobs
+        return "rollout" if self.top_p >= 1.0 and exact else "recompute"
 
     def check_fields(self) -> None:
         """Apply every field's declarative ``check`` (its metadata) after checking the value's type;
@@ -400,6 +403,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Every field's own check (:meth:`check_fields`), then the checks that relate several fields."""
         from dphrl.divergences import REHEARSAL_FORMS
+        from dphrl.launch import old_logprob_refusal
 
         self.check_fields()
 
@@ -407,14 +411,14 @@ class TrainConfig:
             if not cond:
                 raise _error(key, getattr(self, key), expected)
 
-        need(self.rollout_n >= 2 or self.advantage == "none", "rollout_n",
+        need(self.rollout_n >= 2, "rollout_n",
              f">= 2 with advantage {self.advantage} (group-normalized advantages need a group)")
         need(self.overlong_buffer is None or self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
              f"<= max_new_tokens ({self.max_new_tokens}): the penalty ramps over the response's last "
              "overlong_buffer tokens")
-        need(self.engine != "vllm" or self.old_logprob != "rollout", "old_logprob",
-             "recompute with engine: vllm (vLLM's bf16 kernels do not reproduce the training forward, so its "
-             "log-probs would bias the PPO ratio; leave old_logprob unset)")
+        refusal = old_logprob_refusal(self.engine, self.old_logprob)  # the launch check's rule, at config time
+        if refusal:
+            raise ConfigError(refusal, key="old_logprob")
         need(self.eval_every == 0 or bool(self.eval_data), "eval_data",
              f"a non-empty mapping {{name: dataset spec}} when eval_every > 0 (it is {self.eval_every})")
         spec = self.spec()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SHARDINGS", "Launch", "LaunchCheck", "check_launch"]
+__all__ = ["SHARDINGS", "Launch", "LaunchCheck", "check_launch", "old_logprob_refusal"]
 
 #: Launch layouts: one process, DDP, FSDP (1 or 2), DeepSpeed ZeRO-3.
 SHARDINGS = ("none", "ddp", "fsdp", "zero3")
@@ -57,13 +57,23 @@ def check_launch(cfg: Any, launch: Launch) -> LaunchCheck:
             "config key 'lora': lora=true under FSDP is refused by the Trainer (the merged final model needs the "
             "full weights on one process). LoRA models fit without sharding: launch with recipes/accelerate/ddp.yaml."
         )
-    if launch.engine == "vllm" and cfg.old_logprob == "rollout":
-        out.errors.append(
-            "config key 'old_logprob': rollout cannot be used with the vllm engine (vLLM's bf16 kernels do not "
-            "reproduce the training forward, so its log-probs would bias the PPO ratio); leave old_logprob unset "
-            "(recompute)."
-        )
-    if launch.engine_was_auto and launch.engine == "hf":
-        out.warnings.append("engine auto resolved to hf here (no vLLM or no GPU); where vLLM is installed with a GPU "
-                            "it resolves to vllm, with old_logprob recompute")
+    refusal = old_logprob_refusal(launch.engine, cfg.old_logprob)
+    if refusal:
+        out.errors.append(refusal)
+    if launch.engine_was_auto:
+        out.warnings.append(f"engine auto resolved to {launch.engine} here (vllm where it is installed and a CUDA GPU "
+                            "is present, else hf); old_logprob then follows the engine's capabilities")
     return out
+
+
+def old_logprob_refusal(engine: str, old_logprob: str | None) -> str | None:
+    """Why ``old_logprob`` cannot be used with the (resolved) ``engine``, or None: pi_old from the rollout
+    needs an engine whose log-probs are the training forward's (its ``exact_logprobs`` capability). The
+    config (engine named explicitly) and :func:`check_launch` (engine resolved at run time) both ask here."""
+    from dphrl.engines import engine_capabilities
+
+    if old_logprob != "rollout" or engine == "auto" or engine_capabilities(engine).exact_logprobs:
+        return None
+    return (f"config key 'old_logprob': rollout cannot be used with the {engine} engine (its log-probs do not "
+            "reproduce the training forward, e.g. vLLM's bf16 kernels, so they would bias the PPO ratio); leave "
+            "old_logprob unset (recompute).")

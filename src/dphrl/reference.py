@@ -454,15 +454,21 @@ def verify_store(
     rescore: Any,
     *,
     max_tokens: int,
-    tolerance: float,
+    tolerance: float | None = None,
+    train_dtype: str = "float32",
 ) -> dict[str, float]:
-    """Re-score a sample of stored tokens with ``rescore(samples) -> list[list[float]]`` (the trainer's
-    own forward: same dtype and autocast as training) and refuse if the mean |delta log pi| exceeds
-    ``tolerance``. Returns ``{"store_check/tokens", "store_check/mean_abs_diff", "store_check/max_abs_diff"}``."""
+    """Re-score a sample of stored tokens with ``rescore(samples, top_p) -> list[list[float]]`` (the
+    trainer's own forward: same dtype and autocast as training, at the store's top-p) and refuse if the
+    mean |delta log pi| exceeds ``tolerance`` (default :func:`store_tolerance` of the store's dtype and
+    ``train_dtype``). Returns ``{"store_check/tokens", "store_check/mean_abs_diff",
+    "store_check/max_abs_diff"}``. The dphrl trainer and the TRL integration both check stores here."""
+    if tolerance is None:
+        tolerance = store_tolerance(str(store.manifest.get("dtype", "float32")), train_dtype)
+    top_p = float(store.manifest.get("sampling", {}).get("top_p", 1.0))
     sample = store.rescoring_sample(max_tokens)
     if not sample:
         return {"store_check/tokens": 0.0, "store_check/mean_abs_diff": 0.0, "store_check/max_abs_diff": 0.0}
-    fresh = rescore(sample)
+    fresh = rescore(sample, top_p)
     diffs = [abs(a - b) for s, f in zip(sample, fresh) for a, b in zip(s.ref_logprobs, f)]
     mean, worst = sum(diffs) / len(diffs), max(diffs)
     stats = {"store_check/tokens": float(len(diffs)), "store_check/mean_abs_diff": mean,

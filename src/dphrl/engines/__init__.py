@@ -9,23 +9,39 @@ here at run time, never written into a config; the trainer records what it becam
 
 Register an engine with ``@ENGINES.register("name")`` on a factory
 ``factory(model, tokenizer, **opts) -> Engine``; ``opts`` are those of :func:`build_engine` (a
-factory takes what it needs and ignores the rest).
+factory takes what it needs and ignores the rest). Declare what it needs and can do with
+``@with_capabilities(...)`` (:class:`EngineCapabilities`): nothing outside this package compares
+engine names, so a new engine is this one entry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from dphrl.engines.base import Engine, Generation
+from dphrl.engines.base import Engine, EngineCapabilities, Generation
 from dphrl.registry import Registry
 
-__all__ = ["ENGINES", "Engine", "Generation", "build_engine", "resolve_engine"]
+__all__ = ["ENGINES", "Engine", "EngineCapabilities", "Generation", "build_engine", "engine_capabilities",
+           "resolve_engine", "with_capabilities"]
 
 #: Engine factories by config name (config key ``engine``; ``auto`` picks one of them).
 ENGINES: Registry[Any] = Registry("engine", config_key="engine")
 
 
+def with_capabilities(**caps: bool) -> Callable[[Callable[..., Engine]], Callable[..., Engine]]:
+    """Decorator: declare an engine factory's :class:`EngineCapabilities` (``uses_policy_module``,
+    ``exact_logprobs``, ``needs_model``)."""
+
+    def deco(factory: Callable[..., Engine]) -> Callable[..., Engine]:
+        factory.capabilities = EngineCapabilities(**caps)  # type: ignore[attr-defined]
+        return factory
+
+    return deco
+
+
 @ENGINES.register("hf")
+@with_capabilities(uses_policy_module=True, exact_logprobs=True, needs_model=True)
 def _hf_engine(model: Any, tokenizer: Any, *, batch_size: int = 64, synced_gpus: bool = False,
                share_prefix: bool = True, **_: Any) -> Engine:
     """Hugging Face ``generate`` on ``model`` (the policy itself during training: no copy); ``share_prefix``
@@ -38,6 +54,7 @@ def _hf_engine(model: Any, tokenizer: Any, *, batch_size: int = 64, synced_gpus:
 
 
 @ENGINES.register("vllm")
+@with_capabilities(uses_policy_module=False, exact_logprobs=False, needs_model=False)
 def _vllm_engine(
     model: Any,
     tokenizer: Any,
@@ -68,6 +85,13 @@ def resolve_engine(name: str) -> str:
         return "vllm" if vllm.vllm_available() else "hf"
     ENGINES.get(name)
     return name
+
+
+def engine_capabilities(name: str) -> EngineCapabilities:
+    """What the engine ``name`` (``auto`` resolved here) needs and can do; defaults for a factory that
+    declares nothing."""
+    caps = getattr(ENGINES.get(resolve_engine(name)), "capabilities", None)
+    return caps if isinstance(caps, EngineCapabilities) else EngineCapabilities()
 
 
 def build_engine(name: str, model: Any, tokenizer: Any, **opts: Any) -> Engine:

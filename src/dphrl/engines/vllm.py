@@ -206,6 +206,11 @@ class VLLMEngine:
         )
 
     # ------------------------------------------------------------------------------------------
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """Push the policy's current weights (LoRA folded in out of place) into the engine."""
+        with torch.no_grad():
+            self.load_weights(hf_weights_for_engine(model))
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy weights (Hugging Face parameter names) into the vLLM model and drop its prefix cache."""
         weights = list(named_tensors)

@@ -80,6 +80,7 @@ from dphrl.algorithms import DEFAULT_ETA
 from dphrl.batching import pack, pad_token_id, pad_values
 from dphrl.data.example import Example
 from dphrl.reference import ReferenceStore, RefSample, StoreMismatchError
+from dphrl.rehearsal import rehearsed_prompts_per_step
 from dphrl.rewards.registry import RewardFn, get_reward, score_batch
 
 __all__ = [
@@ -316,13 +317,11 @@ class DPHGRPOTrainer(GRPOTrainer):
 
         self.pef_ids = list(self.store.pef_ids)
         n_exp = len(self.store.exp_ids)
-        if ref_prompts_per_step is None:
-            per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-            rollout_prompts = per_step / args.num_generations
-            ref_prompts_per_step = max(1, round(rollout_prompts * len(self.pef_ids) / max(1, n_exp)))
-        if ref_prompts_per_step < 0:
+        if ref_prompts_per_step is not None and ref_prompts_per_step < 0:
             raise ValueError(f"ref_prompts_per_step must be >= 0, got {ref_prompts_per_step}")
-        self.ref_prompts_per_step = min(int(ref_prompts_per_step), len(self.pef_ids))
+        per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+        self.ref_prompts_per_step = rehearsed_prompts_per_step(
+            ref_prompts_per_step, per_step / args.num_generations, len(self.pef_ids), n_exp)
         self.ref_seed = int(args.seed + 1 if ref_seed is None else ref_seed)
         if ref_batch_size is not None and ref_batch_size < 1:
             raise ValueError(f"ref_batch_size must be >= 1 (or None), got {ref_batch_size}")
@@ -362,21 +361,16 @@ class DPHGRPOTrainer(GRPOTrainer):
     def _verify_store(self, max_tokens: int, tolerance: float | None) -> dict[str, float]:
         """Re-score stored tokens with the model (no grad, training autocast); refuse a store from other weights."""
         from dphrl.batching import sequence_logprobs
-        from dphrl.reference import store_tolerance, verify_store
+        from dphrl.reference import verify_store
 
-        train_dtype = "bfloat16" if (self.args.bf16 or self.args.fp16) else "float32"
-        tol = tolerance
-        if tol is None:
-            tol = store_tolerance(str(self.store.manifest.get("dtype", "float32")), train_dtype)
-        top_p = float(self.store.manifest.get("sampling", {}).get("top_p", 1.0))
-
-        def rescore(samples: list[RefSample]) -> list[list[float]]:
+        def rescore(samples: list[RefSample], top_p: float) -> list[list[float]]:
             with self.accelerator.autocast():
                 return sequence_logprobs(self.model, [s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                          self._dph_pad_id, float(self.args.temperature), 16,
                                          device=self.accelerator.device, top_p=top_p)
 
-        return verify_store(self.store, rescore, max_tokens=max_tokens, tolerance=tol)
+        train_dtype = "bfloat16" if (self.args.bf16 or self.args.fp16) else "float32"
+        return verify_store(self.store, rescore, max_tokens=max_tokens, tolerance=tolerance, train_dtype=train_dtype)
 
     def _warn_pef_in_dataset(self, dataset: Any) -> None:
         cols = getattr(dataset, "column_names", None)
