@@ -195,3 +195,62 @@ def test_the_demo_reports_progress_through_a_callback(tmp_path, tok, make_model)
                 callbacks=[lambda tr, m: seen.append((tr.step, m["step"], "reward/mean" in m))])
     t.train()
     assert seen == [(1, 1, True), (2, 2, True)]
+
+
+_ENGINE_MODULE = '''
+from dphrl.engines import with_capabilities
+from dphrl.engines.hf import HFEngine
+
+CALLS = {"generate": 0, "sync": 0}
+
+
+class CopyEngine(HFEngine):
+    """Generates from its own copy of the weights, like an inference server would."""
+
+    def __init__(self, model, tokenizer, **kw):
+        import copy
+
+        super().__init__(copy.deepcopy(model), tokenizer, **kw)
+
+    def generate(self, *a, **kw):
+        CALLS["generate"] += 1
+        return super().generate(*a, **kw)
+
+    def sync_weights(self, model):
+        CALLS["sync"] += 1
+        self.model.load_state_dict(model.state_dict())
+
+
+@with_capabilities(uses_policy_module=False, exact_logprobs=False, needs_model=True)
+def factory(model, tokenizer, *, batch_size=64, **_):
+    return CopyEngine(model, tokenizer, batch_size=batch_size)
+
+
+def no_sync(model, tokenizer, **_):  # declares nothing: the defaults say it keeps its own weights
+    return HFEngine(model, tokenizer)
+'''
+
+
+def test_an_engine_from_outside_the_package_is_one_entry(tmp_path, tok, make_model, monkeypatch):
+    """``engine: my_mod:factory`` from YAML: its declared capabilities decide pi_old (recomputed: its
+    log-probs are not declared exact) and the weight pushes (one before the first rollout, one after
+    every update), with no engine name compared anywhere."""
+    (tmp_path / "my_engine_mod.py").write_text(_ENGINE_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "cfg.yaml").write_text("algorithm: grpo\nmodel: toy\nengine: my_engine_mod:factory\n")
+    cfg = load_config(tmp_path / "cfg.yaml", [f"output_dir={tmp_path / 'run'}", "reward=toy_first_char",
+                                              "prompts_per_step=4", "rollout_n=4", "max_new_tokens=4",
+                                              "max_steps=3", "progress=false", "reward_workers=0"])
+    assert cfg.old_logprob == "recompute"
+    t = Trainer(cfg, model=make_model(), tokenizer=tok, examples=toy_examples(8))
+    mod = sys.modules["my_engine_mod"]
+    assert t.engine_caps.uses_policy_module is False and type(t.engine).__name__ == "CopyEngine"
+    t.train()
+    assert mod.CALLS == {"generate": 3, "sync": 3}  # pushed before each of the 3 rollouts
+    for a, b in zip(t.engine.model.parameters(), t._unwrapped().parameters()):
+        assert not torch.equal(a, b)  # the last update came after the last push
+    with pytest.raises(ConfigError, match="'old_logprob'.*rollout cannot be used with the my_engine_mod:factory engine"):
+        load_config(tmp_path / "cfg.yaml", ["old_logprob=rollout"])
+    bad = base_cfg(tmp_path / "b", "grpo", engine="my_engine_mod:no_sync", max_steps=1)
+    with pytest.raises(TypeError, match="has no sync_weights"):
+        Trainer(bad, model=make_model(), tokenizer=tok, examples=toy_examples(8)).train()

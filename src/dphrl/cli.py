@@ -64,11 +64,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_presample(args: argparse.Namespace) -> int:
     from dphrl.config import load_config
-    from dphrl.engines import build_engine, resolve_engine
+    from dphrl.engines import build_engine, engine_capabilities, resolve_engine
     from dphrl.models import tokenizer_hash
     from dphrl.reference import presample
     from dphrl.rewards import get_reward
-    from dphrl.trainer import load_examples
+    from dphrl.data import load_examples
 
     cfg = load_config(args.config, args.overrides)
     examples = load_examples(cfg.dataset)
@@ -80,6 +80,7 @@ def cmd_presample(args: argparse.Namespace) -> int:
     _refuse_existing(Path(out), "dphrl presample", overwrite=args.overwrite, marker="manifest.json")
     tok, model = _load_for_generation(cfg.model, cfg.dtype)
     engine_name = resolve_engine(cfg.engine)
+    exact = engine_capabilities(engine_name).exact_logprobs
     engine = build_engine(engine_name, model, tok, batch_size=cfg.generation_batch_size, model_name=cfg.model,
                           dtype=cfg.dtype, seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                           max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens)
@@ -89,8 +90,8 @@ def cmd_presample(args: argparse.Namespace) -> int:
         top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, threshold=cfg.split_threshold,
         keep_per_prompt=cfg.keep_per_prompt, seed=cfg.seed, reward_timeout_s=cfg.reward_timeout_s,
         reward_workers=cfg.reward_workers, progress=cfg.progress,
-        # an engine other than hf samples; the HF model recomputes the stored log pi_ref (the trainer's forward)
-        logprob_model=model if engine_name != "hf" else None, micro_batch_size=cfg.micro_batch_size,
+        # an engine whose log-probs are not the training forward's: the HF model recomputes the stored log pi_ref
+        logprob_model=None if exact else model, micro_batch_size=cfg.micro_batch_size,
         topk=cfg.rehearsal_topk,
     )
     print(json.dumps(manifest["counts"], indent=2))
@@ -119,11 +120,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dphrl.engines import build_engine, resolve_engine
+    from dphrl.engines import build_engine, engine_capabilities, resolve_engine
     from dphrl.evaluation.runner import evaluate
     from dphrl.rewards import get_reward
     from dphrl.tasks import eval_hooks
-    from dphrl.trainer import load_examples
+    from dphrl.data import load_examples
 
     names = [name for name, _ in args.data]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -145,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         datasets_in[name] = exs
     _refuse_existing(Path(args.out), "dphrl eval", overwrite=args.overwrite, marker="results.json")
     engine_name = resolve_engine(args.engine)
-    if engine_name == "hf":
+    if engine_capabilities(engine_name).needs_model:
         tok, model = _load_for_generation(args.model, args.dtype)
     else:  # the engine reads the weights itself
         from dphrl.models import load_tokenizer

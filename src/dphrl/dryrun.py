@@ -623,6 +623,8 @@ def _local_tokenizer(name: str) -> Any:
 
 
 def _batch_plan(cfg: TrainConfig, world: int, store: dict | None, warn: list[str]) -> list[str]:
+    from dphrl.rehearsal import rehearsed_prompts_per_step
+
     P, n, M, mb = cfg.prompts_per_step, cfg.rollout_n, cfg.mini_batches, cfg.micro_batch_size
     lines = []
     rollouts = P * n
@@ -643,10 +645,10 @@ def _batch_plan(cfg: TrainConfig, world: int, store: dict | None, warn: list[str
             c = store.get("counts", {})
             pef, exp = int(c.get("d_pef") or 0), int(c.get("d_exp") or 0)
             stored = int(c.get("stored_samples") or 0)
-            k = cfg.ref_prompts_per_step or max(1, round(P * pef / max(1, exp)))
+            k = rehearsed_prompts_per_step(cfg.ref_prompts_per_step, P, pef, exp)  # the trainer's rule
             per_prompt = stored / max(1, pef)
-            ref_seqs = k * per_prompt if pef else 0
-            lines.append(f"reference prompts/step: {k if pef else 0} D_pef prompt(s) x ~{per_prompt:.1f} stored samples "
+            ref_seqs = k * per_prompt
+            lines.append(f"reference prompts/step: {k} D_pef prompt(s) x ~{per_prompt:.1f} stored samples "
                          f"= ~{ref_seqs:.0f} reference sequences (~{ref_seqs / world / M:.1f} per process and "
                          f"mini-batch -> {math.ceil(ref_seqs / world / M / mb) if ref_seqs else 0} extra micro-batch(es))")
             if not pef:
