@@ -64,11 +64,11 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_presample(args: argparse.Namespace) -> int:
     from dphrl.config import load_config
+    from dphrl.data import load_examples
     from dphrl.engines import build_engine, engine_capabilities, resolve_engine
     from dphrl.models import tokenizer_hash
     from dphrl.reference import presample
     from dphrl.rewards import get_reward
-    from dphrl.data import load_examples
 
     cfg = load_config(args.config, args.overrides)
     examples = load_examples(cfg.dataset)
@@ -120,11 +120,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from dphrl.data import load_examples
     from dphrl.engines import build_engine, engine_capabilities, resolve_engine
     from dphrl.evaluation.runner import evaluate
     from dphrl.rewards import get_reward
     from dphrl.tasks import eval_hooks
-    from dphrl.data import load_examples
 
     names = [name for name, _ in args.data]
     dup = sorted({n for n in names if names.count(n) > 1})
