@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import textwrap
@@ -254,3 +255,44 @@ def test_an_engine_from_outside_the_package_is_one_entry(tmp_path, tok, make_mod
     bad = base_cfg(tmp_path / "b", "grpo", engine="my_engine_mod:no_sync", max_steps=1)
     with pytest.raises(TypeError, match="has no sync_weights"):
         Trainer(bad, model=make_model(), tokenizer=tok, examples=toy_examples(8)).train()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"advantage": "passk", "passk_k": 2}, {"advantage": "pkpo", "passk_k": 3, "passk_anneal_step": 1},
+    {"advantage": "w_reinforce", "w_reinforce_lambda": 0.5},
+    {"policy_loss": "kl_cov", "kl_cov_ratio": 0.1}, {"policy_loss": "clip_cov", "clip_cov_ratio": 0.5},
+], ids=["passk", "pkpo-annealed", "w_reinforce", "kl_cov", "clip_cov"])
+def test_diversity_entries_train_from_their_config_keys(tmp_path, tok, make_model, overrides, monkeypatch):
+    """Each entry receives exactly its declared config parameters (dphrl.registry.config_params)."""
+    seen: list[dict] = []
+    name = overrides.get("advantage") or overrides["policy_loss"]
+    reg = advantages.ADVANTAGES if "advantage" in overrides else losses.POLICY_LOSSES
+    real = reg[name]
+
+    @functools.wraps(real)  # same signature and config_params
+    def spy(*a, **kw):
+        seen.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setitem(reg, name, spy)
+    cfg = base_cfg(tmp_path, "grpo", max_steps=2, **overrides)
+    Trainer(cfg, model=make_model(), tokenizer=tok, examples=toy_examples(8)).train()
+    assert seen
+    for param, key in real.config_params.items():
+        want = getattr(cfg, key)
+        if key == "passk_k" and cfg.passk_anneal_step:  # step 0 uses k, from step 1 on k_final
+            assert [kw[param] for kw in seen] == [cfg.passk_k, cfg.passk_k_final]
+        else:
+            assert all(kw[param] == want for kw in seen), (param, key)
+    if name == "clip_cov":
+        assert all(isinstance(kw["generator"], torch.Generator) for kw in seen)
+
+
+def test_diversity_entries_refuse_impossible_settings(tmp_path):
+    with pytest.raises(ConfigError, match="'passk_k'.*<= rollout_n"):
+        base_cfg(tmp_path, "grpo", advantage="passk", passk_k=9, rollout_n=4)
+    with pytest.raises(ConfigError, match="'dual_clip'.*kl_cov"):
+        TrainConfig(model="m", algorithm="dph", reference_store="s", policy_loss="kl_cov")
+    assert TrainConfig(model="m", algorithm="dph", reference_store="s", policy_loss="kl_cov", dual_clip=0).dual_clip == 0
+    with pytest.raises(ConfigError, match="'clip_cov_ub'"):
+        base_cfg(tmp_path, "grpo", policy_loss="clip_cov", clip_cov_lb=5.0, clip_cov_ub=1.0)

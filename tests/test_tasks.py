@@ -124,7 +124,7 @@ def user_task(tmp_path, monkeypatch):
 
 def test_a_user_task_or_loader_is_a_dataset_type(tmp_path, user_task):
     task = find_task(f"{user_task}:TASK")
-    assert task is not None and task.name == "doubling" and REWARDS.is_valid(task.default_reward)
+    assert task is not None and task.name == "doubling" and REWARDS.get(task.default_reward) is not None
     exs = load_dataset_spec({"type": f"{user_task}:TASK", "n": 3, "start": 1})
     assert [e.answer for e in exs] == ["2", "4", "6"] and exs.dataset_type == f"{user_task}:TASK"
     style_fn, answer_fn = eval_hooks(exs)

@@ -23,7 +23,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from dphrl.registry import Registry
+from dphrl.registry import Registry, config_params
 
 __all__ = [
     "ADVANTAGES",
@@ -142,6 +142,7 @@ def _passk_table(n: int, k: int) -> tuple[tuple[float, ...], tuple[float, ...], 
 
 
 @ADVANTAGES.register("passk")
+@config_params(k="passk_k")
 def passk_advantages(
     rewards: Tensor,
     group_size: int,
@@ -197,6 +198,7 @@ PKPO_BASELINES = ("loo-1", "none")
 
 
 @ADVANTAGES.register("pkpo")
+@config_params(k="passk_k", baseline="pkpo_baseline")
 def pkpo_advantages(
     rewards: Tensor, group_size: int, *, k: int = 4, baseline: str = "loo-1"
 ) -> tuple[Tensor, dict[str, float]]:
@@ -261,6 +263,7 @@ def annealed_k(step: int, *, k: int, k_final: int = 1, anneal_step: int | None =
 
 
 @ADVANTAGES.register("w_reinforce")
+@config_params(lam="w_reinforce_lambda")
 def w_reinforce_advantages(
     rewards: Tensor, group_size: int, *, lam: float = 0.1, threshold: float = DEFAULT_CORRECT_THRESHOLD
 ) -> tuple[Tensor, dict[str, float]]:

@@ -307,8 +307,18 @@ class TrainConfig:
     overlong_buffer: int | None = _f(None, "DAPO soft overlong shaping: penalty ramps over the last N tokens (dapo default: max_new_tokens//4; 0 = off; at most max_new_tokens).", check=Optional(Range(ge=0)))
     overlong_penalty: float = _f(1.0, "DAPO soft overlong shaping: reward penalty (>= 0, subtracted) at max_new_tokens.", check=Range(ge=0))
     # --- policy loss ----------------------------------------------------------------------------
-    advantage: str = _f("grpo", "Advantage estimator: grpo | grpo_no_std | rloo.", check=Name("dphrl.advantages:ADVANTAGES", "an advantage estimator"))
-    policy_loss: str = _f("ppo_clip", "Policy loss: a name in dphrl.losses.POLICY_LOSSES (ppo_clip) or package.module:fn.", check=Name("dphrl.losses:POLICY_LOSSES", "a policy loss"))
+    advantage: str = _f("grpo", "Advantage estimator: grpo | grpo_no_std | rloo | passk (Pass@k Training, Chen et al. arXiv 2508.10751: analytic pass@k advantage, rewards thresholded at 'correct') | pkpo (Walder & Karkhanis arXiv 2505.15201: unbiased pass@k reward transformation) | w_reinforce (Zhu et al. arXiv 2506.01347: +lambda correct / -1 wrong, no baseline, all-equal groups not zeroed) | package.module:fn.", check=Name("dphrl.advantages:ADVANTAGES", "an advantage estimator"))
+    passk_k: int = _f(4, "advantage passk / pkpo: the k of the pass@k being optimized (1 <= k <= rollout_n).", check=Range(ge=1))
+    passk_k_final: int = _f(1, "advantage passk / pkpo with passk_anneal_step > 0: the k used from that step on (PKPO's k-annealing: explore with a large k, then exploit).", check=Range(ge=1))
+    passk_anneal_step: int = _f(0, "advantage passk / pkpo: the step at which k switches from passk_k to passk_k_final; 0 = never.", check=Range(ge=0))
+    pkpo_baseline: str = _f("loo-1", "advantage pkpo: loo-1 (eq. 33, the estimator the paper trains with) | none (eq. 19, no baseline).", check=OneOf(("loo-1", "none")))
+    w_reinforce_lambda: float = _f(0.1, "advantage w_reinforce: weight of correct responses (incorrect ones get -1); the paper's default 0.1.", check=Range(ge=0))
+    policy_loss: str = _f("ppo_clip", "Policy loss: ppo_clip | kl_cov (Cui et al. arXiv 2505.22617: unclipped policy gradient + ppo_kl_coef * |log ratio| on the kl_cov_ratio fraction of tokens with the largest covariance of log-prob and advantage; needs dual_clip 0) | clip_cov (same paper: ppo_clip with the gradient of a random clip_cov_ratio fraction of tokens whose covariance lies in (clip_cov_lb, clip_cov_ub) detached) | package.module:fn.", check=Name("dphrl.losses:POLICY_LOSSES", "a policy loss"))
+    kl_cov_ratio: float = _f(2e-3, "policy_loss kl_cov: fraction of a micro-batch's tokens penalized (at least one; the paper's 2e-3).", check=Range(ge=0, le=1))
+    ppo_kl_coef: float = _f(1.0, "policy_loss kl_cov: weight of the |log ratio| penalty (the paper's 1).", check=Range(ge=0))
+    clip_cov_ratio: float = _f(2e-4, "policy_loss clip_cov: fraction of a micro-batch's tokens whose gradient is detached (at least one when any is a candidate; the paper's 2e-4).", check=Range(ge=0, le=1))
+    clip_cov_lb: float = _f(1.0, "policy_loss clip_cov: lower bound of the covariance band of candidate tokens, >= 0: tokens that raise entropy collapse have positive covariance (the paper's 1).", check=Range(ge=0))
+    clip_cov_ub: float = _f(5.0, "policy_loss clip_cov: upper bound of the covariance band (the paper's 5).", check=Range(gt=0))
     clip_low: float = _f(0.2, "PPO clip: ratio lower bound is 1 - clip_low (clip_low in [0, 1)).", check=Range(ge=0, lt=1))
     clip_high: float | None = _f(None, "PPO clip: ratio upper bound is 1 + clip_high (grpo/rkl default 0.2; dapo/dph 0.28).", check=Optional(Range(ge=0)))
     dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages; 0 = off. Unset: 3.0 for dph, off for the others.", check=Optional(Range(gt=1, off=0)))
@@ -370,6 +380,18 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(f"{e} Fix it in the YAML file or with `algorithm=...`.", key="algorithm") from e
 
+    def entry_params(self, key: str) -> dict[str, str]:
+        """keyword -> config key of the registered function that config key ``key`` names (its
+        :func:`dphrl.registry.config_params`); {} for one that declares none or cannot be imported."""
+        from dphrl.advantages import ADVANTAGES
+        from dphrl.losses import POLICY_LOSSES
+
+        try:
+            fn = {"advantage": ADVANTAGES, "policy_loss": POLICY_LOSSES}[key].get(getattr(self, key))
+        except ValueError:
+            return {}
+        return dict(getattr(fn, "config_params", {}))
+
     def old_logprob_for(self, engine: str) -> str:
         """pi_old source with ``engine`` (a resolved engine name): the configured one, or the default."""
         if self.old_logprob is not None:
@@ -413,6 +435,16 @@ class TrainConfig:
 
         need(self.rollout_n >= 2, "rollout_n",
              f">= 2 with advantage {self.advantage} (group-normalized advantages need a group)")
+        adv_keys = self.entry_params("advantage").values()
+        if "passk_k" in adv_keys:
+            need(self.passk_k <= self.rollout_n, "passk_k", f"<= rollout_n ({self.rollout_n}): pass@k of a group of "
+                 "rollout_n responses")
+            need(self.passk_k_final <= self.rollout_n, "passk_k_final", f"<= rollout_n ({self.rollout_n})")
+        if "clip_cov_lb" in self.entry_params("policy_loss").values():
+            need(self.clip_cov_lb < self.clip_cov_ub, "clip_cov_ub", f"> clip_cov_lb ({self.clip_cov_lb})")
+        if "kl_cov_ratio" in self.entry_params("policy_loss").values():
+            need(not self.dual_clip, "dual_clip", f"0 with policy_loss {self.policy_loss} (no ratio clipping; the dph "
+                 "preset sets 3: write dual_clip: 0)")
         need(self.overlong_buffer is None or self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
              f"<= max_new_tokens ({self.max_new_tokens}): the penalty ramps over the response's last "
              "overlong_buffer tokens")

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from dphrl.registry import Registry
+from dphrl.registry import Registry, config_params
 
 EXP_TAIL_THRESHOLD = 20.0
 
@@ -296,6 +296,7 @@ def _cov_count(ratio: float, n_valid: int, what: str) -> int:
 
 
 @POLICY_LOSSES.register("kl_cov")
+@config_params(kl_cov_ratio="kl_cov_ratio", ppo_kl_coef="ppo_kl_coef")
 def kl_cov_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -356,6 +357,7 @@ def kl_cov_loss(
 
 
 @POLICY_LOSSES.register("clip_cov")
+@config_params(clip_cov_ratio="clip_cov_ratio", clip_cov_lb="clip_cov_lb", clip_cov_ub="clip_cov_ub")
 def clip_cov_loss(
     logp: Tensor,
     old_logp: Tensor,

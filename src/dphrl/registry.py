@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 T = TypeVar("T")
 _MISSING = object()
 
-__all__ = ["Registry", "import_object"]
+__all__ = ["Registry", "config_params", "import_object", "kwargs_from_config"]
 
 
 def import_object(spec: str, what: str = "object") -> Any:
@@ -114,14 +114,6 @@ class Registry(MutableMapping, Generic[T]):
         """Registered names, sorted (what the error messages list)."""
         return sorted(self)
 
-    def is_valid(self, name: str) -> bool:
-        """Registered, or a ``module:attr`` that imports (and adapts)."""
-        try:
-            self.get(name)
-        except ValueError:
-            return False
-        return True
-
     def get(self, name: str, default: Any = _MISSING) -> T:
         """The object registered as ``name`` or imported from ``package.module:attr``.
 
@@ -152,3 +144,20 @@ class Registry(MutableMapping, Generic[T]):
         hint = f" Did you mean {close[0]!r}?" if close else ""
         return (f"{where}unknown {self.kind} {name!r}; valid names: {self.names()} or 'package.module:attr' "
                 f"for your own.{hint}")
+
+
+def config_params(**mapping: str) -> Callable[[T], T]:
+    """Decorator for a registered function: its keyword ``param`` takes the value of config key
+    ``mapping[param]`` (e.g. ``@config_params(k="passk_k")``). The trainer passes exactly these, so a
+    new entry with a new hyper-parameter is the entry plus its config field, nothing in the loop."""
+
+    def deco(fn: T) -> T:
+        fn.config_params = dict(mapping)  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+def kwargs_from_config(fn: Any, cfg: Any) -> dict[str, Any]:
+    """The keyword arguments ``fn`` declared with :func:`config_params`, read from ``cfg``."""
+    return {param: getattr(cfg, key) for param, key in getattr(fn, "config_params", {}).items()}

@@ -22,6 +22,7 @@ from dphrl.data.sampler import PromptSampler
 from dphrl.dist import Collectives
 from dphrl.engines.sync import EngineWeights
 from dphrl.reference import ReferenceStore
+from dphrl.registry import kwargs_from_config
 from dphrl.rewards.registry import CORRECT_THRESHOLD, score_batch
 
 __all__ = ["ReferenceBatches", "RewardFailureError", "RolloutCollector", "Seq"]
@@ -94,6 +95,16 @@ class RolloutCollector:
         lengths = torch.tensor([len(g.response_ids) for g in flat], dtype=torch.float32)  # (G*n,)
         return gens, rewards, lengths, fails
 
+    def advantage_kwargs(self, step: int) -> dict[str, Any]:
+        """The advantage estimator's config parameters (:func:`dphrl.registry.config_params`); a pass@k
+        ``k`` follows the annealing schedule (``passk_anneal_step``)."""
+        cfg = self.cfg
+        kw = kwargs_from_config(adv_lib.ADVANTAGES.get(cfg.advantage), cfg)
+        if "k" in kw and cfg.passk_anneal_step:
+            kw["k"] = adv_lib.annealed_k(step, k=cfg.passk_k, k_final=cfg.passk_k_final,
+                                         anneal_step=cfg.passk_anneal_step)
+        return kw
+
     def collect(self, step: int) -> tuple[list[Seq], dict[str, float]]:
         """Generate rollout_n responses per prompt, score, shape, compute advantages, filter (dapo).
 
@@ -134,7 +145,8 @@ class RolloutCollector:
             rounds += 1
             exs = self.local_prompts(cfg.prompts_per_step)  # a whole new batch (world-independent)
         shaped_all = torch.cat([s for _, _, s in kept]) if kept else torch.zeros(0)  # (G*n,)
-        advs, adv_metrics = adv_lib.compute_advantages(cfg.advantage, shaped_all, n) if kept else (shaped_all, {})
+        advs, adv_metrics = (adv_lib.compute_advantages(cfg.advantage, shaped_all, n, **self.advantage_kwargs(step))
+                             if kept else (shaped_all, {}))
         seqs = []
         for gi, (gens, _, _) in enumerate(kept):
             for j, g in enumerate(gens):

@@ -12,6 +12,7 @@ ranks with fewer), so the update of a global batch does not depend on the number
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 from typing import Any
@@ -25,6 +26,7 @@ from dphrl.batching import pad_values
 from dphrl.config import TrainConfig
 from dphrl.dist import Collectives
 from dphrl.prefix import Batch, batch_logits, batch_logprobs, micro_batch_order, pack_batch
+from dphrl.registry import kwargs_from_config
 from dphrl.rollout import Seq
 
 __all__ = ["Updater", "topk_tensors"]
@@ -199,9 +201,13 @@ class Updater:
         old = pad_values([s.old_logp for s in chunk], T).to(logp.device)  # (B, T) pi_old of every token
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logp.device)  # (B,)
         agg = dict(num_tokens=g_tok, num_seqs=g_seq, max_len=cfg.max_new_tokens)
-        loss, m = losses.POLICY_LOSSES.get(cfg.policy_loss)(
+        policy_loss = losses.POLICY_LOSSES.get(cfg.policy_loss)
+        extra = kwargs_from_config(policy_loss, cfg)  # the entry's own hyper-parameters
+        if "generator" in inspect.signature(policy_loss).parameters:  # random token choices: seeded per step
+            extra["generator"] = torch.Generator().manual_seed(cfg.seed * 7_919 + self.step * 104_729 + self.coll.rank)
+        loss, m = policy_loss(
             logp, old, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
-            agg=cfg.loss_agg, **agg,
+            agg=cfg.loss_agg, **agg, **extra,
         )
         m = dict(m)
         m["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
