@@ -223,17 +223,12 @@ def test_pack_groups_validates():
 # micro-batch planning
 
 
-def _check_plan(groups, plan, max_tokens=None, max_seqs=None):
+def _check_plan(groups, plan, max_seqs):
     seen = sorted((g, i) for mb in plan for g, ix in mb for i in ix)
     assert seen == sorted((g, i) for g, (_, rl) in enumerate(groups) for i in range(len(rl)))  # each once
     for mb in plan:
         assert mb and all(ix for _, ix in mb)
-        n = sum(len(ix) for _, ix in mb)
-        cost = micro_batch_cost([groups[g][0] for g, _ in mb], [groups[g][1][i] for g, ix in mb for i in ix])
-        if max_seqs is not None:
-            assert n <= max_seqs
-        if max_tokens is not None:
-            assert cost <= max_tokens or n == 1  # only a lone sequence may exceed the token budget
+        assert sum(len(ix) for _, ix in mb) <= max_seqs
 
 
 def test_plan_keeps_groups_whole_and_sorts_by_length():
@@ -251,12 +246,7 @@ def test_plan_splits_only_groups_that_cannot_fit():
     assert plan == [[(0, [6, 5, 4])], [(0, [3, 2, 1])], [(0, [0]), (1, [0, 1])]]
 
 
-def test_plan_token_budget():
-    groups = [(100, [10] * 8), (50, [40, 30]), (10, [500])]
-    plan = plan_micro_batches(groups, max_tokens=300)
-    _check_plan(groups, plan, max_tokens=300)
-    assert [(0, list(range(8)))] in plan  # 100 + 8 x 10 = 180 tokens: whole
-    assert [(2, [0])] in plan  # 10 + 500 > 300: alone
+def test_micro_batch_cost_counts_each_prompt_once():
     # shared cost: the prompt counted once per micro-batch
     assert micro_batch_cost([100], [10] * 8) == 180
     assert micro_batch_cost([100, 50], [10, 40]) == 2 * 100 + 2 * 40
@@ -267,9 +257,8 @@ def test_plan_random_invariants_and_less_padding_than_sequential_chunks():
     for _ in range(30):
         groups = [(rng.randint(1, 50), [rng.randint(1, 30) for _ in range(rng.randint(1, 9))])
                   for _ in range(rng.randint(1, 12))]
-        max_seqs = rng.choice([None, 1, 4, 8, 16])
-        max_tokens = rng.choice([None, 60, 200, 1000]) if max_seqs else rng.choice([60, 200, 1000])
-        _check_plan(groups, plan_micro_batches(groups, max_tokens=max_tokens, max_seqs=max_seqs), max_tokens, max_seqs)
+        max_seqs = rng.choice([1, 4, 8, 16])
+        _check_plan(groups, plan_micro_batches(groups, max_seqs=max_seqs), max_seqs=max_seqs)
     # 16 groups of 8 with spread lengths, shuffled sequences cut into chunks of 16 (the trainer today) vs the plan
     groups = [(rng.randint(10, 20), [rng.randint(1, 32) for _ in range(8)]) for _ in range(16)]
     seqs = [(g, i) for g in range(16) for i in range(8)]
@@ -288,8 +277,8 @@ def test_micro_batch_order_groups_scattered_prompts():
     assert group_by_prompt(prompts) == [[0, 2, 5], [1, 4], [3]]
     order = micro_batch_order(prompts, responses, max_seqs=3)
     assert order == [[5, 2, 0], [1, 4, 3]]
-    with pytest.raises(ValueError, match="max_tokens or max_seqs"):
-        micro_batch_order(prompts, responses)
+    with pytest.raises(ValueError, match="max_seqs must be >= 1"):
+        micro_batch_order(prompts, responses, max_seqs=0)
 
 
 def test_one_token_backward_runs_through_both_forwards():

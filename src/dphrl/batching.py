@@ -157,9 +157,11 @@ def sequence_logprobs(
 ) -> list[list[float]]:
     """Per-token log pi(response | prompt) of each pair (no grad, fp32), micro-batch by micro-batch.
 
-    One forward per micro-batch: pi_old recomputation, the rkl reference, presample's recomputed
-    log pi_ref and the store check at train start all use it, so they match the training forward by
-    construction (call it under the training autocast for the same numerics).
+    One packed forward per micro-batch, the packed layout of the update: presample's recomputed
+    log pi_ref (engines without exact log-probs), the TRL integration's store check and the forgetting
+    measure use it (call it under the training autocast for the same numerics). The dphrl trainer's own
+    no-grad forwards (pi_old recomputation, the rkl reference, its store check) go through
+    :meth:`dphrl.update.Updater.no_grad_logprobs`, in the update's exact micro-batch layout.
     """
     dev = device if device is not None else next(model.parameters()).device
     out: list[list[float]] = []

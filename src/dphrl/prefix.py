@@ -253,32 +253,22 @@ def micro_batch_cost(prompt_lens: Sequence[int], resp_lens: Sequence[int]) -> in
 
 
 def plan_micro_batches(
-    groups: Sequence[tuple[int, Sequence[int]]], *, max_tokens: int | None = None, max_seqs: int | None = None
+    groups: Sequence[tuple[int, Sequence[int]]], *, max_seqs: int
 ) -> list[list[tuple[int, list[int]]]]:
     """Micro-batches of whole groups where possible, sorted by length.
 
     ``groups[g] = (prompt_len, response lengths)``. Returns micro-batches, each a list of
-    ``(g, indices into groups[g]'s responses)``. Every sequence appears exactly once. Limits: at most
-    ``max_seqs`` sequences and at most ``max_tokens`` padded tokens (:func:`micro_batch_cost`) per
-    micro-batch; at least one must be given. Groups go longest response first (so a micro-batch holds
-    similar lengths and pads little), each whole into the current micro-batch if it fits, else into a
-    new one; a group that does not fit an empty micro-batch is split (its longest sequences first),
-    which forwards its prompt once per piece. A single sequence over ``max_tokens`` gets a micro-batch
-    of its own.
+    ``(g, indices into groups[g]'s responses)``, of at most ``max_seqs`` sequences; every sequence
+    appears exactly once. Groups go longest response first (so a micro-batch holds similar lengths and
+    pads little), each whole into the current micro-batch if it fits, else into a new one; a group
+    larger than ``max_seqs`` is split (its longest sequences first), which forwards its prompt once
+    per piece.
     """
-    if max_tokens is None and max_seqs is None:
-        raise ValueError("plan_micro_batches: give max_tokens or max_seqs")
-    if (max_tokens is not None and max_tokens < 1) or (max_seqs is not None and max_seqs < 1):
-        raise ValueError("plan_micro_batches: limits must be >= 1")
+    if max_seqs < 1:
+        raise ValueError(f"plan_micro_batches: max_seqs must be >= 1, got {max_seqs}")
 
     def fits(items: list[tuple[int, list[int]]]) -> bool:
-        if max_seqs is not None and sum(len(ix) for _, ix in items) > max_seqs:
-            return False
-        if max_tokens is None:
-            return True
-        plens = [groups[g][0] for g, _ in items]
-        rlens = [groups[g][1][i] for g, ix in items for i in ix]
-        return micro_batch_cost(plens, rlens) <= max_tokens
+        return sum(len(ix) for _, ix in items) <= max_seqs
 
     def order(g: int) -> tuple[int, int, int]:
         plen, rlens = groups[g]
@@ -311,8 +301,7 @@ def plan_micro_batches(
 
 
 def micro_batch_order(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, max_tokens: int | None = None,
-    max_seqs: int | None = None,
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, max_seqs: int
 ) -> list[list[int]]:
     """Sequence indices of each micro-batch of :func:`plan_micro_batches` over ``(prompts, responses)``.
 
@@ -321,5 +310,5 @@ def micro_batch_order(
     """
     index = group_by_prompt(prompts)
     groups = [(len(prompts[ix[0]]), [len(responses[i]) for i in ix]) for ix in index]
-    plan = plan_micro_batches(groups, max_tokens=max_tokens, max_seqs=max_seqs)
+    plan = plan_micro_batches(groups, max_seqs=max_seqs)
     return [[index[g][i] for g, ix in mb for i in ix] for mb in plan]
