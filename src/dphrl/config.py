@@ -56,96 +56,401 @@ TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tenso
 @dataclass
 class TrainConfig:
     # --- what to train -------------------------------------------------------------------------
-    model: str = _f("", "Policy model: local dir, Hugging Face id, .gguf file, or a built-in name (smollm2-135m-instruct).", check=Text("a model path, hub id, .gguf file or built-in name", nonempty=True))
-    algorithm: str = _f("dph", "One of grpo | dapo | rkl | dph (dphrl.algorithms.ALGORITHMS). Fills the defaults of the fields left unset.", check=Name("dphrl.algorithms:ALGORITHMS", "an algorithm"))
-    dataset: dict = _f({}, "Training data spec for dphrl.data.loaders.load_dataset_spec, e.g. {type: gsm8k, path: ..., limit: 512}.", check=DatasetSpec())
-    reward: str = _f("", "Reward name (math, gsm8k, sql, bird, styles, ...) or module:function. Empty: the task's own.", check=Name("dphrl.rewards.registry:REWARDS", "a reward", empty=True))
-    output_dir: str = _f("runs/train", "Where metrics.jsonl, checkpoints/ and final/ are written.", check=Text("a directory path", nonempty=True))
-    seed: int = _f(0, "Seed for data order, sampling and initialisation (0 <= seed < 2**32: numpy's range).", check=Range(ge=0, le=2**32 - 1))
+    model: str = _f(
+        "",
+        'Policy model: local dir, Hugging Face id, .gguf file, or a built-in name (smollm2-135m-instruct).',
+        check=Text("a model path, hub id, .gguf file or built-in name", nonempty=True),
+    )
+    algorithm: str = _f(
+        "dph",
+        'One of grpo | dapo | rkl | dph (dphrl.algorithms.ALGORITHMS). Fills the defaults of the fields left'
+        ' unset.',
+        check=Name("dphrl.algorithms:ALGORITHMS", "an algorithm"),
+    )
+    dataset: dict = _f(
+        {},
+        'Training data spec for dphrl.data.loaders.load_dataset_spec, e.g. {type: gsm8k, path: ..., limit: '
+        '512}.',
+        check=DatasetSpec(),
+    )
+    reward: str = _f(
+        "",
+        "Reward name (math, gsm8k, sql, bird, styles, ...) or module:function. Empty: the task's own.",
+        check=Name("dphrl.rewards.registry:REWARDS", "a reward", empty=True),
+    )
+    output_dir: str = _f(
+        "runs/train",
+        'Where metrics.jsonl, checkpoints/ and final/ are written.',
+        check=Text("a directory path", nonempty=True),
+    )
+    seed: int = _f(
+        0,
+        "Seed for data order, sampling and initialisation (0 <= seed < 2**32: numpy's range).",
+        check=Range(ge=0, le=2**32 - 1),
+    )
     # --- divergence (dph) / KL (rkl) -----------------------------------------------------------
-    divergence: str | None = _f(None, "dph: f-divergence of the rehearsal term: a registered name (forward_kl, js, alpha, ...) or package.module:f for your own generator f(u). Default js.", check=Optional(Name("dphrl.divergences:DIVERGENCES", "a divergence"), "js for dph; unused by the others"))
+    divergence: str | None = _f(
+        None,
+        'dph: f-divergence of the rehearsal term: a registered name (forward_kl, js, alpha, ...) or '
+        'package.module:f for your own generator f(u). Default js.',
+        check=Optional(Name("dphrl.divergences:DIVERGENCES", "a divergence"), "js for dph; unused by the others"),
+    )
     divergence_params: dict = _f({}, "Extra parameters of the divergence, e.g. {alpha: 0.5}.", check=Params())
-    eta: float | None = _f(None, "dph: weight of the divergence term. Default 0.01 for forward_kl, 0.2 for js, else 0.1.", check=Optional(Range(ge=0), "by divergence, for dph"))
-    reference_store: str = _f("", "dph: directory written by `dphrl presample` (required for dph).", check=Text("a directory path (required for dph)"))
-    ref_prompts_per_step: int | None = _f(None, "dph: D_pef prompts whose stored samples enter each step. Default: prompts_per_step*|D_pef|/|D_exp| (>=1).", check=Optional(Range(ge=1), "prompts_per_step*|D_pef|/|D_exp|"))
-    store_check_tokens: int = _f(256, "dph: stored tokens re-scored with the training forward at start-up; the store is refused if their mean |delta log pi| exceeds store_check_tolerance (0 = skip the check).", check=Range(ge=0))
-    store_check_tolerance: float | None = _f(None, "dph: tolerated mean |stored - recomputed log pi| per token. Default by dtype: 1e-3 when the store and training are both float32, 5e-2 when either is bfloat16.", check=Optional(Range(gt=0), "by dtype"))
-    rehearsal_form: str = _f("sampled", "dph: how the rehearsal term sees the reference: sampled (the paper's: f(u) on each stored token) | topk (exact per-position f-divergence over the reference's stored top-k tokens + one tail bucket; lower variance, biased low when k < vocab) | topk_sampled_tail (topk + a sampled-tail correction: unbiased). The topk forms need a store presampled with rehearsal_topk > 0.", check=Name("dphrl.divergences:REHEARSAL_FORMS", "a rehearsal form"))
-    rehearsal_topk: int = _f(0, "presample: also store the reference's top-k token ids and log-probs (and the tail mass) at every response position, for rehearsal_form topk*; 0 = off. dph: the k used (<= the store's).", check=Range(ge=0))
-    kl_coef: float | None = _f(None, "rkl: coefficient of the KL term on rollouts against the frozen initial model. Default 0.01 (0 for others).", check=Optional(Range(ge=0)))
-    kl_estimator: str | None = _f(None, "rkl: per-token KL estimator used as a loss on rollout tokens: k2 (default; its loss gradient is the reverse-KL gradient, mode-seeking) | k3 (the paper's and verl/TRL's: its value estimates reverse KL but its loss gradient is the FORWARD-KL gradient) | k1 (zero expected gradient as a loss: no regularisation).", check=Optional(Name("dphrl.losses:KL_ESTIMATORS", "a KL estimator")))
+    eta: float | None = _f(
+        None,
+        'dph: weight of the divergence term. Default 0.01 for forward_kl, 0.2 for js, else 0.1.',
+        check=Optional(Range(ge=0), "by divergence, for dph"),
+    )
+    reference_store: str = _f(
+        "",
+        'dph: directory written by `dphrl presample` (required for dph).',
+        check=Text("a directory path (required for dph)"),
+    )
+    ref_prompts_per_step: int | None = _f(
+        None,
+        'dph: D_pef prompts whose stored samples enter each step. Default: prompts_per_step*|D_pef|/|D_exp| '
+        '(>=1).',
+        check=Optional(Range(ge=1), "prompts_per_step*|D_pef|/|D_exp|"),
+    )
+    store_check_tokens: int = _f(
+        256,
+        'dph: stored tokens re-scored with the training forward at start-up; the store is refused if their '
+        'mean |delta log pi| exceeds store_check_tolerance (0 = skip the check).',
+        check=Range(ge=0),
+    )
+    store_check_tolerance: float | None = _f(
+        None,
+        'dph: tolerated mean |stored - recomputed log pi| per token. Default by dtype: 1e-3 when the store '
+        'and training are both float32, 5e-2 when either is bfloat16.',
+        check=Optional(Range(gt=0), "by dtype"),
+    )
+    rehearsal_form: str = _f(
+        "sampled",
+        "dph: how the rehearsal term sees the reference: sampled (the paper's: f(u) on each stored token) | "
+        "topk (exact per-position f-divergence over the reference's stored top-k tokens + one tail bucket; "
+        'lower variance, biased low when k < vocab) | topk_sampled_tail (topk + a sampled-tail correction: '
+        'unbiased). The topk forms need a store presampled with rehearsal_topk > 0.',
+        check=Name("dphrl.divergences:REHEARSAL_FORMS", "a rehearsal form"),
+    )
+    rehearsal_topk: int = _f(
+        0,
+        "presample: also store the reference's top-k token ids and log-probs (and the tail mass) at every "
+        "response position, for rehearsal_form topk*; 0 = off. dph: the k used (<= the store's).",
+        check=Range(ge=0),
+    )
+    kl_coef: float | None = _f(
+        None,
+        'rkl: coefficient of the KL term on rollouts against the frozen initial model. Default 0.01 (0 for '
+        'others).',
+        check=Optional(Range(ge=0)),
+    )
+    kl_estimator: str | None = _f(
+        None,
+        'rkl: per-token KL estimator used as a loss on rollout tokens: k2 (default; its loss gradient is the'
+        " reverse-KL gradient, mode-seeking) | k3 (the paper's and verl/TRL's: its value estimates reverse "
+        'KL but its loss gradient is the FORWARD-KL gradient) | k1 (zero expected gradient as a loss: no '
+        'regularisation).',
+        check=Optional(Name("dphrl.losses:KL_ESTIMATORS", "a KL estimator")),
+    )
     # --- pre-sampling (dphrl presample writes reference_store) ---------------------------------
-    presample_n: int = _f(8, "presample: responses sampled per training prompt from the base model.", check=Range(ge=1))
-    split_threshold: float = _f(1.0, "presample: prompts with pass rate >= this go to D_pef, the rest to D_exp (in [0, 1]).", check=Range(ge=0, le=1))
-    keep_per_prompt: int = _f(0, "presample: correct responses stored per D_pef prompt (0 = all of them).", check=Range(ge=0))
+    presample_n: int = _f(
+        8,
+        'presample: responses sampled per training prompt from the base model.',
+        check=Range(ge=1),
+    )
+    split_threshold: float = _f(
+        1.0,
+        'presample: prompts with pass rate >= this go to D_pef, the rest to D_exp (in [0, 1]).',
+        check=Range(ge=0, le=1),
+    )
+    keep_per_prompt: int = _f(
+        0,
+        'presample: correct responses stored per D_pef prompt (0 = all of them).',
+        check=Range(ge=0),
+    )
     # --- rollouts -------------------------------------------------------------------------------
     prompts_per_step: int = _f(8, "Prompts per optimizer step (global, across processes).", check=Range(ge=1))
     rollout_n: int = _f(8, "Responses sampled per prompt (GRPO group size).", check=Range(ge=1))
-    max_prompt_tokens: int = _f(512, "Prompts longer than this are dropped (with a count) when loading.", check=Range(ge=1))
+    max_prompt_tokens: int = _f(
+        512,
+        'Prompts longer than this are dropped (with a count) when loading.',
+        check=Range(ge=1),
+    )
     max_new_tokens: int = _f(64, "Maximum response length in tokens.", check=Range(ge=1))
-    temperature: float = _f(1.0, "Sampling temperature (> 0); the training log-probs use the same temperature.", check=Range(gt=0))
-    top_p: float = _f(1.0, "Nucleus sampling for rollouts, in (0, 1] (log-probs are renormalized over the nucleus).", check=Range(gt=0, le=1))
-    generation_batch_size: int = _f(64, "Sequences generated per engine call chunk (>= 1).", check=Range(ge=1))
-    engine: str = _f("auto", "Generation engine: auto (resolved at run time, recorded in run_info.json: vllm when it is installed and a CUDA GPU is present, else hf) | hf (transformers generate) | vllm (pip install 'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed) | package.module:factory.", check=Name("dphrl.engines:ENGINES", "an engine", extra=("auto",)))
-    vllm_gpu_memory_utilization: float = _f(0.3, "engine vllm: fraction of the GPU's memory, in (0, 1), vLLM may take (the rest is the trainer's).", check=Range(gt=0, lt=1))
-    dynamic_sampling: bool | None = _f(None, "Drop groups whose rewards are all equal and refill the batch (dapo default: true).", check=Optional(Flag()))
-    max_refill_rounds: int = _f(3, "dynamic_sampling: extra generation rounds to refill the batch before training on fewer groups (0 = no refill).", check=Range(ge=0))
-    overlong_buffer: int | None = _f(None, "DAPO soft overlong shaping: penalty ramps over the last N tokens (dapo default: max_new_tokens//4; 0 = off; at most max_new_tokens).", check=Optional(Range(ge=0)))
-    overlong_penalty: float = _f(1.0, "DAPO soft overlong shaping: reward penalty (>= 0, subtracted) at max_new_tokens.", check=Range(ge=0))
+    temperature: float = _f(
+        1.0,
+        'Sampling temperature (> 0); the training log-probs use the same temperature.',
+        check=Range(gt=0),
+    )
+    top_p: float = _f(
+        1.0,
+        'Nucleus sampling for rollouts, in (0, 1] (log-probs are renormalized over the nucleus).',
+        check=Range(gt=0, le=1),
+    )
+    generation_batch_size: int = _f(
+        64,
+        'Sequences generated per engine call chunk (>= 1).',
+        check=Range(ge=1),
+    )
+    engine: str = _f(
+        "auto",
+        'Generation engine: auto (resolved at run time, recorded in run_info.json: vllm when it is installed'
+        ' and a CUDA GPU is present, else hf) | hf (transformers generate) | vllm (pip install '
+        "'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed) | "
+        'package.module:factory.',
+        check=Name("dphrl.engines:ENGINES", "an engine", extra=("auto",)),
+    )
+    vllm_gpu_memory_utilization: float = _f(
+        0.3,
+        "engine vllm: fraction of the GPU's memory, in (0, 1), vLLM may take (the rest is the trainer's).",
+        check=Range(gt=0, lt=1),
+    )
+    dynamic_sampling: bool | None = _f(
+        None,
+        'Drop groups whose rewards are all equal and refill the batch (dapo default: true).',
+        check=Optional(Flag()),
+    )
+    max_refill_rounds: int = _f(
+        3,
+        'dynamic_sampling: extra generation rounds to refill the batch before training on fewer groups (0 = '
+        'no refill).',
+        check=Range(ge=0),
+    )
+    overlong_buffer: int | None = _f(
+        None,
+        'DAPO soft overlong shaping: penalty ramps over the last N tokens (dapo default: max_new_tokens//4; '
+        '0 = off; at most max_new_tokens).',
+        check=Optional(Range(ge=0)),
+    )
+    overlong_penalty: float = _f(
+        1.0,
+        'DAPO soft overlong shaping: reward penalty (>= 0, subtracted) at max_new_tokens.',
+        check=Range(ge=0),
+    )
     # --- policy loss ----------------------------------------------------------------------------
-    advantage: str = _f("grpo", "Advantage estimator: grpo | grpo_no_std | rloo | passk (Pass@k Training, Chen et al. arXiv 2508.10751: analytic pass@k advantage, rewards thresholded at 'correct') | pkpo (Walder & Karkhanis arXiv 2505.15201: unbiased pass@k reward transformation) | w_reinforce (Zhu et al. arXiv 2506.01347: +lambda correct / -1 wrong, no baseline, all-equal groups not zeroed) | package.module:fn.", check=Name("dphrl.advantages:ADVANTAGES", "an advantage estimator"))
-    passk_k: int = _f(4, "advantage passk / pkpo: the k of the pass@k being optimized (1 <= k <= rollout_n).", check=Range(ge=1))
-    passk_k_final: int = _f(1, "advantage passk / pkpo with passk_anneal_step > 0: the k used from that step on (PKPO's k-annealing: explore with a large k, then exploit).", check=Range(ge=1))
-    passk_anneal_step: int = _f(0, "advantage passk / pkpo: the step at which k switches from passk_k to passk_k_final; 0 = never.", check=Range(ge=0))
-    pkpo_baseline: str = _f("loo-1", "advantage pkpo: loo-1 (eq. 33, the estimator the paper trains with) | none (eq. 19, no baseline).", check=OneOf(("loo-1", "none")))
-    w_reinforce_lambda: float = _f(0.1, "advantage w_reinforce: weight of correct responses (incorrect ones get -1); the paper's default 0.1.", check=Range(ge=0))
-    policy_loss: str = _f("ppo_clip", "Policy loss: ppo_clip | kl_cov (Cui et al. arXiv 2505.22617: unclipped policy gradient + ppo_kl_coef * |log ratio| on the kl_cov_ratio fraction of tokens with the largest covariance of log-prob and advantage; needs dual_clip 0) | clip_cov (same paper: ppo_clip with the gradient of a random clip_cov_ratio fraction of tokens whose covariance lies in (clip_cov_lb, clip_cov_ub) detached) | package.module:fn.", check=Name("dphrl.losses:POLICY_LOSSES", "a policy loss"))
-    kl_cov_ratio: float = _f(2e-3, "policy_loss kl_cov: fraction of a micro-batch's tokens penalized (at least one; the paper's 2e-3).", check=Range(ge=0, le=1))
-    ppo_kl_coef: float = _f(1.0, "policy_loss kl_cov: weight of the |log ratio| penalty (the paper's 1).", check=Range(ge=0))
-    clip_cov_ratio: float = _f(2e-4, "policy_loss clip_cov: fraction of a micro-batch's tokens whose gradient is detached (at least one when any is a candidate; the paper's 2e-4).", check=Range(ge=0, le=1))
-    clip_cov_lb: float = _f(1.0, "policy_loss clip_cov: lower bound of the covariance band of candidate tokens, >= 0: tokens that raise entropy collapse have positive covariance (the paper's 1).", check=Range(ge=0))
-    clip_cov_ub: float = _f(5.0, "policy_loss clip_cov: upper bound of the covariance band (the paper's 5).", check=Range(gt=0))
-    clip_low: float = _f(0.2, "PPO clip: ratio lower bound is 1 - clip_low (clip_low in [0, 1)).", check=Range(ge=0, lt=1))
-    clip_high: float | None = _f(None, "PPO clip: ratio upper bound is 1 + clip_high (grpo/rkl default 0.2; dapo/dph 0.28).", check=Optional(Range(ge=0)))
-    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages; 0 = off. Unset: 3.0 for dph, off for the others.", check=Optional(Range(gt=1, off=0)))
-    loss_agg: str | None = _f(None, "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo/rkl default seq-mean-token-mean; dapo/dph token-mean).", check=Optional(Name("dphrl.losses:AGGREGATIONS", "a loss aggregation")))
+    advantage: str = _f(
+        "grpo",
+        'Advantage estimator: grpo | grpo_no_std | rloo | passk (Pass@k Training, Chen et al. arXiv '
+        "2508.10751: analytic pass@k advantage, rewards thresholded at 'correct') | pkpo (Walder & Karkhanis"
+        ' arXiv 2505.15201: unbiased pass@k reward transformation) | w_reinforce (Zhu et al. arXiv '
+        '2506.01347: +lambda correct / -1 wrong, no baseline, all-equal groups not zeroed) | '
+        'package.module:fn.',
+        check=Name("dphrl.advantages:ADVANTAGES", "an advantage estimator"),
+    )
+    passk_k: int = _f(
+        4,
+        'advantage passk / pkpo: the k of the pass@k being optimized (1 <= k <= rollout_n).',
+        check=Range(ge=1),
+    )
+    passk_k_final: int = _f(
+        1,
+        "advantage passk / pkpo with passk_anneal_step > 0: the k used from that step on (PKPO's "
+        'k-annealing: explore with a large k, then exploit).',
+        check=Range(ge=1),
+    )
+    passk_anneal_step: int = _f(
+        0,
+        'advantage passk / pkpo: the step at which k switches from passk_k to passk_k_final; 0 = never.',
+        check=Range(ge=0),
+    )
+    pkpo_baseline: str = _f(
+        "loo-1",
+        'advantage pkpo: loo-1 (eq. 33, the estimator the paper trains with) | none (eq. 19, no baseline).',
+        check=OneOf(("loo-1", "none")),
+    )
+    w_reinforce_lambda: float = _f(
+        0.1,
+        "advantage w_reinforce: weight of correct responses (incorrect ones get -1); the paper's default "
+        '0.1.',
+        check=Range(ge=0),
+    )
+    policy_loss: str = _f(
+        "ppo_clip",
+        'Policy loss: ppo_clip | kl_cov (Cui et al. arXiv 2505.22617: unclipped policy gradient + '
+        'ppo_kl_coef * |log ratio| on the kl_cov_ratio fraction of tokens with the largest covariance of '
+        'log-prob and advantage; needs dual_clip 0) | clip_cov (same paper: ppo_clip with the gradient of a '
+        'random clip_cov_ratio fraction of tokens whose covariance lies in (clip_cov_lb, clip_cov_ub) '
+        'detached) | package.module:fn.',
+        check=Name("dphrl.losses:POLICY_LOSSES", "a policy loss"),
+    )
+    kl_cov_ratio: float = _f(
+        2e-3,
+        "policy_loss kl_cov: fraction of a micro-batch's tokens penalized (at least one; the paper's 2e-3).",
+        check=Range(ge=0, le=1),
+    )
+    ppo_kl_coef: float = _f(
+        1.0,
+        "policy_loss kl_cov: weight of the |log ratio| penalty (the paper's 1).",
+        check=Range(ge=0),
+    )
+    clip_cov_ratio: float = _f(
+        2e-4,
+        "policy_loss clip_cov: fraction of a micro-batch's tokens whose gradient is detached (at least one "
+        "when any is a candidate; the paper's 2e-4).",
+        check=Range(ge=0, le=1),
+    )
+    clip_cov_lb: float = _f(
+        1.0,
+        'policy_loss clip_cov: lower bound of the covariance band of candidate tokens, >= 0: tokens that '
+        "raise entropy collapse have positive covariance (the paper's 1).",
+        check=Range(ge=0),
+    )
+    clip_cov_ub: float = _f(
+        5.0,
+        "policy_loss clip_cov: upper bound of the covariance band (the paper's 5).",
+        check=Range(gt=0),
+    )
+    clip_low: float = _f(
+        0.2,
+        'PPO clip: ratio lower bound is 1 - clip_low (clip_low in [0, 1)).',
+        check=Range(ge=0, lt=1),
+    )
+    clip_high: float | None = _f(
+        None,
+        'PPO clip: ratio upper bound is 1 + clip_high (grpo/rkl default 0.2; dapo/dph 0.28).',
+        check=Optional(Range(ge=0)),
+    )
+    dual_clip: float | None = _f(
+        None,
+        'Dual-clip constant c > 1 for negative advantages; 0 = off. Unset: 3.0 for dph, off for the others.',
+        check=Optional(Range(gt=1, off=0)),
+    )
+    loss_agg: str | None = _f(
+        None,
+        'token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (grpo/rkl default seq-mean-token-mean; '
+        'dapo/dph token-mean).',
+        check=Optional(Name("dphrl.losses:AGGREGATIONS", "a loss aggregation")),
+    )
     entropy_coef: float = _f(0.0, "Entropy bonus coefficient (>= 0; 0 in the paper).", check=Range(ge=0))
-    old_logprob: str | None = _f(None, "Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward of the rollouts). Default: rollout with the hf engine and top_p 1, else recompute (top-p log-probs are renormalized over the nucleus; vLLM's kernels differ from the training forward); with engine auto it is resolved at run time.", check=Optional(OneOf(("rollout", "recompute")), "by engine and top_p"))
+    old_logprob: str | None = _f(
+        None,
+        'Source of pi_old: rollout (engine log-probs, no extra forward) | recompute (one no-grad forward of '
+        'the rollouts). Default: rollout with the hf engine and top_p 1, else recompute (top-p log-probs are'
+        " renormalized over the nucleus; vLLM's kernels differ from the training forward); with engine auto "
+        'it is resolved at run time.',
+        check=Optional(OneOf(("rollout", "recompute")), "by engine and top_p"),
+    )
     # --- optimisation ---------------------------------------------------------------------------
-    max_steps: int = _f(20, "Optimizer steps, >= 0 (one rollout batch per step, times ppo_epochs x mini_batches updates).", check=Range(ge=0))
+    max_steps: int = _f(
+        20,
+        'Optimizer steps, >= 0 (one rollout batch per step, times ppo_epochs x mini_batches updates).',
+        check=Range(ge=0),
+    )
     ppo_epochs: int = _f(1, "Passes over each rollout batch.", check=Range(ge=1))
-    mini_batches: int = _f(1, "Optimizer updates per epoch (the batch is split into this many mini-batches).", check=Range(ge=1))
-    micro_batch_size: int = _f(16, "Sequences per forward/backward (gradient accumulation inside a mini-batch).", check=Range(ge=1))
+    mini_batches: int = _f(
+        1,
+        'Optimizer updates per epoch (the batch is split into this many mini-batches).',
+        check=Range(ge=1),
+    )
+    micro_batch_size: int = _f(
+        16,
+        'Sequences per forward/backward (gradient accumulation inside a mini-batch).',
+        check=Range(ge=1),
+    )
     lr: float = _f(1e-6, "AdamW learning rate (finite, > 0).", check=Range(gt=0))
     weight_decay: float = _f(0.0, "AdamW weight decay (>= 0).", check=Range(ge=0))
-    betas: list = _f([0.9, 0.999], "AdamW betas [beta1, beta2], each in [0, 1).", check=Items(Range(ge=0, lt=1), "a finite number", length=2))
-    lr_schedule: str = _f("constant", "constant | linear | cosine (after warmup).", check=OneOf(("constant", "linear", "cosine")))
+    betas: list = _f(
+        [0.9, 0.999],
+        'AdamW betas [beta1, beta2], each in [0, 1).',
+        check=Items(Range(ge=0, lt=1), "a finite number", length=2),
+    )
+    lr_schedule: str = _f(
+        "constant",
+        'constant | linear | cosine (after warmup).',
+        check=OneOf(("constant", "linear", "cosine")),
+    )
     warmup_steps: int = _f(0, "Linear warmup updates (0 = none).", check=Range(ge=0))
     max_grad_norm: float = _f(1.0, "Gradient clipping: max total gradient norm (0 = off).", check=Range(ge=0))
-    dtype: str = _f("float32", "float32 | bfloat16 (bf16 autocast where the hardware has it).", check=OneOf(("float32", "bfloat16")))
+    dtype: str = _f(
+        "float32",
+        'float32 | bfloat16 (bf16 autocast where the hardware has it).',
+        check=OneOf(("float32", "bfloat16")),
+    )
     lora: bool = _f(False, "Train LoRA adapters instead of all weights.", check=Flag())
     lora_r: int = _f(16, "LoRA rank.", check=Range(ge=1))
     lora_alpha: int = _f(32, "LoRA alpha.", check=Range(ge=1))
-    lora_target_modules: str = _f("all-linear", "LoRA target modules (peft syntax).", check=Text("peft target modules", nonempty=True))
+    lora_target_modules: str = _f(
+        "all-linear",
+        'LoRA target modules (peft syntax).',
+        check=Text("peft target modules", nonempty=True),
+    )
     # --- robustness, logging, checkpoints ------------------------------------------------------
-    max_reward_failure_frac: float = _f(0.2, "Stop with an error when more than this fraction of a step's rewards failed.", check=Range(ge=0, le=1))
+    max_reward_failure_frac: float = _f(
+        0.2,
+        "Stop with an error when more than this fraction of a step's rewards failed.",
+        check=Range(ge=0, le=1),
+    )
     reward_timeout_s: float = _f(10.0, "Per-item reward time-out in seconds (> 0).", check=Range(gt=0))
-    reward_workers: int = _f(-1, "Reward scoring: -1 = auto (a pool of min(8, max(2, CPUs per local process)) killable worker processes: a reward that hangs in C code, exits or floods output is contained; a reward the workers cannot import, e.g. a lambda, is scored in process with a warning) | N > 0 = N workers | 0 = in process (fastest, trusted rewards only).", check=Range(ge=-1))
-    log_every: int = _f(1, "Log metrics every N steps (N >= 1; the last step is always logged).", check=Range(ge=1))
-    trackers: list = _f([], "Extra accelerate trackers, e.g. [tensorboard, wandb] (metrics.jsonl is always written).", check=Items(OneOf(TRACKERS), "a tracker name"))
+    reward_workers: int = _f(
+        -1,
+        'Reward scoring: -1 = auto (a pool of min(8, max(2, CPUs per local process)) killable worker '
+        'processes: a reward that hangs in C code, exits or floods output is contained; a reward the workers'
+        ' cannot import, e.g. a lambda, is scored in process with a warning) | N > 0 = N workers | 0 = in '
+        'process (fastest, trusted rewards only).',
+        check=Range(ge=-1),
+    )
+    log_every: int = _f(
+        1,
+        'Log metrics every N steps (N >= 1; the last step is always logged).',
+        check=Range(ge=1),
+    )
+    trackers: list = _f(
+        [],
+        'Extra accelerate trackers, e.g. [tensorboard, wandb] (metrics.jsonl is always written).',
+        check=Items(OneOf(TRACKERS), "a tracker name"),
+    )
     save_every: int = _f(0, "Checkpoint every N steps (0 = only the final model).", check=Range(ge=0))
     keep_last: int = _f(2, "Checkpoints kept (>= 1: 0 would delete the one just written).", check=Range(ge=1))
     progress: bool = _f(True, "Show a progress bar.", check=Flag())
-    share_prefix: bool = _f(True, "Forward each group's prompt once: in generation (hf engine: one prefill per distinct prompt, its KV cache shared by the rollouts) and in the update (micro-batches of whole groups sorted by length; the prompt forward runs once, its rollouts attend to its cache). Same log-probs and gradients as without it up to float summation order (tests: 1e-5 fp32). The update shares only where the model allows it (every layer full attention, no gradient checkpointing, not FSDP-sharded: run_info.json records share_prefix_update); its peak memory holds one extra gradient-sized buffer (a parameter's gradient is accumulated after both forwards' backward) but the prompt's activations once per group instead of once per rollout.", check=Flag())
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass (less memory, ~30% more compute); gradients are unchanged.", check=Flag())
+    share_prefix: bool = _f(
+        True,
+        "Forward each group's prompt once: in generation (hf engine: one prefill per distinct prompt, its KV"
+        ' cache shared by the rollouts) and in the update (micro-batches of whole groups sorted by length; '
+        'the prompt forward runs once, its rollouts attend to its cache). Same log-probs and gradients as '
+        'without it up to float summation order (tests: 1e-5 fp32). The update shares only where the model '
+        'allows it (every layer full attention, no gradient checkpointing, not FSDP-sharded: run_info.json '
+        "records share_prefix_update); its peak memory holds one extra gradient-sized buffer (a parameter's "
+        "gradient is accumulated after both forwards' backward) but the prompt's activations once per group "
+        'instead of once per rollout.',
+        check=Flag(),
+    )
+    gradient_checkpointing: bool = _f(
+        False,
+        'Recompute activations in the backward pass (less memory, ~30% more compute); gradients are '
+        'unchanged.',
+        check=Flag(),
+    )
     # --- evaluation during training, completion logs, model card --------------------------------
-    eval_every: int = _f(0, "Evaluate every N steps (and at the end) on eval_data: unbiased Pass@k (k = 1, 2, 4, ..., eval_n), greedy accuracy, styles, logged as eval/<name>/... to metrics.jsonl and the trackers. 0 = off.", check=Range(ge=0))
-    eval_data: dict = _f({}, "Evaluation datasets during training: {name: dataset spec}, e.g. {gsm8k: {type: gsm8k, path: ..., limit: 64}}. Each uses its task's reward unless eval_reward is set.", check=DatasetSpec(many=True))
+    eval_every: int = _f(
+        0,
+        'Evaluate every N steps (and at the end) on eval_data: unbiased Pass@k (k = 1, 2, 4, ..., eval_n), '
+        'greedy accuracy, styles, logged as eval/<name>/... to metrics.jsonl and the trackers. 0 = off.',
+        check=Range(ge=0),
+    )
+    eval_data: dict = _f(
+        {},
+        'Evaluation datasets during training: {name: dataset spec}, e.g. {gsm8k: {type: gsm8k, path: ..., '
+        "limit: 64}}. Each uses its task's reward unless eval_reward is set.",
+        check=DatasetSpec(many=True),
+    )
     eval_n: int = _f(8, "Samples per problem for Pass@k during training.", check=Range(ge=1))
-    eval_reward: str = _f("", "Reward for eval_data (default: each dataset's task reward).", check=Name("dphrl.rewards.registry:REWARDS", "a reward", empty=True))
-    completions_every: int = _f(0, "Every N steps write a sample of prompts, responses and rewards to completions.jsonl (and the trackers' tables). 0 = off.", check=Range(ge=0))
+    eval_reward: str = _f(
+        "",
+        "Reward for eval_data (default: each dataset's task reward).",
+        check=Name("dphrl.rewards.registry:REWARDS", "a reward", empty=True),
+    )
+    completions_every: int = _f(
+        0,
+        'Every N steps write a sample of prompts, responses and rewards to completions.jsonl (and the '
+        "trackers' tables). 0 = off.",
+        check=Range(ge=0),
+    )
     completions_per_log: int = _f(4, "Rollouts written per completions log.", check=Range(ge=1))
-    push_to_hub: str = _f("", "Hugging Face repo id to push final/ to after training (off when empty; needs network and a token).", check=Text("a Hugging Face repo id, or empty"))
+    push_to_hub: str = _f(
+        "",
+        'Hugging Face repo id to push final/ to after training (off when empty; needs network and a token).',
+        check=Text("a Hugging Face repo id, or empty"),
+    )
 
     def __post_init__(self) -> None:
         self.resolve()
