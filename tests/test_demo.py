@@ -62,8 +62,8 @@ def test_demo_quick_end_to_end(tmp_path: Path):
     assert manifest["counts"]["d_pef"] + manifest["counts"]["d_exp"] == manifest["counts"]["prompts"]
 
 
-def test_answer_accuracy_counts_right_results_whatever_the_style(tmp_path: Path):
-    from dphrl.demo import answer_accuracy
+def test_answer_accuracy_counts_right_results_whatever_the_style():
+    from dphrl.compare.work import answer_accuracy
 
     rows = [
         {"dataset": "sub", "id": "sub-9-4", "index": 0, "answer": "5", "correct": False},  # right, style refused
@@ -73,10 +73,9 @@ def test_answer_accuracy_counts_right_results_whatever_the_style(tmp_path: Path)
         {"dataset": "add", "id": "add-2-2", "index": 0, "answer": "4", "correct": True},  # other dataset
         {"dataset": "sub", "id": "sub-30-1", "index": 1, "answer": "29", "correct": True},
     ]
-    (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert answer_accuracy(tmp_path, "sub") == 2 / 4
-    assert answer_accuracy(tmp_path, "add") == 1.0
+    gold = {"sub-9-4": "5", "sub-30-1": "29", "add-2-2": "4"}
+    assert answer_accuracy([r for r in rows if r["dataset"] == "sub"], gold) == 2 / 4
+    assert answer_accuracy([r for r in rows if r["dataset"] == "add"], gold) == 1.0
 
 
 def test_demo_options_and_budget_guard(tmp_path: Path):

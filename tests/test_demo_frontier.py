@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from dphrl.demo import FULL, IND, OOD, _interp, _summary_md, matched_frontier
+from dphrl.compare.summary import interp as _interp
+from dphrl.compare.summary import load_seed_results
+from dphrl.compare.summary import matched_frontier as _matched
+from dphrl.compare.summary_md import summary_markdown
+from dphrl.demo import IND, OOD
+
+#: two families, each its method (eta 0.0) and one sweep point (eta 1.0)
+FAMILIES = {"a": ["a", "a@eta=1.0"], "b": ["b", "b@eta=1.0"]}
+
+
+def matched_frontier(seeds: list[dict[str, Path]], grid: int = 4) -> dict:
+    return _matched(load_seed_results(seeds), FAMILIES, {"in": IND, "ood": OOD}, 16, grid=grid)
+
+
+def _summary_md(summary: dict) -> str:
+    return summary_markdown(summary, title="demo", k=16)
 
 
 def _run(root: Path, name: str, p1: float, p16: float, ood16: float) -> Path:
@@ -28,8 +42,6 @@ def test_interp():
 
 
 def test_matched_frontier_by_hand(tmp_path):
-    size = replace(FULL, sweep={"a": ("eta", [1.0]), "b": ("eta", [1.0])},
-                   methods={"a": {"eta": 0.0}, "b": {"eta": 0.0}})
     seeds = []
     for s, shift in enumerate((0.0, 0.02)):  # two seeds; family a's Pass@16 is 0.1 higher, b's OOD 0.01 higher
         d = tmp_path / f"seed{s}"
@@ -37,7 +49,7 @@ def test_matched_frontier_by_hand(tmp_path):
             "a": _run(d, "a", 0.5, 0.8 + shift, 0.70), "a@eta=1.0": _run(d, "a@eta=1.0", 0.7, 0.6 + shift, 0.50),
             "b": _run(d, "b", 0.5, 0.7 + shift, 0.71), "b@eta=1.0": _run(d, "b@eta=1.0", 0.7, 0.5 + shift, 0.51),
         })
-    m = matched_frontier(seeds, size, grid=3)
+    m = matched_frontier(seeds, grid=3)
     assert m["families"] == ["a", "b"] and m["overlap"] == pytest.approx([0.5, 0.7])
     mid = m["points"][1]  # Pass@1 0.6: a = 0.7 / 0.72 (mean 0.71, std 0.0141), b = 0.61
     assert mid["pass@1"] == pytest.approx(0.6)
@@ -47,14 +59,12 @@ def test_matched_frontier_by_hand(tmp_path):
     # out of domain b leads by 0.01 with zero seed std: on top, and clearly
     assert (mid["top_ood"], mid["clear_ood"]) == ("b", True) and mid["margin_ood"] == pytest.approx(0.01)
     summary = {"seeds": 2, "table": {}, "checks": {}, "sweep": {}, "matched": m}
-    md = _summary_md(summary, size, 60.0, None)
+    md = _summary_md(summary)
     assert "a is on top at 3 of 3 matched Pass@1 values, by more than the seed std at 3 of them." in md
     assert "b is on top at 3 of 3" in md
 
 
 def test_matched_frontier_within_noise(tmp_path):
-    size = replace(FULL, sweep={"a": ("eta", [1.0]), "b": ("eta", [1.0])},
-                   methods={"a": {"eta": 0.0}, "b": {"eta": 0.0}})
     seeds = []
     for s, (da, db) in enumerate(((0.05, 0.0), (0.0, 0.04))):  # a ahead on one seed, b on the other
         d = tmp_path / f"seed{s}"
@@ -62,28 +72,24 @@ def test_matched_frontier_within_noise(tmp_path):
             "a": _run(d, "a", 0.5, 0.8 + da, 0.7), "a@eta=1.0": _run(d, "a@eta=1.0", 0.7, 0.6 + da, 0.5),
             "b": _run(d, "b", 0.5, 0.8 + db, 0.7), "b@eta=1.0": _run(d, "b@eta=1.0", 0.7, 0.6 + db, 0.5),
         })
-    row = matched_frontier(seeds, size, grid=2)["points"][0]
+    row = matched_frontier(seeds, grid=2)["points"][0]
     assert row["top_in"] == "a" and row["margin_in"] == pytest.approx(0.005) and row["clear_in"] is False
 
 
 def test_one_seed_claims_no_std_comparison(tmp_path):
-    size = replace(FULL, sweep={"a": ("eta", [1.0]), "b": ("eta", [1.0])},
-                   methods={"a": {"eta": 0.0}, "b": {"eta": 0.0}})
     d = tmp_path / "seed0"
     runs = {"a": _run(d, "a", 0.5, 0.8, 0.7), "a@eta=1.0": _run(d, "a@eta=1.0", 0.7, 0.6, 0.5),
             "b": _run(d, "b", 0.5, 0.7, 0.7), "b@eta=1.0": _run(d, "b@eta=1.0", 0.7, 0.5, 0.5)}
-    m = matched_frontier([runs], size, grid=2)
+    m = matched_frontier([runs], grid=2)
     assert m["points"][0]["clear_in"] is None
-    md = _summary_md({"seeds": 1, "table": {}, "checks": {}, "sweep": {}, "matched": m}, size, 1.0, None)
+    md = _summary_md({"seeds": 1, "table": {}, "checks": {}, "sweep": {}, "matched": m})
     assert "one seed: no seed std to compare the lead with" in md and "by more than" not in md
 
 
 def test_without_sweep_there_is_no_matched_comparison(tmp_path):
     """`make demo` (no --sweep): each family has one point, so no curve and no comparison (was a KeyError)."""
-    size = replace(FULL, sweep={"a": ("eta", [1.0]), "b": ("eta", [1.0])},
-                   methods={"a": {"eta": 0.0}, "b": {"eta": 0.0}})
     d = tmp_path / "seed0"
     runs = {"a": _run(d, "a", 0.5, 0.8, 0.7), "b": _run(d, "b", 0.5, 0.7, 0.7)}
-    assert matched_frontier([runs], size) == {}
-    md = _summary_md({"seeds": 1, "table": {}, "checks": {}, "sweep": {}, "matched": {}}, size, 1.0, None)
+    assert matched_frontier([runs]) == {}
+    md = _summary_md({"seeds": 1, "table": {}, "checks": {}, "sweep": {}, "matched": {}})
     assert "matched Pass@1" not in md

@@ -1,4 +1,4 @@
-"""Command line: ``dphrl {demo, sft, presample, train, eval, report, config}``."""
+"""Command line: ``dphrl {demo, compare, sft, presample, train, eval, report, config}``."""
 
 from __future__ import annotations
 
@@ -204,18 +204,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:
-        size = demo_size(args.quick, args.rl_steps, args.lr, methods, args.train_prompts)
+        size = demo_size(args.quick, args.rl_steps, args.lr, methods, args.train_prompts, uneven=args.uneven)
         if args.resume and args.overwrite:
             raise SystemExit("dphrl demo: --resume and --overwrite contradict each other; pass one")
         from dphrl.rundir import claim_dir
 
         claim_dir(Path(args.out), what="dphrl demo", resume=args.resume, overwrite=args.overwrite, lock=False)
-        run_demo(Path(args.out), seeds=args.seeds, sweep=args.sweep, workers=args.workers, size=size,
-                 ablation=args.ablation)
+        summary = run_demo(Path(args.out), seeds=args.seeds, sweep=args.sweep, workers=args.workers, size=size,
+                           ablation=args.ablation)
     except DemoBudgetError as e:
         print(f"dphrl demo: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if summary.get("failed") else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    if args.job:  # one job of a planned experiment (what a scheduler runs)
+        from dphrl.compare.jobs import load_jobs
+        from dphrl.compare.work import run_job
+
+        jobs = {j.id: j for j in load_jobs(args.out)}
+        if args.job not in jobs:
+            raise SystemExit(f"dphrl compare: no job {args.job!r} in {Path(args.out) / 'jobs.json'}")
+        result = run_job(jobs[args.job], threads=args.threads)
+        print(json.dumps(result))  # the last line: the scheduler backend reads it
+        return 0
+    if not args.config:
+        raise SystemExit("dphrl compare: pass --config EXPERIMENT.yaml (or --job ID to run one planned job)")
+    if args.resume and args.overwrite:
+        raise SystemExit("dphrl compare: --resume and --overwrite contradict each other; pass one")
+    from dphrl.compare import load_experiment, run_experiment
+
+    exp = load_experiment(args.config)  # a bad file fails here, before any work
+    params = {k: v for k, v in {"cluster": args.cluster, "timeout_min": args.timeout_min,
+                                "slurm_partition": args.slurm_partition, "gpus_per_node": args.gpus_per_node,
+                                "cpus_per_task": args.cpus_per_task}.items() if v is not None}
+    summary = run_experiment(exp, Path(args.out), workers=args.workers, backend=args.backend, resume=args.resume,
+                             overwrite=args.overwrite, plan_only=args.plan_only, submitit_params=params)
+    return 1 if summary.get("failed") else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,10 +261,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-prompts", type=int, default=None,
                    help="RL training prompts, also pre-sampled (default 400, at most 1400).")
     d.add_argument("--methods", default=None, help="Comma-separated subset of grpo,dapo,rkl,rkl-k3,dph-f,dph-js,dph-f-topk.")
+    d.add_argument("--uneven", action="store_true",
+                   help="The uneven variant: base SFT'd on styles A/B/C 0.05/0.05/0.90, validity 0.6/0.5/0.2, families "
+                        "rkl, rkl-k3, dph-f, dph-js (with --sweep: does the predicted winner win in training?).")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--resume", action="store_true", help="Continue a demo in --out (finished jobs are kept).")
     d.add_argument("--overwrite", action="store_true", help="Replace a demo found in --out.")
     d.set_defaults(fn=cmd_demo)
+
+    m = sub.add_parser("compare", help="Methods x seeds x coefficients on your model: train, evaluate, report.")
+    m.add_argument("--config", help="Experiment YAML (docs/config.md, section 'Experiment keys').")
+    m.add_argument("--out", default="runs/compare")
+    m.add_argument("--workers", type=int, default=2,
+                   help="Jobs at a time (local: single-threaded CPU worker processes; submitit: jobs in flight).")
+    m.add_argument("--backend", choices=("local", "sequential", "submitit"), default="local",
+                   help="local: a CPU process pool; sequential: one job after another in this process (run it under "
+                        "`accelerate launch` on GPUs); submitit: each job one `dphrl compare --job` command on Slurm "
+                        "(or submitit's local mode).")
+    m.add_argument("--resume", action="store_true", help="Continue an experiment in --out (finished jobs are kept).")
+    m.add_argument("--overwrite", action="store_true", help="Replace an experiment found in --out.")
+    m.add_argument("--plan-only", action="store_true",
+                   help="Validate, write --out/jobs.json (each job with its dphrl command) and stop.")
+    m.add_argument("--job", help="Run one job of --out/jobs.json by id (what a scheduler runs).")
+    m.add_argument("--threads", type=int, default=None, help="--job: torch threads (default: torch's).")
+    m.add_argument("--cluster", default=None, help="submitit: slurm | local (default: Slurm when available).")
+    m.add_argument("--slurm-partition", default=None, help="submitit: the Slurm partition.")
+    m.add_argument("--timeout-min", type=int, default=None, help="submitit: time limit per job in minutes (24 h).")
+    m.add_argument("--gpus-per-node", type=int, default=None, help="submitit: GPUs per job.")
+    m.add_argument("--cpus-per-task", type=int, default=None, help="submitit: CPUs (and torch threads) per job (1).")
+    m.set_defaults(fn=cmd_compare)
 
     s = sub.add_parser("sft", help="Build the demo base model from scratch (tokenizer + tiny Llama + SFT).")
     s.add_argument("--out", default="runs/base")

@@ -136,11 +136,18 @@ def make_examples(
     return out
 
 
-def sft_pairs(examples: list[Example], rng: random.Random, per_problem: int = 1) -> list[tuple[list[dict], str]]:
-    """(prompt messages, response text) pairs with styles drawn evenly at random."""
+def sft_pairs(examples: list[Example], rng: random.Random, per_problem: int = 1,
+              weights: dict[str, float] | None = None) -> list[tuple[list[dict], str]]:
+    """(prompt messages, response text) pairs, each style drawn at random: evenly, or with ``weights``
+    ({style: weight}, normalized; the SFT prior of an uneven base model)."""
+    if weights is not None:
+        bad = sorted(set(weights) - set(STYLES)) or [s for s, w in weights.items() if not w >= 0]
+        if bad or not sum(weights.values()) > 0:
+            raise ValueError(f"weights must map styles {STYLES} to weights >= 0 (not all 0), got {weights}")
+        w = [float(weights.get(s, 0.0)) for s in STYLES]
     out = []
     for ex in examples:
         for _ in range(per_problem):
-            st = rng.choice(STYLES)
+            st = rng.choice(STYLES) if weights is None else rng.choices(STYLES, weights=w)[0]
             out.append((ex.prompt, solve(ex.meta["a"], ex.meta["b"], ex.meta["op"], st)))
     return out
