@@ -117,7 +117,7 @@ def scripted_dapo(store: str, out: Path, acc: Accelerator) -> dict:
     trainer = Trainer(cfg, model=base.model(tok), tokenizer=tok, examples=exs, accelerator=acc)
     informative = {ex.id: int(ex.id[1:]) % 2 == 0 for ex in exs}  # half the prompts have mixed rewards
 
-    def fake(batch, round_):
+    def fake(batch, step, round_):
         gens, rewards = [], []
         for ex in batch:
             ids = trainer.rollouts.encode(ex)
@@ -126,7 +126,7 @@ def scripted_dapo(store: str, out: Path, acc: Accelerator) -> dict:
         lengths = torch.full((len(rewards),), 2.0)
         return gens, torch.tensor(rewards), lengths, 0
 
-    trainer._generate_and_score = fake
+    trainer.rollouts.generate_and_score = fake
     kept = []
     for _ in range(3):  # three steps
         seqs, _ = trainer.collect_rollouts()

@@ -147,7 +147,7 @@ def run(store: str | Path, out_dir: str | Path, accelerator: Accelerator | None 
         policy = model(tok)
         trainer = Trainer(cfg, model=policy, tokenizer=tok, examples=examples(), accelerator=acc)
         if agg == AGGS[0]:  # the trainer's own sharding of prompts and stored reference samples
-            result["local_prompts"] = [ex.id for ex in trainer._local_prompts(GROUPS)]
+            result["local_prompts"] = [ex.id for ex in trainer.rollouts.local_prompts(GROUPS)]
             result["ref_batch"] = [
                 (tuple(s.prompt_ids), tuple(s.response_ids)) for s in trainer.reference_batch()
             ]

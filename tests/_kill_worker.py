@@ -5,7 +5,7 @@ after patching one function so that the process SIGKILLs itself the N-th time it
 
 * ``prune``      : inside :func:`dphrl.fsutil.remove_dir`, after the rename, before the delete
                    (a checkpoint being pruned);
-* ``ckpt_write`` : while a checkpoint's files are being written (the 2nd ``torch.save`` of a save);
+* ``ckpt_write`` : while a checkpoint's files are being written (after its trainer_state.json);
 * ``final``      : inside :func:`dphrl.fsutil.replace_dir` for ``final/`` (temp written, not swapped);
 * ``metrics``    : inside the atomic rewrite of ``metrics.jsonl`` at resume (temp written, not renamed);
 * ``none``       : no kill; with N > 0 every step sleeps N/10 s (time for a test to send a signal).
@@ -52,17 +52,14 @@ def main() -> int:
 
         checkpoint.remove_dir = remove_dir
     elif point == "ckpt_write":
-        real_save = torch.save
+        real_write = checkpoint.atomic_write_text
 
-        def save(obj, f, *a, **kw):
-            if "/checkpoints/.step_" in str(f):
-                real_save(obj, f, *a, **kw)
-                if str(f).endswith("trainer_state.pt"):
-                    hit()
-                return None
-            return real_save(obj, f, *a, **kw)
+        def write(path, text):
+            real_write(path, text)
+            if "/checkpoints/.step_" in str(path) and str(path).endswith("trainer_state.json"):
+                hit()
 
-        checkpoint.torch.save = save
+        checkpoint.atomic_write_text = write
     elif point == "final":
         real_replace = fsutil.replace_dir
 

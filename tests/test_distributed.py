@@ -70,7 +70,7 @@ def test_two_processes_match_one(tmp_path):
     same = [k for k in r0["train_last"] if not k.startswith(local)]
     assert {k: r0["train_last"][k] for k in same} == {k: r1["train_last"][k] for k in same}
     ck = ddp_out / "train" / "checkpoints" / "step_000001"
-    assert (ck / "rng_0.pt").exists() and (ck / "rng_1.pt").exists()
+    assert (ck / "rng_0.json").exists() and (ck / "rng_1.json").exists()
     assert (ddp_out / "train" / "final" / "config.json").exists()
 
     # the two aggregations are different losses: the check above is not trivially satisfied

@@ -370,9 +370,10 @@ def test_resume_is_exact(tmp_path, tok, make_model):
         assert sorted(p.name for p in (ck / "step_000004").iterdir()) == [
             "COMPLETE",  # written last: only complete checkpoints are resumable
             "config.yaml",
-            "model.pt",
-            "rng_0.pt",
-            "trainer_state.pt",
+            "model.safetensors",
+            "optimizer.pt",
+            "rng_0.json",
+            "trainer_state.json",
         ]
 
     # final/ is a plain transformers model + tokenizer
@@ -397,7 +398,7 @@ def test_save_after_train_then_resume_with_more_steps(tmp_path, tok, make_model)
     b = Trainer(cfg2, model=make_model(), tokenizer=tok, examples=exs)
     b.train()
     first = b.save_checkpoint()
-    assert first.name == "step_000002" and (first / "model.pt").exists()
+    assert first.name == "step_000002" and (first / "model.safetensors").exists()
     cfg4 = base_cfg(tmp_path / "b", "grpo", max_steps=4, **kw)
     b2 = Trainer(cfg4, model=make_model(seed=7), tokenizer=tok, examples=exs)
     b2.resume("latest")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,10 @@ class Monitor:
         """One line of metrics.jsonl (and the trackers)."""
         if not self.acc.is_main_process:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out / "metrics.jsonl", "a") as f:  # one line per write, on disk before the next step
             f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if self.cfg.trackers:
             self.acc.log(metrics, step=step)
 

@@ -37,7 +37,14 @@ from transformers import get_scheduler
 
 from dphrl import checkpoint, divergences, sharding
 from dphrl.batching import pad_token_id
-from dphrl.checkpoint import CHECKPOINT_MARKER, RESUME_MUST_MATCH, TrainingStopped, model_card, push_folder
+from dphrl.checkpoint import (
+    CHECKPOINT_MARKER,
+    RESUME_MUST_MATCH,
+    CheckpointError,
+    TrainingStopped,
+    model_card,
+    push_folder,
+)
 from dphrl.config import ConfigError, TrainConfig
 from dphrl.data import load_examples
 from dphrl.data.example import Example
@@ -57,7 +64,7 @@ from dphrl.rollout import ReferenceBatches, RewardFailureError, RolloutCollector
 from dphrl.rundir import RunDirError, RunLock, StopSignals, claim_dir
 from dphrl.update import Updater, topk_tensors
 
-__all__ = ["CHECKPOINT_MARKER", "RESUME_MUST_MATCH", "PromptSampler", "RewardFailureError", "Seq", "StepCallback",
+__all__ = ["CHECKPOINT_MARKER", "RESUME_MUST_MATCH", "CheckpointError", "PromptSampler", "RewardFailureError", "Seq", "StepCallback",
            "Trainer", "TrainingStopped", "load_examples", "model_card", "push_folder", "topk_tensors"]
 
 #: ``callback(trainer, metrics)``, called after every step with that step's reduced metrics.
@@ -137,7 +144,8 @@ class Trainer:
         if cfg.gradient_checkpointing:  # recompute activations in backward: same gradients, less memory
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable({"use_reentrant": False})  # the checkpoint kwargs (first argument of either name)
-        base_fingerprint = weights_fingerprint(model) if needs_store(self.spec) else ""
+        base_fingerprint = weights_fingerprint(model)  # before LoRA: what a store or an adapter checkpoint needs
+        self.base_fingerprint = base_fingerprint
         if cfg.lora:
             from dphrl.models import apply_lora
 
@@ -247,9 +255,12 @@ class Trainer:
             with StopSignals() as stop:
                 return self._loop(stop)
         finally:
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _loop(self, stop: StopSignals) -> dict:
         cfg = self.cfg
@@ -393,7 +404,8 @@ class Trainer:
                  "ref_sampler": self.references.sampler.state_dict() if self.references.sampler else None,
                  "totals": self.totals}
         return checkpoint.save_checkpoint(self.out, self.step, acc=self.acc, coll=self.coll, model=self.model,
-                                          optimizer=self.optimizer, scheduler=self.scheduler, state=state, cfg=self.cfg)
+                                          optimizer=self.optimizer, scheduler=self.scheduler, state=state, cfg=self.cfg,
+                                          base_fingerprint=self.base_fingerprint)
 
     def resume(self, path: str | Path = "latest") -> None:
         """Restore model, optimizer, scheduler, RNG and data position from a checkpoint.
@@ -403,12 +415,17 @@ class Trainer:
         optimizer and every change is printed and recorded in ``resume_log.jsonl``. Keys that define
         the run (model, data, algorithm, seed, ...) must match: see :data:`RESUME_MUST_MATCH`.
         """
+        path = checkpoint.checkpoint_path(self.out, path)  # verified, read only: a refusal changes nothing
+        changes = checkpoint.resume_config_changes(path, self.cfg)
         self._claimed_for_resume = True
         self._claim_output_dir()
-        path = checkpoint.checkpoint_path(self.out, path)
-        changes = checkpoint.resume_config_changes(path, self.cfg)
-        st = checkpoint.load_checkpoint(path, acc=self.acc, coll=self.coll, model=self.model,
-                                        optimizer=self.optimizer, scheduler=self.scheduler, cfg=self.cfg)
+        try:
+            st = checkpoint.load_checkpoint(path, acc=self.acc, coll=self.coll, model=self.model,
+                                            optimizer=self.optimizer, scheduler=self.scheduler, cfg=self.cfg,
+                                            base_fingerprint=self.base_fingerprint)
+        except BaseException:
+            self._release()
+            raise
         self.weights.updated()
         self.rollouts.sampler.load_state_dict(st["sampler"])
         if self.references.sampler and st["ref_sampler"]:
