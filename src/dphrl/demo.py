@@ -161,7 +161,7 @@ def demo_claims(size: DemoSize) -> list[dict[str, Any]]:
             {"metric": f"pass@{K}", "left": d, "op": ">=", "right": "grpo", "offset": 0.03, "beyond_std": True,
              "text": f"cure: {d} pass@{K} >= GRPO + 3 points"},
             {"metric": "styles", "left": d, "op": ">", "right": "grpo", "text": f"cure: {d} keeps more styles than GRPO"},
-            {"metric": f"pass@{K}", "on": "ood", "left": d, "op": ">", "right": ["grpo", *rkls],
+            {"metric": f"pass@{K}", "set": "ood", "left": d, "op": ">", "right": ["grpo", *rkls],
              "text": f"cure: {d} loses less out of domain (pass@{K}) than GRPO and {' and '.join(rkls)}"},
         ]
     return claims

@@ -154,9 +154,10 @@ def _schedule(todo: list[Job], book: _Book, capacity: int, submit: Callable[[Job
     ``retry(error)``: the error says the worker died, not the job (run it once more)."""
     waiting, running, tries = list(todo), {}, {}
     while waiting or running:
-        for job in [j for j in waiting if _blocked(j, book)]:
-            waiting.remove(job)
-            book.skip(job, _blocked(job, book) or "")
+        while blocked := [j for j in waiting if _blocked(j, book)]:  # until no job waits on a failed one
+            for job in blocked:
+                waiting.remove(job)
+                book.skip(job, _blocked(job, book) or "")
         ready = [j for j in waiting if all(book.ok(d) for d in j.deps)]
         for job in ready[: max(0, capacity - len(running))]:
             waiting.remove(job)

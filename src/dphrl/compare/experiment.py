@@ -205,14 +205,14 @@ class Experiment:
                                   key=f"claims.{i}.metric")
             if c.metric == "forgetting" and self.forgetting_spec is None:
                 raise ConfigError(f"config key 'claims.{i}.metric': forgetting needs a 'forgetting' set", key=f"claims.{i}.metric")
-            if c.metric != "forgetting" and c.on not in labels and c.on not in labels.values():
-                raise ConfigError(f"config key 'claims.{i}.on': {c.on!r} is not an evaluation set; use "
-                                  f"{sorted(set(labels.values()) | set(labels))}", key=f"claims.{i}.on")
+            if c.metric != "forgetting" and c.set not in labels and c.set not in labels.values():
+                raise ConfigError(f"config key 'claims.{i}.set': {c.set!r} is not an evaluation set; use "
+                                  f"{sorted(set(labels.values()) | set(labels))}", key=f"claims.{i}.set")
 
-    def set_of(self, on: str) -> str:
-        """The evaluation set a claim's ``on`` names (a label or a set name)."""
+    def set_of(self, name: str) -> str:
+        """The evaluation set a claim's ``set`` names (a label or a set name)."""
         labels = self.eval_spec.labels()
-        return on if on in labels else next(n for n, lab in labels.items() if lab == on)
+        return name if name in labels else next(n for n, lab in labels.items() if lab == name)
 
     def to_dict(self) -> dict[str, Any]:
         """The experiment as its file's keys (what ``out/experiment.yaml`` holds)."""

@@ -158,7 +158,7 @@ class Claim(_Section):
     left: str | list = field_doc("", "A run name (method, ablation, method@key=value, base), a list of them, or '*' = every method.")
     op: str = field_doc(">", "Comparison.", OneOf(("<", "<=", ">", ">=")))
     right: str | list | float = field_doc("base", "A run name, a list (each must hold), or a number.")
-    on: str = field_doc("in", "The evaluation set: in | ood (one out-of-domain set) | a set's name. Ignored by forgetting.", Text(nonempty=True))
+    set: str = field_doc("in", "The evaluation set: in | ood (the one out-of-domain set) | a set's name. Ignored by forgetting.", Text(nonempty=True))
     scale: float = field_doc(1.0, "The right side is multiplied by this ...", Range())
     offset: float = field_doc(0.0, "... and this is added (e.g. -0.03: at least 3 points below).", Range())
     beyond_std: bool = field_doc(False, "Also require |left - right| to exceed the larger seed std of the two (several seeds only).", Flag())
@@ -184,5 +184,5 @@ class Claim(_Section):
         right = self.right if isinstance(self.right, int | float) else " and ".join(self.names("right"))
         rhs = f"{self.scale:g} x {right}" if self.scale != 1 else str(right)
         rhs += f" {'+' if self.offset >= 0 else '-'} {abs(self.offset):g}" if self.offset else ""
-        on = "" if self.metric == "forgetting" else f" ({self.on})"
+        on = "" if self.metric == "forgetting" else f" ({self.set})"
         return f"{' and '.join(self.names('left'))} {self.metric}{on} {self.op} {rhs}"

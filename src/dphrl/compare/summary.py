@@ -78,7 +78,7 @@ def _row(res: SeedResults, run: str, cols: list[tuple[str, str, str]]) -> dict[s
 def check_claim(claim: Claim, exp: Experiment, res: SeedResults) -> tuple[bool | None, str]:
     """(holds, the numbers) of one claim on ``res`` (several seeds: their means; ``beyond_std`` then also
     needs each gap to exceed the larger seed std). None when a run it names has no results."""
-    set_name = exp.set_of(claim.on) if claim.metric != "forgetting" else ""
+    set_name = exp.set_of(claim.set) if claim.metric != "forgetting" else ""
     left = list(exp.methods) if claim.names("left") == ["*"] else claim.names("left")
     rights: list[str | float] = [float(claim.right)] if isinstance(claim.right, int | float) else claim.names("right")
 

@@ -81,6 +81,7 @@ def _prepare(job: Job, log: Log, threads: int | None) -> str:
         info["store"] = {"counts": manifest["counts"], "mean_pass_rate": manifest.get("mean_pass_rate")}
     from dphrl.fsutil import atomic_write_text
 
+    job.marker().parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(job.marker(), json.dumps(info, indent=1))
     if "store" not in info:
         return f"seed {job.seed}: prepared ({', '.join(made) or 'nothing to make'})"

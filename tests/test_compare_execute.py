@@ -1,0 +1,80 @@
+"""Running a job list: a failing job is recorded and loses nothing else, finished jobs are not run again,
+and the submitit backend runs each job as one `dphrl compare --job` command (in submitit's local mode)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dphrl.compare import execute as ex
+from dphrl.compare.jobs import Job
+
+
+def _jobs(root: Path) -> list[Job]:
+    return [Job("p", "prepare", 0, "", str(root / "p")),
+            Job("t1", "train", 0, "a", str(root / "a"), ["p"]), Job("e1", "eval", 0, "a", str(root / "a"), ["t1"]),
+            Job("t2", "train", 0, "b", str(root / "b"), ["p"]), Job("e2", "eval", 0, "b", str(root / "b"), ["t2"])]
+
+
+def test_a_failing_job_is_recorded_and_the_others_run_then_resume_runs_only_it(tmp_path: Path, monkeypatch):
+    calls: list[str] = []
+
+    def fake(job: Job, **kw) -> dict:
+        calls.append(job.id)
+        if job.id == "t1":
+            raise RuntimeError("boom")
+        job.marker().parent.mkdir(parents=True, exist_ok=True)
+        job.marker().write_text("{}")
+        return {"seconds": 0.5, "message": job.id}
+
+    monkeypatch.setattr(ex, "run_job", fake)
+    jobs = _jobs(tmp_path)
+    status = ex.execute(jobs, tmp_path, backend="sequential", log=lambda m: None)
+    assert calls == ["p", "t1", "t2", "e2"]
+    assert status["t1"]["state"] == "failed" and status["t1"]["error"] == "RuntimeError: boom"
+    assert "RuntimeError: boom" in status["t1"]["traceback"]
+    assert status["e1"] == {"state": "skipped", "error": "needs t1, which did not finish"}
+    assert all(status[i]["state"] == "done" and status[i]["seconds"] == 0.5 for i in ("p", "t2", "e2"))
+    assert json.loads((tmp_path / ex.STATUS_FILE).read_text()) == status
+
+    calls.clear()
+    status = ex.execute(jobs, tmp_path, backend="sequential", log=lambda m: None)
+    assert calls == ["t1"]  # finished jobs are kept; the failed one runs again (and fails again)
+    assert status["p"] == {"state": "done", "seconds": 0.5, "earlier": True}
+    assert status["e1"]["state"] == "skipped"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("submitit") is None,
+                    reason="submitit is not installed (pip install 'dphrl[compare]')")
+def test_submitit_local_mode_runs_each_job_as_a_dphrl_command(tmp_path: Path):
+    from dphrl.demo import build_base_model
+
+    base = build_base_model(tmp_path / "base", steps=2, hidden=32, layers=2, batch=8, hi=9)
+
+    def styles(op: str) -> dict:
+        return {"type": "styles", "op": op, "split": "test", "hi": 9, "n_test": 20, "limit": 4}
+
+    exp = {"base": {"model": str(base), "dataset": {**styles("add"), "split": "train"}, "reward": "styles",
+                    "max_steps": 1, "prompts_per_step": 2, "rollout_n": 2, "max_new_tokens": 8,
+                    "reward_workers": 0, "micro_batch_size": 8},
+           "methods": {"grpo": {"algorithm": "grpo"}},
+           "evaluation": {"in_domain": {"add": styles("add")}, "out_of_domain": {"sub": styles("sub")}, "n": 2}}
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(exp))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "dphrl.cli", "compare", "--config", str(cfg), "--out", str(out),
+                           "--backend", "submitit", "--cluster", "local", "--workers", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = json.loads((out / ex.STATUS_FILE).read_text())
+    assert set(status) == {"seed0/prepare", "seed0/eval/base", "seed0/train/grpo", "seed0/eval/grpo"}
+    assert all(s["state"] == "done" and s["seconds"] > 0 for s in status.values())
+    assert list((out / "submitit").glob("*_log.out"))  # submitit ran them: its logs are there
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert set(summary["table"]) == {"base", "grpo"}
