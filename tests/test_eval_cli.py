@@ -46,3 +46,39 @@ def test_eval_refuses_before_loading_anything(tmp_path, model_dir):
     (tmp_path / "c" / "results.json").write_text("{}")
     assert main(["eval", "--model", str(model_dir), "--data", data, "--out", str(tmp_path / "c")]) == 2
     assert (tmp_path / "c" / "results.json").read_text() == "{}"  # nothing replaced without --overwrite
+
+
+def test_eval_reports_forgetting_on_a_forgetting_set(tmp_path, model_dir):
+    """`--forgetting-set`: the base scored on its own samples forgets exactly 0; another model forgets > 0;
+    `dphrl report` shows both; a damaged set is refused before any model is loaded."""
+    import torch
+
+    from dphrl.evaluation.forgetting import sample_forgetting_set
+    from dphrl.models import load_model, load_tokenizer
+    from dphrl.sft import save_model
+    from dphrl.tasks import styles
+
+    fset = tmp_path / "fset"
+    sample_forgetting_set(load_model(str(model_dir)), load_tokenizer(str(model_dir)),
+                          styles.make_examples("sub", "test", limit=3), fset, n=2, max_new_tokens=4)
+    other, sharp = tmp_path / "other_model", load_model(str(model_dir))
+    with torch.no_grad():
+        sharp.get_output_embeddings().weight.mul_(20)  # a sharper next-token distribution than the base's
+    save_model(sharp, load_tokenizer(str(model_dir)), other)
+    data = "add={type: styles, op: add, split: test, limit: 2}"
+    kl = {}
+    for name, model in (("base", model_dir), ("other", other)):
+        assert main(["eval", "--model", str(model), "--data", data, "--n", "2", "--max-new-tokens", "4", "--engine",
+                     "hf", "--reward-workers", "0", "--forgetting-set", str(fset), "--out", str(tmp_path / name)]) == 0
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        kl[name] = res["forgetting"]["forgetting/kl_per_token"]
+        assert res["forgetting"]["forgetting/sequences"] == 6 and (tmp_path / name / "samples.jsonl").is_file()
+    assert kl["base"] == 0.0 and kl["other"] > 0.1
+    assert main(["report", str(tmp_path / "base"), str(tmp_path / "other"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Forgetting" in md and f"| other | 1 | {kl['other']:.4f} |" in md
+    (fset / "samples.parquet").write_bytes(b"damaged")
+    with pytest.raises(SystemExit, match="checksum"):
+        main(["eval", "--model", str(model_dir), "--data", data, "--forgetting-set", str(fset),
+              "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()

@@ -144,6 +144,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if not exs:
             raise SystemExit(f"dphrl eval: --data {name}={spec} gave no examples; check its path and filters")
         datasets_in[name] = exs
+    fset = None
+    if args.forgetting_set:  # checked before any model is loaded
+        from dphrl.evaluation.forgetting import load_forgetting_set
+        from dphrl.reference import StoreCorruptError
+
+        try:
+            fset = load_forgetting_set(args.forgetting_set)
+        except StoreCorruptError as e:
+            raise SystemExit(f"dphrl eval: --forgetting-set: {e}") from e
     _refuse_existing(Path(args.out), "dphrl eval", overwrite=args.overwrite, marker="results.json")
     engine_name = resolve_engine(args.engine)
     if engine_capabilities(engine_name).needs_model:
@@ -172,12 +181,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             limit = 2 * (BIRD_OFFICIAL_TIMEOUT_S if mode == "bird-official" else 2 * SPIDER_OFFICIAL_TIMEOUT_S)
             timeout_s = max(timeout_s, limit + 5)
         style_fns[name], answer_fns[name] = eval_hooks(exs)  # the task's labels (dphrl.tasks), if any
+    records: list[dict] = []
     res = evaluate(
         engine, tok, datasets, rewards, n=args.n,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        out_dir=args.out, style_fn=style_fns, answer_fn=answer_fns, num_workers=args.reward_workers,
-        model_name=args.model, timeout_s=timeout_s,
+        out_dir=None if fset else args.out, style_fn=style_fns, answer_fn=answer_fns, num_workers=args.reward_workers,
+        model_name=args.model, timeout_s=timeout_s, records_out=records,
     )  # prints the table
+    if fset is not None:  # forward KL(base || this model) per token on the base's samples of held-out prompts
+        from dphrl.evaluation.forgetting import forgetting
+        from dphrl.evaluation.runner import write_results
+
+        if model is None:  # the engine read the weights itself: the forgetting forward needs the HF model
+            tok, model = _load_for_generation(args.model, args.dtype)
+        res["forgetting"] = forgetting(model, tok, fset)
+        write_results(args.out, res, records)
+        f = res["forgetting"]
+        print(f"forgetting: KL(base || model) {f['forgetting/kl_per_token']:.4f} ± "
+              f"{f['forgetting/stderr_per_token']:.4f} per token ({int(f['forgetting/sequences'])} base samples)")
     print(f"results: {Path(args.out) / 'results.json'} ({len(res['datasets'])} datasets)")
     return 0
 
@@ -336,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Generation engine: auto (vllm when installed and a CUDA GPU is present, else hf) | hf | vllm "
                         "| package.module:factory.")
     e.add_argument("--dtype", default="bfloat16", help="Model dtype on a GPU (the CPU always uses float32).")
+    e.add_argument("--forgetting-set", default=None,
+                   help="Also report forgetting: the forward KL from the base per token on this set of base-model samples "
+                        "(dphrl.evaluation.forgetting; dphrl compare writes one per seed: OUT/seed<s>/forgetting_set).")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--overwrite", action="store_true", help="Replace results found in --out.")
     e.set_defaults(fn=cmd_eval)

@@ -25,7 +25,14 @@ from dphrl.evaluation.escape import md_escape, one_line
 from dphrl.evaluation.findings import TOL, findings, notes
 from dphrl.evaluation.plots import plot_eval_steps, plot_passk, plot_styles, plot_training
 from dphrl.evaluation.report_data import BASE_NAME, Run, RunDirs, load_runs
-from dphrl.evaluation.tables import Table, diversity_table, eval_table, main_table, style_table
+from dphrl.evaluation.tables import (
+    Table,
+    diversity_table,
+    eval_table,
+    forgetting_table,
+    main_table,
+    style_table,
+)
 
 __all__ = [
     "BASE_NAME",
@@ -35,6 +42,7 @@ __all__ = [
     "eval_curves",
     "eval_table",
     "findings",
+    "forgetting_table",
     "load_runs",
     "main_table",
     "md_escape",
@@ -65,6 +73,11 @@ _EVAL_INTRO = (
     "while pass@n falls is diversity collapse as it happens. n: the largest k the run logged."
 )
 _DIVERSITY_INTRO = "Means over problems (similarity: Jaccard over word bigrams of correct solutions)."
+_FORGETTING_INTRO = (
+    "Forward KL(base || model) per token on the base model's own samples of held-out prompts of another domain "
+    "(label-free forgetting, RL's Razor: dphrl.evaluation.forgetting); 0 for the base. Mean ± std over seeds; "
+    "the std. error is the sampling error of one seed's estimate."
+)
 
 
 def _legend(base: str) -> str:
@@ -142,6 +155,7 @@ class _Content:
     main: Table
     diversity: Table
     styles: Table | None
+    forgetting: Table | None
     steps: Table | None
     images: dict[str, tuple[str, Path]]  # the "Plots" section
     steps_image: tuple[str, Path] | None  # shown with the steps table
@@ -173,6 +187,8 @@ def _markdown(c: _Content) -> str:
     md += ["## Diversity", "", _DIVERSITY_INTRO, "", c.diversity.markdown(), ""]
     if c.styles is not None:
         md += ["## Styles", "", c.styles.markdown(), ""]
+    if c.forgetting is not None:
+        md += ["## Forgetting", "", _FORGETTING_INTRO, "", c.forgetting.markdown(), ""]
     md += ["## Runs", ""] + [f"- {md_escape(line, line_start=True)}" for line in c.config] + [""]
     return "\n".join(md)
 
@@ -220,6 +236,8 @@ def _html(c: _Content) -> str:
     h += ["<h2>Diversity</h2>", f"<p>{html.escape(_DIVERSITY_INTRO)}</p>", c.diversity.html()]
     if c.styles is not None:
         h += ["<h2>Styles</h2>", c.styles.html()]
+    if c.forgetting is not None:
+        h += ["<h2>Forgetting</h2>", f"<p>{html.escape(_FORGETTING_INTRO)}</p>", c.forgetting.html()]
     h += ["<h2>Runs</h2><ul>"] + [f"<li>{html.escape(line)}</li>" for line in c.config]
     return "\n".join(h + ["</ul></body></html>"])
 
@@ -251,6 +269,7 @@ def write_report(
         main=main_table(runs, base_name=base_name),
         diversity=diversity_table(runs),
         styles=style_table(runs),
+        forgetting=forgetting_table(runs),
         steps=eval_table(runs),
         images=images,
         steps_image=steps_image,

@@ -1,5 +1,5 @@
-"""Report tables: a :class:`Table` (Markdown, plain text, HTML; all escaped) and the four tables built
-from runs: results (pass@k, Δ vs base), diversity, style shares and Pass@k over training steps."""
+"""Report tables: a :class:`Table` (Markdown, plain text, HTML; all escaped) and the tables built from
+runs: results (pass@k, Δ vs base), diversity, style shares, forgetting and Pass@k over training steps."""
 
 from __future__ import annotations
 
@@ -164,6 +164,23 @@ def style_table(runs: Sequence[Run]) -> Table | None:
         if has(run, d, "styles")
     ]
     return Table(header, rows)
+
+
+def forgetting_table(runs: Sequence[Run]) -> Table | None:
+    """Method: forgetting, the forward KL from the base per token on the base's own samples of held-out
+    prompts (``results["forgetting"]``, :mod:`dphrl.evaluation.forgetting`); None when no run has it."""
+    def values(run: Run, key: str) -> list[float | None]:
+        return [(r.get("forgetting") or {}).get(f"forgetting/{key}") for r in run.results]
+
+    rows = [[run.name, str(sum(v is not None for v in values(run, "kl_per_token"))),
+             fmt(stats(values(run, "kl_per_token")), pct=False, digits=4),
+             fmt(stats(values(run, "stderr_per_token")), pct=False, digits=4),
+             fmt(stats(values(run, "kl_per_seq")), pct=False, digits=3),
+             _count(stats(values(run, "sequences")))]
+            for run in runs if any(v is not None for v in values(run, "kl_per_token"))]
+    if not rows:
+        return None
+    return Table(["method", "seeds", "KL per token", "its std. error", "KL per sequence", "base samples"], rows)
 
 
 def _step_str(x: float) -> str:
