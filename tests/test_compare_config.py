@@ -97,3 +97,10 @@ def test_rehearsing_methods_must_agree_on_the_shared_store(tmp_path: Path):
     with pytest.raises(ConfigError) as err:
         plan(load_experiment(path), tmp_path / "out")
     assert "methods.dph-js.presample_n" in str(err.value) and "share one presample store" in str(err.value)
+
+
+def test_docs_list_every_experiment_key():
+    from dphrl.compare import experiment_help
+
+    doc = (EXAMPLE.parents[2] / "docs" / "config.md").read_text()
+    assert experiment_help() in doc, "docs/config.md is stale: regenerate its 'Experiment keys' with experiment_help()"

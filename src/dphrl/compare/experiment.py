@@ -29,6 +29,7 @@ from dphrl.compare.sections import (
     Claim,
     Evaluation,
     Forgetting,
+    Seeds,
     did_you_mean,
     field_doc,
     type_ok,
@@ -53,13 +54,13 @@ class Experiment:
     base_config: str = field_doc("", "A dphrl train YAML (relative to the experiment file) every method starts from.", Text())
     base: dict = field_doc({}, "Training config keys on top of base_config (model, dataset, reward, budget, ...; `dphrl config` lists them).")
     methods: dict = field_doc({}, "{name: {training config keys}}: each method is the base config with these keys, e.g. {grpo: {algorithm: grpo}, dph-f: {algorithm: dph, divergence: forward_kl, eta: 0.3}}.")
-    seeds: list | int = field_doc([0], "Seeds: a list, or N for 0..N-1. Per seed: its own base model (when built), presample store, forgetting set and every training.")
+    seeds: list | int = field_doc([0], "Seeds: a list, or N for 0..N-1. Per seed: its own base model (when built), presample store, forgetting set and every training.", Seeds())
     sweeps: dict = field_doc({}, "{method: {key: [values]}}: more coefficients of a method's family (eta, kl_coef, ...); each value is a run named method@key=value. A family's points give its Pass@1-Pass@K curve: families are compared at matched in-domain Pass@1.")
     ablations: dict = field_doc({}, "{name: {training config keys}}: more methods, reported beside the sweep (not in the main table, not in a claim's '*').")
     evaluation: dict = field_doc({}, "How every model and the base are evaluated (keys: Evaluation below). Required.")
     forgetting: dict = field_doc({}, "Optional forgetting set (keys: Forgetting below).")
     claims: list = field_doc([], "Claims checked on the results (each: Claim below).")
-    base_model: dict = field_doc({}, "Build the base model per seed instead of taking base.model: {build: package.module:function, args: {...}}, called as function(out_dir, seed=seed, threads=threads, **args); it must save a transformers checkpoint in out_dir (the demo trains one from scratch).")
+    base_model: dict = field_doc({}, "Build the base model per seed instead of taking base.model: {build: package.module:function, args: {...}}, called as function(out_dir, seed=seed, **args) (torch threads already set by the runner); it must save a transformers checkpoint in out_dir (the demo trains one from scratch).")
     prompts_per_call: int = field_doc(16, "Prompts per generation call in presample, evaluation and the forgetting set (each call's sampling seed follows its first prompt, so the samples depend on it).", Range(ge=1))
     #: where the file came from (None: built in code) and the line of every key in it
     source: Path | None = field(default=None, repr=False, metadata={"internal": True})
@@ -167,11 +168,6 @@ class Experiment:
             if own in values or len(set(map(str, values))) != len(values):
                 raise ConfigError(f"config key '{key}.{k}': {values} repeats a value (the method's own {k} is {own})",
                                   key=f"{key}.{k}")
-        for i, s in enumerate(self.seeds):
-            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**32:
-                raise ConfigError(f"config key 'seeds.{i}': got {s!r}, expected an integer in [0, 2**32)", key=f"seeds.{i}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"config key 'seeds': {self.seeds} repeats a seed", key="seeds")
         if self.base_model and (set(self.base_model) - {"build", "args"} or not isinstance(self.base_model.get("build"), str)):
             raise ConfigError(f"config key 'base_model': {{build: package.module:function, args: {{...}}}}, got "
                               f"{self.base_model!r}", key="base_model")
@@ -268,5 +264,6 @@ def experiment_help() -> str:
                        (Claim, "claims (each item)")):
         table = config_help(cls).splitlines()
         table = table[:2] + [r for r in table[2:] if not r.startswith(("| `source`", "| `lines`"))]
-        out += [f"**{title}**: {(cls.__doc__ or '').strip().splitlines()[0]}", "", *table, ""]
+        doc = " ".join((cls.__doc__ or "").split()).replace("``", "`").replace(":mod:", "")
+        out += [f"**{title}**: {doc}", "", *table, ""]
     return "\n".join(out)

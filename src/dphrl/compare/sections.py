@@ -15,9 +15,24 @@ import yaml
 
 from dphrl.config import Check, ConfigError, DatasetSpec, Flag, Items, OneOf, Range, Text
 
-__all__ = ["Claim", "Evaluation", "Forgetting", "METRIC", "did_you_mean", "field_doc", "type_ok", "yaml_lines"]
+__all__ = ["Claim", "Evaluation", "Forgetting", "METRIC", "Seeds", "did_you_mean", "field_doc", "type_ok", "yaml_lines"]
 
 METRIC = re.compile(r"^(pass@(\d+)|greedy|styles|answer acc|forgetting)$")
+
+
+@dataclass(frozen=True)
+class Seeds(Check):
+    """``seeds``: distinct integers in [0, 2**32) (an integer N >= 1 is turned into 0..N-1 before this check)."""
+
+    def describe(self, noun: str) -> str:
+        return "a list of distinct integers in [0, 2**32), or N >= 1 for 0..N-1"
+
+    def __call__(self, key: str, value: Any, noun: str) -> None:
+        for i, s in enumerate(value):
+            if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**32:
+                raise ConfigError(f"config key '{key}.{i}': got {s!r}, expected an integer in [0, 2**32)", key=f"{key}.{i}")
+        if not value or len(set(value)) != len(value):
+            raise ConfigError(f"config key '{key}': got {value}, expected {self.describe(noun)}", key=key)
 
 
 def field_doc(default: Any, help: str, check: Check | None = None) -> Any:
