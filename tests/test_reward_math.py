@@ -6,13 +6,14 @@ import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from dphrl.data.example import Example
 from dphrl.rewards import get_reward
 from dphrl.rewards import math as mr
-from dphrl.rewards.math import extract_answer, score
+from dphrl.rewards.math import extract_answer, number_reward, number_score, score
 
 try:
     from _shared import require_shared
@@ -156,3 +157,129 @@ def test_pathological_inputs_bounded_in_a_thread():
             s = ex.submit(score, PATHOLOGICAL[name], "5", timeout_s=timeout).result()
             assert time.monotonic() - t0 < timeout + 1.0, name
             assert s == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ``number`` reward on real SmolLM2-135M-Instruct outputs
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _labelled(name: str = "smollm2_arith_labelled.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line.strip()]
+
+
+def _number(response: str, answer: str, prompt: str | None = None) -> float:
+    msgs = [{"role": "user", "content": prompt}] if prompt else []
+    return number_reward(response, Example(id="x", prompt=msgs, answer=answer))
+
+
+def _errors(rows: list[dict], name: str) -> tuple[list[str], list[str], int, int]:
+    """False positives and negatives of the ``number`` reward against the labels (printed as rates)."""
+    scored = [(r, _number(r["response"], r["answer"], r["prompt"])) for r in rows]
+    fp = [r["response"] for r, s in scored if r["label"] == 0 and s >= 1.0]
+    fn = [r["response"] for r, s in scored if r["label"] == 1 and s < 1.0]
+    neg = sum(r["label"] == 0 for r in rows)
+    pos = len(rows) - neg
+    print(f"{name}: {len(rows)} responses, FP {len(fp)}/{neg} = {len(fp) / neg:.3f}, "
+          f"FN {len(fn)}/{pos} = {len(fn) / pos:.3f}")
+    return fp, fn, neg, pos
+
+
+def test_labelled_set_is_what_it_claims():
+    """815 distinct sampled responses, labelled by hand (rule in tests/data/README.md), a third held out."""
+    rows = _labelled()
+    assert len({(r["prompt"], r["response"]) for r in rows}) == len(rows) >= 300
+    assert {r["temperature"] for r in rows} == {0.7, 1.0} and {r["max_new_tokens"] for r in rows} == {64}
+    assert {r["label"] for r in rows} == {0, 1} and {r["part"] for r in rows} == {"dev", "heldout"}
+    pats = (("+", r"\+|plus|sum|[Aa]dd"), ("-", r" - |minus|[Ss]ubtract"),
+            ("*", r"[*×]|times|product|[Mm]ultiply"))
+    ops = {op for r in rows for op, pat in pats if re.search(pat, r["prompt"])}
+    assert ops == {"+", "-", "*"} and any(re.search(r"\d\d \+ \d\d", r["prompt"]) for r in rows)
+    held = {r["prompt"] for r in rows if r["part"] == "heldout"}
+    assert not held & {r["prompt"] for r in rows if r["part"] == "dev"}  # split by prompt
+    assert 0.25 < len([r for r in rows if r["part"] == "heldout"]) / len(rows) < 0.4
+
+
+@pytest.mark.parametrize("part", ["dev", "heldout"])
+def test_number_reward_agrees_with_hand_labels(part):
+    """False-positive and false-negative rates of the ``number`` reward against the hand labels, <= 1 %
+    on the part it was developed on (dev) and on the held-out third."""
+    fp, fn, neg, pos = _errors([r for r in _labelled() if r["part"] == part], part)
+    assert len(fp) <= 0.01 * neg, fp
+    assert len(fn) <= 0.01 * pos, fn
+
+
+def test_number_reward_on_fresh_labelled_outputs():
+    """298 later responses (temperatures 0.5, 0.7 and 1.0), labelled blind after the reward was built on
+    the set above (tests/data/README.md): the reward's rates there, kept from getting worse."""
+    rows = _labelled("smollm2_arith_fresh_labelled.jsonl")
+    keys = {(r["prompt"], r["response"]) for r in rows}
+    assert len(rows) == len(keys) == 298 and not keys & {(r["prompt"], r["response"]) for r in _labelled()}
+    fp, fn, _, _ = _errors(rows, "fresh")
+    assert len(fp) <= 3 and len(fn) <= 1, (fp, fn)
+
+
+@pytest.mark.parametrize(("prompt", "answer", "response", "want"), [
+    # the answer on a later line; the first line only restates the question
+    ("What is 9 + 5?", "14", "To compute 9 plus 5, we add them.\n\n9 + 5 = 14", 1.0),
+    ("Compute 9 plus 5.", "14", "In code, this would be 9 + 5 = 14, which is the result of 9 + 5.", 1.0),
+    ("What is 9 + 8?", "17", "9 + 8 = 17\n\nSo, 9 + 8 = 17. The answer is just 17.", 1.0),
+    ("What is 8 + 5?", "13", "The answer is correctly represented below.\n8 + 5 = 13", 1.0),
+    # restated operands are not answers
+    ("What is the sum of 0 and 7?", "7", "The sum of 0 and 7 is actually a mad idea.", 0.0),
+    ("What is 3 + 7?", "10", "Three is the original and 7 = 10,", 0.0),
+    ("What is 0 + 6?", "6", "2 is not a solution to 1 + 6.", 0.0),
+    # two answers, hedges, answers carried on to another result, negated statements
+    ("8 + 3 = ?", "11", "10 is the answer to 8 + 3, which is 11.", 0.0),
+    ("Add 3 and 6.", "9", "The sum of 3 and 6 is 18. So, 3 + 6 = 9.", 0.0),
+    ("9 + 4 = ?", "13", "In this case, 9 + 4 = 13, so 13 + 4 = 17.", 0.0),
+    ("Multiply 4 and 9.", "36", "4 multiplied by 9 equals 36, and then 36 adds up to 120.", 0.0),
+    ("Compute 3 minus 2.", "1", "3 minus 2 = 1 and a bit", 0.0),
+    ("6 + 6 = ?", "12", "It is not possible to have 6 + 6 = 12 with no fractional form.", 0.0),
+    ("8 + 8 = ?", "16", "The answer is 8 + 8 = 16, but for some, 8 + 8 is 18 which is incorrect.", 1.0),
+    # statements about other expressions are not answers
+    ("6 + 9 = ?", "15", "6 + 9 = 15\n\nHere's how to multiply 6 and 9:\n\n6 * 9 = 54", 1.0),
+    ("What is 8 × 6?", "48", "14 + 8 = 22\n8 × 6 = 48", 1.0),
+    ("What is 2 + 1?", "3", "A simple answer: 2 + 1 is simply a statement of equality.", 0.0),
+    ("What is 5 + 7?", "12", "5 is the result of the product of 10 and 7. So, 5 + 7 = 12.", 1.0),
+    ("Compute 5 plus 9.", "14", "5 + 9 = 14?", 0.0),
+    ("2 + 0 = ?", "2", "Code must be 2 + 0 = 2 but that does not provide the actual equation.", 0.0),
+    ("Add 0 and 4.", "4", "The number 0 is added to 4 to get 4.", 1.0),
+    ("What is the sum of 9 and 4?", "13", "The sum of 9 and 4 must be 13.", 1.0),
+    # words are operands, never the answer
+    ("What is 1 + 2?", "3", "One + Two equals 3.", 1.0),
+    ("What is 8 + 5?", "13", "thirteen", 0.0),
+    # cut before an answer
+    ("What is 5 + 4?", "9", "To solve this problem, let's add 5 and 4. When you add", 0.0),
+    # other forms
+    ("What is the product of 7 and 6?", "42", "The product of 7 and 6 is 42.", 1.0),
+    ("Subtract 5 from 9.", "4", "1. 9 - 5 = 4\n\nHere's just the number: 4", 1.0),
+    ("What is 65 + 935?", "1000", "The answer is 1,000.", 1.0),
+    ("What is 2 - 5?", "-3", "2 - 5 = -3", 1.0),
+    ("What is 8 + 5?", "13", "\\boxed{13}", 1.0),
+    # a word problem: intermediate equations are not answers, the one whose value is the reference is
+    ("Tom has 3 apples and buys 5 bags of 2 apples. How many apples does he have?", "13",
+     "5 * 2 = 10 apples in the bags. 3 + 10 = 13. The answer is 13.", 1.0),
+    ("Tom has 3 apples and buys 5 bags of 2 apples. How many apples does he have?", "13",
+     "5 * 2 = 10 apples in the bags. 3 + 10 = 13. The answer is 14.", 0.0),
+])
+def test_number_reward_cases(prompt, answer, response, want):
+    assert _number(response, answer, prompt) == want
+
+
+def test_number_reward_without_prompt_and_plain_api():
+    assert _number("8 + 5 = 13", "13") == 1.0 and _number("12\n13", "13") == 0.0
+    assert number_score("The sum of 8 and 5 is 13.", "13") == 1.0
+    assert number_score("7", "7", [{"role": "user", "content": "What is 3 + 4?"}]) == 1.0
+    with pytest.raises(ValueError):
+        number_reward("7", Example(id="y", prompt=[]))
+
+
+@pytest.mark.parametrize("text", ["1+" * 50_000 + "1", "one plus " * 10_000, "3 + 4 = 7 = " * 8_000,
+                                  "7\n" * 50_000, "not 3 + 4 = 7 " * 7_000, "the answer is " * 8_000,
+                                  "3 and 4 and " * 8_000, "9" * 100_000])
+def test_number_reward_is_fast_on_long_inputs(text):
+    t0 = time.monotonic()
+    _number(text, "7", "What is 3 + 4?")
+    assert time.monotonic() - t0 < 2.0
