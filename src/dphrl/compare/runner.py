@@ -63,9 +63,8 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int = 2, backen
         seeds, runs = len(exp.seeds), len(exp.run_overrides())
         log(f"{seeds} seed(s) x ({runs} trainings + evaluations, base evaluation, prepare) = {len(jobs)} jobs, "
             f"backend {backend}" + (f", {workers} worker(s)" if backend != "sequential" else ""))
-        threads = max(1, min(workers, _cpus())) if seeds == 1 else 1  # one seed: its base model takes idle cores
-        status = execute(jobs, out, backend=backend, workers=workers, prepare_threads=threads, log=log,
-                         submitit_params=submitit_params)
+        status = execute(jobs, out, backend=backend, workers=workers, prepare_threads=_prepare_threads(seeds, workers),
+                         log=log, submitit_params=submitit_params)
         if state is not None:
             state.wait_for_everyone()
         if not main:
@@ -76,10 +75,15 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int = 2, backen
             lock.release()
 
 
-def _cpus() -> int:
+def _prepare_threads(seeds: int, workers: int) -> int:
+    """Torch threads of a ``prepare`` job in the local pool: with one seed nothing else can run while its
+    base model is built, so it takes the workers' cores as threads, but only the cores that are idle
+    (on a shared, busy machine extra threads make it several times slower, not faster)."""
     import os
 
-    return os.cpu_count() or 1
+    cpus = os.cpu_count() or 1
+    idle = cpus - os.getloadavg()[0]
+    return max(1, min(workers, cpus, round(idle))) if seeds == 1 else 1
 
 
 def write_compare_report(exp: Experiment, out: str | Path, jobs: list[Job] | None = None,
