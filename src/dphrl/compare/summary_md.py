@@ -108,7 +108,9 @@ def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description
              "(a resumed experiment skips finished jobs)."]
     if description:
         lines += ["", description.strip()]
-    lines += ["", *_table(summary["table"], "method")]
+    lines += ["", *_table(summary["table"], "method"), "",
+              "Pass@k tables and curves per set, Pass@k over training steps, training curves and style shares of "
+              "the base and the methods: [report.md](report.md), self-contained [report.html](report.html)."]
     lines += _claims(summary)
     lines += _matched(summary.get("matched") or {}, k)
     if summary.get("forgetting"):
