@@ -50,12 +50,13 @@ def test_a_failing_job_is_recorded_and_the_others_run_then_resume_runs_only_it(t
     assert status["e1"]["state"] == "skipped"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("submitit") is None,
-                    reason="submitit is not installed (pip install 'dphrl[compare]')")
-def test_submitit_local_mode_runs_each_job_as_a_dphrl_command(tmp_path: Path):
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory) -> Path:
+    """A one-method experiment on a barely trained tiny model (seconds per job)."""
     from dphrl.demo import build_base_model
 
-    base = build_base_model(tmp_path / "base", steps=2, hidden=32, layers=2, batch=8, hi=9)
+    root = tmp_path_factory.mktemp("exp")
+    base = build_base_model(root / "base", steps=2, hidden=32, layers=2, batch=8, hi=9)
 
     def styles(op: str) -> dict:
         return {"type": "styles", "op": op, "split": "test", "hi": 9, "n_test": 20, "limit": 4}
@@ -65,16 +66,29 @@ def test_submitit_local_mode_runs_each_job_as_a_dphrl_command(tmp_path: Path):
                     "reward_workers": 0, "micro_batch_size": 8},
            "methods": {"grpo": {"algorithm": "grpo"}},
            "evaluation": {"in_domain": {"add": styles("add")}, "out_of_domain": {"sub": styles("sub")}, "n": 2}}
-    cfg = tmp_path / "exp.yaml"
-    cfg.write_text(yaml.safe_dump(exp))
+    (root / "exp.yaml").write_text(yaml.safe_dump(exp))
+    return root / "exp.yaml"
+
+
+BACKENDS = [
+    ("sequential", []),  # what `accelerate launch -m dphrl.cli compare --backend sequential` runs, on one process
+    pytest.param("submitit", ["--cluster", "local"], marks=pytest.mark.skipif(
+        importlib.util.find_spec("submitit") is None, reason="submitit is not installed (pip install 'dphrl[compare]')")),
+]
+
+
+@pytest.mark.parametrize("backend,extra", BACKENDS)
+def test_backend_runs_every_job(tmp_path: Path, tiny_experiment: Path, backend: str, extra: list[str]):
+    """sequential: in this process; submitit (local mode): each job one `dphrl compare --job` command."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "dphrl.cli", "compare", "--config", str(cfg), "--out", str(out),
-                           "--backend", "submitit", "--cluster", "local", "--workers", "2"],
+    proc = subprocess.run([sys.executable, "-m", "dphrl.cli", "compare", "--config", str(tiny_experiment), "--out",
+                           str(out), "--backend", backend, *extra, "--workers", "2"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = json.loads((out / ex.STATUS_FILE).read_text())
     assert set(status) == {"seed0/prepare", "seed0/eval/base", "seed0/train/grpo", "seed0/eval/grpo"}
     assert all(s["state"] == "done" and s["seconds"] > 0 for s in status.values())
-    assert list((out / "submitit").glob("*_log.out"))  # submitit ran them: its logs are there
+    if backend == "submitit":
+        assert len(list((out / "submitit").glob("*_log.out"))) == 4  # submitit ran each of them
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert set(summary["table"]) == {"base", "grpo"}

@@ -37,7 +37,15 @@ def run_job(job: Job | dict[str, Any], *, threads: int | None = None, log: Log =
     if threads is not None:
         torch.set_num_threads(threads if job.kind == "prepare" else 1)
     t0 = time.time()
-    message = _prepare(job, log, threads) if job.kind == "prepare" else {"train": _train, "eval": _evaluate}[job.kind](job, log)
+    try:
+        message = (_prepare(job, log, threads) if job.kind == "prepare"
+                   else {"train": _train, "eval": _evaluate}[job.kind](job, log))
+    finally:  # jobs run one after another in one process (sequential backend): free the last one's memory
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return {"seconds": time.time() - t0, "message": message}
 
 
