@@ -1,5 +1,6 @@
 """Running a job list: a failing job is recorded and loses nothing else, finished jobs are not run again,
-and the submitit backend runs each job as one `dphrl compare --job` command (in submitit's local mode)."""
+and the sequential and submitit backends run every job end to end (submitit in its local mode: each job
+one `dphrl compare --job` command)."""
 
 from __future__ import annotations
 
