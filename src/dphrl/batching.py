@@ -142,31 +142,3 @@ def _entropy_no_grad(logits: torch.Tensor, logz: torch.Tensor, max_elems: int = 
         p = torch.exp(lg - lz.unsqueeze(-1))  # (b, T, V)
         out[i : i + rows] = lz - (p * torch.where(p > 0, lg, torch.zeros_like(lg))).sum(-1)  # (b, T)
     return out
-
-
-@torch.no_grad()
-def sequence_logprobs(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    responses: list[list[int]],
-    pad_id: int,
-    temperature: float = 1.0,
-    micro_batch_size: int = 16,
-    device: torch.device | str | None = None,
-    top_p: float = 1.0,
-) -> list[list[float]]:
-    """Per-token log pi(response | prompt) of each pair (no grad, fp32), micro-batch by micro-batch.
-
-    One packed forward per micro-batch, the packed layout of the update: presample's recomputed
-    log pi_ref (engines without exact log-probs), the TRL integration's store check and the forgetting
-    measure use it (call it under the training autocast for the same numerics). The dphrl trainer's own
-    no-grad forwards (pi_old recomputation, the rkl reference, its store check) go through
-    :meth:`dphrl.update.Updater.no_grad_logprobs`, in the update's exact micro-batch layout.
-    """
-    dev = device if device is not None else next(model.parameters()).device
-    out: list[list[float]] = []
-    for i in range(0, len(prompts), micro_batch_size):
-        ps, rs = prompts[i : i + micro_batch_size], responses[i : i + micro_batch_size]
-        lp, _ = response_logprobs(model, pack(ps, rs, pad_id).to(dev), temperature, top_p=top_p)  # (B, T)
-        out += [row[: len(r)].tolist() for r, row in zip(rs, lp.float().cpu())]
-    return out

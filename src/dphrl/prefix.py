@@ -312,3 +312,44 @@ def micro_batch_order(
     groups = [(len(prompts[ix[0]]), [len(responses[i]) for i in ix]) for ix in index]
     plan = plan_micro_batches(groups, max_seqs=max_seqs)
     return [[index[g][i] for g, ix in mb for i in ix] for mb in plan]
+
+
+@torch.no_grad()
+def sequence_logprobs(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    temperature: float = 1.0,
+    *,
+    micro_batch_size: int = 16,
+    device: torch.device | str | None = None,
+    top_p: float = 1.0,
+) -> list[list[float]]:
+    """Per-token log pi(response | prompt) at ``temperature`` (fp32) of each pair, no grad.
+
+    One forward per micro-batch, planned as the trainer plans its update (:func:`micro_batch_order`: a
+    prompt's responses together, similar lengths together) and each prompt forwarded once where the
+    model allows (:func:`can_share_prefix`), else the packed layout. Works on plain and peft models;
+    runs in eval mode (no dropout), restoring the model's mode after; call it under the training
+    autocast for the training numerics. The plan depends on the data and ``micro_batch_size`` only, so
+    two models scored on one set see identical batches. Users: presample's recomputed log pi_ref
+    (engines without exact log-probs), the TRL integration's store check, the forgetting measure.
+    """
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    dev = device if device is not None else next(model.parameters()).device
+    shared = can_share_prefix(model)
+    out: list[list[float]] = [[] for _ in responses]
+    was_training = model.training
+    model.eval()
+    try:
+        for ix in micro_batch_order(prompts, responses, max_seqs=micro_batch_size):
+            ps, rs = [prompts[i] for i in ix], [responses[i] for i in ix]
+            batch = pack_batch(ps, rs, pad_id, shared).to(dev)
+            lp, _ = batch_logprobs(model, batch, temperature, top_p=top_p)  # (B, T)
+            for i, r, row in zip(ix, rs, lp.float().cpu()):
+                out[i] = row[: len(r)].tolist()
+    finally:
+        model.train(was_training)
+    return out

@@ -168,11 +168,12 @@ def presample(
         bar.set_postfix(pef=sum(r["split"] == "pef" for r in prompt_rows))
     bar.close()
     if logprob_model is not None and sample_rows:  # one no-grad forward, the trainer's own computation
-        from dphrl.batching import pad_token_id, sequence_logprobs
+        from dphrl.batching import pad_token_id
+        from dphrl.prefix import sequence_logprobs
 
         lps = sequence_logprobs(logprob_model, [r["prompt_ids"] for r in sample_rows],
                                 [r["response_ids"] for r in sample_rows], pad_token_id(tokenizer), temperature,
-                                micro_batch_size)
+                                micro_batch_size=micro_batch_size)
         for r, lp in zip(sample_rows, lps):
             r["ref_logprobs"] = lp
     if topk and sample_rows:

@@ -53,10 +53,13 @@ import pyarrow.parquet as pq
 import torch
 
 from dphrl.data.example import Example
+from dphrl.prefix import (
+    sequence_logprobs,  # the one forward: sampling-time log pi_0, scoring-time log pi_theta
+)
 from dphrl.reference import LOGPROB_FLOOR, LOGPROB_SLACK, StoreCorruptError, StoreMismatchError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ForgettingSet", "forgetting", "load_forgetting_set",
-           "sample_forgetting_set", "sequence_logprobs"]
+           "sample_forgetting_set"]
 
 FORMAT = "dphrl-forgetting-set"
 FORMAT_VERSION = 1
@@ -129,51 +132,6 @@ class ForgettingSet:
 
     def __len__(self) -> int:
         return len(self.response_ids)
-
-
-# --------------------------------------------------------------------------------------------------
-# the one forward (sampling-time log pi_0 and evaluation-time log pi_theta)
-
-
-@torch.no_grad()
-def sequence_logprobs(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    responses: list[list[int]],
-    pad_id: int,
-    temperature: float,
-    *,
-    micro_batch_size: int = 16,
-    device: torch.device | str | None = None,
-) -> list[np.ndarray]:
-    """Per-token log pi(response | prompt) at ``temperature`` (fp32, full softmax) of each pair.
-
-    One forward per micro-batch, micro-batches planned as the trainer plans them
-    (:func:`dphrl.prefix.micro_batch_order`: a prompt's responses together, similar lengths together)
-    and each prompt forwarded once where the model allows (:func:`dphrl.prefix.can_share_prefix`), else
-    the packed left/right-padded layout. Works on plain and peft-wrapped models (their ``forward``);
-    runs in eval mode (no dropout), restoring the model's mode after. The plan depends on the data and
-    ``micro_batch_size`` only, so two models scored on one set see identical batches.
-    """
-    from dphrl.prefix import batch_logprobs, can_share_prefix, micro_batch_order, pack_batch
-
-    if micro_batch_size < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-    dev = device if device is not None else next(model.parameters()).device
-    shared = can_share_prefix(model)
-    out: list[np.ndarray] = [np.empty(0, dtype=np.float32)] * len(responses)
-    was_training = model.training
-    model.eval()
-    try:
-        for ix in micro_batch_order(prompts, responses, max_seqs=micro_batch_size):
-            ps, rs = [prompts[i] for i in ix], [responses[i] for i in ix]
-            lp, _ = batch_logprobs(model, pack_batch(ps, rs, pad_id, shared).to(dev), temperature)  # (B, T)
-            rows = lp.float().cpu().numpy()  # (B, T)
-            for i, r, row in zip(ix, rs, rows):
-                out[i] = row[: len(r)].copy()
-    finally:
-        model.train(was_training)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,7 +219,7 @@ def sample_forgetting_set(
         "logprobs_source": "forward",
         "seconds": round(time.time() - t0, 3),
     }
-    rows = [{"prompt_id": k, "prompt_ids": list(p), "response_ids": list(r), "logprobs": lp.tolist(),
+    rows = [{"prompt_id": k, "prompt_ids": list(p), "response_ids": list(r), "logprobs": list(lp),
              "finished": g.finished} for k, p, r, lp, g in zip(keys, p_ids, r_ids, lps, gens)]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
@@ -390,7 +348,7 @@ def forgetting(
     mbs = int(fset.manifest.get("micro_batch_size") or 16) if micro_batch_size is None else micro_batch_size
     theta = sequence_logprobs(model, fset.prompt_ids, fset.response_ids, pad_token_id(tokenizer),
                               fset.temperature, micro_batch_size=mbs, device=device)
-    d = np.array([np.sum(np.asarray(lp0, dtype=np.float64) - lpt.astype(np.float64))
+    d = np.array([np.sum(np.asarray(lp0, dtype=np.float64) - np.asarray(lpt, dtype=np.float64))
                   for lp0, lpt in zip(fset.logprobs, theta)])  # (N,) summed log-ratio per sequence
     lens = np.array([len(r) for r in fset.response_ids], dtype=np.float64)  # (N,)
     N, tokens = len(d), float(lens.sum())

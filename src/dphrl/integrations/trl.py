@@ -360,13 +360,13 @@ class DPHGRPOTrainer(GRPOTrainer):
 
     def _verify_store(self, max_tokens: int, tolerance: float | None) -> dict[str, float]:
         """Re-score stored tokens with the model (no grad, training autocast); refuse a store from other weights."""
-        from dphrl.batching import sequence_logprobs
+        from dphrl.prefix import sequence_logprobs
         from dphrl.reference import verify_store
 
         def rescore(samples: list[RefSample], top_p: float) -> list[list[float]]:
             with self.accelerator.autocast():
                 return sequence_logprobs(self.model, [s.prompt_ids for s in samples], [s.response_ids for s in samples],
-                                         self._dph_pad_id, float(self.args.temperature), 16,
+                                         self._dph_pad_id, float(self.args.temperature), micro_batch_size=16,
                                          device=self.accelerator.device, top_p=top_p)
 
         train_dtype = "bfloat16" if (self.args.bf16 or self.args.fp16) else "float32"
