@@ -42,6 +42,7 @@ CASES = {
                           "prompts_per_step: 0", ">= 1"),
     "runner key": (lambda d: d["methods"]["grpo"].update(output_dir="x"), "methods.grpo.output_dir", "output_dir",
                    "set by dphrl compare"),
+    "bad sweep value": (lambda d: d["sweeps"]["dph-f"].update(eta=[-1.0]), "sweeps.dph-f.eta.0", "- -1.0", ">= 0"),
     "sweep of no method": (lambda d: d["sweeps"].update(rkl={"kl_coef": [0.1]}), "sweeps.rkl", "rkl:",
                            "not a method"),
     "evaluation key": (lambda d: d["evaluation"].update(samples=3), "evaluation.samples", "samples: 3",

@@ -115,14 +115,19 @@ class Experiment:
             out[fam] = [(self.methods[fam].get(key), fam)] + [(v, f"{fam}@{key}={v}") for v in values]
         return out
 
-    def run_overrides(self) -> dict[str, tuple[dict, str]]:
-        """Every trained run: name -> (training config keys over the base, experiment key they come from)."""
-        runs = {m: (dict(kw), f"methods.{m}") for m, kw in self.methods.items()}
+    def run_overrides(self) -> dict[str, tuple[dict, dict[str, str]]]:
+        """Every trained run: name -> (its training config keys over the base, {key: the experiment key that
+        gives it}, e.g. ``methods.dph-f.eta`` or, for a sweep point's coefficient, ``sweeps.dph-f.eta.1``)."""
+        def own(group: str, name: str, kw: dict) -> tuple[dict, dict[str, str]]:
+            return dict(kw), {k: f"{group}.{name}.{k}" for k in kw}
+
+        runs = {m: own("methods", m, kw) for m, kw in self.methods.items()}
         for fam, spec in self.sweeps.items():
             (key, values), = spec.items()
             for i, v in enumerate(values):
-                runs[f"{fam}@{key}={v}"] = ({**self.methods[fam], key: v}, f"sweeps.{fam}.{key}.{i}")
-        runs.update({a: (dict(kw), f"ablations.{a}") for a, kw in self.ablations.items()})
+                kw, paths = own("methods", fam, self.methods[fam])
+                runs[f"{fam}@{key}={v}"] = ({**kw, key: v}, {**paths, key: f"sweeps.{fam}.{key}.{i}"})
+        runs.update({a: own("ablations", a, kw) for a, kw in self.ablations.items()})
         return runs
 
     def main_runs(self) -> list[str]:

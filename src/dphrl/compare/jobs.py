@@ -138,11 +138,10 @@ def plan(exp: Experiment, out: str | Path) -> list[Job]:
         sd = out / f"seed{seed}"
         model = str(sd / "base_model") if exp.base_model else base_vals.get("model", "")
         configs: dict[str, TrainConfig] = {}
-        for name, (kw, src) in exp.run_overrides().items():
+        for name, (kw, kw_paths) in exp.run_overrides().items():
             values = {**base_vals, **kw, "seed": seed, "output_dir": str(sd / "runs" / name), "progress": False}
-            paths = {**base_paths, **{k: f"{src}.{k}" if src.startswith(("methods", "ablations")) else src
-                                      for k in kw}}
-            origin = {**base_origin, **{k: exp.where(paths[k]) for k in kw}}
+            paths = {**base_paths, **kw_paths}
+            origin = {**base_origin, **{k: exp.where(p) for k, p in kw_paths.items()}}
             if exp.base_model:
                 values["model"] = model
             if _rehearses(values):
@@ -191,10 +190,10 @@ def _presample_spec(exp: Experiment, configs: dict[str, TrainConfig], seed: int,
     for name, cfg in rehearsing.items():
         for key in _STORE_KEYS:
             if getattr(cfg, key) != getattr(first, key):
-                src = exp.run_overrides()[name][1]
-                raise ConfigError(f"config key '{src}.{key}' ({exp.where(src)}): the rehearsing runs share one "
-                                  f"presample store per seed, so they must agree on {key}: {name} has "
-                                  f"{getattr(cfg, key)!r}, {first_name} {getattr(first, key)!r}", key=f"{src}.{key}")
+                path = exp.run_overrides()[name][1].get(key) or exp.run_overrides()[first_name][1].get(key, key)
+                raise ConfigError(f"config key '{path}' ({exp.where(path)}): the rehearsing runs share one presample "
+                                  f"store per seed, so they must agree on {key}: {name} has {getattr(cfg, key)!r}, "
+                                  f"{first_name} {getattr(first, key)!r}", key=path)
     return {"model": first.model, "dataset": first.dataset, "reward": first.reward, "n": first.presample_n,
             "temperature": first.temperature, "top_p": first.top_p, "max_new_tokens": first.max_new_tokens,
             "threshold": first.split_threshold, "keep_per_prompt": first.keep_per_prompt, "seed": seed,
