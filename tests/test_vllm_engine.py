@@ -3,7 +3,12 @@
 vLLM itself needs a CUDA GPU, so these tests replace the ``vllm`` module by a small double with the
 same surface (``LLM``, ``SamplingParams``, ``inputs.TokensPrompt``, ``llm_engine.model_executor.
 driver_worker.model_runner.model.load_weights``) whose generation is Hugging Face ``generate`` on a
-private copy of the model. What they check is ours: sampling parameters passed through, vLLM outputs
+private copy of the model. The double mirrors what the real releases do (checked in their source,
+0.8.5 to 0.34, docs/recipes.md "vLLM: versions checked"): ``SamplingParams`` takes only fields every
+checked release has; ``LLM.generate`` takes one ``SamplingParams`` or a list, one per prompt; the
+engine core is in-process (``llm_engine.model_executor`` exists) only when
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` or ``external_launcher``; ``driver_worker`` forwards attributes to
+its ``worker`` (``WorkerWrapperBase``); ``apply_model`` goes through ``llm_engine.model_executor``. What they check is ours: sampling parameters passed through, vLLM outputs
 turned into ``Generation`` (EOS kept, finished flag, text), weights pushed before every rollout under
 plain Hugging Face names (LoRA merged), pi_old recomputed, and log pi_ref recomputed at presample.
 The real engine's numbers (rewards vs the HF engine, speed) are measured on a GPU:
@@ -12,6 +17,7 @@ The real engine's numbers (rewards vs the HF engine, speed) are measured on a GP
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 from dataclasses import dataclass
@@ -36,9 +42,15 @@ class _Logprob:
 
 @dataclass
 class _Completion:
+    """vllm.outputs.CompletionOutput (the fields the engine reads, plus those it must not need)."""
+
     token_ids: list[int]
     logprobs: list[dict] | None
     finish_reason: str
+    index: int = 0
+    text: str = ""  # detokenize=False / skip_tokenizer_init: vLLM returns no text
+    cumulative_logprob: float | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
@@ -65,6 +77,26 @@ class _Runner:
         self.loaded.append(names)
 
 
+#: SamplingParams fields present in every checked release (0.8.5.post1, 0.10.2, 0.26.0, 0.32.0, 0.34.0)
+#: that a caller may set; an unknown keyword is a TypeError, as for the real msgspec struct.
+SAMPLING_FIELDS = frozenset({
+    "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k", "min_p",
+    "seed", "stop", "stop_token_ids", "bad_words", "ignore_eos", "max_tokens", "min_tokens", "logprobs",
+    "prompt_logprobs", "detokenize", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "output_kind", "logit_bias", "allowed_token_ids", "extra_args",
+})
+
+
+class _WorkerWrapper:
+    """vllm's WorkerWrapperBase: attributes not found on it are the worker's."""
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def __getattr__(self, attr):
+        return getattr(self.worker, attr)
+
+
 def fake_vllm(drop_eos: bool = False) -> types.ModuleType:
     """A stand-in ``vllm`` module; ``drop_eos`` mimics versions whose token_ids omit the stop token."""
     mod = types.ModuleType("vllm")
@@ -77,6 +109,9 @@ def fake_vllm(drop_eos: bool = False) -> types.ModuleType:
 
     class SamplingParams:
         def __init__(self, **kw):
+            unknown = set(kw) - SAMPLING_FIELDS
+            if unknown:
+                raise TypeError(f"Unexpected keyword argument {sorted(unknown)}")
             self.__dict__.update(kw)
 
     class LLM:
@@ -87,34 +122,50 @@ def fake_vllm(drop_eos: bool = False) -> types.ModuleType:
             hf = load_model(model)
             self.tok = load_tokenizer(model)
             self.runner = _Runner(hf)
-            worker = types.SimpleNamespace(model_runner=self.runner)
-            self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=worker))
+            if kw.get("distributed_executor_backend") == "external_launcher":  # vLLM's ParallelConfig does this
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
+            if self.in_process:  # only then does LLMEngine keep model_executor (v1/engine/llm_engine.py)
+                worker = _WorkerWrapper(types.SimpleNamespace(model_runner=self.runner))
+                self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=worker))
+            else:  # the engine core in a subprocess: nothing to reach from here
+                self.llm_engine = types.SimpleNamespace()
             self.calls: list = []
             self.prefix_resets = 0
             LLM.instances.append(self)
 
-        def generate(self, prompts, params, use_tqdm=False):
-            self.calls.append(params)
+        def generate(self, prompts, sampling_params=None, *, use_tqdm=True):
+            if isinstance(sampling_params, list):
+                if len(sampling_params) != len(prompts):
+                    raise ValueError("The lengths of prompts and params must be the same.")
+                per_prompt = sampling_params
+            else:
+                per_prompt = [sampling_params] * len(prompts)
+            self.calls.append(sampling_params)
             eng = HFEngine(self.runner.hf, self.tok)
-            gens = eng.generate(
-                [p["prompt_token_ids"] for p in prompts], params.n, max_new_tokens=params.max_tokens,
-                temperature=params.temperature or 1.0, top_p=params.top_p, greedy=params.temperature == 0,
-                seed=params.seed,
-            )
             out = []
-            for gs in gens:
+            for prompt, params in zip(prompts, per_prompt):  # each request with its own params (its own seed)
+                (gs,) = eng.generate(
+                    [prompt["prompt_token_ids"]], params.n, max_new_tokens=params.max_tokens,
+                    temperature=params.temperature or 1.0, top_p=params.top_p, greedy=params.temperature == 0,
+                    seed=params.seed,
+                )
                 comps = []
-                for g in gs:
+                for i, g in enumerate(gs):
                     ids, lps = list(g.response_ids), list(g.logprobs)
                     if drop_eos and g.finished:
                         ids, lps = ids[:-1], lps[:-1]
                     comps.append(_Completion(ids, [{t: _Logprob(lp)} for t, lp in zip(ids, lps)],
-                                             "stop" if g.finished else "length"))
+                                             "stop" if g.finished else "length", index=i))
                 out.append(_Request(comps))
             return out
 
-        def reset_prefix_cache(self):
+        def apply_model(self, func):
+            return self.llm_engine.model_executor.apply_model(func)  # 0.8.5 / 0.10.2: AttributeError out of process
+
+        def reset_prefix_cache(self) -> bool:
             self.prefix_resets += 1
+            return True
 
     mod.LLM, mod.SamplingParams, mod.inputs = LLM, SamplingParams, inputs
     return mod
@@ -123,6 +174,7 @@ def fake_vllm(drop_eos: bool = False) -> types.ModuleType:
 @pytest.fixture
 def with_fake_vllm(monkeypatch):
     def install(drop_eos: bool = False):
+        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)  # vLLM's default; restored after
         mod = fake_vllm(drop_eos)
         monkeypatch.setitem(sys.modules, "vllm", mod)
         monkeypatch.setitem(sys.modules, "vllm.inputs", mod.inputs)
@@ -176,11 +228,16 @@ def test_outputs_become_generations(with_fake_vllm, model_dir, tok, drop_eos):
     assert eng.exact_logprobs and mod.LLM.instances[-1].kwargs["logprobs_mode"] == "processed_logprobs"
     prompts = [[tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("+")], [tok.convert_tokens_to_ids("2")]]
     gens = eng.generate(prompts, 6, max_new_tokens=5, temperature=0.7, top_p=0.9, seed=11)
-    params = mod.LLM.instances[-1].calls[-1]
+    per_prompt = mod.LLM.instances[-1].calls[-1]
+    params = per_prompt[0]
     assert (params.n, params.temperature, params.top_p, params.top_k, params.max_tokens, params.seed) == (
         6, 0.7, 0.9, -1, 5, 11)
     assert params.stop_token_ids == [tok.eos_token_id] and params.logprobs == 0
-    ref = HFEngine(load_model(model_dir), tok).generate(prompts, 6, max_new_tokens=5, temperature=0.7, top_p=0.9, seed=11)
+    # vLLM gives the n samples of a request seed + index: prompt p starts at 11 + p * n, no stream shared
+    assert [p.seed for p in per_prompt] == [11, 17]
+    ref_eng = HFEngine(load_model(model_dir), tok)
+    ref = [ref_eng.generate([p], 6, max_new_tokens=5, temperature=0.7, top_p=0.9, seed=11 + 6 * i)[0]
+           for i, p in enumerate(prompts)]
     n_finished = 0
     for gs, rs in zip(gens, ref):
         assert len(gs) == 6
@@ -205,7 +262,7 @@ def test_sampling_params_are_explicitly_neutral(with_fake_vllm, model_dir, tok, 
     assert llm.kwargs["generation_config"] == "vllm"  # vLLM's defaults, not the checkpoint's
     eng.generate([[tok.convert_tokens_to_ids("1")]], 1 if greedy else 3, max_new_tokens=4, temperature=0.7,
                  top_p=0.9, greedy=greedy, seed=11)
-    assert vars(llm.calls[-1]) == {
+    assert vars(llm.calls[-1][0]) == {
         "n": 1 if greedy else 3,
         "temperature": 0.0 if greedy else 0.7,
         "top_p": 1.0 if greedy else 0.9,
@@ -261,6 +318,39 @@ def test_unrelated_type_error_is_raised(with_fake_vllm, model_dir, tok):
     mod.LLM = BrokenLLM
     with pytest.raises(TypeError, match="dtype must be a string"):
         VLLMEngine(model_dir, tok)
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_engine_core_runs_in_process_so_weights_reach_the_model(with_fake_vllm, model_dir, tok, make_model,
+                                                                 distributed):
+    """vLLM's default engine core is a subprocess whose model nothing here can reach: the engine builds
+    it in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and pushes weights through model_executor."""
+    mod = with_fake_vllm()
+    eng = VLLMEngine(model_dir, tok, distributed=distributed)
+    llm = mod.LLM.instances[-1]
+    assert llm.in_process and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert (llm.kwargs.get("distributed_executor_backend") == "external_launcher") == distributed
+    new = make_model(seed=5)
+    eng.sync_weights(new)
+    got = llm.runner.hf.state_dict()
+    for k, v in new.state_dict().items():
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+    assert eng.weight_pushes == 1 and llm.prefix_resets == 1
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # an LLM built with its engine core in a subprocess
+    out_of_process = mod.LLM(model_dir)
+    with pytest.raises(RuntimeError, match="no in-process model_executor"):
+        VLLMEngine(model_dir, tok, llm=out_of_process).sync_weights(new)
+
+
+def test_unseeded_call_passes_one_params_object(with_fake_vllm, model_dir, tok):
+    """Without a seed, one SamplingParams for all prompts: vLLM draws a fresh seed per request."""
+    mod = with_fake_vllm()
+    eng = VLLMEngine(model_dir, tok)
+    prompts = [[tok.convert_tokens_to_ids("1")], [tok.convert_tokens_to_ids("2")]]
+    gens = eng.generate(prompts, 2, max_new_tokens=3)
+    params = mod.LLM.instances[-1].calls[-1]
+    assert not isinstance(params, list) and params.seed is None
+    assert [len(gs) for gs in gens] == [2, 2]
 
 
 def _full_weights(policy, lora: bool) -> dict[str, torch.Tensor]:

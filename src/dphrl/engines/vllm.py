@@ -2,9 +2,19 @@
 
 The engine runs in the training process ("colocated"): one ``vllm.LLM`` per process on that process's
 GPU, fed token ids (the chat template is applied by us, as for the HF engine) and decoded by our own
-tokenizer, so both engines see and return exactly the same tokens. After every optimizer update the
-trainer pushes the policy's weights into it with :meth:`VLLMEngine.load_weights` (LoRA adapters merged
-first, FSDP / ZeRO-3 shards gathered first).
+tokenizer, so both engines see and return exactly the same tokens. Before the first rollout after an
+optimizer update the trainer pushes the policy's weights into it with :meth:`VLLMEngine.sync_weights`
+(called by :class:`dphrl.engines.sync.EngineWeights`; LoRA adapters folded in, FSDP / ZeRO-3 shards
+gathered first). vLLM's engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set
+before the ``LLM`` is built, as ``external_launcher`` does itself): only then is the model reachable
+for the weight push (``llm.llm_engine.model_executor.driver_worker.model_runner.model``); with vLLM's
+default engine-core subprocess, ``LLMEngine`` has no ``model_executor`` and ``LLM.apply_model`` cannot
+ship a closure holding the weights (0.8-0.10: AttributeError; >= 0.26: refused unless
+``VLLM_ALLOW_INSECURE_SERIALIZATION=1``, and every tensor would be pickled to the other process).
+
+Versions. The attributes, keywords and call paths used here were checked against the source of vLLM
+0.8.5.post1, 0.10.2, 0.26.0, 0.32.0 and 0.34.0 (file and line of each: docs/recipes.md, "vLLM:
+versions checked"); the ``vllm`` extra pins that range.
 
 Log-probs. vLLM's kernels (bf16, fused sampling) do not reproduce the training forward bit for bit, so
 the trainer never trusts an engine's log-probs when the engine is vLLM: it recomputes pi_old with one
@@ -22,7 +32,12 @@ built with ``generation_config="vllm"`` so that vLLM does not take default sampl
 that file's ``eos_token_id`` list (whatever ``generation_config`` says) and adds it to every request's
 stop tokens unless ``ignore_eos``; ``ignore_eos=True`` with ``stop_token_ids=[tokenizer EOS]`` makes
 the tokenizer's EOS the only stop, as in the HF engine (a Qwen2.5 checkpoint lists its pad token
-``<|endoftext|>`` as an EOS).
+``<|endoftext|>`` as an EOS). vLLM >= 0.26 refuses a temperature above 2 (``SamplingParams``).
+
+Seeds. vLLM seeds each request's sampler with the request's ``seed`` and gives the ``n`` samples of a
+prompt ``seed + index``; the same ``seed`` on every prompt of a batch would give sample ``i`` of every
+prompt the same random stream (correlated samples across prompts). With a ``seed``, prompt ``p`` of
+a call gets ``seed + p * n``: every sample of the call has its own stream, and the call is reproducible.
 
 ``vllm`` is imported lazily: importing this module never needs it.
 """
@@ -31,6 +46,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -66,12 +82,12 @@ def sampling_params_kwargs(
     eos_id: int | None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``vllm.SamplingParams``: T and top-p as requested, every other field that
-    changes the distribution or the stopping explicitly neutral (fields accepted by vLLM >= 0.8)."""
+    changes the distribution or the stopping explicitly neutral (every field exists in vLLM 0.8.5 to 0.34)."""
     return dict(
         n=n,
         temperature=0.0 if greedy else temperature,  # 0: greedy
         top_p=1.0 if greedy else top_p,
-        top_k=-1,  # off (-1 is accepted by every version; newer ones also take 0)
+        top_k=-1,  # off: 0.8 accepts only -1; >= 0.10 takes 0 or -1 (both mean the whole vocabulary)
         min_p=0.0,
         presence_penalty=0.0,
         frequency_penalty=0.0,
@@ -151,6 +167,8 @@ class VLLMEngine:
             )
             if distributed:  # one engine per training process, inside the existing process group
                 kwargs["distributed_executor_backend"] = "external_launcher"
+            # the engine core in this process: the only layout whose model the weight push can reach
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             # logprobs_mode (vLLM >= 0.10.2; older: log-probs of the raw logits, before temperature / top-p);
             # generation_config "vllm": vLLM's neutral defaults, never the checkpoint's sampling defaults.
             llm, accepted = _construct_llm(
@@ -180,11 +198,15 @@ class VLLMEngine:
         greedy: bool = False,
         seed: int | None = None,
     ) -> list[list[Generation]]:
-        params = self.vllm.SamplingParams(**sampling_params_kwargs(
-            n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy, seed=seed,
-            eos_id=self.eos_id,
-        ))
-        outs = self.llm.generate([_tokens_prompt(self.vllm, p) for p in prompts], params, use_tqdm=False)
+        def params(prompt_seed: int | None) -> Any:
+            return self.vllm.SamplingParams(**sampling_params_kwargs(
+                n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
+                seed=prompt_seed, eos_id=self.eos_id,
+            ))
+
+        # one seed base per prompt (vLLM gives the n samples of a prompt seed + index): no two samples share a stream
+        per_prompt = params(None) if seed is None else [params(seed + i * n) for i in range(len(prompts))]
+        outs = self.llm.generate([_tokens_prompt(self.vllm, p) for p in prompts], per_prompt, use_tqdm=False)
         if len(outs) != len(prompts):
             raise RuntimeError(f"vllm returned {len(outs)} results for {len(prompts)} prompts")
         return [[self._to_generation(p, c) for c in out.outputs] for p, out in zip(prompts, outs)]
@@ -217,10 +239,15 @@ class VLLMEngine:
         model = _inner_model(self.llm)
         if model is not None:
             model.load_weights(weights)
-        elif hasattr(self.llm, "apply_model"):  # vLLM V1 with the engine in another process
+        elif hasattr(getattr(self.llm, "llm_engine", None), "model_executor") and hasattr(self.llm, "apply_model"):
+            # in-process engine, model under another attribute path: the worker's own apply_model reaches it
             self.llm.apply_model(lambda m: m.load_weights(weights))
         else:
-            raise RuntimeError("cannot reach the vLLM model to load weights into; vLLM version not supported")
+            raise RuntimeError(
+                "cannot reach the vLLM model to load the policy's weights into: llm.llm_engine has no in-process "
+                "model_executor (was the LLM built with VLLM_ENABLE_V1_MULTIPROCESSING=1?). VLLMEngine builds it "
+                "in-process; pass an LLM built that way, or use a vLLM version listed in docs/recipes.md."
+            )
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()
         self.weight_pushes += 1
@@ -234,7 +261,11 @@ def _chosen_logprob(step: Any, tok: int) -> float:
 
 
 def _inner_model(llm: Any) -> torch.nn.Module | None:
-    """The torch model inside a colocated vLLM engine (V0 and in-process V1 layouts), or None."""
+    """The torch model inside a colocated vLLM engine (V0 and in-process V1 layouts), or None.
+
+    ``driver_worker`` is a ``WorkerWrapperBase`` that forwards attributes to its ``worker`` (0.8.5 to 0.34),
+    so both paths below reach ``Worker.model_runner.model`` (possibly a CUDA-graph wrapper, which forwards
+    ``load_weights`` to the model)."""
     ex = getattr(getattr(llm, "llm_engine", None), "model_executor", None)
     worker = getattr(ex, "driver_worker", None)
     for path in (("model_runner", "model"), ("worker", "model_runner", "model")):
