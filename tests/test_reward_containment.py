@@ -1,8 +1,9 @@
 """User rewards cannot stall, kill or outlive a run: score_batch contains what a reward does.
 
 ``sys.exit``/``os._exit``/odd exceptions fail one item (in-process and in workers), a hang inside
-one C call is stopped by the default mode, time-outs run concurrently, output is captured, and
-workers die with a SIGKILLed parent.
+one C call is stopped by the default mode, time-outs run concurrently, output is captured, workers
+die with a SIGKILLed parent, everything a reward starts (``setsid`` daemons, forked children) dies
+with its worker and on every exit path of the trainer, and workers run under a memory limit.
 """
 
 from __future__ import annotations
@@ -21,8 +22,14 @@ from pathlib import Path
 import pytest
 
 from dphrl.data.example import Example
+from dphrl.rewards import sandbox
 from dphrl.rewards.registry import AUTO_WORKERS, auto_num_workers, score_batch
 from dphrl.rewards.sandbox import WorkerPool, shutdown_pools
+
+try:
+    import _spawn_reward as spawn
+except ImportError:
+    from tests import _spawn_reward as spawn
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -290,3 +297,166 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path: Path):
                     os.kill(p, signal.SIGKILL)
             except (FileNotFoundError, ProcessLookupError):
                 pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# Everything a reward starts dies with its worker and with the run (setsid daemons and forks included)
+
+_linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="supervisors need Linux (/proc)")
+
+
+@pytest.fixture()
+def spawn_dir(tmp_path: Path, monkeypatch):
+    """A folder for pid files; workers started meanwhile carry a mark, and whatever is left is killed."""
+    mark = f"{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv(spawn.MARK_VAR, mark)
+    d = tmp_path / "pids"
+    d.mkdir()
+    yield d
+    spawn.kill_marked(spawn.recorded_pids(d), mark)  # never leave a process behind, even when a test fails
+
+
+@_linux_only
+def test_timeout_kills_everything_the_item_started(spawn_dir: Path):
+    pool = WorkerPool(1)
+    try:
+        ex = _exs(1)[0]
+        spec = spawn.spawn_spec(spawn_dir, daemons=2, forks=2, then="hang")
+        out = pool.map(spawn.spawn_reward, [(spec, ex)], timeout_s=4)
+        assert out[0].status == "timeout", out
+        pids = spawn.recorded_pids(spawn_dir)
+        assert len(pids) == 5  # the worker, 2 setsid daemons, 2 forked children
+        assert spawn.wait_gone(pids, 2.0) == []  # killed with the worker, not left to init
+        again = pool.map(containment_reward, [("ok", ex)], timeout_s=10)  # the pool is healthy
+        assert again[0].status == "ok"
+    finally:
+        pool.close()
+
+
+@_linux_only
+def test_a_crashing_worker_takes_its_processes_along(spawn_dir: Path):
+    pool = WorkerPool(1)
+    try:
+        out = pool.map(spawn.spawn_reward, [(spawn.spawn_spec(spawn_dir, daemons=1, forks=1, then="exit"), _exs(1)[0])],
+                       timeout_s=30)
+        assert out[0].status == "error" and "died" in (out[0].error or "") and "exit code 3" in (out[0].error or "")
+        pids = spawn.recorded_pids(spawn_dir)
+        assert len(pids) == 3 and spawn.wait_gone(pids, 2.0) == []
+    finally:
+        pool.close()
+
+
+@_linux_only
+def test_daemons_live_with_the_pool_and_die_at_close(spawn_dir: Path):
+    pool = WorkerPool(2)
+    try:
+        specs = [(spawn.spawn_spec(spawn_dir, daemons=2, forks=1), ex) for ex in _exs(4)]
+        out = pool.map(spawn.spawn_reward, specs, timeout_s=30)
+        assert [o.status for o in out] == ["ok"] * 4, out
+        daemons = spawn.recorded_pids(spawn_dir, "daemon")
+        forks = spawn.recorded_pids(spawn_dir, "fork")
+        assert len(daemons) == 8 and len(forks) == 4
+        assert not any(spawn.gone(p) for p in daemons + forks)  # contained for the run, not per item
+        t0 = time.monotonic()
+        pool.close()
+        assert time.monotonic() - t0 < 5
+        assert spawn.wait_gone(spawn.recorded_pids(spawn_dir), 1.0) == []
+    finally:
+        pool.close()
+
+
+_TRAINER = """
+import json, os, sys
+from dphrl.data.example import Example
+from dphrl.rewards.registry import score_batch
+from _spawn_reward import spawn_reward, spawn_spec
+
+how, d = sys.argv[1], sys.argv[2]
+ex = Example(id="0", prompt=[])
+res = score_batch(spawn_reward, [spawn_spec(d, daemons=2, forks=1)] * 4, [ex] * 4, timeout_s=60, num_workers=2)
+assert res.scores == [1.0] * 4, res.errors
+if how == "normal":
+    sys.exit(0)
+if how == "exception":
+    raise RuntimeError("the trainer failed")
+# killed from outside while both workers are busy with items that started more processes
+score_batch(spawn_reward, [spawn_spec(d, daemons=2, forks=1, then="hang")] * 2, [ex] * 2, timeout_s=600,
+            num_workers=2)
+"""
+
+
+@_linux_only
+@pytest.mark.parametrize("how", ["normal", "exception", "sigterm", "sigkill"])
+def test_everything_a_reward_started_dies_with_the_trainer(how: str, spawn_dir: Path, tmp_path: Path):
+    """Every exit path of the trainer: a normal exit and an uncaught exception (the atexit hook),
+    SIGTERM with its default action and SIGKILL (no Python code runs: the kernel's death signal to
+    the supervisors). setsid daemons and forked children of idle and of busy workers all die."""
+    script = tmp_path / "trainer.py"
+    script.write_text(_TRAINER)
+    tests_dir = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(tests_dir)]), "OMP_NUM_THREADS": "1"}
+    trainer = subprocess.Popen([sys.executable, str(script), how, str(spawn_dir)], env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        want_daemons, want_forks = (8, 4) if how in ("normal", "exception") else (12, 6)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and trainer.poll() is None:
+            if (len(spawn.recorded_pids(spawn_dir, "daemon")) >= want_daemons
+                    and len(spawn.recorded_pids(spawn_dir, "fork")) >= want_forks):
+                break
+            time.sleep(0.1)
+        if how in ("sigterm", "sigkill"):
+            assert trainer.poll() is None, trainer.stderr.read().decode()[-3000:] if trainer.stderr else ""
+            time.sleep(0.3)  # both workers are inside their hanging items
+            trainer.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        rc = trainer.wait(timeout=60)
+        err = trainer.stderr.read().decode() if trainer.stderr else ""
+        expect = {"normal": 0, "exception": 1, "sigterm": -signal.SIGTERM, "sigkill": -signal.SIGKILL}[how]
+        assert rc == expect, err[-3000:]
+        daemons = spawn.recorded_pids(spawn_dir, "daemon")
+        forks = spawn.recorded_pids(spawn_dir, "fork")
+        workers = spawn.recorded_pids(spawn_dir, "worker")
+        assert (len(daemons), len(forks)) == (want_daemons, want_forks)
+        assert len(workers) == 2 if how in ("sigterm", "sigkill") else 1 <= len(workers) <= 2
+        alive = spawn.wait_gone(daemons + forks + workers, 5.0)
+        assert alive == [], f"{len(alive)} processes started by rewards outlived the trainer ({how})"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+
+
+@_linux_only
+def test_worker_memory_limit(monkeypatch):
+    import resource
+
+    pool = WorkerPool(1, memory_limit_mb=512)
+    try:
+        out = pool.map(resource.getrlimit, [(resource.RLIMIT_DATA,)], timeout_s=30)
+        assert out[0].status == "ok" and out[0].value[0] == 512 * 2**20
+        t0 = time.monotonic()
+        out = pool.map(bytearray, [(2**30,), (2**20,)], timeout_s=30)
+        assert time.monotonic() - t0 < 10
+        assert out[0].status == "error" and "MemoryError" in (out[0].error or "")
+        assert "512 MiB" in (out[0].error or "") and "DPHRL_REWARD_MEMORY_MB" in (out[0].error or "")
+        assert out[1].status == "ok" and len(out[1].value) == 2**20  # the same worker goes on
+    finally:
+        pool.close()
+    monkeypatch.setenv("DPHRL_REWARD_MEMORY_MB", "0")
+    assert WorkerPool(1).memory_limit_mb == 0
+    monkeypatch.setenv("DPHRL_REWARD_MEMORY_MB", "lots")
+    with pytest.raises(ValueError, match="DPHRL_REWARD_MEMORY_MB"):
+        WorkerPool(1)
+
+
+@_linux_only
+def test_torch_runs_under_the_default_memory_limit(monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.delenv("DPHRL_REWARD_MEMORY_MB", raising=False)
+    pool = WorkerPool(1)
+    try:
+        assert pool.memory_limit_mb == sandbox.DEFAULT_MEMORY_LIMIT_MB
+        out = pool.map(spawn.torch_probe, [()], timeout_s=120)
+        assert out[0].status == "ok" and out[0].value == 256.0, out
+    finally:
+        pool.close()

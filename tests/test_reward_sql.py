@@ -21,8 +21,10 @@ from dphrl.rewards.sql import extract_sql, has_top_level_order_by, results_match
 
 try:
     from _shared import require_shared
+    from _sql_bombs import BOMBS, STOPPED_BY, can_measure_peak, make_bomb_db, probe
 except ImportError:
     from tests._shared import require_shared
+    from tests._sql_bombs import BOMBS, STOPPED_BY, can_measure_peak, make_bomb_db, probe
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -400,6 +402,11 @@ def _hostile(tmp: Path) -> list[str]:
         "WITH x AS (SELECT 1) DELETE FROM singer",
         "SELECT zeroblob(2000000000)",
         "SELECT printf('%.*c', 2000000000, 'x')",
+        # memory bombs (tests/_sql_bombs.py): each would hold gigabytes without the memory limits
+        BOMBS["zeroblob_rows"],
+        BOMBS["zeroblob_columns"],
+        BOMBS["group_concat"],
+        "SELECT * FROM singer a, singer b, singer c, singer d, singer e, singer f, singer g",
     ]
 
 
@@ -446,3 +453,95 @@ def test_hostile_sql_in_worker_pool(tmp_path: Path):
     assert res.failures == 0 and res.timeouts == 0, res.errors  # the reward's own 1 s time-out fires first
     assert time.monotonic() - t0 < 15
     assert _sha(db) == before and sorted(os.listdir(tmp_path)) == ["concert_singer.sqlite"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory: SQLite's heap limit and the result size cap
+
+
+@pytest.fixture(scope="module")
+def bomb_pool():
+    """One worker without the RLIMIT_DATA backstop: the SQL sandbox's own limits must bound memory."""
+    from dphrl.rewards.sandbox import WorkerPool
+
+    pool = WorkerPool(1, memory_limit_mb=0)
+    yield pool
+    pool.close()
+
+
+def run_bombs(pool, mode: str, db: str, options: dict, names=tuple(BOMBS)) -> dict[str, tuple]:
+    """Score every bomb in ``pool`` (one worker); ``name -> (score, reason, peak growth MiB, seconds)``."""
+    gold = "SELECT count(*) FROM singer"
+    out = pool.map(probe, [(mode, BOMBS[n], gold, db, options) for n in names], timeout_s=120)
+    assert all(o.status == "ok" for o in out), [o.error for o in out]
+    return {n: o.value for n, o in zip(names, out)}
+
+
+def check_bombs(results: dict[str, tuple], max_result_bytes: int) -> None:
+    # what one query may hold: SQLite's heap, one row's copy in Python, the result (module doc of sql)
+    bound_mib = (2 * sr.SQLITE_HEAP_LIMIT_BYTES + max_result_bytes) / 2**20 + 64
+    for name, (value, reason, growth_mib, elapsed) in results.items():
+        assert value == 0.0, (name, reason)
+        assert STOPPED_BY[name] in reason, (name, reason)
+        assert elapsed < 4.0, (name, elapsed, reason)  # stopped by a limit, not by the 5 s time-out
+        assert growth_mib < bound_mib, (name, growth_mib, reason)
+
+
+@pytest.mark.skipif(not can_measure_peak(), reason="needs /proc/self/clear_refs to measure peak memory")
+def test_memory_bombs_fail_fast_with_bounded_memory(tmp_path: Path, bomb_pool):
+    d = tmp_path / "bombs"
+    d.mkdir()
+    db = make_bomb_db(d / "bombs.sqlite")
+    before = _sha(Path(db))
+    results = run_bombs(bomb_pool, "spider", db, {"timeout_s": 5.0})
+    check_bombs(results, sr.DEFAULT_MAX_RESULT_BYTES)
+    assert max(r[2] for r in results.values()) > 100  # the measurement sees real allocations
+    assert "result is larger than 64 MiB" in results["zeroblob_rows"][1]
+    assert "SQLite heap limit 256 MiB" in results["zeroblob_columns"][1]
+    results = run_bombs(bomb_pool, "bird", db, {"timeout_s": 5.0}, names=("zeroblob_rows", "cartesian"))
+    check_bombs(results, sr.DEFAULT_MAX_RESULT_BYTES)
+    assert _sha(Path(db)) == before and os.listdir(d) == ["bombs.sqlite"]
+    gold = "SELECT count(*) FROM singer"
+    assert score(gold, gold, db) == 1.0  # the database and the sandbox still work
+
+
+def test_memory_limits_in_process(tmp_path: Path):
+    """The same limits without a worker: the heap limit is set for this process, a bomb scores 0 with
+    its reason, a gold bomb fails the example, and the connection keeps working."""
+    db = make_bomb_db(tmp_path / "bombs.sqlite")
+    gold = "SELECT count(*) FROM singer"
+    assert score(gold, gold, db) == 1.0
+    assert 0 < sr.sqlite_heap_limit() <= sr.SQLITE_HEAP_LIMIT_BYTES
+    for name in ("zeroblob_rows", "zeroblob_columns"):
+        value, reason = sr.score_with_reason(BOMBS[name], gold, db)
+        assert value == 0.0 and "SQLMemoryLimit" in reason, reason
+        with pytest.raises(sr.SQLMemoryLimit):
+            sr.execute_sql(BOMBS[name], db)
+    assert sr.score_with_reason(gold, gold, db) == (1.0, "match")
+    assert sr.score_with_reason("SELECT 1", gold, db) == (0.0, "results differ")
+    with pytest.raises(sr.GoldQueryError, match="SQLMemoryLimit"):
+        score(gold, BOMBS["zeroblob_rows"], db)
+    # the cap is a parameter; the accounting counts Python objects (44 rows of ~200 bytes: ~20 KB)
+    res = sr.execute_sql("SELECT * FROM singer", db)
+    assert 10_000 < res.nbytes < 40_000
+    with pytest.raises(sr.SQLMemoryLimit, match="stopped after"):
+        sr.execute_sql("SELECT * FROM singer", db, max_result_bytes=5_000)
+    value, reason = sr.score_with_reason("SELECT * FROM singer", gold, db, max_result_bytes=5_000)
+    assert value == 0.0 and reason.startswith("SQLMemoryLimit: query result is larger than"), reason
+    fn = sr.make_reward("spider", max_result_bytes=10**6)
+    assert fn(gold, Example(id="m", prompt=[], gold_sql=gold, db_path=db)) == 1.0
+
+
+def test_gold_cache_is_bounded_in_bytes(tmp_path: Path, monkeypatch):
+    db = make_bomb_db(tmp_path / "bombs.sqlite")
+    sr.clear_caches()
+    monkeypatch.setattr(sr, "GOLD_CACHE_BYTES", 100_000)
+    for i in range(20):  # ~20 KB each
+        sr.gold_result(f"SELECT *, {i} FROM singer", db)
+    assert sum(r.nbytes for r in sr._GOLD.values()) <= 100_000 and 1 <= len(sr._GOLD) <= 5
+    assert sr._gold_bytes == sum(r.nbytes for r in sr._GOLD.values())
+    # a cached result larger than a smaller cap fails as running it under that cap would
+    with pytest.raises(sr.GoldQueryError, match="SQLMemoryLimit"):
+        sr.gold_result("SELECT *, 19 FROM singer", db, max_result_bytes=1_000)
+    sr.clear_caches()
+    assert sr._gold_bytes == 0

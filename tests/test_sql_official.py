@@ -26,8 +26,10 @@ from dphrl.rewards.sql import has_top_level_order_by, lex_sql, results_match
 
 try:
     from _shared import require_shared
+    from _sql_bombs import BOMBS, STOPPED_BY, can_measure_peak, make_bomb_db, probe
 except ImportError:
     from tests._shared import require_shared
+    from tests._sql_bombs import BOMBS, STOPPED_BY, can_measure_peak, make_bomb_db, probe
 
 SLOW = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r WHERE x < 2000000) SELECT count(*) FROM r"
 
@@ -420,3 +422,38 @@ def test_copy_of_shared_db_unchanged(tmp_path):
         assert so.score_official("SELECT count(*) FROM singer", "SELECT count(*) FROM singer", str(dbp), mode) == 1
         assert so.score_official("DROP TABLE singer", "SELECT count(*) FROM singer", str(dbp), mode) == 0
     assert dbp.read_bytes() == before and os.listdir(d) == ["concert_singer.sqlite"]
+
+
+@pytest.mark.skipif(not can_measure_peak(), reason="needs /proc/self/clear_refs to measure peak memory")
+def test_memory_bombs_in_official_modes(tmp_path):
+    """The official modes keep the memory limits (their result cap is 256 MiB): every bomb scores 0
+    fast, with its reason, within the documented memory bound, and the database is unchanged."""
+    from dphrl.rewards.sandbox import WorkerPool
+
+    d = tmp_path / "bombs"
+    d.mkdir()
+    db = make_bomb_db(d / "bombs.sqlite")
+    before = Path(db).read_bytes()
+    gold = "SELECT count(*) FROM singer"
+    cases = [("spider-official", n) for n in BOMBS] + [
+        ("bird-official", n) for n in ("zeroblob_rows", "zeroblob_columns", "cartesian")]
+    pool = WorkerPool(1, memory_limit_mb=0)  # no RLIMIT_DATA backstop: the sandbox's limits alone
+    try:
+        out = pool.map(probe, [(mode, BOMBS[n], gold, db, {}) for mode, n in cases], timeout_s=120)
+    finally:
+        pool.close()
+    bound_mib = (2 * sr.SQLITE_HEAP_LIMIT_BYTES + so.OFFICIAL_MAX_RESULT_BYTES) / 2**20 + 64
+    for (mode, name), o in zip(cases, out):
+        assert o.status == "ok", (mode, name, o.error)
+        value, reason, growth_mib, elapsed = o.value
+        assert value == 0.0 and STOPPED_BY[name] in reason, (mode, name, reason)
+        assert elapsed < 6.0, (mode, name, elapsed)  # not the official 30/60 s time-outs
+        assert growth_mib < bound_mib, (mode, name, growth_mib)
+    reasons = {(m, n): o.value[1] for (m, n), o in zip(cases, out)}
+    assert "larger than 256 MiB" in reasons["bird-official", "cartesian"]
+    assert Path(db).read_bytes() == before and os.listdir(d) == ["bombs.sqlite"]
+    for mode in so.OFFICIAL_REWARDS:
+        assert so.score_official_with_reason(gold, gold, db, mode) == (1.0, "match")
+        assert so.score_official(gold, gold, db, mode, max_result_bytes=2**20) == 1.0
+        value, reason = so.score_official_with_reason(BOMBS["zeroblob_rows"], gold, db, mode, max_result_bytes=2**20)
+        assert value == 0.0 and "larger than 1 MiB" in reason, reason

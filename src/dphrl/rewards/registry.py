@@ -221,11 +221,12 @@ def score_batch(
       worker processes if ``fn`` is importable by reference (a registered reward, a module-level
       function, a ``functools.partial`` of one), else in-process with a one-time warning.
     * ``N > 0``: a persistent pool of N worker processes (:mod:`dphrl.rewards.sandbox`). Each item gets
-      ``timeout_s`` of wall-clock time, after which its worker is killed with its process group and
-      replaced, even when stuck inside one C call; N hanging items cost one time-out. ``sys.exit``,
-      ``os._exit`` or a crash fail only their item; what the reward prints is captured (its tail goes
-      into the item's message); workers die with this process. ``fn`` must be importable by reference
-      (``TypeError`` otherwise).
+      ``timeout_s`` of wall-clock time, after which its worker is killed with every process it started
+      (``setsid`` daemons included) and replaced, even when stuck inside one C call; N hanging items
+      cost one time-out. ``sys.exit``, ``os._exit`` or a crash fail only their item; what the reward
+      prints is captured (its tail goes into the item's message); workers and what they started die
+      with this process, however it ends, and run under a memory limit (``DPHRL_REWARD_MEMORY_MB``).
+      ``fn`` must be importable by reference (``TypeError`` otherwise).
     * ``0``: in-process, one item after another: fastest, for trusted rewards. Every exception the
       reward raises fails its item (``SystemExit`` included; a ``KeyboardInterrupt`` only if no
       ``SIGINT`` came: a real Ctrl-C stops the run). In the main thread each item is bounded by

@@ -3,13 +3,47 @@
 * :func:`time_limit` interrupts Python code in the main thread after a wall-clock budget (``SIGALRM``
   via ``setitimer``; nests correctly; a no-op where signals cannot be used, see :func:`can_interrupt`).
 * :class:`WorkerPool` runs ``fn(*args)`` items in separate worker processes, each item under its own
-  wall-clock time-out. A hung worker (even one stuck inside C code) is killed with its process group
-  and replaced; a crashed worker is replaced; nothing is dropped silently: every item comes back as an
-  :class:`Outcome` with status ``ok``, ``error`` or ``timeout`` (``sys.exit``/``os._exit`` in an
-  item included). Items time out concurrently, one per worker. Workers die with the process that
-  started them (``PR_SET_PDEATHSIG`` on Linux, even while stuck in C code; a parent-pid poll
-  elsewhere), and their stdout/stderr go to a pipe the pool drains, never to the terminal: the tail
-  of an item's output is kept for its message.
+  wall-clock time-out. A hung worker (even one stuck inside C code) is killed with everything it
+  started and replaced; a crashed worker is replaced; nothing is dropped silently: every item comes
+  back as an :class:`Outcome` with status ``ok``, ``error`` or ``timeout`` (``sys.exit``/``os._exit``
+  in an item included). Items time out concurrently, one per worker. Their stdout/stderr go to a pipe
+  the pool drains, never to the terminal: the tail of an item's output is kept for its message.
+
+Containment: workers and everything they start die with the run
+-----------------------------------------------------------------
+
+A process group alone does not contain a reward: a child that calls ``setsid`` (a daemon) leaves it,
+and ``PR_SET_PDEATHSIG`` is not inherited by the children a worker forks. On Linux every worker
+therefore runs under its own *supervisor*, a small process of ours that never runs reward code::
+
+    pool (trainer) ── supervisor ── worker ── whatever the reward starts (forks, setsid daemons, ...)
+
+* The supervisor is a ``PR_SET_CHILD_SUBREAPER``: a descendant whose parent exits (a double-forked
+  ``setsid`` daemon) is re-parented to it instead of to init, so the whole tree stays below it
+  and is found by walking ``/proc/<pid>/task/*/children`` (a ``/proc`` scan where that file is
+  missing). Session or group changes cannot take a process out of that tree.
+* The supervisor kills the whole tree (``SIGKILL``, repeated until nothing is left, so a process
+  forking meanwhile is caught; through a pidfd checked against the tree, so no recycled pid is hit),
+  then exits, when: the pool asks (``SIGTERM``: a time-out, :meth:`WorkerPool.close`, the ``atexit``
+  hook on a normal exit or an exception); the worker dies (a crash, ``os._exit``); or the trainer dies
+  in any way, ``SIGKILL`` included: ``PR_SET_PDEATHSIG`` (``SIGTERM``, which the supervisor waits for
+  with ``sigtimedwait``: it is never stuck in reward code) plus a parent-pid poll every second.
+* The worker gets ``PR_SET_PDEATHSIG(SIGKILL)`` towards its supervisor, so it cannot outlive it.
+* The supervisor's own exit status mirrors the worker's (``exit code 0``, ``killed by SIGKILL``),
+  so messages describe the worker; it holds no copy of the worker's socket, so the pool sees a dying
+  worker at once.
+* Cost: one forked process per worker (no extra interpreter start); nothing per item (items go
+  straight to the worker over its socket pair); killing a worker walks its tree once.
+
+Limits: code that deliberately ``SIGKILL``\\ s its own supervisor first (same user) re-parents its
+children to init; nothing without root or a delegated cgroup can stop that. Elsewhere than Linux
+the worker is started directly and killed with its process group (daemons escape there).
+
+Memory: every worker (and what it starts) runs under ``RLIMIT_DATA`` (:data:`DEFAULT_MEMORY_LIMIT_MB`,
+environment ``DPHRL_REWARD_MEMORY_MB``, 0 for none), so a runaway reward gets a ``MemoryError``
+instead of exhausting the machine. ``RLIMIT_DATA`` counts heap and private writable mappings, not
+reserved address space (``RLIMIT_AS`` would also count what CUDA and some allocators reserve);
+importing torch and running it on CPU works under the default limit (tested).
 
 Workers are plain ``python -c`` subprocesses talking over a socket pair, so they never re-import the
 caller's ``__main__`` (unlike ``multiprocessing`` spawn) and never inherit a forked CUDA/torch state.
@@ -176,30 +210,57 @@ class Outcome:
 
 _BOOT = (
     "import sys; from dphrl.rewards.sandbox import _worker_main; "
-    "_worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])"
+    "_worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[4:], int(sys.argv[3]))"
 )
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_LINUX = sys.platform.startswith("linux")
+
+#: ``RLIMIT_DATA`` of a worker, in MiB, unless ``DPHRL_REWARD_MEMORY_MB`` says otherwise (0: no limit).
+DEFAULT_MEMORY_LIMIT_MB = 4096
+#: How long the pool waits for a supervisor to kill its worker's tree before killing its group itself.
+_STOP_GRACE_S = 5.0
+#: How long a supervisor keeps killing a tree that will not die (processes in uninterruptible sleep).
+_KILL_TREE_S = 5.0
+
+
+def default_memory_limit_mb() -> int:
+    """``DPHRL_REWARD_MEMORY_MB`` if set (0: no limit), else :data:`DEFAULT_MEMORY_LIMIT_MB`."""
+    raw = os.environ.get("DPHRL_REWARD_MEMORY_MB", "").strip()
+    if not raw:
+        return DEFAULT_MEMORY_LIMIT_MB
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"DPHRL_REWARD_MEMORY_MB must be a whole number of MiB (0: no limit), got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"DPHRL_REWARD_MEMORY_MB must be >= 0, got {value}")
+    return value
+
+
+def _prctl(option: int, arg: int) -> bool:
+    """``prctl(option, arg, 0, 0, 0) == 0`` (False where it is unavailable)."""
+    if not _LINUX:
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        zero = ctypes.c_ulong(0)
+        return libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), zero, zero, zero) == 0
+    except Exception:
+        return False
 
 
 def _die_with_parent(parent: int) -> None:
-    """Make this worker exit when the process that started it dies, even while stuck in C code.
+    """Make this worker exit when its parent (its supervisor, or the pool) dies, even while stuck in C.
 
     Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, so the kernel kills the worker whatever it is doing.
     Everywhere: a thread that polls the parent pid every second (this one needs the GIL, so it cannot
     stop a worker stuck in a C call that holds it; the ``prctl`` can).
     """
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(
-                ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(int(signal.SIGKILL)),
-                ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0),
-            )
-        except Exception:  # the watchdog below still applies
-            pass
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
     if os.getppid() != parent:  # the parent died before the prctl took effect
         os._exit(1)
 
@@ -210,6 +271,206 @@ def _die_with_parent(parent: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=watchdog, name="dphrl-parent-watchdog", daemon=True).start()
+
+
+def _limit_memory(limit_mb: int) -> None:
+    """``RLIMIT_DATA`` of this process (and what it starts) to ``limit_mb`` MiB; 0: unchanged."""
+    if limit_mb <= 0:
+        return
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        want = limit_mb * 2**20
+        if hard != resource.RLIM_INFINITY:
+            want = min(want, hard)
+        if soft == resource.RLIM_INFINITY or soft > want:
+            resource.setrlimit(resource.RLIMIT_DATA, (want, hard))
+    except (ImportError, OSError, ValueError):  # not POSIX, or not allowed: the SQL/time limits still apply
+        pass
+
+
+# --- supervisor (Linux) ------------------------------------------------------------------------------
+
+_SUPERVISOR_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD} if _LINUX else set()
+
+
+def _children(pid: int, scan: dict[int, list[int]] | None) -> list[int]:
+    """Child pids of ``pid``: from ``/proc/<pid>/task/*/children``, or from ``scan`` (ppid -> pids)."""
+    if scan is not None:
+        return scan.get(pid, [])
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _scan_proc() -> dict[int, list[int]]:
+    """ppid -> child pids of every process in ``/proc`` (where ``task/*/children`` is missing)."""
+    tree: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:  # no /proc: only the worker itself (our child) is killed
+        return tree
+    for name in names:
+        if name.isdigit():
+            pp = _ppid(int(name))
+            if pp is not None:
+                tree.setdefault(pp, []).append(int(name))
+    return tree
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """Every descendant of ``root`` (zombies included), as pid -> parent pid."""
+    me = os.getpid()
+    scan = None if os.path.exists(f"/proc/{me}/task/{me}/children") else _scan_proc()
+    found: dict[int, int] = {}
+    todo = [root]
+    while todo:
+        parent = todo.pop()
+        for c in _children(parent, scan):
+            if c not in found and c != root:
+                found[c] = parent
+                todo.append(c)
+    return found
+
+
+def _kill_pid(pid: int, parents: set[int]) -> None:
+    """``SIGKILL`` ``pid`` if it is still the child of one of ``parents`` (a pidfd, where available,
+    makes the check and the signal refer to the same process even if the pid is recycled)."""
+    pidfd = -1
+    try:
+        if hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal"):
+            pidfd = os.pidfd_open(pid)
+        if _ppid(pid) not in parents:
+            return
+        if pidfd >= 0:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except OSError:  # gone already (ProcessLookupError), or no pidfd support: checked above
+        pass
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def _reap(statuses: dict[int, int]) -> None:
+    """Collect every child that has ended (orphans re-parented to us included) into ``statuses``."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        statuses[pid] = status
+
+
+def _kill_tree(statuses: dict[int, int], budget_s: float = _KILL_TREE_S) -> None:
+    """``SIGKILL`` every descendant of this process and reap them, until none is left (or the budget
+    is spent: processes in uninterruptible sleep). Processes that fork meanwhile are re-parented to
+    this subreaper when their parent dies, so the next round finds their children."""
+    me = os.getpid()
+    end = time.monotonic() + budget_s
+    while True:
+        _reap(statuses)
+        tree = _descendants(me)
+        if not tree or time.monotonic() > end:
+            return
+        parents = {me, *tree}
+        for pid in tree:
+            _kill_pid(pid, parents)
+        try:
+            signal.sigtimedwait({signal.SIGCHLD}, 0.01)
+        except OSError:
+            time.sleep(0.01)
+
+
+def _exit_like(status: int | None) -> None:
+    """End this process the way the worker ended (exit code or signal), so the pool's message is right."""
+    _flush_std()
+    code = os.waitstatus_to_exitcode(status) if status is not None else 1
+    if code < 0:
+        sig = -code
+        try:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # mirroring a SIGSEGV must not dump a core
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+            os.kill(os.getpid(), sig)
+        except (OSError, ValueError, ImportError):
+            pass
+        os._exit(128 + sig)
+    os._exit(code)
+
+
+def _supervise(parent: int, worker: int) -> None:
+    """The supervisor's loop (never returns): wait for a stop request, the worker's end or the
+    parent's death, then kill every descendant and exit like the worker."""
+    statuses: dict[int, int] = {}
+    try:
+        while worker not in statuses:
+            info = signal.sigtimedwait(_SUPERVISOR_SIGNALS, 1.0)
+            _reap(statuses)
+            if (info is not None and info.si_signo != signal.SIGCHLD) or os.getppid() != parent:
+                break
+    finally:
+        if worker not in statuses:  # first the worker itself: our child, so its pid cannot be recycled yet
+            try:
+                os.kill(worker, signal.SIGKILL)
+            except OSError:
+                pass
+        _kill_tree(statuses)
+    if worker not in statuses:  # still unreaped after the budget: one last blocking-free look
+        _reap(statuses)
+    _exit_like(statuses.get(worker))
+
+
+def _fork_supervised(fd: int, parent: int) -> int | None:
+    """Split this process into a supervisor and the worker (see the module doc).
+
+    Returns in the worker only, with the supervisor's pid; the supervisor never returns. Returns
+    None (no supervisor; the caller is the worker) where subreapers are unavailable.
+    """
+    if not _LINUX or not _prctl(_PR_SET_CHILD_SUBREAPER, 1):
+        return None
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)  # taken by sigtimedwait, never lost
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # the pool died before the prctl took effect
+        os._exit(1)
+    supervisor = os.getpid()
+    try:
+        worker = os.fork()
+    except OSError:
+        _prctl(_PR_SET_CHILD_SUBREAPER, 0)
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
+        return None
+    if worker == 0:  # the worker: the subreaper flag and the death signal are not inherited
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISOR_SIGNALS)
+        return supervisor
+    os.close(fd)  # only the worker holds the socket: its death is an EOF for the pool at once
+    _supervise(parent, worker)
+    os._exit(1)  # not reached
 
 
 def _flush_std() -> None:
@@ -227,16 +488,20 @@ def _safe_describe(e: BaseException) -> str:
         return f"{type(e).__name__}: <unprintable message>"
 
 
-def _worker_main(fd: int, parent: int, preload: Sequence[str] = ()) -> None:
+def _worker_main(fd: int, parent: int, preload: Sequence[str] = (), memory_limit_mb: int = 0) -> None:
     """Entry point of a worker process: receive ``(fn, args)``, send back ``(status, payload)``.
 
+    On Linux it first forks: the parent stays behind as the worker's supervisor (:func:`_supervise`).
     Every ``BaseException`` an item raises (``sys.exit`` included) becomes an ``error`` reply. The
-    worker ignores ``SIGINT`` (the parent handles Ctrl-C) and dies with its parent.
+    worker ignores ``SIGINT`` (the parent handles Ctrl-C), dies with its parent, and runs under
+    ``RLIMIT_DATA`` of ``memory_limit_mb`` MiB (0: none).
     """
     import importlib
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(parent)
+    supervisor = _fork_supervised(fd, parent)
+    _die_with_parent(supervisor if supervisor is not None else parent)
+    _limit_memory(memory_limit_mb)
     conn = Connection(fd)
     for mod in preload:  # import before "ready": start-up time is not charged to the first item
         try:
@@ -244,7 +509,7 @@ def _worker_main(fd: int, parent: int, preload: Sequence[str] = ()) -> None:
         except BaseException:  # noqa: BLE001 - reported when an item needs it
             pass
     _flush_std()
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", (os.getpid(), supervisor is not None)))
     while True:
         try:
             data = conn.recv_bytes()
@@ -253,6 +518,8 @@ def _worker_main(fd: int, parent: int, preload: Sequence[str] = ()) -> None:
         try:
             fn, args = pickle.loads(data)
             reply: tuple[str, Any] = ("ok", fn(*args))
+        except MemoryError as e:
+            reply = ("error", _memory_message(e, memory_limit_mb))
         except BaseException as e:  # noqa: BLE001 - everything is reported to the parent
             reply = ("error", _safe_describe(e))
         _flush_std()  # what the item printed reaches the parent before its reply
@@ -260,6 +527,14 @@ def _worker_main(fd: int, parent: int, preload: Sequence[str] = ()) -> None:
             conn.send(reply)
         except Exception as e:  # unpicklable result
             conn.send(("error", f"cannot send the result back: {_safe_describe(e)}"))
+
+
+def _memory_message(e: BaseException, limit_mb: int) -> str:
+    text = _safe_describe(e)
+    if limit_mb > 0:
+        text += (f" (the reward worker's memory limit is {limit_mb} MiB of RLIMIT_DATA; "
+                 "set DPHRL_REWARD_MEMORY_MB to change it, 0 for none)")
+    return text
 
 
 _spawn_lock = threading.Lock()
@@ -333,11 +608,12 @@ def _exit_text(code: int | None) -> str:
 
 
 class _Worker:
-    def __init__(self, env: dict[str, str], preload: Sequence[str] = ()) -> None:
+    def __init__(self, env: dict[str, str], preload: Sequence[str] = (), memory_limit_mb: int = 0) -> None:
         parent_sock, child_sock = socket.socketpair()
         try:
             self.proc = _popen(
-                [sys.executable, "-c", _BOOT, str(child_sock.fileno()), str(os.getpid()), *preload],
+                [sys.executable, "-c", _BOOT, str(child_sock.fileno()), str(os.getpid()), str(memory_limit_mb),
+                 *preload],
                 pass_fds=(child_sock.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -360,6 +636,8 @@ class _Worker:
         self.started = time.monotonic()
         self.item: int | None = None
         self.deadline = math.inf
+        self.worker_pid: int | None = None  # the worker itself (self.proc is its supervisor on Linux)
+        self.supervised = _LINUX  # until the worker says otherwise
 
     def drain(self, limit: int = _DRAIN_BYTES) -> None:
         """Read up to ``limit`` bytes the worker has printed (never blocks); keep the tail."""
@@ -384,7 +662,38 @@ class _Worker:
             pass
         return _exit_text(self.proc.poll())
 
+    def stop(self) -> None:
+        """Start killing the worker and everything it started; :meth:`finish` waits for it.
+
+        Supervised: ``SIGTERM`` to the supervisor, which kills the whole tree and exits. Otherwise:
+        ``SIGKILL`` to the worker's process group.
+        """
+        if not self.supervised:
+            self._kill_group()
+        elif self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def finish(self) -> None:
+        if self.supervised:
+            try:
+                self.proc.wait(timeout=_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("reward worker supervisor %d did not stop within %g s; killing its process group",
+                            self.proc.pid, _STOP_GRACE_S)
+        if self.proc.poll() is None:
+            self._kill_group()
+        self.proc.wait()
+        self.conn.close()
+        self.out.close()
+
     def kill(self) -> None:
+        self.stop()
+        self.finish()
+
+    def _kill_group(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -393,9 +702,6 @@ class _Worker:
             self.proc.kill()
         except ProcessLookupError:
             pass
-        self.proc.wait()
-        self.conn.close()
-        self.out.close()
 
 
 def _with_output(msg: str, w: _Worker) -> str:
@@ -408,17 +714,23 @@ class WorkerPool:
 
     ``map`` is thread-safe (calls are serialized). Workers start lazily and survive between calls;
     a worker that times out or dies is killed and replaced, and items time out concurrently (N
-    hanging items on N workers cost one time-out, not N). Workers die with this process (see
-    :func:`_die_with_parent`); their stdout/stderr go to a pipe the pool drains, keeping the tail
-    of each item's output for its message. ``startup_timeout_s`` bounds how long a fresh worker may
-    take to become ready (the item time-out only starts once a worker is ready).
+    hanging items on N workers cost one time-out, not N). Workers, and every process they start,
+    die with this process and whenever the pool kills them (see the module doc); their
+    stdout/stderr go to a pipe the pool drains, keeping the tail of each item's output for its
+    message. ``startup_timeout_s`` bounds how long a fresh worker may take to become ready (the item
+    time-out only starts once a worker is ready). ``memory_limit_mb``: each worker's
+    ``RLIMIT_DATA`` in MiB (None: :func:`default_memory_limit_mb`; 0: no limit).
     """
 
-    def __init__(self, num_workers: int, *, startup_timeout_s: float = 120.0) -> None:
+    def __init__(self, num_workers: int, *, startup_timeout_s: float = 120.0,
+                 memory_limit_mb: int | None = None) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.num_workers = num_workers
         self.startup_timeout_s = startup_timeout_s
+        self.memory_limit_mb = default_memory_limit_mb() if memory_limit_mb is None else int(memory_limit_mb)
+        if self.memory_limit_mb < 0:
+            raise ValueError(f"memory_limit_mb must be >= 0, got {memory_limit_mb}")
         self._workers: list[_Worker] = []
         self._preload: list[str] = []  # modules of the functions run so far, imported by new workers
         self._lock = threading.Lock()
@@ -434,8 +746,12 @@ class WorkerPool:
         return env
 
     def pids(self) -> list[int]:
-        """Process ids of the current workers."""
+        """Process ids of the current workers' top processes (their supervisors on Linux)."""
         return [w.proc.pid for w in self._workers]
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the processes that run the items (known once a worker is ready)."""
+        return [w.worker_pid if w.worker_pid is not None else w.proc.pid for w in self._workers]
 
     def map(
         self, fn: Callable[..., Any], items: Sequence[tuple], timeout_s: float | None, *, preload: Sequence[str] = ()
@@ -478,7 +794,7 @@ class WorkerPool:
         def start() -> None:
             nonlocal start_failures, why_not
             try:
-                self._workers.append(_Worker(env, self._preload))
+                self._workers.append(_Worker(env, self._preload, self.memory_limit_mb))
             except Exception as e:  # e.g. out of processes or file descriptors
                 start_failures += 1
                 why_not = f"cannot start a reward worker: {describe_exception(e)}"
@@ -556,6 +872,8 @@ class WorkerPool:
                         status, payload = "error", f"cannot read the result: {describe_exception(e)}"
                     if not w.ready:
                         w.ready, start_failures = True, 0
+                        if status == "ready" and isinstance(payload, tuple) and len(payload) == 2:
+                            w.worker_pid, w.supervised = int(payload[0]), bool(payload[1])
                         continue
                     if w.item is None:  # a reply nobody waits for: out of step, so replace the worker
                         replace(w)
@@ -587,8 +905,10 @@ class WorkerPool:
         """Kill all workers (they are restarted by a later ``map``)."""
         with self._lock:
             if os.getpid() == self._pid:
+                for w in self._workers:  # all trees are killed in parallel
+                    w.stop()
                 for w in self._workers:
-                    w.kill()
+                    w.finish()
             self._workers = []
 
 

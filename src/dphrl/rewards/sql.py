@@ -19,6 +19,21 @@ non-introspection PRAGMA and the ``load_extension``/file functions; extension lo
 ATTACH, string/blob length and SQL length are capped with ``setlimit``; a progress handler enforces
 the time-out; at most ``max_rows`` rows are fetched (more counts as a failure).
 
+Memory (every query, both in this module and in :mod:`dphrl.rewards.sql_official`):
+
+* SQLite's own heap is capped at :data:`SQLITE_HEAP_LIMIT_BYTES` (``PRAGMA hard_heap_limit``, set
+  when the sandbox opens a connection, never raised; a soft limit at half of it makes page caches
+  recycle pages first). A query whose values, aggregates or sorts need more fails with SQLite's
+  out-of-memory error. The limit is process-wide: with in-process scoring it also applies to other
+  SQLite users of the process.
+* The fetched result is accounted in Python bytes (``sys.getsizeof`` of every row and value, row by
+  row, so no batch can overshoot): past ``max_result_bytes`` (:data:`DEFAULT_MAX_RESULT_BYTES`)
+  fetching stops. One row is bounded by the heap limit (its values live in SQLite until Python
+  copies them), so a query holds at most about ``2 x heap limit + max_result_bytes``.
+* Both raise :class:`SQLMemoryLimit`: the prediction scores 0 (:func:`score_with_reason` says why), a
+  gold query raises :class:`GoldQueryError`. Gold results are cached up to :data:`GOLD_CACHE_BYTES`.
+* Reward worker processes add ``RLIMIT_DATA`` as a backstop (:mod:`dphrl.rewards.sandbox`).
+
 A failing prediction scores 0. A failing *gold* query raises :class:`GoldQueryError` (so that batch
 scoring counts it as a failure instead of silently scoring 0). Gold results are cached per
 ``(database, gold query)``; connections are cached per thread and database.
@@ -33,6 +48,7 @@ import math
 import os
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -46,6 +62,12 @@ from dphrl.rewards.registry import RewardFn, register_reward
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_GOLD_TIMEOUT_S = 60.0
 DEFAULT_MAX_ROWS = 100_000
+#: Python memory a query's fetched rows may take (``sys.getsizeof`` of rows and values).
+DEFAULT_MAX_RESULT_BYTES = 64 * 2**20
+#: SQLite's hard heap limit (process-wide), set whenever the sandbox opens a connection.
+SQLITE_HEAP_LIMIT_BYTES = 256 * 2**20
+#: Total size of the cached gold results (least recently used ones go first).
+GOLD_CACHE_BYTES = 256 * 2**20
 MODES = ("spider", "bird")
 
 
@@ -59,6 +81,10 @@ class SQLTimeout(TimeoutError):
 
 class SQLRowLimit(RuntimeError):
     """The query returned more rows than allowed."""
+
+
+class SQLMemoryLimit(RuntimeError):
+    """The query needed more memory than allowed: SQLite's heap limit, or the result's size in bytes."""
 
 
 class GoldQueryError(RuntimeError):
@@ -246,10 +272,41 @@ def _printf_proxy(*args: object) -> object:
     return _memdb().execute("SELECT printf(" + ",".join("?" * len(args)) + ")", args).fetchone()[0]
 
 
+def apply_heap_limit(conn: sqlite3.Connection, limit: int = SQLITE_HEAP_LIMIT_BYTES) -> int:
+    """Lower SQLite's process-wide hard heap limit to ``limit`` bytes (never raise it; 0 is "none")
+    and its soft limit to half of that; returns the hard limit now in force (0 if unsupported:
+    SQLite < 3.31 has only the advisory soft limit)."""
+    row = conn.execute("PRAGMA hard_heap_limit").fetchone()
+    current = int(row[0]) if row else 0
+    if current == 0 or current > limit:
+        conn.execute(f"PRAGMA hard_heap_limit = {int(limit)}")
+    soft = conn.execute("PRAGMA soft_heap_limit").fetchone()
+    if soft is not None and (int(soft[0]) == 0 or int(soft[0]) > limit // 2):
+        conn.execute(f"PRAGMA soft_heap_limit = {int(limit) // 2}")
+    row = conn.execute("PRAGMA hard_heap_limit").fetchone()
+    global _heap_limit
+    _heap_limit = int(row[0]) if row else 0
+    return _heap_limit
+
+
+_heap_limit = 0  # as last set or seen by apply_heap_limit
+
+
+def sqlite_heap_limit() -> int:
+    """SQLite's hard heap limit in force in this process (0: none)."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        row = conn.execute("PRAGMA hard_heap_limit").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
 def _memdb() -> sqlite3.Connection:
     db = getattr(_local, "memdb", None)
     if db is None:
         db = _local.memdb = sqlite3.connect(":memory:", check_same_thread=False)
+        apply_heap_limit(db)
         db.text_factory = lambda b: b.decode("utf-8", errors="replace")
         if hasattr(db, "setlimit"):
             db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000_000)
@@ -262,6 +319,7 @@ class _Conn:
     def __init__(self, db_path: str) -> None:
         uri = f"file:{quote(db_path)}?mode=ro&immutable=1"
         self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        apply_heap_limit(self.conn)  # before the authorizer, which denies PRAGMA writes
         if hasattr(self.conn, "enable_load_extension"):
             self.conn.enable_load_extension(False)
         if hasattr(self.conn, "setlimit"):  # Python >= 3.11
@@ -300,11 +358,13 @@ def _connection(db_path: str) -> _Conn:
 
 @dataclass
 class QueryResult:
-    """Column names and rows of a query; ``elapsed_s``: how long it ran (execution and fetching)."""
+    """Column names and rows of a query; ``elapsed_s``: how long it ran (execution and fetching);
+    ``nbytes``: the rows' Python size as accounted against ``max_result_bytes``."""
 
     columns: list[str]
     rows: list[tuple]
     elapsed_s: float = 0.0
+    nbytes: int = 0
 
 
 def _decode_replace(b: bytes) -> str:
@@ -324,13 +384,18 @@ TEXT_DECODERS: dict[str, Callable[[bytes], str]] = {
 }
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB"
+
+
 def execute_sql(
     sql: str, db_path: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS,
-    text_errors: str = "replace",
+    text_errors: str = "replace", max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
 ) -> QueryResult:
     """Run one read-only query in the sandbox. Raises :class:`SQLRejected`, :class:`SQLTimeout`,
-    :class:`SQLRowLimit`, ``sqlite3.Error`` or ``FileNotFoundError``. ``text_errors``: a key of
-    :data:`TEXT_DECODERS`."""
+    :class:`SQLRowLimit`, :class:`SQLMemoryLimit`, ``sqlite3.Error`` or ``FileNotFoundError``.
+    ``text_errors``: a key of :data:`TEXT_DECODERS`. Rows are fetched one at a time and their size
+    accounted, so at most one row past ``max_result_bytes`` is ever held."""
     if text_errors not in TEXT_DECODERS:
         raise ValueError(f"unknown text_errors {text_errors!r}; valid: {sorted(TEXT_DECODERS)}")
     sql = check_single_query(sql)
@@ -339,18 +404,24 @@ def execute_sql(
     t0 = time.monotonic()
     c.deadline = t0 + timeout_s
     cur = None
+    rows: list[tuple] = []
     try:
         cur = c.conn.execute(sql)
-        rows: list[tuple] = []
-        while True:
-            chunk = cur.fetchmany(min(4096, max_rows + 1))
-            if not chunk:
-                break
-            rows.extend(chunk)
+        size, sizeof = 0, sys.getsizeof
+        for row in cur:
+            size += 8 + sizeof(row) + sum(map(sizeof, row))  # the list slot, the tuple, its values
+            rows.append(row)
+            if size > max_result_bytes:
+                raise SQLMemoryLimit(f"query result is larger than {_mib(max_result_bytes)} "
+                                     f"(stopped after {len(rows)} rows)")
             if len(rows) > max_rows:
                 raise SQLRowLimit(f"query returned more than {max_rows} rows")
         columns = [d[0] for d in (cur.description or [])]
-        return QueryResult(columns, rows, time.monotonic() - t0)
+        return QueryResult(columns, rows, time.monotonic() - t0, size)
+    except MemoryError:  # SQLite's heap limit (sqlite3 turns SQLITE_NOMEM into MemoryError) or the process's
+        rows.clear()
+        limit = f"SQLite heap limit {_mib(_heap_limit)}" if _heap_limit else "no SQLite heap limit in force"
+        raise SQLMemoryLimit(f"query needs more memory than allowed ({limit}, or the process is out of memory)") from None
     except sqlite3.OperationalError as e:
         if "interrupted" in str(e) and time.monotonic() > c.deadline:
             raise SQLTimeout(f"query exceeded {timeout_s:g} s") from None
@@ -366,31 +437,44 @@ def execute_sql(
 _GOLD: OrderedDict[tuple[str, str, int, str], QueryResult] = OrderedDict()
 _GOLD_LOCK = threading.Lock()
 _GOLD_MAX = 20_000
+_gold_bytes = 0
 
 
 def gold_result(gold_sql: str, db_path: str, *, timeout_s: float = DEFAULT_GOLD_TIMEOUT_S,
-                max_rows: int = DEFAULT_MAX_ROWS, text_errors: str = "replace") -> QueryResult:
+                max_rows: int = DEFAULT_MAX_ROWS, text_errors: str = "replace",
+                max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES) -> QueryResult:
     """The (cached) result of a gold query; raises :class:`GoldQueryError` if it cannot run."""
+    global _gold_bytes
     key = (os.path.abspath(db_path), gold_sql, max_rows, text_errors)
     with _GOLD_LOCK:
-        if key in _GOLD:
+        hit = _GOLD.get(key)
+        if hit is not None:
             _GOLD.move_to_end(key)
-            return _GOLD[key]
+    if hit is not None:
+        if hit.nbytes > max_result_bytes:  # what running it again under this cap would do
+            raise GoldQueryError(f"gold query failed on {db_path}: SQLMemoryLimit: query result is larger than "
+                                 f"{_mib(max_result_bytes)}; query: {gold_sql[:300]}")
+        return hit
     try:
-        res = execute_sql(gold_sql, db_path, timeout_s=timeout_s, max_rows=max_rows, text_errors=text_errors)
-    except (sqlite3.Error, SQLRejected, SQLTimeout, SQLRowLimit, FileNotFoundError) as e:
+        res = execute_sql(gold_sql, db_path, timeout_s=timeout_s, max_rows=max_rows, text_errors=text_errors,
+                          max_result_bytes=max_result_bytes)
+    except (sqlite3.Error, SQLRejected, SQLTimeout, SQLRowLimit, SQLMemoryLimit, FileNotFoundError) as e:
         raise GoldQueryError(f"gold query failed on {db_path}: {type(e).__name__}: {e}; query: {gold_sql[:300]}") from e
     with _GOLD_LOCK:
-        _GOLD[key] = res
-        while len(_GOLD) > _GOLD_MAX:
-            _GOLD.popitem(last=False)
+        if key not in _GOLD:
+            _GOLD[key] = res
+            _gold_bytes += res.nbytes
+        while len(_GOLD) > 1 and (len(_GOLD) > _GOLD_MAX or _gold_bytes > GOLD_CACHE_BYTES):
+            _gold_bytes -= _GOLD.popitem(last=False)[1].nbytes
     return res
 
 
 def clear_caches() -> None:
     """Forget cached gold results and this thread's connections."""
+    global _gold_bytes
     with _GOLD_LOCK:
         _GOLD.clear()
+        _gold_bytes = 0
     for c in getattr(_local, "conns", {}).values():
         c.conn.close()
     _local.conns = OrderedDict()
@@ -498,6 +582,41 @@ def column_overlap(pred_rows: Sequence[Sequence[object]], gold_rows: Sequence[Se
 # Reward
 
 
+#: What makes a *prediction* score 0 rather than fail the item.
+PRED_ERRORS = (sqlite3.Error, SQLRejected, SQLTimeout, SQLRowLimit, SQLMemoryLimit, MemoryError, OverflowError)
+
+
+def score_with_reason(
+    response: str,
+    gold_sql: str,
+    db_path: str,
+    mode: str = "spider",
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    gold_timeout_s: float = DEFAULT_GOLD_TIMEOUT_S,
+    max_rows: int = DEFAULT_MAX_ROWS,
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+    partial_credit: float = 0.0,
+) -> tuple[float, str]:
+    """:func:`score` and why: ``"match"``, ``"results differ"``, ``"partial credit"`` or the error that
+    stopped the prediction (``"SQLMemoryLimit: ..."``, ``"SQLTimeout: ..."``, ...)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown SQL comparison mode {mode!r}; valid: {MODES}")
+    gold = gold_result(gold_sql, db_path, timeout_s=gold_timeout_s, max_rows=max_rows,
+                       max_result_bytes=max_result_bytes)
+    sql = extract_sql(response)
+    try:
+        pred = execute_sql(sql, db_path, timeout_s=timeout_s, max_rows=max_rows, max_result_bytes=max_result_bytes)
+    except PRED_ERRORS as e:
+        return 0.0, f"{type(e).__name__}: {e}"
+    ordered = mode == "spider" and has_top_level_order_by(gold_sql)
+    if results_match(pred.rows, gold.rows, mode=mode, ordered=ordered):
+        return 1.0, "match"
+    if partial_credit > 0:
+        return partial_credit * column_overlap(pred.rows, gold.rows), "partial credit"
+    return 0.0, "results differ"
+
+
 def score(
     response: str,
     gold_sql: str,
@@ -507,24 +626,16 @@ def score(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     gold_timeout_s: float = DEFAULT_GOLD_TIMEOUT_S,
     max_rows: int = DEFAULT_MAX_ROWS,
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
     partial_credit: float = 0.0,
 ) -> float:
     """Execution match of the SQL in ``response`` against ``gold_sql`` on ``db_path``: 1.0 or 0.0
-    (or a partial score, see ``partial_credit``). Raises :class:`GoldQueryError` if the gold fails."""
-    if mode not in MODES:
-        raise ValueError(f"unknown SQL comparison mode {mode!r}; valid: {MODES}")
-    gold = gold_result(gold_sql, db_path, timeout_s=gold_timeout_s, max_rows=max_rows)
-    sql = extract_sql(response)
-    try:
-        pred = execute_sql(sql, db_path, timeout_s=timeout_s, max_rows=max_rows)
-    except (sqlite3.Error, SQLRejected, SQLTimeout, SQLRowLimit, MemoryError, OverflowError):
-        return 0.0
-    ordered = mode == "spider" and has_top_level_order_by(gold_sql)
-    if results_match(pred.rows, gold.rows, mode=mode, ordered=ordered):
-        return 1.0
-    if partial_credit > 0:
-        return partial_credit * column_overlap(pred.rows, gold.rows)
-    return 0.0
+    (or a partial score, see ``partial_credit``). Raises :class:`GoldQueryError` if the gold fails.
+    A prediction that is rejected, times out or passes a row or memory limit scores 0."""
+    return score_with_reason(
+        response, gold_sql, db_path, mode, timeout_s=timeout_s, gold_timeout_s=gold_timeout_s, max_rows=max_rows,
+        max_result_bytes=max_result_bytes, partial_credit=partial_credit,
+    )[0]
 
 
 def _example_fields(example: Example) -> tuple[str, str]:
@@ -556,11 +667,12 @@ def _configured_reward(response: str, example: Example, **options: object) -> fl
 
 
 def make_reward(mode: str = "spider", **options: object) -> RewardFn:
-    """A reward function with non-default options (``timeout_s``, ``max_rows``, ``partial_credit``,
-    ``gold_timeout_s``); picklable, so it also works with ``score_batch(num_workers>0)``."""
+    """A reward function with non-default options (``timeout_s``, ``max_rows``, ``max_result_bytes``,
+    ``partial_credit``, ``gold_timeout_s``); picklable, so it also works with
+    ``score_batch(num_workers>0)``."""
     if mode not in MODES:
         raise ValueError(f"unknown SQL comparison mode {mode!r}; valid: {MODES}")
-    valid = {"timeout_s", "gold_timeout_s", "max_rows", "partial_credit"}
+    valid = {"timeout_s", "gold_timeout_s", "max_rows", "max_result_bytes", "partial_credit"}
     if set(options) - valid:
         raise ValueError(f"unknown SQL reward option(s) {sorted(set(options) - valid)}; valid: {sorted(valid)}")
     return functools.partial(_configured_reward, mode=mode, **options)

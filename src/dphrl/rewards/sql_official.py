@@ -11,7 +11,7 @@ keeps its own, sandboxed semantics. For reporting numbers comparable with publis
 
 Both run every query through the sandbox of :mod:`dphrl.rewards.sql` (read-only immutable
 connection, authorizer, single ``SELECT``/``WITH``/``VALUES`` statement, progress-handler time-out,
-row cap), with the official time-outs. Use :func:`official_reward` (or :data:`OFFICIAL_REWARDS`) to
+row cap, SQLite heap limit, result-size cap), with the official time-outs. Use :func:`official_reward` (or :data:`OFFICIAL_REWARDS`) to
 get a reward function ``fn(response, example)``; its ``__name__`` and ``sql_mode`` name the mode.
 
 Where our sandboxed semantics (middle) differ from the official ones (right). The official modes
@@ -50,6 +50,8 @@ rewriting       none                             ``> =``, ``< =``, ``! =`` joine
 statements      one read-only query (sandbox)    anything, on a writable connection (a ``DELETE``
                                                  matches an empty gold); we keep the sandbox: 0
 row cap         100,000                          none; we cap at 1,000,000
+memory          64 MiB of result, SQLite heap    none; we cap the result at 256 MiB and SQLite's
+                256 MiB                          heap at 256 MiB: past them the pred scores 0
 bad UTF-8       replaced by U+FFFD               dropped (``errors="ignore"``; kept)
 partial credit  optional                         none
 ==============  ===============================  ================================================
@@ -68,6 +70,8 @@ gold fails      :class:`GoldQueryError`          scores 0; we raise GoldQueryErr
                                                  failure by ``score_batch``, scored 0)
 statements      one read-only query (sandbox)    anything, writable; we keep the sandbox: 0
 row cap         100,000                          none; we cap at 1,000,000
+memory          64 MiB of result, SQLite heap    none; we cap the result at 256 MiB and SQLite's
+                256 MiB                          heap at 256 MiB: past them the pred scores 0
 bad UTF-8       replaced by U+FFFD               an error (plain ``sqlite3``; kept): scores 0
 partial credit  optional                         none
 ==============  ===============================  ================================================
@@ -83,7 +87,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 
@@ -91,10 +94,8 @@ from dphrl.data.example import Example
 from dphrl.rewards import sql as _sql
 from dphrl.rewards.registry import RewardFn
 from dphrl.rewards.sql import (
+    PRED_ERRORS,
     GoldQueryError,
-    SQLRejected,
-    SQLRowLimit,
-    SQLTimeout,
     _example_fields,
     bird_reward,
     extract_sql,
@@ -111,8 +112,10 @@ SPIDER_OFFICIAL_TIMEOUT_S = 60.0
 BIRD_OFFICIAL_TIMEOUT_S = 30.0
 #: Rows fetched at most per query (the official scripts have no cap; the sandbox needs one).
 OFFICIAL_MAX_ROWS = 1_000_000
+#: Python bytes a query's fetched rows may take (the official scripts have no cap; see ``sql``).
+OFFICIAL_MAX_RESULT_BYTES = 256 * 2**20
 
-_PRED_ERRORS = (sqlite3.Error, SQLRejected, SQLTimeout, SQLRowLimit, MemoryError, OverflowError)
+_PRED_ERRORS = PRED_ERRORS  # the name before the memory limits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,23 +194,31 @@ def score_spider_official(
     keep_distinct: bool = False,
     timeout_s: float = SPIDER_OFFICIAL_TIMEOUT_S,
     max_rows: int = OFFICIAL_MAX_ROWS,
+    max_result_bytes: int = OFFICIAL_MAX_RESULT_BYTES,
     test_suite: bool = True,
 ) -> float:
     """1.0 when the SQL in ``response`` matches ``gold_sql`` under the Spider test-suite rules on every
     database of the suite (``test_suite``; else only ``db_path``), else 0.0. Raises
     :class:`GoldQueryError` when the gold fails on one of them."""
+    return _spider_official(response, gold_sql, db_path, keep_distinct=keep_distinct, timeout_s=timeout_s,
+                            max_rows=max_rows, max_result_bytes=max_result_bytes, test_suite=test_suite)[0]
+
+
+def _spider_official(response: str, gold_sql: str, db_path: str, *, keep_distinct: bool, timeout_s: float,
+                     max_rows: int, max_result_bytes: int, test_suite: bool) -> tuple[float, str]:
     pred, gold = spider_official_queries(extract_sql(response), gold_sql, keep_distinct=keep_distinct)
     order_matters = "order by" in gold.lower()
     pred, gold = _CUR_YEAR_RE.sub("2020", pred), _CUR_YEAR_RE.sub("2020", gold)
+    limits = {"timeout_s": timeout_s, "max_rows": max_rows, "max_result_bytes": max_result_bytes}
     for path in _test_suite_databases(db_path) if test_suite else [db_path]:
-        g = _sql.gold_result(gold, path, timeout_s=timeout_s, max_rows=max_rows, text_errors="ignore")
+        g = _sql.gold_result(gold, path, text_errors="ignore", **limits)  # type: ignore[arg-type]
         try:
-            p = _sql.execute_sql(pred, path, timeout_s=timeout_s, max_rows=max_rows, text_errors="ignore")
-        except _PRED_ERRORS:
-            return 0.0
+            p = _sql.execute_sql(pred, path, text_errors="ignore", **limits)  # type: ignore[arg-type]
+        except PRED_ERRORS as e:
+            return 0.0, f"{type(e).__name__}: {e}"
         if not spider_official_result_eq(g.rows, p.rows, order_matters=order_matters):
-            return 0.0
-    return 1.0
+            return 0.0, f"results differ on {os.path.basename(path)}"
+    return 1.0, "match"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,20 +238,28 @@ def score_bird_official(
     *,
     timeout_s: float = BIRD_OFFICIAL_TIMEOUT_S,
     max_rows: int = OFFICIAL_MAX_ROWS,
+    max_result_bytes: int = OFFICIAL_MAX_RESULT_BYTES,
 ) -> float:
     """1.0 when the SQL in ``response`` returns the same set of rows as ``gold_sql``, both within
     ``timeout_s`` together, else 0.0. Raises :class:`GoldQueryError` when the gold fails or alone
     takes longer than ``timeout_s`` (the official script scores that item 0)."""
-    g = _sql.gold_result(gold_sql, db_path, timeout_s=timeout_s, max_rows=max_rows, text_errors="strict")
+    return _bird_official(response, gold_sql, db_path, timeout_s=timeout_s, max_rows=max_rows,
+                          max_result_bytes=max_result_bytes)[0]
+
+
+def _bird_official(response: str, gold_sql: str, db_path: str, *, timeout_s: float, max_rows: int,
+                   max_result_bytes: int) -> tuple[float, str]:
+    g = _sql.gold_result(gold_sql, db_path, timeout_s=timeout_s, max_rows=max_rows, text_errors="strict",
+                         max_result_bytes=max_result_bytes)
     if g.elapsed_s >= timeout_s:  # a cached result from a run with a longer time-out
         raise GoldQueryError(f"gold query took {g.elapsed_s:.1f} s, over the {timeout_s:g} s budget; "
                              f"query: {gold_sql[:300]}")
     try:
         p = _sql.execute_sql(extract_sql(response), db_path, timeout_s=timeout_s - g.elapsed_s,
-                             max_rows=max_rows, text_errors="strict")
-    except _PRED_ERRORS:
-        return 0.0
-    return 1.0 if bird_official_result_eq(p.rows, g.rows) else 0.0
+                             max_rows=max_rows, text_errors="strict", max_result_bytes=max_result_bytes)
+    except PRED_ERRORS as e:
+        return 0.0, f"{type(e).__name__}: {e}"
+    return (1.0, "match") if bird_official_result_eq(p.rows, g.rows) else (0.0, "results differ")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,8 +288,13 @@ OFFICIAL_REWARDS: dict[str, RewardFn] = {
     BIRD_OFFICIAL: bird_official_reward,
 }
 _SCORERS = {SPIDER_OFFICIAL: score_spider_official, BIRD_OFFICIAL: score_bird_official}
-_OPTIONS = {SPIDER_OFFICIAL: {"keep_distinct", "timeout_s", "max_rows", "test_suite"},
-            BIRD_OFFICIAL: {"timeout_s", "max_rows"}}
+_DEFAULTS: dict[str, dict[str, object]] = {
+    SPIDER_OFFICIAL: {"keep_distinct": False, "timeout_s": SPIDER_OFFICIAL_TIMEOUT_S, "max_rows": OFFICIAL_MAX_ROWS,
+                      "max_result_bytes": OFFICIAL_MAX_RESULT_BYTES, "test_suite": True},
+    BIRD_OFFICIAL: {"timeout_s": BIRD_OFFICIAL_TIMEOUT_S, "max_rows": OFFICIAL_MAX_ROWS,
+                    "max_result_bytes": OFFICIAL_MAX_RESULT_BYTES},
+}
+_OPTIONS = {mode: set(d) for mode, d in _DEFAULTS.items()}
 #: Every SQL evaluation mode: the sandboxed training semantics and the official ones.
 SQL_EVAL_MODES: tuple[str, ...] = ("spider", "bird", SPIDER_OFFICIAL, BIRD_OFFICIAL)
 
@@ -294,6 +318,17 @@ def score_official(response: str, gold_sql: str, db_path: str, mode: str = SPIDE
     _check_mode(mode, list(_SCORERS))
     _check_options(mode, options)
     return _SCORERS[mode](response, gold_sql, db_path, **options)  # type: ignore[operator]
+
+
+def score_official_with_reason(response: str, gold_sql: str, db_path: str, mode: str = SPIDER_OFFICIAL,
+                               **options: object) -> tuple[float, str]:
+    """:func:`score_official` and why: ``"match"``, ``"results differ ..."`` or the error that stopped
+    the prediction (``"SQLMemoryLimit: ..."``, ``"SQLTimeout: ..."``, ...)."""
+    _check_mode(mode, list(_SCORERS))
+    _check_options(mode, options)
+    kwargs = {**_DEFAULTS[mode], **options}
+    fn = _spider_official if mode == SPIDER_OFFICIAL else _bird_official
+    return fn(response, gold_sql, db_path, **kwargs)  # type: ignore[arg-type]
 
 
 def _configured_official(response: str, example: Example, *, mode: str, **options: object) -> float:
