@@ -82,13 +82,23 @@ ALGORITHMS.register("rkl", AlgorithmSpec(
     defaults={"kl_coef": 0.01, "kl_estimator": "k2"},
     live_reference=True,
 ))
-ALGORITHMS.register("dph", AlgorithmSpec(
-    "dph", "PPO-clip on rollouts of D_exp prompts + eta * f-divergence on stored pi_ref samples of D_pef prompts",
-    defaults={"clip_high": 0.28, "loss_agg": "token-mean", "dual_clip": 3.0, "divergence": "js",
-              "eta": lambda c: DEFAULT_ETA.get(c.divergence, 0.1)},
-    rollout_prompts="d_exp",
-    rehearsal=True,
-))
+ALGORITHMS.register(
+    "dph",
+    AlgorithmSpec(
+        "dph",
+        "PPO-clip on rollouts of D_exp prompts + eta * f-divergence on stored pi_ref samples of "
+        "D_pef prompts",
+        defaults={
+            "clip_high": 0.28,
+            "loss_agg": "token-mean",
+            "dual_clip": 3.0,
+            "divergence": "js",
+            "eta": lambda c: DEFAULT_ETA.get(c.divergence, 0.1),
+        },
+        rollout_prompts="d_exp",
+        rehearsal=True,
+    ),
+)
 
 
 def get_algorithm(name: str) -> AlgorithmSpec:

@@ -33,14 +33,17 @@ class Packed:
 
 
 def pad_token_id(tokenizer: Any) -> int:
-    """The id used for padding: the tokenizer's pad token, else its EOS (masks, never ids, tell them apart)."""
+    """The id used for padding: the tokenizer's pad token, else its EOS
+    (masks, never ids, tell them apart)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
     return int(pad)
 
 
-def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, resp_len: int | None = None) -> Packed:
+def pack(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int, resp_len: int | None = None
+) -> Packed:
     """Left-pad prompts, right-pad responses (to ``resp_len`` or the longest response)."""
     if len(prompts) != len(responses):
         raise ValueError(f"pack: {len(prompts)} prompts but {len(responses)} responses")
@@ -117,14 +120,16 @@ def token_logprobs(
         from transformers import TopPLogitsWarper
 
         B, T, V = logits.shape
-        logits = TopPLogitsWarper(top_p)(None, logits.reshape(B * T, V)).reshape(B, T, V)  # (B, T, V) -inf outside
+        # (B, T, V) -inf outside
+        logits = TopPLogitsWarper(top_p)(None, logits.reshape(B * T, V)).reshape(B, T, V)
     logz = torch.logsumexp(logits, dim=-1)  # (B, T)
     logp = logits.gather(-1, resp_ids.unsqueeze(-1)).squeeze(-1) - logz  # (B, T)
     entropy = None
     if with_entropy:
         if entropy_grad and torch.is_grad_enabled():
             probs = torch.softmax(logits, dim=-1)  # (B, T, V)
-            finite = torch.where(probs > 0, logits, torch.zeros_like(logits))  # (B, T, V) 0 * -inf outside top-p
+            # (B, T, V) 0 * -inf outside top-p
+            finite = torch.where(probs > 0, logits, torch.zeros_like(logits))
             entropy = logz - (probs * finite).sum(-1)  # (B, T)
         else:
             entropy = _entropy_no_grad(logits.detach(), logz.detach())  # (B, T)

@@ -24,9 +24,21 @@ from dphrl.config import ConfigError, TrainConfig
 from dphrl.dist import Collectives
 from dphrl.fsutil import atomic_write_text, remove_dir, replace_dir, sha256_file
 
-__all__ = ["CHECKPOINT_MARKER", "RESUME_MUST_MATCH", "CheckpointError", "TrainingStopped", "complete_checkpoints",
-           "load_checkpoint", "verify_checkpoint",
-           "model_card", "push_folder", "record_resume", "resume_config_changes", "save_checkpoint", "save_final"]
+__all__ = [
+    "CHECKPOINT_MARKER",
+    "RESUME_MUST_MATCH",
+    "CheckpointError",
+    "TrainingStopped",
+    "complete_checkpoints",
+    "load_checkpoint",
+    "verify_checkpoint",
+    "model_card",
+    "push_folder",
+    "record_resume",
+    "resume_config_changes",
+    "save_checkpoint",
+    "save_final",
+]
 
 #: Written last into a checkpoint dir (before its rename): only marked checkpoints are resumable.
 CHECKPOINT_MARKER = "COMPLETE"
@@ -44,8 +56,10 @@ class TrainingStopped(RuntimeError):
 
     def __init__(self, signal_name: str, checkpoint: Path):
         self.signal_name, self.checkpoint = signal_name, checkpoint
-        super().__init__(f"{signal_name}: stopped after step {checkpoint.name.removeprefix('step_').lstrip('0') or 0}; "
-                         f"checkpoint {checkpoint}. Resume with `dphrl train --config ... --resume latest`.")
+        super().__init__(
+            f"{signal_name}: stopped after step {checkpoint.name.removeprefix('step_').lstrip('0') or 0}; "
+            f"checkpoint {checkpoint}. Resume with `dphrl train --config ... --resume latest`."
+        )
 
 
 class CheckpointError(ValueError):
@@ -59,7 +73,9 @@ WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.pt", "trainer_state.
 
 def complete_checkpoints(out: Path) -> list[Path]:
     """Checkpoint dirs that were fully written (their marker is written last, before the rename)."""
-    return sorted(p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and (p / CHECKPOINT_MARKER).is_file())
+    return sorted(
+        p for p in (out / "checkpoints").glob("step_*") if p.is_dir() and (p / CHECKPOINT_MARKER).is_file()
+    )
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -78,9 +94,11 @@ def _rng_state() -> dict[str, Any]:
     import base64
 
     np_state = np.random.get_state()
-    return {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
 
 
 def _set_rng_state(st: dict[str, Any]) -> None:
@@ -149,15 +167,19 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: unreadable {CHECKPOINT_MARKER} ({e})") from e
     files = marker.get("files") if isinstance(marker, dict) else None
     if not isinstance(files, dict) or WEIGHTS not in files:
-        raise CheckpointError(f"checkpoint {path}: written by an older dphrl (pickled model.pt, no checksums); "
-                              "it is not loaded, since a pickle can run code. Start a new run (--overwrite).")
+        raise CheckpointError(
+            f"checkpoint {path}: written by an older dphrl (pickled model.pt, no checksums); "
+            "it is not loaded, since a pickle can run code. Start a new run (--overwrite)."
+        )
     for name, want in files.items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path}: file {name} is missing")
         if sha256_file(f) != want:
-            raise CheckpointError(f"checkpoint {path}: file {name} is damaged (its sha256 differs from the one "
-                                  f"recorded when it was written)")
+            raise CheckpointError(
+                f"checkpoint {path}: file {name} is damaged (its sha256 differs from the one "
+                f"recorded when it was written)"
+            )
     return marker
 
 
@@ -167,11 +189,15 @@ def checkpoint_path(out: Path, path: str | Path) -> Path:
     if str(path) == "latest":
         done = complete_checkpoints(out)
         if not done:
-            raise CheckpointError(f"--resume latest: no complete checkpoint under {out / 'checkpoints'} (the run "
-                                  "stopped before its first save_every). Start it again with --overwrite.")
+            raise CheckpointError(
+                f"--resume latest: no complete checkpoint under {out / 'checkpoints'} (the run "
+                "stopped before its first save_every). Start it again with --overwrite."
+            )
         path = done[-1]
     else:
-        done = complete_checkpoints(Path(path).parent.parent) if Path(path).parent.name == "checkpoints" else []
+        done = (
+            complete_checkpoints(Path(path).parent.parent) if Path(path).parent.name == "checkpoints" else []
+        )
     path = Path(path)
     if not (path / CHECKPOINT_MARKER).is_file():
         raise CheckpointError(f"--resume {path}: not a complete checkpoint (no {CHECKPOINT_MARKER})")
@@ -198,9 +224,11 @@ def load_checkpoint(path: Path, *, acc: Accelerator, coll: Collectives, model: t
 
     st = json.loads((path / STATE).read_text())
     if st.get("weights") == "adapter" and st.get("base_fingerprint") != base_fingerprint:
-        raise CheckpointError(f"checkpoint {path}: its adapter was trained on other base weights (fingerprint "
-                              f"{st.get('base_fingerprint')}, the loaded model's is {base_fingerprint}); load the "
-                              "run's base model (config key 'model').")
+        raise CheckpointError(
+            f"checkpoint {path}: its adapter was trained on other base weights (fingerprint "
+            f"{st.get('base_fingerprint')}, the loaded model's is {base_fingerprint}); load the "
+            "run's base model (config key 'model')."
+        )
     weights = load_file(str(path / WEIGHTS))
     if sharding.is_sharded(model):
         sharding.load_full_state_dict(model, weights if acc.is_main_process else {})
@@ -210,8 +238,10 @@ def load_checkpoint(path: Path, *, acc: Accelerator, coll: Collectives, model: t
         missing, unexpected = plain.load_state_dict(weights, strict=st.get("weights") != "adapter")
         trainable = {n for n, p in plain.named_parameters() if p.requires_grad}
         if unexpected or trainable - set(weights):
-            raise CheckpointError(f"checkpoint {path}: its weights do not fit this model (unexpected "
-                                  f"{sorted(unexpected)[:3]}, missing {sorted(trainable - set(weights))[:3]})")
+            raise CheckpointError(
+                f"checkpoint {path}: its weights do not fit this model (unexpected "
+                f"{sorted(unexpected)[:3]}, missing {sorted(trainable - set(weights))[:3]})"
+            )
         opt = _load_tensors(path / OPTIMIZER)
     optimizer.load_state_dict(opt)
     scheduler.load_state_dict(st["scheduler"])
@@ -233,8 +263,10 @@ def _load_tensors(f: Path) -> Any:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"checkpoint file {f} holds not only tensors (refused unread: a pickle can run code): "
-                              f"{str(e).splitlines()[0][:200]}") from None
+        raise CheckpointError(
+            f"checkpoint file {f} holds not only tensors (refused unread: a pickle can run code): "
+            f"{str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 def _scheduled_lrs(sched: Any) -> list[float]:
@@ -256,7 +288,8 @@ def resume_config_changes(path: Path, cfg: TrainConfig) -> dict[str, tuple[Any, 
         raise ConfigError(
             f"--resume {path}: the config differs from the checkpoint's in keys that define the run: "
             + ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in fixed)
-            + ". Resume with the checkpoint's values, or start a new run (--overwrite, or another output_dir)."
+            + ". Resume with the checkpoint's values, or start a new run (--overwrite, or another "
+              "output_dir)."
         )
     return changes
 
@@ -320,19 +353,44 @@ def model_card(cfg: TrainConfig, run_info: dict, last_eval: dict[str, float], st
     tags = ["dphrl", "rlvr", "reinforcement-learning", cfg.algorithm]
     if spec.rehearsal:
         tags.append(f"divergence-{cfg.divergence}")
-    data = ModelCardData(library_name="transformers", base_model=base, tags=tags, pipeline_tag="text-generation")
-    key = {k: getattr(cfg, k) for k in ("algorithm", "lr", "max_steps", "prompts_per_step", "rollout_n", "temperature",
-                                        "clip_low", "clip_high", "dual_clip", "loss_agg", "advantage", "seed", "lora")}
+    data = ModelCardData(
+        library_name="transformers", base_model=base, tags=tags, pipeline_tag="text-generation"
+    )
+    key = {
+        k: getattr(cfg, k)
+        for k in (
+            "algorithm",
+            "lr",
+            "max_steps",
+            "prompts_per_step",
+            "rollout_n",
+            "temperature",
+            "clip_low",
+            "clip_high",
+            "dual_clip",
+            "loss_agg",
+            "advantage",
+            "seed",
+            "lora",
+        )
+    }
     if spec.rehearsal:
         key.update(divergence=cfg.divergence, eta=cfg.eta, rehearsal_form=cfg.rehearsal_form,
                    reference_store=cfg.reference_store)
     if spec.uses_live_reference(cfg.kl_coef):
         key.update(kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator)
-    lines = [f"# {Path(cfg.output_dir).name}", "",
-             f"Fine-tuned from `{cfg.model}` with [dphrl](https://github.com/) (`{cfg.algorithm}`: {spec.summary}), "
-             f"{step} RL steps on `{json.dumps(cfg.dataset)}` with reward `{cfg.reward or 'the task default'}`.", "",
-             "## Training configuration (key values; the full resolved config is `dphrl_config.yaml`)", "",
-             "| key | value |", "|---|---|"]
+    lines = [
+        f"# {Path(cfg.output_dir).name}",
+        "",
+        f"Fine-tuned from `{cfg.model}` with [dphrl](https://github.com/) (`{cfg.algorithm}`: "
+        f"{spec.summary}), {step} RL steps on `{json.dumps(cfg.dataset)}` with reward "
+        f"`{cfg.reward or 'the task default'}`.",
+        "",
+        "## Training configuration (key values; the full resolved config is `dphrl_config.yaml`)",
+        "",
+        "| key | value |",
+        "|---|---|",
+    ]
     lines += [f"| `{k}` | `{json.dumps(v)}` |" for k, v in key.items()]
     lines += ["", f"Engine {run_info.get('engine')}, {run_info.get('world_size')} process(es), "
               f"versions {json.dumps(run_info.get('versions', {}))}.", ""]

@@ -43,7 +43,8 @@ from dphrl.config_checks import (  # noqa: F401 - the public names of dphrl.conf
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A config field: ``help`` is its reference text, ``check=`` its :class:`Check` (required by the tests)."""
+    """A config field: ``help`` is its reference text, ``check=`` its :class:`Check`
+    (required by the tests)."""
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
@@ -91,9 +92,11 @@ class TrainConfig:
     # --- divergence (dph) / KL (rkl) -----------------------------------------------------------
     divergence: str | None = _f(
         None,
-        'dph: f-divergence of the rehearsal term: a registered name (forward_kl, js, alpha, ...) or '
-        'package.module:f for your own generator f(u). Default js.',
-        check=Optional(Name("dphrl.divergences:DIVERGENCES", "a divergence"), "js for dph; unused by the others"),
+        "dph: f-divergence of the rehearsal term: a registered name (forward_kl, js, alpha, ...) or "
+        "package.module:f for your own generator f(u). Default js.",
+        check=Optional(
+            Name("dphrl.divergences:DIVERGENCES", "a divergence"), "js for dph; unused by the others"
+        ),
     )
     divergence_params: dict = _f({}, "Extra parameters of the divergence, e.g. {alpha: 0.5}.", check=Params())
     eta: float | None = _f(
@@ -528,34 +531,56 @@ class TrainConfig:
              f">= 2 with advantage {self.advantage} (group-normalized advantages need a group)")
         adv_keys = self.entry_params("advantage").values()
         if "passk_k" in adv_keys:
-            need(self.passk_k <= self.rollout_n, "passk_k", f"<= rollout_n ({self.rollout_n}): pass@k of a group of "
-                 "rollout_n responses")
+            need(
+                self.passk_k <= self.rollout_n,
+                "passk_k",
+                f"<= rollout_n ({self.rollout_n}): pass@k of a group of rollout_n responses",
+            )
             need(self.passk_k_final <= self.rollout_n, "passk_k_final", f"<= rollout_n ({self.rollout_n})")
         if "clip_cov_lb" in self.entry_params("policy_loss").values():
             need(self.clip_cov_lb < self.clip_cov_ub, "clip_cov_ub", f"> clip_cov_lb ({self.clip_cov_lb})")
         if "kl_cov_ratio" in self.entry_params("policy_loss").values():
-            need(not self.dual_clip, "dual_clip", f"0 with policy_loss {self.policy_loss} (no ratio clipping; the dph "
-                 "preset sets 3: write dual_clip: 0)")
+            need(
+                not self.dual_clip,
+                "dual_clip",
+                f"0 with policy_loss {self.policy_loss} (no ratio clipping; the dph "
+                "preset sets 3: write dual_clip: 0)",
+            )
         need(self.overlong_buffer is None or self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
              f"<= max_new_tokens ({self.max_new_tokens}): the penalty ramps over the response's last "
              "overlong_buffer tokens")
-        refusal = old_logprob_refusal(self.engine, self.old_logprob)  # the launch check's rule, at config time
+        # the launch check's rule, at config time
+        refusal = old_logprob_refusal(self.engine, self.old_logprob)
         if refusal:
             raise ConfigError(refusal, key="old_logprob")
         need(self.eval_every == 0 or bool(self.eval_data), "eval_data",
              f"a non-empty mapping {{name: dataset spec}} when eval_every > 0 (it is {self.eval_every})")
         spec = self.spec()
         if spec.rehearsal:
-            need(not REHEARSAL_FORMS.get(self.rehearsal_form).topk or self.rehearsal_topk >= 1,
-                 "rehearsal_topk", f">= 1 with rehearsal_form {self.rehearsal_form} (the k of the stored top-k)")
+            need(
+                not REHEARSAL_FORMS.get(self.rehearsal_form).topk or self.rehearsal_topk >= 1,
+                "rehearsal_topk",
+                f">= 1 with rehearsal_form {self.rehearsal_form} (the k of the stored top-k)",
+            )
             need(self.divergence is not None, "divergence", f"a divergence name (algorithm {self.algorithm})")
-            need(self.eta is not None, "eta", f"a number >= 0 (algorithm {self.algorithm} weighs its divergence)")
-            need(bool(self.reference_store), "reference_store",
-                 "the directory written by `dphrl presample` (dph trains on stored reference samples; run presample first)")
+            need(
+                self.eta is not None,
+                "eta",
+                f"a number >= 0 (algorithm {self.algorithm} weighs its divergence)",
+            )
+            need(
+                bool(self.reference_store),
+                "reference_store",
+                "the directory written by `dphrl presample` (dph trains on stored reference samples; run "
+                "presample first)",
+            )
         if self.kl_coef and not spec.live_reference:
             with_ref = [n for n, a in _algorithms().items() if a.live_reference]
-            raise ConfigError(f"config key 'kl_coef': kl_coef={self.kl_coef} is only used by the algorithms with a "
-                              f"live reference {with_ref}; set algorithm: {with_ref[0]} or kl_coef: 0", key="kl_coef")
+            raise ConfigError(
+                f"config key 'kl_coef': kl_coef={self.kl_coef} is only used by the algorithms with a "
+                f"live reference {with_ref}; set algorithm: {with_ref[0]} or kl_coef: 0",
+                key="kl_coef",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -564,8 +589,14 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
-_NOUNS: dict[type, str] = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-                           list: "a list", dict: "a mapping"}
+_NOUNS: dict[type, str] = {
+    int: "an integer",
+    float: "a finite number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
 
 
 @functools.cache
@@ -576,7 +607,10 @@ def _field_types(cls: type) -> dict[str, tuple[Any, bool]]:
     for f in dataclasses.fields(cls):
         args = typing.get_args(hints[f.name])
         optional = type(None) in args
-        out[f.name] = (next((a for a in args if a is not type(None)), hints[f.name]) if optional else hints[f.name], optional)
+        out[f.name] = (
+            next((a for a in args if a is not type(None)), hints[f.name]) if optional else hints[f.name],
+            optional,
+        )
     return out
 
 
@@ -595,7 +629,8 @@ def _algorithms() -> dict[str, AlgorithmSpec]:
 
 
 def config_help(cls: type = TrainConfig) -> str:
-    """Markdown table of every key, its default, what its check allows and its help text (the config reference)."""
+    """Markdown table of every key, its default, what its check allows and its help text
+    (the config reference)."""
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     types_ = _field_types(cls)
     for f in dataclasses.fields(cls):
@@ -621,7 +656,9 @@ def _coerce(key: str, raw: Any, typ: Any, where: str) -> Any:
         try:
             raw = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config key '{key}' ({where}): cannot parse {raw!r}: {e}", key=key, where=where) from e
+            raise ConfigError(
+                f"config key '{key}' ({where}): cannot parse {raw!r}: {e}", key=key, where=where
+            ) from e
     if raw is None:
         if optional:
             return None
@@ -660,7 +697,8 @@ def _yaml_lines(text: str) -> dict[str, int]:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 if isinstance(k, yaml.ScalarNode):
-                    lines[prefix + str(k.value)] = k.start_mark.line + 1  # a repeated key: the last wins, as in loading
+                    # a repeated key: the last wins, as in loading
+                    lines[prefix + str(k.value)] = k.start_mark.line + 1
                     walk(v, f"{prefix}{k.value}.")
 
     walk(yaml.compose(text), "")
@@ -679,7 +717,9 @@ def _locate(key: str | None, origin: dict[str, str], path: str | Path | None) ->
     return f"not set in {path}" if path is not None else "not set"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig, **kw: Any):
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig, **kw: Any
+):
     """Build a config from a YAML file, ``key=value`` overrides and keyword arguments, validated.
 
     Every :class:`ConfigError` names the key and where it came from (``file:line``, nested keys such
@@ -735,7 +775,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise e.at(where) from e
 
 
-def _put_dotted(values: dict[str, Any], names: dict[str, dataclasses.Field], ov: str, key: str, raw: str) -> None:
+def _put_dotted(
+    values: dict[str, Any], names: dict[str, dataclasses.Field], ov: str, key: str, raw: str
+) -> None:
     """Apply the override ``top.sub[.sub2]=raw`` to the dict field ``top`` in ``values``."""
     top, *subs = key.split(".")
     dict_keys = [n for n, f in names.items() if isinstance(_default(f), dict)]
@@ -756,7 +798,9 @@ def _put_dotted(values: dict[str, Any], names: dict[str, dataclasses.Field], ov:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             inner = ".".join([top, *subs[: i + 1]])
-            raise ConfigError(f"override {ov!r}: {inner} is {node!r}, not a mapping", key=inner, where="command line")
+            raise ConfigError(
+                f"override {ov!r}: {inner} is {node!r}, not a mapping", key=inner, where="command line"
+            )
     node[subs[-1]] = parsed
     values[top] = cur
 

@@ -42,7 +42,10 @@ class ConfigError(ValueError):
 
 
 def _bad(key: str, value: Any, expected: str) -> str:
-    return f"config key '{key}': got {value!r}, expected {expected}. Fix it in the YAML file or with `{key}=...`."
+    return (
+        f"config key '{key}': got {value!r}, expected {expected}. "
+        f"Fix it in the YAML file or with `{key}=...`."
+    )
 
 
 def _error(key: str, value: Any, expected: str) -> ConfigError:
@@ -80,8 +83,20 @@ class Range(Check):
     def describe(self, noun: str) -> str:
         if self.off is not None:
             return f"{_num(self.off)} (off) or {dataclasses.replace(self, off=None).describe(noun)}"
-        lo = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
-        hi = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        lo = (
+            f"[{_num(self.ge)}"
+            if self.ge is not None
+            else f"({_num(self.gt)}"
+            if self.gt is not None
+            else None
+        )
+        hi = (
+            f"{_num(self.le)}]"
+            if self.le is not None
+            else f"{_num(self.lt)})"
+            if self.lt is not None
+            else None
+        )
         if lo and hi:
             return f"{noun} in {lo}, {hi}"
         if lo:
@@ -236,7 +251,13 @@ class DatasetSpec(Check):
 
         if not isinstance(value, dict):
             raise _error(key, value, self.describe(noun))
-        specs = [(f"{key}.{name}", spec) for name, spec in value.items()] if self.many else [(key, value)] if value else []
+        specs = (
+            [(f"{key}.{name}", spec) for name, spec in value.items()]
+            if self.many
+            else [(key, value)]
+            if value
+            else []
+        )
         for sub, spec in specs:
             if self.many and (not spec or not isinstance(spec, dict | str)):
                 raise _error(sub, spec, "a dataset spec such as {type: gsm8k, path: ..., limit: 64}")
@@ -263,10 +284,15 @@ KEY_ALIASES: dict[str, tuple[str, str]] = {
     "max_response_length": ("max_new_tokens", ""),
     "max_tokens": ("max_new_tokens", ""),
     "max_prompt_length": ("max_prompt_tokens", ""),
-    "gradient_accumulation_steps": ("micro_batch_size", "there is no accumulation count: each of the mini_batches "
-                                    "updates per batch accumulates gradients over micro-batches of micro_batch_size sequences"),
-    "per_device_train_batch_size": ("micro_batch_size", "sequences per forward/backward; the batch of a step is "
-                                    "prompts_per_step x rollout_n sequences"),
+    "gradient_accumulation_steps": (
+        "micro_batch_size",
+        "there is no accumulation count: each of the mini_batches "
+        "updates per batch accumulates gradients over micro-batches of micro_batch_size sequences",
+    ),
+    "per_device_train_batch_size": (
+        "micro_batch_size",
+        "sequences per forward/backward; the batch of a step is prompts_per_step x rollout_n sequences",
+    ),
     "train_batch_size": ("prompts_per_step", "prompts per optimizer step"),
     "ppo_mini_batch_size": ("mini_batches", "a number of mini-batches per epoch, not a size"),
     "epsilon": ("clip_low", ""),

@@ -65,7 +65,9 @@ class Collectives:
         if self.world == 1:
             return metrics
         keys = sorted(set(self.gather_objects(sorted(metrics))))
-        t = torch.tensor([[float(metrics.get(k, 0.0)), float(k in metrics)] for k in keys], device=self.acc.device)
+        t = torch.tensor(
+            [[float(metrics.get(k, 0.0)), float(k in metrics)] for k in keys], device=self.acc.device
+        )
         t = self.acc.reduce(t, reduction="sum")  # (K, 2): sum of values, number of ranks with the key
         return {k: s if k in SUMMED_METRICS else s / max(n, 1.0) for k, (s, n) in zip(keys, t.tolist())}
 

@@ -30,10 +30,10 @@ exponentials never see an argument above 20 (``u <= 4.85e8``) and values are fin
 ``d = -30`` is ``u - 1 ~ -1`` (the original code clamped the value at 10, which zeroed it below
 ``d ~ -11``). Below -50 the built-ins are already linear or constant up to ``O(e^-50)`` terms
 (``alpha``: ``O(e^(-50 (1 - a)))``, e.g. 1% too high at ``d = -1000`` for a = 0.8), and above 20
-(``u > 4.85e8``) only a broken policy goes; there the loss is the C^1 continuation, not the exact ``f``. For ``d`` in ``[-50, 50]``
-values and gradients are finite in float32 and bf16, and gradients are non-zero wherever they are
-mathematically non-zero. (``expm1`` is differentiated as ``exp``: torch's own ``expm1`` backward
-rounds to 0 below ``d ~ -17``.)
+(``u > 4.85e8``) only a broken policy goes; there the loss is the C^1 continuation, not the exact ``f``. For
+``d`` in ``[-50, 50]`` values and gradients are finite in float32 and bf16, and gradients are non-zero
+wherever they are mathematically non-zero. (``expm1`` is differentiated as ``exp``: torch's own ``expm1``
+backward rounds to 0 below ``d ~ -17``.)
 
 Pull on a dropped token. The loss gradient w.r.t. the log-ratio is ``g'(d) = u f'(u)``: forward-KL
 ``u - 1`` (-> -1 as ``u -> 0``), JS ``u log(2u / (1 + u))`` (-> 0 like ``u d``). At ``d = -11``
@@ -57,8 +57,8 @@ K < V it is <= the full divergence (data processing) and never sees the tail's i
 benchmark's toy: top-16 holding 98% of the mass still misses 18% of the KL). The hybrid
 :func:`topk_sampled_tail_divergence` adds to the bucket form a correction from the sampled token when
 it falls in the tail, ``f(u_y) - f(u_tail)``: unbiased for the full divergence for any K, its noise
-only the spread of f(u) inside the tail. ``REHEARSAL_FORMS`` maps ``sampled`` / ``topk`` / ``topk_sampled_tail``
-to the loss; all take any registered divergence.
+only the spread of f(u) inside the tail. ``REHEARSAL_FORMS`` maps ``sampled`` / ``topk`` /
+``topk_sampled_tail`` to the loss; all take any registered divergence.
 
 User divergences: ``register_divergence(name, f, log_space=g)``. Without ``g``, ``per_token_loss``
 uses ``g(d) = f(exp(d))`` under the same guard, i.e. ``f`` is only called on
@@ -151,7 +151,7 @@ def _f_chi2(u: Tensor) -> Tensor:
     return (u - 1.0).square()
 
 
-# ----------------------------------------------------------------------------- log-space forms g(d) = f(exp(d))
+# --------------------------------------------------------------------------- log-space forms g(d) = f(exp(d))
 
 
 def _expm1(x: Tensor) -> Tensor:
@@ -171,7 +171,8 @@ def _g_reverse_kl(d: Tensor) -> Tensor:
 
 
 def _g_js(d: Tensor) -> Tensor:
-    """u log u - (u+1) log((u+1)/2) = u (log 2 - softplus(-d)) + (log 2 - softplus(d)); no large cancellations."""
+    """u log u - (u+1) log((u+1)/2) = u (log 2 - softplus(-d)) + (log 2 - softplus(d));
+    no large cancellations."""
     return torch.exp(d) * (LOG2 - F.softplus(-d)) + (LOG2 - F.softplus(d))
 
 
@@ -225,7 +226,9 @@ def _as_divergence(obj: object) -> Divergence:
         return obj
     if callable(obj):
         return Divergence(obj)
-    raise ValueError(f"a divergence must be a Divergence or a generator function f(u), got {type(obj).__name__}")
+    raise ValueError(
+        f"a divergence must be a Divergence or a generator function f(u), got {type(obj).__name__}"
+    )
 
 
 #: Registered f-divergences (config key ``divergence``); ``package.module:f`` names a user generator.
@@ -408,7 +411,8 @@ def _logsumexp_excluding(z: Tensor, ids: Tensor) -> Tensor:
 
 
 def topk_buckets(logits: Tensor, ids: Tensor, *, temperature: float = 1.0) -> Tensor:
-    """Log-probs of the buckets ``ids[..., 0], ..., ids[..., K-1], tail``: (B, T, V), (B, T, K) -> (B, T, K+1).
+    """Log-probs of the buckets ``ids[..., 0], ..., ids[..., K-1], tail``:
+    (B, T, V), (B, T, K) -> (B, T, K+1).
 
     ``logits`` are the policy's logits at the response positions, sampled at ``temperature``
     (log-probs also work: ``log_softmax`` is idempotent, use temperature 1 for them); ``ids`` are the
@@ -420,7 +424,9 @@ def topk_buckets(logits: Tensor, ids: Tensor, *, temperature: float = 1.0) -> Te
     float64); needs one extra (B, T, V) temporary for the mask.
     """
     if ids.shape[:-1] != logits.shape[:-1]:
-        raise ValueError(f"logits and ids: leading shapes differ, {tuple(logits.shape)} vs {tuple(ids.shape)}")
+        raise ValueError(
+            f"logits and ids: leading shapes differ, {tuple(logits.shape)} vs {tuple(ids.shape)}"
+        )
     temperature = _check_temperature(temperature)
     z = logits.to(compute_dtype(logits))  # (B, T, V)
     if temperature != 1.0:
@@ -451,9 +457,12 @@ def reference_topk(logits: Tensor, k: int, *, temperature: float = 1.0) -> tuple
 
 
 def _bucket_terms(name: str, logp_b: Tensor, ref_logp_b: Tensor, params: dict) -> Tensor:
-    """``pi_ref(b) g(log pi_theta(b) - log pi_ref(b))`` per bucket, (B, T, K+1), compute dtype; 0 where pi_ref(b) = 0."""
+    """``pi_ref(b) g(log pi_theta(b) - log pi_ref(b))`` per bucket, (B, T, K+1), compute dtype;
+    0 where pi_ref(b) = 0."""
     if logp_b.shape != ref_logp_b.shape:
-        raise ValueError(f"logp_b and ref_logp_b: shapes differ, {tuple(logp_b.shape)} vs {tuple(ref_logp_b.shape)}")
+        raise ValueError(
+            f"logp_b and ref_logp_b: shapes differ, {tuple(logp_b.shape)} vs {tuple(ref_logp_b.shape)}"
+        )
     cdt = compute_dtype(logp_b)
     ref = ref_logp_b.detach().to(cdt)  # (B, T, K+1) data
     valid = ref > float("-inf")  # (B, T, K+1) buckets with pi_ref(b) > 0
@@ -466,12 +475,18 @@ def _bucket_terms(name: str, logp_b: Tensor, ref_logp_b: Tensor, params: dict) -
 
 
 def _bucket_values(name: str, logp_b: Tensor, ref_logp_b: Tensor, params: dict) -> Tensor:
-    """``sum_b pi_ref(b) g(log pi_theta(b) - log pi_ref(b))`` per position, (B, T, K+1) -> (B, T), compute dtype."""
+    """``sum_b pi_ref(b) g(log pi_theta(b) - log pi_ref(b))`` per position, (B, T, K+1) ->
+    (B, T), compute dtype."""
     return _bucket_terms(name, logp_b, ref_logp_b, params).sum(-1)  # (B, T)
 
 
 def _sampled_tail_values(
-    name: str, logp_b: Tensor, ref_logp_b: Tensor, tok_logp: Tensor, tok_ref_logp: Tensor, tok_in_topk: Tensor,
+    name: str,
+    logp_b: Tensor,
+    ref_logp_b: Tensor,
+    tok_logp: Tensor,
+    tok_ref_logp: Tensor,
+    tok_in_topk: Tensor,
     params: dict,
 ) -> Tensor:
     """Bucket form + the sampled token's tail correction ``[y in tail] (g(d_y) - g(d_tail))``, (B, T)."""
@@ -530,7 +545,12 @@ def full_distribution_loss(
 
 
 def topk_sampled_tail_divergence(
-    name: str, logp_b: Tensor, ref_logp_b: Tensor, tok_logp: Tensor, tok_ref_logp: Tensor, tok_in_topk: Tensor,
+    name: str,
+    logp_b: Tensor,
+    ref_logp_b: Tensor,
+    tok_logp: Tensor,
+    tok_ref_logp: Tensor,
+    tok_in_topk: Tensor,
     **params,
 ) -> Tensor:
     """Unbiased for any K: the bucket form plus a tail correction from the sampled token, (B, T).
@@ -542,7 +562,8 @@ def topk_sampled_tail_divergence(
     (the data-processing gap), so the expectation is the FULL divergence of the next-token
     distributions; the noise is only the spread of ``f(u_y)`` around ``f(u_tail)`` inside the tail.
     (Adding ``[y in tail] f(u_y)`` to the top-k buckets without the tail bucket is also unbiased but
-    was noisier than the sampled form itself on small test models.) Gradients flow into ``logp_b`` and ``tok_logp``.
+    was noisier than the sampled form itself on small test models.) Gradients flow into ``logp_b`` and
+    ``tok_logp``.
     """
     return _sampled_tail_values(name, logp_b, ref_logp_b, tok_logp, tok_ref_logp, tok_in_topk, params).to(
         logp_b.dtype
@@ -569,7 +590,8 @@ def topk_sampled_tail_loss(
     Metrics: those of :func:`full_distribution_loss` plus ``div/tok_in_topk_frac``.
     """
     _check_mask(logp_b, mask)
-    per_pos = _sampled_tail_values(name, logp_b, ref_logp_b, tok_logp, tok_ref_logp, tok_in_topk, params)  # (B, T)
+    # (B, T)
+    per_pos = _sampled_tail_values(name, logp_b, ref_logp_b, tok_logp, tok_ref_logp, tok_in_topk, params)
     loss = aggregate(per_pos, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
     metrics = _bucket_metrics(per_pos, logp_b, ref_logp_b, mask)
     metrics["div/tok_in_topk_frac"] = masked_mean(tok_in_topk.to(per_pos.dtype), mask != 0).item()
@@ -578,7 +600,9 @@ def topk_sampled_tail_loss(
 
 def _check_mask(logp_b: Tensor, mask: Tensor) -> None:
     if logp_b.shape[:-1] != mask.shape:
-        raise ValueError(f"logp_b and mask: shapes differ, {tuple(logp_b.shape)} vs {tuple(mask.shape)} + (K+1,)")
+        raise ValueError(
+            f"logp_b and mask: shapes differ, {tuple(logp_b.shape)} vs {tuple(mask.shape)} + (K+1,)"
+        )
 
 
 def _bucket_metrics(per_pos: Tensor, logp_b: Tensor, ref_logp_b: Tensor, mask: Tensor) -> dict[str, float]:

@@ -86,22 +86,32 @@ def _store_report(cfg: TrainConfig) -> tuple[list[str], dict | None]:
         return lines, None
     m = json.loads(mf.read_text())
     c = m.get("counts", {})
-    lines.append(f"reference_store: {cfg.reference_store} -- found: {c.get('prompts')} prompts, D_pef {c.get('d_pef')}, "
-                 f"D_exp {c.get('d_exp')}, {c.get('stored_samples')} stored samples, "
-                 f"mean pass rate {m.get('mean_pass_rate', float('nan')):.3f}")
+    lines.append(
+        f"reference_store: {cfg.reference_store} -- found: {c.get('prompts')} prompts, D_pef "
+        f"{c.get('d_pef')}, D_exp {c.get('d_exp')}, {c.get('stored_samples')} stored samples, "
+        f"mean pass rate {m.get('mean_pass_rate', float('nan')):.3f}"
+    )
     from dphrl.reference import STORE_VERSION
 
-    lines.append(f"  sampled from {m.get('model')!r} (weights fingerprint {m.get('model_fingerprint')}: the trainer "
-                 f"compares it with the loaded model's and re-scores {cfg.store_check_tokens} stored tokens at start-up)")
+    lines.append(
+        f"  sampled from {m.get('model')!r} (weights fingerprint {m.get('model_fingerprint')}: the trainer "
+        f"compares it with the loaded model's and re-scores {cfg.store_check_tokens} stored tokens at "
+        "start-up)"
+    )
     if m.get("store_version") != STORE_VERSION:
-        lines.append(f"  MISMATCH: store_version {m.get('store_version')} != {STORE_VERSION} (re-run `dphrl presample`)")
+        lines.append(
+            f"  MISMATCH: store_version {m.get('store_version')} != {STORE_VERSION} (re-run `dphrl "
+            "presample`)"
+        )
     sampling = m.get("sampling", {})
     for key, want in (("temperature", cfg.temperature), ("top_p", cfg.top_p)):
         got = sampling.get(key)
         if got is not None and abs(float(got) - want) > 1e-9:
             lines.append(f"  MISMATCH: store sampling.{key} {got} != config {key} {want}")
     if m.get("threshold") is not None and abs(float(m["threshold"]) - cfg.split_threshold) > 1e-9:
-        lines.append(f"  note: store split threshold {m['threshold']} != config split_threshold {cfg.split_threshold}")
+        lines.append(
+            f"  note: store split threshold {m['threshold']} != config split_threshold {cfg.split_threshold}"
+        )
     return lines, m
 
 
@@ -179,7 +189,9 @@ def dry_run(
 
 def _config_section(plan: _Plan, cfg: TrainConfig) -> None:
     plan.section("resolved config (every key; algorithm defaults filled)")
-    plan.out.append(yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=120).rstrip())
+    plan.out.append(
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None, width=120).rstrip()
+    )
 
 
 def _model_section(plan: _Plan, cfg: TrainConfig) -> ModelInfo | None:
@@ -191,19 +203,27 @@ def _model_section(plan: _Plan, cfg: TrainConfig) -> ModelInfo | None:
     if info is None:
         plan.warn.append("model size unknown: no memory estimate")
         return None
-    plan.out.append(f"{info.name}: {_count(info.n_params)} parameters ({info.n_params:,}), source {info.source}, "
-                    f"size from {info.where}")
-    plan.out.append(f"  hidden {info.hidden}, layers {info.layers}, intermediate {info.intermediate}, heads "
-                    f"{info.heads} (kv {info.kv_heads}), vocab {info.vocab}, max positions {info.max_positions}")
+    plan.out.append(
+        f"{info.name}: {_count(info.n_params)} parameters ({info.n_params:,}), source {info.source}, "
+        f"size from {info.where}"
+    )
+    plan.out.append(
+        f"  hidden {info.hidden}, layers {info.layers}, intermediate {info.intermediate}, heads "
+        f"{info.heads} (kv {info.kv_heads}), vocab {info.vocab}, max positions {info.max_positions}"
+    )
     if cfg.lora:
         lp = info.lora_params.get(cfg.lora_target_modules, 0)
-        plan.out.append(f"  LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}: {_count(lp)} "
-                        f"trainable parameters ({100 * lp / max(1, info.n_params):.2f}%)")
+        plan.out.append(
+            f"  LoRA r={cfg.lora_r} alpha={cfg.lora_alpha} on {cfg.lora_target_modules}: {_count(lp)} "
+            f"trainable parameters ({100 * lp / max(1, info.n_params):.2f}%)"
+        )
     else:
         plan.out.append("  full fine-tuning: every parameter is trained")
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens
     if info.max_positions and seq > info.max_positions:
-        plan.warn.append(f"max_prompt_tokens + max_new_tokens = {seq} > the model's max positions {info.max_positions}")
+        plan.warn.append(
+            f"max_prompt_tokens + max_new_tokens = {seq} > the model's max positions {info.max_positions}"
+        )
     return info
 
 
@@ -226,20 +246,28 @@ def _data_section(plan: _Plan, cfg: TrainConfig, examples_limit: int, load_token
     else:
         task = examples[0].task
         skipped = getattr(examples, "skipped", 0)
-        plan.out.append(f"dataset {spec_s}: built {len(examples)} example(s) (first {examples_limit} only)"
-                        + (f"; {skipped} skipped: {getattr(examples, 'skip_reasons', {})}" if skipped else ""))
+        plan.out.append(
+            f"dataset {spec_s}: built {len(examples)} example(s) (first {examples_limit} only)"
+            + (f"; {skipped} skipped: {getattr(examples, 'skip_reasons', {})}" if skipped else "")
+        )
         ex = examples[0]
         plan.out.append(f"  first: id {ex.id!r}, task {ex.task!r}, answer {ex.answer!r}"
                         + (f", db {ex.db_path}" if ex.db_path else ""))
         content = ex.prompt[-1]["content"] if ex.prompt else ""
-        plan.out.append("  prompt: " + (content[:200].replace("\n", " ") + ("..." if len(content) > 200 else "")))
+        plan.out.append(
+            "  prompt: " + (content[:200].replace("\n", " ") + ("..." if len(content) > 200 else ""))
+        )
         lens, how = _prompt_lengths(cfg, examples, load_tokenizer)
         if lens:
             too_long = sum(n > cfg.max_prompt_tokens for n in lens)
-            plan.out.append(f"  prompt tokens ({how}): min {min(lens)}, mean {sum(lens) / len(lens):.0f}, max "
-                            f"{max(lens)}; {too_long} of {len(lens)} exceed max_prompt_tokens={cfg.max_prompt_tokens}")
+            plan.out.append(
+                f"  prompt tokens ({how}): min {min(lens)}, mean {sum(lens) / len(lens):.0f}, max "
+                f"{max(lens)}; {too_long} of {len(lens)} exceed max_prompt_tokens={cfg.max_prompt_tokens}"
+            )
             if too_long:
-                plan.warn.append(f"{too_long} of {len(lens)} sampled prompts are longer than max_prompt_tokens")
+                plan.warn.append(
+                    f"{too_long} of {len(lens)} sampled prompts are longer than max_prompt_tokens"
+                )
     from dphrl.rewards import get_reward
 
     reward_name = cfg.reward or task
@@ -247,21 +275,28 @@ def _data_section(plan: _Plan, cfg: TrainConfig, examples_limit: int, load_token
         fn = get_reward(reward_name)
     except ValueError as e:
         raise ConfigError(f"config key 'reward': {e}") from e
-    plan.out.append(f"reward: {reward_name!r} -> {getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', fn)}")
+    plan.out.append(
+        f"reward: {reward_name!r} -> {getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', fn)}"
+    )
 
 
 def _reference_section(plan: _Plan, cfg: TrainConfig) -> dict | None:
-    """The reference the algorithm needs: a store (rehearsal) or a live frozen model (KL); the store's manifest."""
+    """The reference the algorithm needs: a store (rehearsal) or a live frozen model (KL);
+    the store's manifest."""
     spec = cfg.spec()
     if spec.rehearsal:
         plan.section(f"{cfg.algorithm} reference store")
         lines, store = _store_report(cfg)
         plan.out.extend(lines)
         if store is None:
-            plan.warn.append(f"reference store {cfg.reference_store} does not exist yet: run `dphrl presample` first")
+            plan.warn.append(
+                f"reference store {cfg.reference_store} does not exist yet: run `dphrl presample` first"
+            )
         params = f", params {json.dumps(cfg.divergence_params)}" if cfg.divergence_params else ""
-        plan.out.append(f"  divergence {cfg.divergence} (eta {cfg.eta}{params}), presample: {cfg.presample_n} "
-                        f"samples/prompt at temperature {cfg.temperature}, D_pef = pass rate >= {cfg.split_threshold}")
+        plan.out.append(
+            f"  divergence {cfg.divergence} (eta {cfg.eta}{params}), presample: {cfg.presample_n} "
+            f"samples/prompt at temperature {cfg.temperature}, D_pef = pass rate >= {cfg.split_threshold}"
+        )
         return store
     if spec.uses_live_reference(cfg.kl_coef):
         plan.section(f"{cfg.algorithm} reference")
@@ -272,7 +307,9 @@ def _reference_section(plan: _Plan, cfg: TrainConfig) -> dict | None:
 
 
 def _batch_plan_section(plan: _Plan, cfg: TrainConfig, launch: Launch, store: dict | None) -> None:
-    plan.section(f"batch plan ({launch.world_size} process{'es' if launch.world_size > 1 else ''}, {launch.sharding})")
+    plan.section(
+        f"batch plan ({launch.world_size} process{'es' if launch.world_size > 1 else ''}, {launch.sharding})"
+    )
     plan.out.extend(_batch_plan(cfg, launch.world_size, store, plan.warn))
 
 
@@ -284,8 +321,10 @@ def _memory_section(plan: _Plan, cfg: TrainConfig, info: ModelInfo | None, launc
     plan.out.extend(_memory_table(info, cfg, launch.world_size, launch.sharding))
     unsharded = memory_for(info, cfg, world_size=launch.world_size, sharding="ddp").total
     if unsharded + 3 * GiB > 80 * GiB:
-        plan.warn.append(f"one process holds ~{unsharded / GiB:.0f} GiB unsharded (> an 80 GiB GPU): use FSDP over "
-                         "several GPUs, or lora=true (see docs/recipes.md)")
+        plan.warn.append(
+            f"one process holds ~{unsharded / GiB:.0f} GiB unsharded (> an 80 GiB GPU): use FSDP over "
+            "several GPUs, or lora=true (see docs/recipes.md)"
+        )
 
 
 def _prompt_lengths(cfg: TrainConfig, examples: list[Example], load_tokenizer: bool) -> tuple[list[int], str]:
@@ -332,8 +371,10 @@ def _batch_plan(cfg: TrainConfig, world: int, store: dict | None, warn: list[str
     lines.append(f"prompts/step: {P} ({rolled_on}; {P / world:g} per process)")
     lines.append(f"rollouts/step: {P} x {n} = {rollouts} sequences ({per_proc:g} per process)")
     if cfg.dynamic_sampling:
-        lines.append(f"  dynamic sampling: up to {1 + cfg.max_refill_rounds} generation rounds per step to refill "
-                     f"{P} informative groups")
+        lines.append(
+            f"  dynamic sampling: up to {1 + cfg.max_refill_rounds} generation rounds per step to refill "
+            f"{P} informative groups"
+        )
     lines.append(f"updates/step: {cfg.ppo_epochs} epoch(s) x {M} mini-batch(es) = {cfg.ppo_epochs * M}")
     lines.append(f"rollout sequences per mini-batch: {rollouts / M:g} ({seq_mb:g} per process) -> "
                  f"{math.ceil(seq_mb / mb)} micro-batch(es) of <= {mb} per process")
@@ -345,17 +386,27 @@ def _batch_plan(cfg: TrainConfig, world: int, store: dict | None, warn: list[str
             k = rehearsed_prompts_per_step(cfg.ref_prompts_per_step, P, pef, exp)  # the trainer's rule
             per_prompt = stored / max(1, pef)
             ref_seqs = k * per_prompt
-            lines.append(f"reference prompts/step: {k} D_pef prompt(s) x ~{per_prompt:.1f} stored samples "
-                         f"= ~{ref_seqs:.0f} reference sequences (~{ref_seqs / world / M:.1f} per process and "
-                         f"mini-batch -> {math.ceil(ref_seqs / world / M / mb) if ref_seqs else 0} extra micro-batch(es))")
+            lines.append(
+                f"reference prompts/step: {k} D_pef prompt(s) x ~{per_prompt:.1f} stored samples "
+                f"= ~{ref_seqs:.0f} reference sequences (~{ref_seqs / world / M:.1f} per process and "
+                f"mini-batch -> {math.ceil(ref_seqs / world / M / mb) if ref_seqs else 0} extra "
+                "micro-batch(es))"
+            )
             if not pef:
-                warn.append("D_pef is empty: dph trains without rehearsal (lower split_threshold or use more data)")
+                warn.append(
+                    "D_pef is empty: dph trains without rehearsal (lower split_threshold or use more data)"
+                )
         else:
             k = cfg.ref_prompts_per_step
-            lines.append("reference prompts/step: " + (f"{k}" if k else "round(prompts_per_step x |D_pef| / |D_exp|)")
-                         + " D_pef prompt(s), each with all its stored samples (sizes known after presample)")
+            lines.append(
+                "reference prompts/step: "
+                + (f"{k}" if k else "round(prompts_per_step x |D_pef| / |D_exp|)")
+                + " D_pef prompt(s), each with all its stored samples (sizes known after presample)"
+            )
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens
-    lines.append(f"max sequence length: {cfg.max_prompt_tokens} prompt + {cfg.max_new_tokens} response = {seq} tokens")
+    lines.append(
+        f"max sequence length: {cfg.max_prompt_tokens} prompt + {cfg.max_new_tokens} response = {seq} tokens"
+    )
     updates = cfg.max_steps * cfg.ppo_epochs * M
     lines.append(f"optimizer updates: {cfg.max_steps} steps x {cfg.ppo_epochs * M} = {updates} "
                  f"(lr {cfg.lr:g}, {cfg.lr_schedule}, warmup {cfg.warmup_steps})")
@@ -379,8 +430,8 @@ def _memory_table(info: ModelInfo, cfg: TrainConfig, world: int, shard: str) -> 
     seq = cfg.max_prompt_tokens + cfg.max_new_tokens
     a = "bf16" if cfg.dtype == "bfloat16" else "fp32"
     lines = [
-        f"inputs: micro_batch {cfg.micro_batch_size}, seq_len {seq}, response_len {cfg.max_new_tokens}, generation "
-        f"batch {cfg.generation_batch_size}, activations in {a}, activation factor "
+        f"inputs: micro_batch {cfg.micro_batch_size}, seq_len {seq}, response_len {cfg.max_new_tokens}, "
+        f"generation batch {cfg.generation_batch_size}, activations in {a}, activation factor "
         f"{activation_factor(info.hidden, info.intermediate, info.kv_dim):.2f} x hidden per token and layer",
     ]
     header = f"{'component':<17}" + "".join(f"{label:>26}" for label, _ in ests)
@@ -388,9 +439,11 @@ def _memory_table(info: ModelInfo, cfg: TrainConfig, world: int, shard: str) -> 
     for i, (name, _) in enumerate(ests[0][1].rows()):
         lines.append(f"{name:<17}" + "".join(f"{_gib(e.rows()[i][1]):>26}" for _, e in ests))
     lines.append(f"{'fits 80/141 GiB':<17}" + "".join(f"{_fits(e.total):>26}" for _, e in ests))
-    lines.append("(estimate: weights fp32 + grads + AdamW states of the trained params, sharded under FSDP/ZeRO-3; "
-                 "activations without gradient checkpointing; + ~1-3 GiB CUDA context/allocator slack. "
-                 "Formula: dphrl.memory.estimate_memory, docs/recipes.md.)")
+    lines.append(
+        "(estimate: weights fp32 + grads + AdamW states of the trained params, sharded under FSDP/ZeRO-3; "
+        "activations without gradient checkpointing; + ~1-3 GiB CUDA context/allocator slack. "
+        "Formula: dphrl.memory.estimate_memory, docs/recipes.md.)"
+    )
     if cfg.spec().uses_live_reference(cfg.kl_coef) and not cfg.lora:
         lines.append(f"{cfg.algorithm} full fine-tuning: the frozen reference copy is not sharded")
     return lines

@@ -22,8 +22,15 @@ import shutil
 import uuid
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "recover_dir", "remove_dir", "replace_dir", "sha256_file",
-           "sweep_leftovers"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "recover_dir",
+    "remove_dir",
+    "replace_dir",
+    "sha256_file",
+    "sweep_leftovers",
+]
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

@@ -43,26 +43,31 @@ def check_launch(cfg: Any, launch: Launch) -> LaunchCheck:
         out.errors.append(f"sharding must be one of {SHARDINGS}, got {launch.sharding!r}")
         return out
     if cfg.prompts_per_step % launch.world_size:
-        out.errors.append(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible by the number "
-                          f"of processes ({launch.world_size})")
+        out.errors.append(
+            f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible by the number "
+            f"of processes ({launch.world_size})"
+        )
     if launch.sharding == "zero3":
         out.errors.append(
             "DeepSpeed: the dphrl Trainer refuses DeepSpeed at start-up (not supported yet: the trainer "
             "accumulates micro-batches itself and DeepSpeed's engine steps inside backward()). Launch with "
-            "recipes/accelerate/fsdp.yaml (FSDP, full fine-tuning, same memory plan) or recipes/accelerate/ddp.yaml "
-            "with lora=true instead."
+            "recipes/accelerate/fsdp.yaml (FSDP, full fine-tuning, same memory plan) or "
+            "recipes/accelerate/ddp.yaml with lora=true instead."
         )
     if cfg.lora and launch.sharding in ("fsdp", "zero3"):
         out.errors.append(
-            "config key 'lora': lora=true under FSDP is refused by the Trainer (the merged final model needs the "
-            "full weights on one process). LoRA models fit without sharding: launch with recipes/accelerate/ddp.yaml."
+            "config key 'lora': lora=true under FSDP is refused by the Trainer (the merged final model needs "
+            "the full weights on one process). LoRA models fit without sharding: launch with "
+            "recipes/accelerate/ddp.yaml."
         )
     refusal = old_logprob_refusal(launch.engine, cfg.old_logprob)
     if refusal:
         out.errors.append(refusal)
     if launch.engine_was_auto:
-        out.warnings.append(f"engine auto resolved to {launch.engine} here (vllm where it is installed and a CUDA GPU "
-                            "is present, else hf); old_logprob then follows the engine's capabilities")
+        out.warnings.append(
+            f"engine auto resolved to {launch.engine} here (vllm where it is installed and a CUDA GPU "
+            "is present, else hf); old_logprob then follows the engine's capabilities"
+        )
     return out
 
 
@@ -74,6 +79,8 @@ def old_logprob_refusal(engine: str, old_logprob: str | None) -> str | None:
 
     if old_logprob != "rollout" or engine == "auto" or engine_capabilities(engine).exact_logprobs:
         return None
-    return (f"config key 'old_logprob': rollout cannot be used with the {engine} engine (its log-probs do not "
-            "reproduce the training forward, e.g. vLLM's bf16 kernels, so they would bias the PPO ratio); leave "
-            "old_logprob unset (recompute).")
+    return (
+        f"config key 'old_logprob': rollout cannot be used with the {engine} engine (its log-probs do not "
+        "reproduce the training forward, e.g. vLLM's bf16 kernels, so they would bias the PPO ratio); leave "
+        "old_logprob unset (recompute)."
+    )

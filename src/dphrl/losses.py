@@ -59,7 +59,8 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def exp_linear_tail(x: Tensor, threshold: float = EXP_TAIL_THRESHOLD) -> Tensor:
-    """``exp(x)`` for ``x <= threshold``, its tangent line ``e^th (1 + x - th)`` beyond: finite, slope never 0."""
+    """``exp(x)`` for ``x <= threshold``, its tangent line ``e^th (1 + x - th)`` beyond:
+    finite, slope never 0."""
     xc = x.clamp(max=threshold)  # (...) clamp's gradient is 1 at x == threshold, 0 above
     return torch.exp(xc) * (1.0 + torch.relu(x - threshold))  # (...) relu's gradient is 0 at 0
 
@@ -139,7 +140,8 @@ def _agg_seq_mean_token_mean(
 def _agg_seq_mean_token_sum_norm(
     values: Tensor, mask: Tensor, *, num_tokens=None, num_seqs=None, max_len=None
 ) -> Tensor:
-    """Each sequence's token sum / a constant ``max_len``, averaged over sequences (Dr. GRPO, no length bias)."""
+    """Each sequence's token sum / a constant ``max_len``, averaged over sequences
+    (Dr. GRPO, no length bias)."""
     v = _masked_values(values, mask)  # (B, T)
     norm = _denominator(max_len, torch.tensor(float(mask.shape[-1])), "max_len")
     seq_tokens = mask.to(v.dtype).sum(-1)  # (B,)

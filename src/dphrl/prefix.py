@@ -53,8 +53,11 @@ def empty_prefix_cache(model: torch.nn.Module) -> Any | None:
     API) are not shared: a caller falls back to the unshared computation. Depends on the model's
     config only, so it is the same on every rank.
     """
-    # the model or, under a wrapper without ``config`` (DDP, FSDP1, torch.compile), its first submodule with one
-    config = next((c for m in model.modules() if hasattr(c := getattr(m, "config", None), "get_text_config")), None)
+    # the model or, under a wrapper without ``config`` (DDP, FSDP1, torch.compile),
+    # its first submodule with one
+    config = next(
+        (c for m in model.modules() if hasattr(c := getattr(m, "config", None), "get_text_config")), None
+    )
     if DynamicCache is None or config is None:
         return None
     try:
@@ -140,37 +143,54 @@ def pack_groups(
             resp_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             resp_mask[i, : len(r)] = 1.0
     lens = torch.tensor([len(p) for p in uniq], dtype=torch.long)  # (G,)
-    return PrefixPacked(prompt_ids, prompt_mask, lens, torch.tensor(group_of, dtype=torch.long), resp_ids, resp_mask)
+    return PrefixPacked(
+        prompt_ids, prompt_mask, lens, torch.tensor(group_of, dtype=torch.long), resp_ids, resp_mask
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # log-probs
 
 
-def prefix_response_logits(model: torch.nn.Module, batch: PrefixPacked, temperature: float = 1.0) -> torch.Tensor:
+def prefix_response_logits(
+    model: torch.nn.Module, batch: PrefixPacked, temperature: float = 1.0
+) -> torch.Tensor:
     """``batching.response_logits`` on a :class:`PrefixPacked` batch: fp32 logits / temperature at the
     response positions, (B, T, V), each prompt forwarded once. Two forwards, always."""
     cache = empty_prefix_cache(model)
     if cache is None:
-        raise ValueError("prefix sharing needs a model whose layers all use full attention with a DynamicCache "
-                         "(sliding-window / linear-attention models: use batching.pack + response_logprobs)")
+        raise ValueError(
+            "prefix sharing needs a model whose layers all use full attention with a DynamicCache "
+            "(sliding-window / linear-attention models: use batching.pack + response_logprobs)"
+        )
     P, T = batch.prompt_len, batch.resp_ids.shape[1]
     out = model(
-        input_ids=batch.prompt_ids, attention_mask=batch.prompt_mask, position_ids=batch.prompt_position_ids(),
-        use_cache=True, logits_to_keep=1, **{CACHE_KW: cache},
+        input_ids=batch.prompt_ids,
+        attention_mask=batch.prompt_mask,
+        position_ids=batch.prompt_position_ids(),
+        use_cache=True,
+        logits_to_keep=1,
+        **{CACHE_KW: cache},
     )
     if cache.get_seq_length() != P:
         raise RuntimeError(
             "prefix sharing: the model did not fill the KV cache during the prompt forward (gradient "
             "checkpointing drops the cache in training); use batching.pack + response_logprobs instead")
     first = out.logits[:, -1, :]  # (G, V): the last prompt position predicts response token 0
-    cache.batch_select_indices(batch.group_of)  # every layer (B, heads, P, d), gradient summed back per prompt
-    width = max(T - 1, 1)  # tokens 0..T-2 predict tokens 1..T-1; one column even when T == 1 (same collectives)
-    attn = torch.cat([batch.prompt_mask[batch.group_of], batch.resp_mask[:, :width].to(batch.prompt_mask.dtype)],
-                     dim=1)  # (B, P + width)
+    # every layer (B, heads, P, d), gradient summed back per prompt
+    cache.batch_select_indices(batch.group_of)
+    # tokens 0..T-2 predict tokens 1..T-1; one column even when T == 1 (same collectives)
+    width = max(T - 1, 1)
+    attn = torch.cat(
+        [batch.prompt_mask[batch.group_of], batch.resp_mask[:, :width].to(batch.prompt_mask.dtype)], dim=1
+    )  # (B, P + width)
     rest = model(
-        input_ids=batch.resp_ids[:, :width], attention_mask=attn, position_ids=batch.response_position_ids(width),
-        use_cache=True, logits_to_keep=0 if T > 1 else 1, **{CACHE_KW: cache},
+        input_ids=batch.resp_ids[:, :width],
+        attention_mask=attn,
+        position_ids=batch.response_position_ids(width),
+        use_cache=True,
+        logits_to_keep=0 if T > 1 else 1,
+        **{CACHE_KW: cache},
     ).logits  # (B, width, V)
     # (B, T, V); with T == 1 the response forward's output joins as a 0-width slice: its backward still
     # runs, so every rank's backward has the same collectives (FSDP2 hangs otherwise)
@@ -228,8 +248,10 @@ def can_share_prefix(model: torch.nn.Module, gradient_checkpointing: bool = Fals
     ``DynamicCache``, and no gradient checkpointing (it drops the cache inside the layers): neither the
     flag, nor a model whose modules already checkpoint (``gradient_checkpointing`` set by transformers,
     or torch's ``CheckpointWrapper``, e.g. FSDP activation checkpointing)."""
-    checkpointed = any(getattr(m, "gradient_checkpointing", False) is True or type(m).__name__ == "CheckpointWrapper"
-                       for m in model.modules())
+    checkpointed = any(
+        getattr(m, "gradient_checkpointing", False) is True or type(m).__name__ == "CheckpointWrapper"
+        for m in model.modules()
+    )
     return not (gradient_checkpointing or checkpointed) and empty_prefix_cache(model) is not None
 
 

@@ -119,12 +119,20 @@ def presample(
 
         weights_fingerprint = _fingerprint(src_model)
     if dtype is None:
-        dtype = str(next(src_model.parameters()).dtype).removeprefix("torch.") if src_model is not None else "unknown"
+        dtype = (
+            str(next(src_model.parameters()).dtype).removeprefix("torch.")
+            if src_model is not None
+            else "unknown"
+        )
     out_dir = Path(out_dir)
     if topk and top_p < 1.0:
-        raise ValueError("presample: rehearsal_topk > 0 needs top_p 1.0 (the stored top-k are of the full softmax)")
+        raise ValueError(
+            "presample: rehearsal_topk > 0 needs top_p 1.0 (the stored top-k are of the full softmax)"
+        )
     if logprob_model is not None and top_p < 1.0:
-        raise ValueError("presample: recomputing log pi_ref (engine vllm) needs top_p 1.0; use engine hf for top_p < 1")
+        raise ValueError(
+            "presample: recomputing log pi_ref (engine vllm) needs top_p 1.0; use engine hf for top_p < 1"
+        )
     t0 = time.time()
     prompt_rows: list[dict] = []
     sample_rows: list[dict] = []
@@ -149,7 +157,13 @@ def presample(
             rate = len(correct) / n
             split = "pef" if rate >= threshold else "exp"
             prompt_rows.append(
-                {"prompt_id": ex.id, "pass_rate": rate, "n_correct": len(correct), "n_sampled": n, "split": split}
+                {
+                    "prompt_id": ex.id,
+                    "pass_rate": rate,
+                    "n_correct": len(correct),
+                    "n_sampled": n,
+                    "split": split,
+                }
             )
             if split == "pef":
                 keep = correct[:keep_per_prompt] if keep_per_prompt > 0 else correct
@@ -171,9 +185,14 @@ def presample(
         from dphrl.batching import pad_token_id
         from dphrl.prefix import sequence_logprobs
 
-        lps = sequence_logprobs(logprob_model, [r["prompt_ids"] for r in sample_rows],
-                                [r["response_ids"] for r in sample_rows], pad_token_id(tokenizer), temperature,
-                                micro_batch_size=micro_batch_size)
+        lps = sequence_logprobs(
+            logprob_model,
+            [r["prompt_ids"] for r in sample_rows],
+            [r["response_ids"] for r in sample_rows],
+            pad_token_id(tokenizer),
+            temperature,
+            micro_batch_size=micro_batch_size,
+        )
         for r, lp in zip(sample_rows, lps):
             r["ref_logprobs"] = lp
     if topk and sample_rows:
@@ -184,7 +203,13 @@ def presample(
         "model": model_name,
         "model_fingerprint": weights_fingerprint,
         "tokenizer_hash": tokenizer_hash,
-        "sampling": {"n": n, "temperature": temperature, "top_p": top_p, "top_k": 0, "max_new_tokens": max_new_tokens},
+        "sampling": {
+            "n": n,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": 0,
+            "max_new_tokens": max_new_tokens,
+        },
         "dtype": dtype,
         "rehearsal_topk": int(topk),
         "seed": seed,
@@ -219,7 +244,9 @@ def _add_topk(model: Any, tokenizer: Any, rows: list[dict], k: int, temperature:
     with torch.no_grad():
         for i in range(0, len(rows), micro):
             chunk = rows[i : i + micro]
-            batch = pack([r["prompt_ids"] for r in chunk], [r["response_ids"] for r in chunk], pad_token_id(tokenizer))
+            batch = pack(
+                [r["prompt_ids"] for r in chunk], [r["response_ids"] for r in chunk], pad_token_id(tokenizer)
+            )
             logits = response_logits(model, batch.to(dev), temperature)  # (B, T, V)
             ids, ref_b = reference_topk(logits, k)  # (B, T, K), (B, T, K+1)
             for r, row_ids, row_b in zip(chunk, ids.cpu(), ref_b.float().cpu()):
@@ -228,7 +255,10 @@ def _add_topk(model: Any, tokenizer: Any, rows: list[dict], k: int, temperature:
                 r["topk_logprobs"] = row_b[:n].tolist()
 
 
-_TOPK_FIELDS = [("topk_ids", pa.list_(pa.list_(pa.int32()))), ("topk_logprobs", pa.list_(pa.list_(pa.float32())))]
+_TOPK_FIELDS = [
+    ("topk_ids", pa.list_(pa.list_(pa.int32()))),
+    ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),
+]
 
 _SAMPLE_SCHEMA = pa.schema(
     [
@@ -294,17 +324,20 @@ class ReferenceStore:
         mf = self.path / "manifest.json"
         if not mf.exists():
             raise FileNotFoundError(
-                f"reference store {self.path}: no manifest.json. Create it with `dphrl presample --config <your config>` "
-                "(it writes to the config's reference_store directory)."
+                f"reference store {self.path}: no manifest.json. Create it with `dphrl presample --config "
+                "<your config>` (it writes to the config's reference_store directory)."
             )
         try:
             self.manifest: dict = json.loads(mf.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreCorruptError(f"reference store {mf}: not valid JSON ({e}). {_rebuild_hint(self.path)}") from e
+            raise StoreCorruptError(
+                f"reference store {mf}: not valid JSON ({e}). {_rebuild_hint(self.path)}"
+            ) from e
         if self.manifest.get("store_version") != STORE_VERSION:
             raise StoreMismatchError(
-                f"reference store {self.path}: field 'store_version' is {self.manifest.get('store_version')!r}, this "
-                f"dphrl reads version {STORE_VERSION} (which records a weights fingerprint and file checksums). "
+                f"reference store {self.path}: field 'store_version' is "
+                f"{self.manifest.get('store_version')!r}, this dphrl reads version {STORE_VERSION} (which "
+                "records a weights fingerprint and file checksums). "
                 + _rebuild_hint(self.path)
             )
         self.topk = int(self.manifest.get("rehearsal_topk") or 0)
@@ -358,18 +391,24 @@ class ReferenceStore:
         bad = np.flatnonzero((n_ids != n_resp) | (n_b != n_resp))
         if bad.size:
             refuse(bad, "has top-k columns of another length than its response")
-        k_ids = pc.list_value_length(pc.list_flatten(t["topk_ids"])).to_numpy(zero_copy_only=False)  # (sum T,)
+        # (sum T,)
+        k_ids = pc.list_value_length(pc.list_flatten(t["topk_ids"])).to_numpy(zero_copy_only=False)
         buckets = pc.list_flatten(t["topk_logprobs"])
         k_b = pc.list_value_length(buckets).to_numpy(zero_copy_only=False)  # (sum T,)
         if not ((k_ids >= 1) & (k_ids <= self.topk) & (k_b == k_ids + 1)).all():
-            refuse(np.array([0]), f"has malformed top-k columns (want <= {self.topk} ids and one more log-prob)")
+            refuse(
+                np.array([0]), f"has malformed top-k columns (want <= {self.topk} ids and one more log-prob)"
+            )
         vals = pc.list_flatten(buckets).to_numpy(zero_copy_only=False).astype(np.float64)  # (sum T (K+1),)
         is_tail = np.zeros(vals.size, dtype=bool)
         is_tail[np.cumsum(k_b) - 1] = True
         ok = (np.isfinite(vals) | (is_tail & (vals == -np.inf))) & (vals <= LOGPROB_SLACK)
         ok &= (vals >= LOGPROB_FLOOR) | (is_tail & (vals == -np.inf))
         if not ok.all():
-            refuse(np.array([0]), "holds impossible top-k log-probs (must be finite and <= 0; only the tail may be -inf)")
+            refuse(
+                np.array([0]),
+                "holds impossible top-k log-probs (must be finite and <= 0; only the tail may be -inf)",
+            )
 
     def _read(self, name: str) -> list[dict]:
         return self._read_table(name).to_pylist()
@@ -384,12 +423,16 @@ class ReferenceStore:
         want = (self.manifest.get("files") or {}).get(name)
         got = sha256_file(f)
         if want != got:
-            raise StoreCorruptError(f"reference store {f}: checksum {got[:12]}... differs from the manifest's "
-                                    f"{str(want)[:12]}... (truncated or altered). " + _rebuild_hint(self.path))
+            raise StoreCorruptError(
+                f"reference store {f}: checksum {got[:12]}... differs from the manifest's "
+                f"{str(want)[:12]}... (truncated or altered). " + _rebuild_hint(self.path)
+            )
         try:
             return pq.read_table(f)
         except (pa.ArrowException, OSError) as e:
-            raise StoreCorruptError(f"reference store {f}: unreadable parquet ({e}). {_rebuild_hint(self.path)}") from e
+            raise StoreCorruptError(
+                f"reference store {f}: unreadable parquet ({e}). {_rebuild_hint(self.path)}"
+            ) from e
 
     def check_compatible(
         self,
@@ -400,25 +443,37 @@ class ReferenceStore:
         top_p: float = 1.0,
         examples: list[Example] | None = None,
     ) -> None:
-        """Refuse a store made from other weights, tokenizer, temperature, top-p or data, naming each field."""
+        """Refuse a store made from other weights, tokenizer, temperature, top-p or data,
+        naming each field."""
         m = self.manifest
         sampling = m.get("sampling", {})
         problems = []
         if m.get("model_fingerprint") != model_fingerprint:
-            problems.append(f"field 'model_fingerprint': the store was sampled from other weights "
-                            f"({m.get('model_fingerprint')} from {m.get('model')!r}; this model's is {model_fingerprint})")
+            problems.append(
+                f"field 'model_fingerprint': the store was sampled from other weights "
+                f"({m.get('model_fingerprint')} from {m.get('model')!r}; this model's is {model_fingerprint})"
+            )
         if m.get("tokenizer_hash") != tokenizer_hash:
-            problems.append(f"field 'tokenizer_hash': {m.get('tokenizer_hash')} != the model's {tokenizer_hash}")
+            problems.append(
+                f"field 'tokenizer_hash': {m.get('tokenizer_hash')} != the model's {tokenizer_hash}"
+            )
         if abs(float(sampling.get("temperature", float("nan"))) - temperature) > 1e-9:
-            problems.append(f"field 'sampling.temperature': {sampling.get('temperature')} != config temperature {temperature}")
+            problems.append(
+                f"field 'sampling.temperature': {sampling.get('temperature')} != config temperature "
+                f"{temperature}"
+            )
         if abs(float(sampling.get("top_p", float("nan"))) - top_p) > 1e-9:
             problems.append(f"field 'sampling.top_p': {sampling.get('top_p')} != config top_p {top_p}")
         if examples is not None and m.get("dataset_hash") != dataset_hash(examples):
-            problems.append("field 'dataset_hash': differs (the training prompts are not the ones that were pre-sampled)")
+            problems.append(
+                "field 'dataset_hash': differs (the training prompts are not the ones that were pre-sampled)"
+            )
         if problems:
             raise StoreMismatchError(
-                f"reference store {self.path} does not match this run: " + "; ".join(problems)
-                + ". Re-run `dphrl presample` with this config, or point reference_store at the matching store."
+                f"reference store {self.path} does not match this run: "
+                + "; ".join(problems)
+                + ". Re-run `dphrl presample` with this config, or point reference_store at the matching "
+                  "store."
             )
 
     def rescoring_sample(self, max_tokens: int) -> list[RefSample]:
@@ -446,7 +501,11 @@ STORE_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
 
 def store_tolerance(store_dtype: str, train_dtype: str) -> float:
     """The documented tolerance for a store computed in ``store_dtype`` re-scored in ``train_dtype``."""
-    low = "bfloat16" if "bfloat16" in (store_dtype, train_dtype) or "float16" in (store_dtype, train_dtype) else "float32"
+    low = (
+        "bfloat16"
+        if "bfloat16" in (store_dtype, train_dtype) or "float16" in (store_dtype, train_dtype)
+        else "float32"
+    )
     return STORE_TOLERANCE[low]
 
 
@@ -477,9 +536,10 @@ def verify_store(
     if not mean <= tolerance:  # also refuses NaN
         raise StoreMismatchError(
             f"reference store {store.path}: its stored log pi_ref do not match this model's own forward on "
-            f"{len(diffs)} re-scored tokens (mean |delta| {mean:.3g}, max {worst:.3g} > tolerance {tolerance:g}, "
-            f"store dtype {store.manifest.get('dtype')}). The samples were not drawn from this model at this "
-            f"temperature/top_p (or a checkpoint's sampling defaults leaked in). " + _rebuild_hint(store.path)
+            f"{len(diffs)} re-scored tokens (mean |delta| {mean:.3g}, max {worst:.3g} > tolerance "
+            f"{tolerance:g}, store dtype {store.manifest.get('dtype')}). The samples were not drawn from "
+            "this model at this temperature/top_p (or a checkpoint's sampling defaults leaked in). "
+            + _rebuild_hint(store.path)
             + " If only numerics differ (e.g. bf16 kernels), raise store_check_tolerance."
         )
     return stats

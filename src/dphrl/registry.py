@@ -36,7 +36,9 @@ def import_object(spec: str, what: str = "object") -> Any:
         try:
             obj = getattr(obj, part)
         except AttributeError as e:
-            raise ValueError(f"{what} {spec!r}: cannot import {attr!r} from module {mod!r} (no such attribute)") from e
+            raise ValueError(
+                f"{what} {spec!r}: cannot import {attr!r} from module {mod!r} (no such attribute)"
+            ) from e
     return obj
 
 
@@ -104,7 +106,9 @@ class Registry(MutableMapping, Generic[T]):
 
         def deco(o: T) -> T:
             if name in self._items and not overwrite and self._items[name] is not o:
-                raise ValueError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it"
+                )
             self._items[name] = o
             return o
 

@@ -129,7 +129,9 @@ class RolloutCollector:
                 shaped = shaped + adv_lib.overlong_penalty(
                     lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty
                 )
-            groups = [(gens[g], rewards[g * n : (g + 1) * n], shaped[g * n : (g + 1) * n]) for g in range(len(exs))]
+            groups = [
+                (gens[g], rewards[g * n : (g + 1) * n], shaped[g * n : (g + 1) * n]) for g in range(len(exs))
+            ]
             if not cfg.dynamic_sampling:
                 kept += groups
                 break
@@ -145,13 +147,24 @@ class RolloutCollector:
             rounds += 1
             exs = self.local_prompts(cfg.prompts_per_step)  # a whole new batch (world-independent)
         shaped_all = torch.cat([s for _, _, s in kept]) if kept else torch.zeros(0)  # (G*n,)
-        advs, adv_metrics = (adv_lib.compute_advantages(cfg.advantage, shaped_all, n, **self.advantage_kwargs(step))
-                             if kept else (shaped_all, {}))
+        advs, adv_metrics = (
+            adv_lib.compute_advantages(cfg.advantage, shaped_all, n, **self.advantage_kwargs(step))
+            if kept
+            else (shaped_all, {})
+        )
         seqs = []
         for gi, (gens, _, _) in enumerate(kept):
             for j, g in enumerate(gens):
-                seqs.append(Seq(g.prompt_ids, g.response_ids, old_logp=g.logprobs, advantage=float(advs[gi * n + j]),
-                                text=g.text, reward=float(kept[gi][1][j])))
+                seqs.append(
+                    Seq(
+                        g.prompt_ids,
+                        g.response_ids,
+                        old_logp=g.logprobs,
+                        advantage=float(advs[gi * n + j]),
+                        text=g.text,
+                        reward=float(kept[gi][1][j]),
+                    )
+                )
         rewards = torch.cat(all_rewards)
         lengths = torch.cat(all_lengths)
         self.totals["reward_failures"] += fails

@@ -42,7 +42,9 @@ def dir_contents(path: Path) -> list[str]:
     """Visible entries of ``path`` (what a new run would clobber), without our lock and temp files."""
     if not path.is_dir():
         return []
-    return sorted(p.name for p in path.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".deleting-"))
+    return sorted(
+        p.name for p in path.iterdir() if p.name != LOCK_NAME and not p.name.startswith(".deleting-")
+    )
 
 
 class RunLock:
@@ -60,8 +62,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunDirError(f"{what}: {self.path} is in use by {holder}; wait for it to finish or use another "
-                              "output directory") from None
+            raise RunDirError(
+                f"{what}: {self.path} is in use by {holder}; wait for it to finish or use another "
+                "output directory"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd
@@ -89,8 +93,8 @@ def claim_dir(path: str | Path, *, what: str, resume: bool = False, overwrite: b
             if not overwrite:
                 shown = ", ".join(old[:6]) + (", ..." if len(old) > 6 else "")
                 raise RunDirError(
-                    f"{what}: {path} already holds a run ({shown}). Nothing was changed. Pass --resume to continue "
-                    f"it, --overwrite to replace it, or choose another output directory."
+                    f"{what}: {path} already holds a run ({shown}). Nothing was changed. Pass --resume to "
+                    "continue it, --overwrite to replace it, or choose another output directory."
                 )
             aside = path / f".deleting-overwritten-{uuid.uuid4().hex[:8]}"
             aside.mkdir()

@@ -64,8 +64,21 @@ from dphrl.rollout import ReferenceBatches, RewardFailureError, RolloutCollector
 from dphrl.rundir import RunDirError, RunLock, StopSignals, claim_dir
 from dphrl.update import Updater, topk_tensors
 
-__all__ = ["CHECKPOINT_MARKER", "RESUME_MUST_MATCH", "CheckpointError", "PromptSampler", "RewardFailureError", "Seq", "StepCallback",
-           "Trainer", "TrainingStopped", "load_examples", "model_card", "push_folder", "topk_tensors"]
+__all__ = [
+    "CHECKPOINT_MARKER",
+    "RESUME_MUST_MATCH",
+    "CheckpointError",
+    "PromptSampler",
+    "RewardFailureError",
+    "Seq",
+    "StepCallback",
+    "Trainer",
+    "TrainingStopped",
+    "load_examples",
+    "model_card",
+    "push_folder",
+    "topk_tensors",
+]
 
 #: ``callback(trainer, metrics)``, called after every step with that step's reduced metrics.
 StepCallback = Callable[["Trainer", dict], None]
@@ -91,7 +104,10 @@ class Trainer:
         self.old_logprob = cfg.old_logprob_for(self.engine_name)
         mp = "bf16" if cfg.dtype == "bfloat16" else "no"
         self.acc = accelerator or Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=mp, log_with=cfg.trackers or None, project_dir=cfg.output_dir
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=mp,
+            log_with=cfg.trackers or None,
+            project_dir=cfg.output_dir,
         )
         self.coll = Collectives(self.acc)
         self.world, self.rank = self.coll.world, self.coll.rank
@@ -118,14 +134,27 @@ class Trainer:
                                          self.rollout_examples, self.coll, self.totals)
         self.references = ReferenceBatches(self.store if self.spec.rehearsal else None, self.pef_ids,
                                            self.ref_prompts_per_step, cfg.seed + 1, self.coll)
-        self.updater = Updater(cfg, self.acc, self.coll, self.model, self.optimizer, self.scheduler,
-                               pad_id=self.pad_id, eos_id=self.tokenizer.eos_token_id, share_prefix=self.share_prefix,
-                               ref_model=self.ref_model, live_reference=self.live_reference, totals=self.totals,
-                               on_update=self.weights.updated)
+        self.updater = Updater(
+            cfg,
+            self.acc,
+            self.coll,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            pad_id=self.pad_id,
+            eos_id=self.tokenizer.eos_token_id,
+            share_prefix=self.share_prefix,
+            ref_model=self.ref_model,
+            live_reference=self.live_reference,
+            totals=self.totals,
+            on_update=self.weights.updated,
+        )
         self.store_check: dict[str, float] = {}
         if self.store is not None and cfg.store_check_tokens > 0:
             self.store_check = self._verify_store()
-        eval_sets = {name: load_examples(spec) for name, spec in cfg.eval_data.items()} if cfg.eval_every else {}
+        eval_sets = (
+            {name: load_examples(spec) for name, spec in cfg.eval_data.items()} if cfg.eval_every else {}
+        )
         self.monitor = Monitor(cfg, self.acc, self.coll, self.out, self.tokenizer, eval_sets)
         if cfg.trackers:
             self.acc.init_trackers("dphrl", config=_flat_config(cfg))
@@ -142,14 +171,19 @@ class Trainer:
             model = model or load_model(cfg.model)
         self.pad_id = pad_token_id(tokenizer)
         if cfg.gradient_checkpointing:  # recompute activations in backward: same gradients, less memory
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            )
             enable({"use_reentrant": False})  # the checkpoint kwargs (first argument of either name)
-        base_fingerprint = weights_fingerprint(model)  # before LoRA: what a store or an adapter checkpoint needs
+        # before LoRA: what a store or an adapter checkpoint needs
+        base_fingerprint = weights_fingerprint(model)
         self.base_fingerprint = base_fingerprint
         if cfg.lora:
             from dphrl.models import apply_lora
 
-            model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
+            model = apply_lora(
+                model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules
+            )
         self.ref_model: torch.nn.Module | None = None
         self.live_reference = self.spec.uses_live_reference(cfg.kl_coef)
         if self.live_reference and not cfg.lora:
@@ -164,24 +198,33 @@ class Trainer:
         store = None
         if needs_store(self.spec):
             store = ReferenceStore(cfg.reference_store, max_prompt_tokens=cfg.max_prompt_tokens)
-            store.check_compatible(model_fingerprint=base_fingerprint, tokenizer_hash=_tokenizer_hash(self.tokenizer),
-                                   temperature=cfg.temperature, top_p=cfg.top_p, examples=examples)
+            store.check_compatible(
+                model_fingerprint=base_fingerprint,
+                tokenizer_hash=_tokenizer_hash(self.tokenizer),
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                examples=examples,
+            )
             if divergences.REHEARSAL_FORMS.get(cfg.rehearsal_form).topk and store.topk < cfg.rehearsal_topk:
                 raise StoreMismatchError(
                     f"reference store {cfg.reference_store}: field 'rehearsal_topk' is {store.topk}, but "
-                    f"rehearsal_form {cfg.rehearsal_form} needs the top-{cfg.rehearsal_topk} of every position. "
-                    f"Re-run `dphrl presample` with rehearsal_topk={cfg.rehearsal_topk}."
+                    f"rehearsal_form {cfg.rehearsal_form} needs the top-{cfg.rehearsal_topk} of every "
+                    f"position. Re-run `dphrl presample` with rehearsal_topk={cfg.rehearsal_topk}."
                 )
             if store.dropped_long_prompts and main:
-                print(f"dphrl: dropped {store.dropped_long_prompts} stored reference samples whose prompt is "
-                      f"longer than max_prompt_tokens={cfg.max_prompt_tokens} (the rule rollout prompts follow)")
+                print(
+                    f"dphrl: dropped {store.dropped_long_prompts} stored reference samples whose prompt is "
+                    f"longer than max_prompt_tokens={cfg.max_prompt_tokens} (the rule rollout prompts follow)"
+                )
         plan = plan_rehearsal(self.spec, examples, store, prompts_per_step=cfg.prompts_per_step,
                               ref_prompts_per_step=cfg.ref_prompts_per_step)
         self.store, self.pef_ids, self.ref_prompts_per_step = store, plan.pef_ids, plan.ref_prompts_per_step
         if self.spec.rehearsal and not self.pef_ids and main:
-            print(f"dphrl: WARNING: reference store {cfg.reference_store} has no rehearsable D_pef prompt: "
-                  f"{cfg.algorithm} trains without its rehearsal term (lower split_threshold at presample, or "
-                  "use more training prompts)")
+            print(
+                f"dphrl: WARNING: reference store {cfg.reference_store} has no rehearsable D_pef prompt: "
+                f"{cfg.algorithm} trains without its rehearsal term (lower split_threshold at presample, or "
+                "use more training prompts)"
+            )
         from dphrl.data.chat import encode_prompt
 
         n_before = len(plan.rollout_examples)
@@ -199,7 +242,9 @@ class Trainer:
         the launch refusals of :func:`dphrl.launch.check_launch`."""
         cfg = self.cfg
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
+        )
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.sharded = sharding.is_sharded(self.model)
         # the update forwards each micro-batch's distinct prompts once (dphrl.prefix) where the model allows;
@@ -236,14 +281,17 @@ class Trainer:
         cfg = self.cfg
 
         def rescore(samples: list, top_p: float) -> list[list[float]]:  # every rank: the same sample
-            return self.updater.no_grad_logprobs(self.model, [Seq(r.prompt_ids, r.response_ids) for r in samples],
-                                                 top_p)
+            return self.updater.no_grad_logprobs(
+                self.model, [Seq(r.prompt_ids, r.response_ids) for r in samples], top_p
+            )
 
         stats = verify_store(self.store, rescore, max_tokens=cfg.store_check_tokens,
                              tolerance=cfg.store_check_tolerance, train_dtype=cfg.dtype)
         if self.acc.is_main_process and cfg.progress:
-            print(f"dphrl: reference store verified: {stats['store_check/tokens']:.0f} stored tokens re-scored, "
-                  f"mean |delta log pi| {stats['store_check/mean_abs_diff']:.2e}")
+            print(
+                f"dphrl: reference store verified: {stats['store_check/tokens']:.0f} stored tokens "
+                f"re-scored, mean |delta log pi| {stats['store_check/mean_abs_diff']:.2e}"
+            )
         return stats
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -358,8 +406,12 @@ class Trainer:
         err = None
         if self.acc.is_main_process:
             try:
-                self._lock = claim_dir(self.out, what="dphrl train", resume=self._resumed or self._claimed_for_resume,
-                                       overwrite=self.overwrite)
+                self._lock = claim_dir(
+                    self.out,
+                    what="dphrl train",
+                    resume=self._resumed or self._claimed_for_resume,
+                    overwrite=self.overwrite,
+                )
                 for d in (self.out, self.out / "checkpoints"):  # what a killed run left half-written
                     sweep_leftovers(d)
             except RunDirError as e:
@@ -399,13 +451,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Atomic checkpoint of everything needed to resume exactly (:func:`dphrl.checkpoint.save_checkpoint`)."""
+        """Atomic checkpoint of everything needed to resume exactly
+        (:func:`dphrl.checkpoint.save_checkpoint`)."""
         state = {"sampler": self.rollouts.sampler.state_dict(),
                  "ref_sampler": self.references.sampler.state_dict() if self.references.sampler else None,
                  "totals": self.totals}
-        return checkpoint.save_checkpoint(self.out, self.step, acc=self.acc, coll=self.coll, model=self.model,
-                                          optimizer=self.optimizer, scheduler=self.scheduler, state=state, cfg=self.cfg,
-                                          base_fingerprint=self.base_fingerprint)
+        return checkpoint.save_checkpoint(
+            self.out,
+            self.step,
+            acc=self.acc,
+            coll=self.coll,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state=state,
+            cfg=self.cfg,
+            base_fingerprint=self.base_fingerprint,
+        )
 
     def resume(self, path: str | Path = "latest") -> None:
         """Restore model, optimizer, scheduler, RNG and data position from a checkpoint.
@@ -439,9 +501,17 @@ class Trainer:
 
     def save_final(self) -> Path:
         """save_pretrained (+ tokenizer + resolved config + model card): loadable by plain transformers."""
-        return checkpoint.save_final(self.out, acc=self.acc, model=self.model, tokenizer=self.tokenizer, cfg=self.cfg,
-                                     run_info=self.run_info(), totals=self.totals, last_eval=self.monitor.last_eval,
-                                     step=self.step)
+        return checkpoint.save_final(
+            self.out,
+            acc=self.acc,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            cfg=self.cfg,
+            run_info=self.run_info(),
+            totals=self.totals,
+            last_eval=self.monitor.last_eval,
+            step=self.step,
+        )
 
 
 def _flat_config(cfg: TrainConfig) -> dict:

@@ -67,7 +67,9 @@ class Updater:
         return Seq([self.pad_id], [self.eos_id], old_logp=[0.0], advantage=0.0, ref_logp=[0.0])
 
     # ---------------------------------------------------------------------------------- no-grad forwards
-    def no_grad_logprobs(self, model: torch.nn.Module, seqs: list[Any], top_p: float = 1.0) -> list[list[float]]:
+    def no_grad_logprobs(
+        self, model: torch.nn.Module, seqs: list[Any], top_p: float = 1.0
+    ) -> list[list[float]]:
         """Per-token log-probs of ``seqs`` under ``model`` (no grad, fp32), micro-batch by micro-batch as the
         update makes them (same layout, same autocast: the training numerics); every rank runs as many
         forwards as the busiest one (FSDP: collectives)."""
@@ -133,7 +135,11 @@ class Updater:
         # global normalizers (each term divided by its own token / sequence count over all ranks) and the
         # micro-batch counts every rank must run, in two all-reduces
         g_roll_tok, g_roll_seq, g_ref_tok = self.coll.allreduce(
-            [sum(len(s.response_ids) for s in roll_mb), len(roll_mb), sum(len(s.response_ids) for s in ref_mb)]
+            [
+                sum(len(s.response_ids) for s in roll_mb),
+                len(roll_mb),
+                sum(len(s.response_ids) for s in ref_mb),
+            ]
         )
         n_roll, n_ref = (int(x) for x in self.coll.allreduce([len(roll_chunks), len(ref_chunks)], op="max"))
         if n_roll + n_ref == 0:  # nothing to train on anywhere: no update, on every rank
@@ -159,7 +165,8 @@ class Updater:
                     loss = loss * 0.0  # padding: the collectives run, nothing is learned or counted
                 elif not torch.isfinite(loss):
                     bad = 1.0
-                self.acc.backward(loss * self.coll.world)  # DDP averages gradients over ranks; we want their sum
+                # DDP averages gradients over ranks; we want their sum
+                self.acc.backward(loss * self.coll.world)
             if chunk is not None:
                 w = max(1.0, float(sum(len(x.response_ids) for x in seqs)))  # token means: weighted by tokens
                 for k, v in m.items():
@@ -170,7 +177,9 @@ class Updater:
     def _apply(self, acc_metrics: dict[str, float], bad: float) -> dict[str, float]:
         """Clip, then step (or skip a non-finite update on every rank); the mini-batch's metrics."""
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm))
+        grad_norm = float(
+            self.acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], max_norm)
+        )
         (bad,) = self.coll.allreduce([bad + (0.0 if math.isfinite(grad_norm) else 1.0)])
         out = {k: v / acc_metrics["_n_" + k] for k, v in acc_metrics.items() if not k.startswith("_n_")}
         if bad:
@@ -191,7 +200,9 @@ class Updater:
         return out
 
     # ---------------------------------------------------------------------------------- loss terms
-    def rollout_loss(self, batch: Batch, chunk: list[Seq], g_tok: float, g_seq: float) -> tuple[torch.Tensor, dict]:
+    def rollout_loss(
+        self, batch: Batch, chunk: list[Seq], g_tok: float, g_seq: float
+    ) -> tuple[torch.Tensor, dict]:
         """Policy loss on rollouts, minus the entropy bonus, plus the live-reference KL term."""
         cfg = self.cfg
         T = batch.resp_ids.shape[1]
@@ -204,10 +215,20 @@ class Updater:
         policy_loss = losses.POLICY_LOSSES.get(cfg.policy_loss)
         extra = kwargs_from_config(policy_loss, cfg)  # the entry's own hyper-parameters
         if "generator" in inspect.signature(policy_loss).parameters:  # random token choices: seeded per step
-            extra["generator"] = torch.Generator().manual_seed(cfg.seed * 7_919 + self.step * 104_729 + self.coll.rank)
+            extra["generator"] = torch.Generator().manual_seed(
+                cfg.seed * 7_919 + self.step * 104_729 + self.coll.rank
+            )
         loss, m = policy_loss(
-            logp, old, adv, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None,
-            agg=cfg.loss_agg, **agg, **extra,
+            logp,
+            old,
+            adv,
+            mask,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip or None,
+            agg=cfg.loss_agg,
+            **agg,
+            **extra,
         )
         m = dict(m)
         m["entropy"] = float((ent.detach() * mask).sum() / mask.sum().clamp(min=1))
