@@ -58,7 +58,8 @@ def _utf8_error(path: Path, data: bytes, e: UnicodeDecodeError, line_offset: int
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for every non-blank line; bad UTF-8 or JSON -> ValueError with the line."""
+    """(1-based line number, object) for every non-blank line; bad UTF-8 or JSON -> ValueError with the
+    line."""
     if not path.is_file():
         raise FileNotFoundError(f"file not found: {path}")
     with path.open("rb") as f:
@@ -72,7 +73,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: invalid JSON ({e.msg}); each line must be one JSON object") from None
+                raise ValueError(
+                    f"{path}, line {lineno}: invalid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
@@ -107,16 +110,24 @@ def load_gsm8k(path: PathLike, *, limit: int | None = None, system: str | None =
     out = []
     for lineno, row in _read_jsonl(path):
         where = f"{path}, line {lineno}"
-        hint = "GSM8K rows need 'question' and 'answer' (a solution ending in '#### <number>'); fix or remove the line."
+        hint = (
+            "GSM8K rows need 'question' and 'answer' (a solution ending in '#### <number>'); "
+            "fix or remove the line."
+        )
         q = _need(row, "question", where, hint)
         sol = str(_need(row, "answer", where, hint))
         ans = gsm8k_final_answer(sol)
         if ans is None:
             raise ValueError(f"{where}: field 'answer' has no final '#### <number>' line. {hint}")
-        out.append(Example(
-            id=f"gsm8k-{path.stem}-{lineno}", prompt=math_messages(str(q), system=system), answer=ans, task="math",
-            meta={"source": str(path), "line": lineno, "dataset": "gsm8k", "solution": sol},
-        ))
+        out.append(
+            Example(
+                id=f"gsm8k-{path.stem}-{lineno}",
+                prompt=math_messages(str(q), system=system),
+                answer=ans,
+                task="math",
+                meta={"source": str(path), "line": lineno, "dataset": "gsm8k", "solution": sol},
+            )
+        )
         if limit is not None and len(out) >= limit:
             break
     return Examples(out)
@@ -133,18 +144,27 @@ def load_math(path: PathLike, *, limit: int | None = None, system: str | None = 
         ans = row.get("answer")
         if ans is None or str(ans).strip() == "":
             if row.get("solution") is None:
-                raise ValueError(f"{where}: missing field 'answer' (and no 'solution' to take it from). {hint}")
+                raise ValueError(
+                    f"{where}: missing field 'answer' (and no 'solution' to take it from). {hint}"
+                )
             from dphrl.rewards.math import extract_answer  # only needed here (imports sympy)
 
             ans = extract_answer(str(row["solution"]))
             if ans is None:
-                raise ValueError(f"{where}: no 'answer' field and no \\boxed{{}} answer in 'solution'. {hint}")
+                raise ValueError(
+                    f"{where}: no 'answer' field and no \\boxed{{}} answer in 'solution'. {hint}"
+                )
         meta = {"source": str(path), "line": lineno, "dataset": "math"}
         meta.update({k: row[k] for k in ("subject", "level", "unique_id", "type") if k in row})
-        out.append(Example(
-            id=str(row.get("unique_id") or f"math-{path.stem}-{lineno}"), prompt=math_messages(str(problem), system=system),
-            answer=str(ans).strip(), task="math", meta=meta,
-        ))
+        out.append(
+            Example(
+                id=str(row.get("unique_id") or f"math-{path.stem}-{lineno}"),
+                prompt=math_messages(str(problem), system=system),
+                answer=str(ans).strip(),
+                task="math",
+                meta=meta,
+            )
+        )
         if limit is not None and len(out) >= limit:
             break
     return Examples(out)
@@ -190,17 +210,30 @@ def _sql_examples(
             missing[db_id] = missing.get(db_id, 0) + 1
             continue
         evidence = str(row.get(evidence_field) or "") if evidence_field else ""
-        meta: dict[str, Any] = {"source": str(path), "line": k, "dataset": dataset, "db_id": db_id, "question": question}
+        meta: dict[str, Any] = {
+            "source": str(path),
+            "line": k,
+            "dataset": dataset,
+            "db_id": db_id,
+            "question": question,
+        }
         if evidence_field:
             meta["evidence"] = evidence
         for key in ("difficulty", "question_id"):
             if key in row:
                 meta[key] = row[key]
-        out.append(Example(
-            id=f"{dataset}-{path.stem}-{row.get('question_id', k)}",
-            prompt=sql_messages(question, db_path, evidence=evidence or None, sample_rows=sample_rows, system=system),
-            gold_sql=gold, db_path=str(db_path), task=task, meta=meta,
-        ))
+        out.append(
+            Example(
+                id=f"{dataset}-{path.stem}-{row.get('question_id', k)}",
+                prompt=sql_messages(
+                    question, db_path, evidence=evidence or None, sample_rows=sample_rows, system=system
+                ),
+                gold_sql=gold,
+                db_path=str(db_path),
+                task=task,
+                meta=meta,
+            )
+        )
         if limit is not None and len(out) >= limit:
             break
     skipped = sum(missing.values())
@@ -209,11 +242,18 @@ def _sql_examples(
             "%s: skipped %d examples whose database file is missing (%s) under %s",
             path, skipped, ", ".join(f"{d}: {n}" for d, n in sorted(missing.items())), db_root,
         )
-    return Examples(out, skipped=skipped, skip_reasons={f"missing database {d}": n for d, n in missing.items()})
+    return Examples(
+        out, skipped=skipped, skip_reasons={f"missing database {d}": n for d, n in missing.items()}
+    )
 
 
 def load_spider(
-    directory: PathLike, split: str = "dev", *, sample_rows: int = 3, limit: int | None = None, system: str | None = None
+    directory: PathLike,
+    split: str = "dev",
+    *,
+    sample_rows: int = 3,
+    limit: int | None = None,
+    system: str | None = None,
 ) -> Examples:
     """Spider: ``<dir>/<split>.json`` (``question``, ``query``, ``db_id``) with databases in
     ``<dir>/database/<db_id>/<db_id>.sqlite`` (``test_database/`` for the test split when present).
@@ -232,7 +272,12 @@ def load_spider(
 
 
 def load_bird(
-    directory: PathLike, split: str = "dev", *, sample_rows: int = 3, limit: int | None = None, system: str | None = None
+    directory: PathLike,
+    split: str = "dev",
+    *,
+    sample_rows: int = 3,
+    limit: int | None = None,
+    system: str | None = None,
 ) -> Examples:
     """BIRD: ``<dir>/<split>.json`` (``question``, ``evidence``, ``SQL``, ``db_id``) with databases in
     ``<dir>/<split>_databases/<db_id>/<db_id>.sqlite`` (or ``<dir>/databases/``). The evidence is
@@ -287,20 +332,42 @@ def _rows_to_examples(
                 messages = math_messages(prompt, system=system)
             elif template == "sql":
                 if db_path is None:
-                    raise ValueError(f"{where}: template 'sql' needs db_path_field to build the schema prompt")
+                    raise ValueError(
+                        f"{where}: template 'sql' needs db_path_field to build the schema prompt"
+                    )
                 messages = sql_messages(prompt, db_path, system=system)
             else:
-                messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+                messages = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": prompt}
+                ]
+        elif isinstance(prompt, list) and all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in prompt
+        ):
             messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
         else:
             raise ValueError(f"{where}: field {prompt_field!r} must be a string or a list of "
                              "{'role': ..., 'content': ...} messages")
         used = {prompt_field, answer_field, gold_sql_field, db_path_field, id_field}
-        meta = {k: v for k, v in row.items() if k not in used and isinstance(v, (str, int, float, bool, type(None)))}
+        meta = {
+            k: v
+            for k, v in row.items()
+            if k not in used and isinstance(v, (str, int, float, bool, type(None)))
+        }
         meta.update({"source": source, "line": n})
-        ex_id = str(row[id_field]) if id_field and row.get(id_field) is not None else f"{Path(source).stem}-{n}"
-        out.append(Example(id=ex_id, prompt=messages, answer=answer, gold_sql=gold_sql, db_path=db_path, task=task, meta=meta))
+        ex_id = (
+            str(row[id_field]) if id_field and row.get(id_field) is not None else f"{Path(source).stem}-{n}"
+        )
+        out.append(
+            Example(
+                id=ex_id,
+                prompt=messages,
+                answer=answer,
+                gold_sql=gold_sql,
+                db_path=db_path,
+                task=task,
+                meta=meta,
+            )
+        )
         if limit is not None and len(out) >= limit:
             break
     return Examples(out)
@@ -365,7 +432,14 @@ def load_parquet(
     )
 
 
-_HF_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}
+_HF_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
 
 
 def load_hf(
@@ -389,7 +463,11 @@ def load_hf(
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"local dataset not found: {p} (load_hf reads local files only)")
-    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+    if p.is_dir() and (
+        (p / "dataset_info.json").exists()
+        or (p / "dataset_dict.json").exists()
+        or (p / "state.json").exists()
+    ):
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
@@ -398,7 +476,9 @@ def load_hf(
     elif p.is_file():
         builder = _HF_BUILDERS.get(p.suffix.lower())
         if builder is None:
-            raise ValueError(f"{p}: unknown data file type {p.suffix!r}; expected one of {sorted(_HF_BUILDERS)}")
+            raise ValueError(
+                f"{p}: unknown data file type {p.suffix!r}; expected one of {sorted(_HF_BUILDERS)}"
+            )
         ds = datasets.load_dataset(builder, data_files={split: str(p)}, split=split)
     else:
         ds = datasets.load_dataset(str(p), split=split)
@@ -466,7 +546,9 @@ def _suggest(word: str, valid: Iterable[str], aliases: dict[str, str] | None = N
 
 def _infer_type(path: Path) -> str:
     if path.is_dir():
-        if (path / "database").is_dir() and any((path / f).is_file() for f in ("dev.json", "train_spider.json")):
+        if (path / "database").is_dir() and any(
+            (path / f).is_file() for f in ("dev.json", "train_spider.json")
+        ):
             return "spider"
         if any(path.glob("*_databases")):
             return "bird"
@@ -508,7 +590,8 @@ def dataset_loader(kind: str) -> tuple[Callable[..., list[Example]], dict[str, i
 
 @dataclass
 class ResolvedSpec:
-    """A checked dataset spec: the loader to call and its keyword arguments (``limit``/``seed`` applied after)."""
+    """A checked dataset spec: the loader to call and its keyword arguments
+    (``limit``/``seed`` applied after)."""
 
     kind: str
     fn: Callable[..., list[Example]]
@@ -547,7 +630,9 @@ def resolve_dataset_spec(
         raise DatasetSpecError(f"'limit' must be an integer >= 1 (or absent for all examples), got {limit!r}",
                                key="limit")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise DatasetSpecError(f"'seed' must be an integer (or absent for the file order), got {seed!r}", key="seed")
+        raise DatasetSpecError(
+            f"'seed' must be an integer (or absent for the file order), got {seed!r}", key="seed"
+        )
     path = None
     if raw_path is not None:
         if not isinstance(raw_path, str | os.PathLike) or not str(raw_path):
@@ -558,13 +643,17 @@ def resolve_dataset_spec(
     if kind is None:
         try:
             if path is None:
-                raise DatasetSpecError("dataset spec needs a 'type' (or a 'path' to infer it from); valid types: "
-                                       f"{TASKS.names()}", key="type")
+                raise DatasetSpecError(
+                    "dataset spec needs a 'type' (or a 'path' to infer it from); valid types: "
+                    f"{TASKS.names()}",
+                    key="type",
+                )
             kind = _infer_type(path)
         except DatasetSpecError:
             if strict or (path is not None and path.exists()):
                 raise
-            _check_any_loader_keys(opts)  # the type is not known yet: every key must mean something to a loader
+            # the type is not known yet: every key must mean something to a loader
+            _check_any_loader_keys(opts)
             return None
     task = dataset_task(kind)
     fn, params = _loader_of(task)
@@ -597,11 +686,18 @@ def _check_any_loader_keys(opts: dict[str, Any]) -> None:
     """Refuse keys that no loader takes (for a spec whose type is not known yet)."""
     valid = set(SPEC_KEYS)
     for kind in TASKS:
-        valid |= {n for n, p in dataset_loader(kind)[1].items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        valid |= {
+            n
+            for n, p in dataset_loader(kind)[1].items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
     unknown = [k for k in opts if k not in valid]
     if unknown:
-        raise DatasetSpecError(f"unknown dataset option(s) {sorted(unknown)} (no loader takes them); valid: "
-                               f"{sorted(valid)}." + _suggest(unknown[0], valid, _SPEC_ALIASES), key=unknown[0])
+        raise DatasetSpecError(
+            f"unknown dataset option(s) {sorted(unknown)} (no loader takes them); valid: "
+            f"{sorted(valid)}." + _suggest(unknown[0], valid, _SPEC_ALIASES),
+            key=unknown[0],
+        )
 
 
 def check_dataset_spec(spec: dict[str, Any] | str) -> None:
@@ -638,7 +734,9 @@ def load_dataset_spec(spec: dict[str, Any] | str, *, base_dir: PathLike | None =
             why = f"{r.path} has no data rows, or the spec's options filter them all out"
         else:
             why = "the generator returned none; check its options"
-        raise ValueError(f"dataset {_describe_spec(spec)} gave no examples: {why}. Check its path and filters.")
+        raise ValueError(
+            f"dataset {_describe_spec(spec)} gave no examples: {why}. Check its path and filters."
+        )
     if r.seed is not None:
         random.Random(r.seed).shuffle(items)
     return Examples(_take(items, r.limit), skipped=skipped, skip_reasons=reasons, dataset_type=r.kind)

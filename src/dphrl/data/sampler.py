@@ -28,7 +28,9 @@ class PromptSampler:
                 self._perm = self._permutation()
                 if out:
                     taken = set(out)
-                    self._perm = [i for i in self._perm if i not in taken] + [i for i in self._perm if i in taken]
+                    self._perm = [i for i in self._perm if i not in taken] + [
+                        i for i in self._perm if i in taken
+                    ]
             take = min(k - len(out), self.n - self.pos)
             out.extend(self._perm[self.pos : self.pos + take])
             self.pos += take

@@ -92,13 +92,23 @@ def make_arithmetic(
     for i in range(n):
         expr, value = arithmetic_problem(rng, digits=digits, operands=operands, ops=ops)
         shown = expr.replace("*", "×").replace("/", "÷")
-        out.append(Example(
-            id=f"arith-s{seed}-d{digits}-k{operands}-{i}",
-            prompt=math_messages(f"Compute {shown}.", system=system),
-            answer=str(value), task="math",
-            meta={"source": "synthetic_arith", "line": i, "expr": expr, "digits": digits, "operands": operands,
-                  "ops": "".join(ops), "seed": seed},
-        ))
+        out.append(
+            Example(
+                id=f"arith-s{seed}-d{digits}-k{operands}-{i}",
+                prompt=math_messages(f"Compute {shown}.", system=system),
+                answer=str(value),
+                task="math",
+                meta={
+                    "source": "synthetic_arith",
+                    "line": i,
+                    "expr": expr,
+                    "digits": digits,
+                    "operands": operands,
+                    "ops": "".join(ops),
+                    "seed": seed,
+                },
+            )
+        )
     return out
 
 
@@ -106,10 +116,40 @@ def make_arithmetic(
 # Synthetic SQL
 
 _CITIES = ["Lisbon", "Oslo", "Lima", "Kyoto", "Accra", "Perth", "Quito", "Tunis"]
-_FIRST = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jin", "Kai", "Lea", "Mo", "Nia", "Oto", "Pia"]
+_FIRST = [
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jin",
+    "Kai",
+    "Lea",
+    "Mo",
+    "Nia",
+    "Oto",
+    "Pia",
+]
 _LAST = ["Silva", "Berg", "Wong", "Okafor", "Novak", "Diaz", "Sato", "Haddad", "Moreau", "Kim"]
 _CATEGORIES = ["books", "garden", "music", "toys", "kitchen"]
-_PRODUCTS = ["lamp", "kettle", "guitar", "puzzle", "rake", "novel", "atlas", "drum", "spade", "blender", "kite", "violin"]
+_PRODUCTS = [
+    "lamp",
+    "kettle",
+    "guitar",
+    "puzzle",
+    "rake",
+    "novel",
+    "atlas",
+    "drum",
+    "spade",
+    "blender",
+    "kite",
+    "violin",
+]
 
 
 def build_sql_db(directory: str | os.PathLike, *, seed: int = 0, n_customers: int = 40, n_products: int = 24,
@@ -132,15 +172,19 @@ def build_sql_db(directory: str | os.PathLike, *, seed: int = 0, n_customers: in
             CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER NOT NULL REFERENCES customers(id),
                                  product_id INTEGER NOT NULL REFERENCES products(id), quantity INTEGER NOT NULL,
                                  order_date TEXT NOT NULL);
-            """
+            """  # noqa: E501 - sqlite_master keeps this text and the prompts show it: not re-wrapped
         )
         names = rng.sample([f"{f} {ln}" for f in _FIRST for ln in _LAST], n_customers)
-        conn.executemany("INSERT INTO customers VALUES (?, ?, ?, ?)",
-                         [(i + 1, names[i], rng.choice(_CITIES), rng.randint(18, 80)) for i in range(n_customers)])
+        conn.executemany(
+            "INSERT INTO customers VALUES (?, ?, ?, ?)",
+            [(i + 1, names[i], rng.choice(_CITIES), rng.randint(18, 80)) for i in range(n_customers)],
+        )
         pnames = [f"{c} {p}" for c in _CATEGORIES for p in _PRODUCTS]
         chosen = rng.sample(pnames, n_products)
-        conn.executemany("INSERT INTO products VALUES (?, ?, ?, ?)",
-                         [(i + 1, nm, nm.split()[0], round(rng.uniform(2, 200), 2)) for i, nm in enumerate(chosen)])
+        conn.executemany(
+            "INSERT INTO products VALUES (?, ?, ?, ?)",
+            [(i + 1, nm, nm.split()[0], round(rng.uniform(2, 200), 2)) for i, nm in enumerate(chosen)],
+        )
         conn.executemany(
             "INSERT INTO orders VALUES (?, ?, ?, ?, ?)",
             [(i + 1, rng.randint(1, n_customers), rng.randint(1, n_products), rng.randint(1, 5),
@@ -167,32 +211,59 @@ def _templates(conn: sqlite3.Connection, rng: random.Random) -> list[tuple[str, 
     month = rng.randint(1, 12)
     qs = [
         (f"How many customers live in {city}?", f"SELECT COUNT(*) FROM customers WHERE city = {_q(city)}"),
-        (f"List the names of the products in the {cat} category.", f"SELECT name FROM products WHERE category = {_q(cat)}"),
-        (f"What is the average price of the products in the {cat} category?",
-         f"SELECT AVG(price) FROM products WHERE category = {_q(cat)}"),
-        (f"How many orders did {cust} place?",
-         f"SELECT COUNT(*) FROM orders AS o JOIN customers AS c ON o.customer_id = c.id WHERE c.name = {_q(cust)}"),
-        (f"List the names and ages of customers older than {age}, oldest first.",
-         f"SELECT name, age FROM customers WHERE age > {age} ORDER BY age DESC, name ASC"),
-        (f"What is the total quantity ordered of the product '{prod}'?",
-         f"SELECT COALESCE(SUM(o.quantity), 0) FROM orders AS o JOIN products AS p ON o.product_id = p.id "
-         f"WHERE p.name = {_q(prod)}"),
+        (
+            f"List the names of the products in the {cat} category.",
+            f"SELECT name FROM products WHERE category = {_q(cat)}",
+        ),
+        (
+            f"What is the average price of the products in the {cat} category?",
+            f"SELECT AVG(price) FROM products WHERE category = {_q(cat)}",
+        ),
+        (
+            f"How many orders did {cust} place?",
+            "SELECT COUNT(*) FROM orders AS o JOIN customers AS c ON o.customer_id = c.id WHERE c.name = "
+            f"{_q(cust)}",
+        ),
+        (
+            f"List the names and ages of customers older than {age}, oldest first.",
+            f"SELECT name, age FROM customers WHERE age > {age} ORDER BY age DESC, name ASC",
+        ),
+        (
+            f"What is the total quantity ordered of the product '{prod}'?",
+            f"SELECT COALESCE(SUM(o.quantity), 0) FROM orders AS o JOIN products AS p ON o.product_id = p.id "
+            f"WHERE p.name = {_q(prod)}",
+        ),
         ("How many distinct cities do the customers live in?", "SELECT COUNT(DISTINCT city) FROM customers"),
-        ("For each city, how many customers live there?", "SELECT city, COUNT(*) FROM customers GROUP BY city"),
-        (f"How many orders were placed in month {month} of 2024?",
-         f"SELECT COUNT(*) FROM orders WHERE order_date LIKE '2024-{month:02d}-%'"),
-        ("What is the name of the most expensive product?", "SELECT name FROM products ORDER BY price DESC LIMIT 1"),
-        ("Which customer placed the most orders? Give the name.",
-         "SELECT c.name FROM customers AS c JOIN orders AS o ON o.customer_id = c.id GROUP BY c.id "
-         "ORDER BY COUNT(*) DESC LIMIT 1"),
-        (f"List the names of customers from {city} who ordered something in the {cat} category.",
-         f"SELECT DISTINCT c.name FROM customers AS c JOIN orders AS o ON o.customer_id = c.id "
-         f"JOIN products AS p ON o.product_id = p.id WHERE c.city = {_q(city)} AND p.category = {_q(cat)}"),
+        (
+            "For each city, how many customers live there?",
+            "SELECT city, COUNT(*) FROM customers GROUP BY city",
+        ),
+        (
+            f"How many orders were placed in month {month} of 2024?",
+            f"SELECT COUNT(*) FROM orders WHERE order_date LIKE '2024-{month:02d}-%'",
+        ),
+        (
+            "What is the name of the most expensive product?",
+            "SELECT name FROM products ORDER BY price DESC LIMIT 1",
+        ),
+        (
+            "Which customer placed the most orders? Give the name.",
+            "SELECT c.name FROM customers AS c JOIN orders AS o ON o.customer_id = c.id GROUP BY c.id "
+            "ORDER BY COUNT(*) DESC LIMIT 1",
+        ),
+        (
+            f"List the names of customers from {city} who ordered something in the {cat} category.",
+            f"SELECT DISTINCT c.name FROM customers AS c JOIN orders AS o ON o.customer_id = c.id "
+            f"JOIN products AS p ON o.product_id = p.id WHERE c.city = {_q(city)} AND p.category = {_q(cat)}",
+        ),
     ]
     tie_checks = {
-        "What is the name of the most expensive product?": "SELECT price FROM products ORDER BY price DESC LIMIT 2",
-        "Which customer placed the most orders? Give the name.":
-            "SELECT COUNT(*) FROM orders GROUP BY customer_id ORDER BY COUNT(*) DESC LIMIT 2",
+        "What is the name of the most expensive product?": (
+            "SELECT price FROM products ORDER BY price DESC LIMIT 2"
+        ),
+        "Which customer placed the most orders? Give the name.": (
+            "SELECT COUNT(*) FROM orders GROUP BY customer_id ORDER BY COUNT(*) DESC LIMIT 2"
+        ),
     }
     out = []
     for question, sql in qs:
@@ -206,7 +277,12 @@ def _templates(conn: sqlite3.Connection, rng: random.Random) -> list[tuple[str, 
 
 
 def make_sql_tasks(
-    directory: str | os.PathLike, n: int = 50, *, seed: int = 0, sample_rows: int = 3, system: str | None = None
+    directory: str | os.PathLike,
+    n: int = 50,
+    *,
+    seed: int = 0,
+    sample_rows: int = 3,
+    system: str | None = None,
 ) -> list[Example]:
     """``n`` text-to-SQL examples (task ``sql``) over a synthetic shop database built in ``directory``."""
     db = build_sql_db(directory, seed=seed)

@@ -28,8 +28,11 @@ def _messages(user: str, system: str | None) -> list[dict[str, str]]:
     return msgs
 
 
-def math_messages(problem: str, *, instruction: str = MATH_INSTRUCTION, system: str | None = None) -> list[dict[str, str]]:
-    """Chat messages for a math problem: the problem followed by the step-by-step/``\\boxed{}`` instruction."""
+def math_messages(
+    problem: str, *, instruction: str = MATH_INSTRUCTION, system: str | None = None
+) -> list[dict[str, str]]:
+    """Chat messages for a math problem: the problem followed by the step-by-step/``\\boxed{}``
+    instruction."""
     return _messages(f"{problem.strip()}\n\n{instruction}", system)
 
 
@@ -60,7 +63,9 @@ def _schema_cached(db_path: str, mtime: float, sample_rows: int, max_value_chars
                 cols = [d[0] for d in cur.description]
                 rows = cur.fetchall()
                 if rows:
-                    lines = [" | ".join(cols)] + [" | ".join(_fmt_value(v, max_value_chars) for v in r) for r in rows]
+                    lines = [" | ".join(cols)] + [
+                        " | ".join(_fmt_value(v, max_value_chars) for v in r) for r in rows
+                    ]
                     block += (
                         f"\n/*\n{len(rows)} example row{'s' if len(rows) > 1 else ''} from {name}:\n"
                         + "\n".join(lines) + "\n*/"
