@@ -50,7 +50,9 @@ def _hf_engine(model: Any, tokenizer: Any, *, batch_size: int = 64, synced_gpus:
 
     if model is None:
         raise ValueError("engine 'hf' needs the model object")
-    return HFEngine(model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus, share_prefix=share_prefix)
+    return HFEngine(
+        model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus, share_prefix=share_prefix
+    )
 
 
 @ENGINES.register("vllm")

@@ -68,7 +68,9 @@ def sync_weights_of(engine: Any) -> Any:
     but cannot receive new ones."""
     fn = getattr(engine, "sync_weights", None)
     if fn is None:
-        raise TypeError(f"engine {type(engine).__name__} declares uses_policy_module=False (it keeps its own weights) "
-                        "but has no sync_weights(model) method: the trainer could not give it the policy's "
-                        "new weights after an update. Add the method, or declare uses_policy_module=True.")
+        raise TypeError(
+            f"engine {type(engine).__name__} declares uses_policy_module=False (it keeps its own weights) "
+            "but has no sync_weights(model) method: the trainer could not give it the policy's "
+            "new weights after an update. Add the method, or declare uses_policy_module=True."
+        )
     return fn

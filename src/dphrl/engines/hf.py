@@ -239,8 +239,10 @@ if DynamicLayer is not None:
             if (self._k is None or new > self._k.shape[-2] or self._k.shape[:-2] != key_states.shape[:-2]
                     or (old and self.keys.data_ptr() != self._k.data_ptr())):
                 cap = max(new, self.capacity, 2 * old)
-                k = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))  # (B, h, cap, d)
-                v = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))  # (B, h, cap, d)
+                # (B, h, cap, d)
+                k = key_states.new_empty((*key_states.shape[:-2], cap, key_states.shape[-1]))
+                # (B, h, cap, d)
+                v = value_states.new_empty((*value_states.shape[:-2], cap, value_states.shape[-1]))
                 if old:
                     k[..., :old, :] = self.keys
                     v[..., :old, :] = self.values
@@ -271,8 +273,13 @@ class HFEngine:
     """
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 64, synced_gpus: bool = False,
-        share_prefix: bool = True, preallocate_cache: bool = True,
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 64,
+        synced_gpus: bool = False,
+        share_prefix: bool = True,
+        preallocate_cache: bool = True,
     ):
         self.model = model
         self.synced_gpus = synced_gpus
@@ -305,8 +312,11 @@ class HFEngine:
         self.model.eval()
         try:
             for i in range(0, len(flat), self.batch_size):
-                out.extend(self._generate_batch(flat[i : i + self.batch_size], max_new_tokens, temperature, top_p,
-                                                greedy, share))
+                out.extend(
+                    self._generate_batch(
+                        flat[i : i + self.batch_size], max_new_tokens, temperature, top_p, greedy, share
+                    )
+                )
         finally:
             self.model.train(was_training)
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
@@ -319,8 +329,9 @@ class HFEngine:
             cache.layers = [_PreallocatedLayer(capacity) for _ in cache.layers]
         return cache
 
-    def _prefill_shared(self, input_ids: torch.Tensor, attn: torch.Tensor, prompts: list[list[int]], capacity: int
-                        ) -> Any | None:
+    def _prefill_shared(
+        self, input_ids: torch.Tensor, attn: torch.Tensor, prompts: list[list[int]], capacity: int
+    ) -> Any | None:
         """The KV cache of columns ``0..P-2`` of the batch, computed once per distinct prompt, one row per
         batch row; ``None`` when the model's cache is not plain full attention (then nothing is run)."""
         cache = self._new_cache(capacity)
@@ -337,9 +348,16 @@ class HFEngine:
         pre_ids = input_ids[reps, :-1]  # (D, P-1) the batch's own left-padded layout
         pre_attn = attn[reps, :-1]  # (D, P-1)
         pos = (pre_attn.cumsum(-1) - 1).masked_fill(pre_attn == 0, 0)  # (D, P-1) as generate computes them
-        self.model(input_ids=pre_ids, attention_mask=pre_attn, position_ids=pos, use_cache=True, logits_to_keep=1,
-                   **{CACHE_KW: cache})
-        cache.batch_select_indices(torch.tensor(row_of, device=input_ids.device))  # (B, heads, P-1, d) per layer
+        self.model(
+            input_ids=pre_ids,
+            attention_mask=pre_attn,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **{CACHE_KW: cache},
+        )
+        # (B, heads, P-1, d) per layer
+        cache.batch_select_indices(torch.tensor(row_of, device=input_ids.device))
         return cache
 
     def _generate_batch(
@@ -385,8 +403,11 @@ class HFEngine:
         seqs = seqs_dev.cpu()  # (B, T)
         is_eos = seqs == self.eos_id  # (B, T)
         any_eos = is_eos.any(dim=1)  # (B,)
-        first_eos = torch.where(any_eos, is_eos.float().argmax(dim=1), torch.full_like(any_eos, seqs.shape[1], dtype=torch.long))  # (B,)
-        lengths = torch.where(any_eos, first_eos + 1, torch.full_like(first_eos, seqs.shape[1]))  # (B,) EOS kept
+        first_eos = torch.where(
+            any_eos, is_eos.float().argmax(dim=1), torch.full_like(any_eos, seqs.shape[1], dtype=torch.long)
+        )  # (B,)
+        # (B,) EOS kept
+        lengths = torch.where(any_eos, first_eos + 1, torch.full_like(first_eos, seqs.shape[1]))
         gens = []
         for j, p in enumerate(prompts):
             L = int(lengths[j])

@@ -54,7 +54,9 @@ import torch
 
 from dphrl.engines.base import Generation
 
-INSTALL_HINT = "pip install 'dphrl[vllm]' (or pip install vllm) on a machine with a CUDA GPU, or set engine: hf"
+INSTALL_HINT = (
+    "pip install 'dphrl[vllm]' (or pip install vllm) on a machine with a CUDA GPU, or set engine: hf"
+)
 
 
 class VLLMUnavailableError(RuntimeError):
@@ -160,7 +162,9 @@ class VLLMEngine:
         self.exact_logprobs = False
         if llm is None:
             if not _cuda_available():
-                raise VLLMUnavailableError(f"config key 'engine': vllm needs a CUDA GPU and none is visible. {INSTALL_HINT}")
+                raise VLLMUnavailableError(
+                    f"config key 'engine': vllm needs a CUDA GPU and none is visible. {INSTALL_HINT}"
+                )
             kwargs: dict[str, Any] = dict(
                 model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, seed=seed,
                 skip_tokenizer_init=True, enable_prefix_caching=True, max_model_len=max_model_len,
@@ -204,7 +208,8 @@ class VLLMEngine:
                 seed=prompt_seed, eos_id=self.eos_id,
             ))
 
-        # one seed base per prompt (vLLM gives the n samples of a prompt seed + index): no two samples share a stream
+        # one seed base per prompt (vLLM gives the n samples of a prompt seed + index):
+        # no two samples share a stream
         per_prompt = params(None) if seed is None else [params(seed + i * n) for i in range(len(prompts))]
         outs = self.llm.generate([_tokens_prompt(self.vllm, p) for p in prompts], per_prompt, use_tqdm=False)
         if len(outs) != len(prompts):
@@ -239,14 +244,17 @@ class VLLMEngine:
         model = _inner_model(self.llm)
         if model is not None:
             model.load_weights(weights)
-        elif hasattr(getattr(self.llm, "llm_engine", None), "model_executor") and hasattr(self.llm, "apply_model"):
+        elif hasattr(getattr(self.llm, "llm_engine", None), "model_executor") and hasattr(
+            self.llm, "apply_model"
+        ):
             # in-process engine, model under another attribute path: the worker's own apply_model reaches it
             self.llm.apply_model(lambda m: m.load_weights(weights))
         else:
             raise RuntimeError(
-                "cannot reach the vLLM model to load the policy's weights into: llm.llm_engine has no in-process "
-                "model_executor (was the LLM built with VLLM_ENABLE_V1_MULTIPROCESSING=1?). VLLMEngine builds it "
-                "in-process; pass an LLM built that way, or use a vLLM version listed in docs/recipes.md."
+                "cannot reach the vLLM model to load the policy's weights into: llm.llm_engine has no "
+                "in-process model_executor (was the LLM built with VLLM_ENABLE_V1_MULTIPROCESSING=1?). "
+                "VLLMEngine builds it in-process; pass an LLM built that way, or use a vLLM version listed "
+                "in docs/recipes.md."
             )
         if hasattr(self.llm, "reset_prefix_cache"):
             self.llm.reset_prefix_cache()
@@ -310,6 +318,10 @@ def hf_weights_for_engine(model: torch.nn.Module) -> list[tuple[str, torch.Tenso
         t = p.detach()
         if name in deltas:
             t = t + deltas[name].to(t.dtype)
-        name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace("modules_to_save.default.", "")
+        name = (
+            name.removeprefix("base_model.model.")
+            .replace(".base_layer", "")
+            .replace("modules_to_save.default.", "")
+        )
         out.append((name, t))
     return out
