@@ -127,7 +127,9 @@ def check_trl_support() -> None:
     if not callable(getattr(GRPOTrainer, "_compute_loss", None)):
         missing.append("GRPOTrainer._compute_loss (TRL's loss, called through compute_loss)")
     if getattr(GRPOTrainer, "loss_is_scaled_for_ga", None) is not True:
-        missing.append("GRPOTrainer.loss_is_scaled_for_ga = True (the returned loss is backpropagated unscaled)")
+        missing.append(
+            "GRPOTrainer.loss_is_scaled_for_ga = True (the returned loss is backpropagated unscaled)"
+        )
     try:
         from trl.trainer.utils import add_fused_lm_head  # noqa: F401
     except ImportError:
@@ -144,22 +146,24 @@ def _check_args(args: GRPOConfig, store_temperature: float) -> None:
     """Refuse settings that would add TRL's KL term, bypass ours, or make log-probs incomparable."""
     if args.beta != 0.0:
         raise UnsupportedTRLSetupError(
-            f"DPHGRPOTrainer needs GRPOConfig(beta=0.0), got beta={args.beta}: DPH-RL replaces TRL's k3 KL term "
-            "(computed against a live reference model, which TRL would load as a second copy of the weights) "
-            "by eta * divergence on stored reference samples. Set beta=0.0 and weight the divergence with eta=..."
+            f"DPHGRPOTrainer needs GRPOConfig(beta=0.0), got beta={args.beta}: DPH-RL replaces TRL's k3 KL "
+            "term (computed against a live reference model, which TRL would load as a second copy of the "
+            "weights) by eta * divergence on stored reference samples. Set beta=0.0 and weight the "
+            "divergence with eta=..."
         )
     if getattr(args, "use_liger_loss", False):
         raise UnsupportedTRLSetupError(
-            "DPHGRPOTrainer does not support use_liger_loss=True: the Liger fused GRPO loss computes the policy "
-            "loss in its own kernel instead of TRL's compute_loss/_compute_loss path that DPHGRPOTrainer extends. "
-            "Set use_liger_loss=False."
+            "DPHGRPOTrainer does not support use_liger_loss=True: the Liger fused GRPO loss computes the "
+            "policy loss in its own kernel instead of TRL's compute_loss/_compute_loss path that "
+            "DPHGRPOTrainer extends. Set use_liger_loss=False."
         )
     if abs(float(args.temperature) - float(store_temperature)) > 1e-9:
         raise UnsupportedTRLSetupError(
-            f"GRPOConfig(temperature={args.temperature}) differs from the reference store's sampling temperature "
-            f"{store_temperature}: TRL divides the logits by its temperature, and the stored log pi_ref were taken "
-            f"at {store_temperature}, so log pi_theta - log pi_ref would compare two different distributions. Set "
-            f"temperature={store_temperature}, or re-run `dphrl presample` at temperature {args.temperature}."
+            f"GRPOConfig(temperature={args.temperature}) differs from the reference store's sampling "
+            f"temperature {store_temperature}: TRL divides the logits by its temperature, and the stored log "
+            f"pi_ref were taken at {store_temperature}, so log pi_theta - log pi_ref would compare two "
+            f"different distributions. Set temperature={store_temperature}, or re-run `dphrl presample` at "
+            f"temperature {args.temperature}."
         )
 
 
@@ -238,19 +242,21 @@ class _Window:
     slices: list[list[tuple[RefSample, float]]]
     num_tokens: float  # global real reference tokens of the optimizer step
     micro: int = 0
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])  # f, log-ratio, tokens, seqs (local)
+    # f, log-ratio, tokens, seqs (local)
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
 
 
 # ---------------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------------
 class DPHGRPOTrainer(GRPOTrainer):
-    """TRL's ``GRPOTrainer`` + ``eta * divergence`` on stored pi_ref samples (DPH-RL); see the module docstring.
+    """TRL's ``GRPOTrainer`` + ``eta * divergence`` on stored pi_ref samples (DPH-RL);
+    see the module docstring.
 
     Arguments are ``GRPOTrainer``'s (``args.beta`` must be 0) plus:
 
-    * ``reference_store``: a dphrl reference store (path or :class:`~dphrl.reference.ReferenceStore`). Train on
-      its D_exp prompts (:func:`trl_dataset` with the store builds that dataset); its D_pef samples are
+    * ``reference_store``: a dphrl reference store (path or :class:`~dphrl.reference.ReferenceStore`). Train
+      on its D_exp prompts (:func:`trl_dataset` with the store builds that dataset); its D_pef samples are
       rehearsed.
     * ``divergence`` / ``divergence_params``: a name of :mod:`dphrl.divergences` (``js``, ``forward_kl``,
       ``alpha`` with ``{"alpha": a}``, ...) and its parameters.
@@ -297,7 +303,11 @@ class DPHGRPOTrainer(GRPOTrainer):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = GRPOConfig(f"{str(name).split('/')[-1]}-DPH")
-        self.store = reference_store if isinstance(reference_store, ReferenceStore) else ReferenceStore(reference_store)
+        self.store = (
+            reference_store
+            if isinstance(reference_store, ReferenceStore)
+            else ReferenceStore(reference_store)
+        )
         sampling = self.store.manifest.get("sampling", {})
         _check_args(args, float(sampling.get("temperature", float("nan"))))
         self.divergence = divergence
@@ -306,9 +316,12 @@ class DPHGRPOTrainer(GRPOTrainer):
         if not (self.eta >= 0.0 and math.isfinite(self.eta)):
             raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         z = torch.zeros(1, 1)
-        divergences.per_token_loss(divergence, z, z, **self.divergence_params)  # unknown name / params fail here
+        # unknown name / params fail here
+        divergences.per_token_loss(divergence, z, z, **self.divergence_params)
         if store_check_tokens < 0:
-            raise ValueError(f"store_check_tokens must be >= 0 (0 = skip the check), got {store_check_tokens}")
+            raise ValueError(
+                f"store_check_tokens must be >= 0 (0 = skip the check), got {store_check_tokens}"
+            )
         # compatibility, before TRL touches the tokenizer (pad token) or the model (LoRA): the dphrl checks
         processing_class = kwargs.get("processing_class")
         if processing_class is not None:
@@ -326,7 +339,9 @@ class DPHGRPOTrainer(GRPOTrainer):
         if ref_batch_size is not None and ref_batch_size < 1:
             raise ValueError(f"ref_batch_size must be >= 1 (or None), got {ref_batch_size}")
         self.ref_batch_size = ref_batch_size
-        self._ref_stream = _ReferenceStream(max(1, len(self.pef_ids)), self.ref_prompts_per_step, self.ref_seed)
+        self._ref_stream = _ReferenceStream(
+            max(1, len(self.pef_ids)), self.ref_prompts_per_step, self.ref_seed
+        )
         self._dph_window: _Window | None = None
 
         super().__init__(model, reward_funcs, args, train_dataset, **kwargs)
@@ -340,17 +355,24 @@ class DPHGRPOTrainer(GRPOTrainer):
         self._warn_pef_in_dataset(train_dataset)
         if self.accelerator.is_main_process:
             log.info(
-                "DPHGRPOTrainer: %s eta=%s; store %s: %d D_pef prompts with samples, %d D_exp; %d D_pef prompts "
-                "rehearsed per optimizer step", divergence, self.eta, self.store.path, len(self.pef_ids), n_exp,
+                "DPHGRPOTrainer: %s eta=%s; store %s: %d D_pef prompts with samples, %d D_exp; %d D_pef "
+                "prompts rehearsed per optimizer step",
+                divergence,
+                self.eta,
+                self.store.path,
+                len(self.pef_ids),
+                n_exp,
                 self.ref_prompts_per_step,
             )
 
     # ---------------------------------------------------------------------------------------- checks
     def _check_store(self, *, tokenizer: Any, model: Any, args: GRPOConfig) -> None:
-        """dphrl's ``check_compatible``: same tokenizer, weights (when fingerprintable), temperature, top-p."""
+        """dphrl's ``check_compatible``: same tokenizer, weights (when fingerprintable), temperature,
+        top-p."""
         from dphrl.models import tokenizer_hash, weights_fingerprint
 
-        fingerprint = self.store.manifest.get("model_fingerprint")  # unknown: the store check re-scores instead
+        # unknown: the store check re-scores instead
+        fingerprint = self.store.manifest.get("model_fingerprint")
         if isinstance(model, PreTrainedModel) and not _is_peft(model):
             fingerprint = weights_fingerprint(model)
         self.store.check_compatible(
@@ -359,18 +381,28 @@ class DPHGRPOTrainer(GRPOTrainer):
         )
 
     def _verify_store(self, max_tokens: int, tolerance: float | None) -> dict[str, float]:
-        """Re-score stored tokens with the model (no grad, training autocast); refuse a store from other weights."""
+        """Re-score stored tokens with the model (no grad, training autocast);
+        refuse a store from other weights."""
         from dphrl.prefix import sequence_logprobs
         from dphrl.reference import verify_store
 
         def rescore(samples: list[RefSample], top_p: float) -> list[list[float]]:
             with self.accelerator.autocast():
-                return sequence_logprobs(self.model, [s.prompt_ids for s in samples], [s.response_ids for s in samples],
-                                         self._dph_pad_id, float(self.args.temperature), micro_batch_size=16,
-                                         device=self.accelerator.device, top_p=top_p)
+                return sequence_logprobs(
+                    self.model,
+                    [s.prompt_ids for s in samples],
+                    [s.response_ids for s in samples],
+                    self._dph_pad_id,
+                    float(self.args.temperature),
+                    micro_batch_size=16,
+                    device=self.accelerator.device,
+                    top_p=top_p,
+                )
 
         train_dtype = "bfloat16" if (self.args.bf16 or self.args.fp16) else "float32"
-        return verify_store(self.store, rescore, max_tokens=max_tokens, tolerance=tolerance, train_dtype=train_dtype)
+        return verify_store(
+            self.store, rescore, max_tokens=max_tokens, tolerance=tolerance, train_dtype=train_dtype
+        )
 
     def _warn_pef_in_dataset(self, dataset: Any) -> None:
         cols = getattr(dataset, "column_names", None)
@@ -379,33 +411,41 @@ class DPHGRPOTrainer(GRPOTrainer):
         pef = set(self.pef_ids)
         n = sum(1 for i in dataset["id"] if i in pef)
         if n:
-            log.warning("DPHGRPOTrainer: %d training prompts are D_pef prompts of the store; DPH-RL rolls out D_exp "
-                        "only (build the dataset with trl_dataset(examples, store))", n)
+            log.warning(
+                "DPHGRPOTrainer: %d training prompts are D_pef prompts of the store; DPH-RL rolls out D_exp "
+                "only (build the dataset with trl_dataset(examples, store))",
+                n,
+            )
 
     # ---------------------------------------------------------------------------------------- reference batch
     def reference_batch(self, window: int) -> list[RefSample]:
-        """The global reference batch of optimizer step ``window``: all stored samples of its D_pef prompts."""
+        """The global reference batch of optimizer step ``window``:
+        all stored samples of its D_pef prompts."""
         if not self.ref_prompts_per_step:
             return []
         return [s for i in self._ref_stream.indices(window) for s in self.store.samples[self.pef_ids[i]]]
 
     def _start_window(self) -> _Window:
         """Draw this optimizer step's batch, plan this rank's slices, all-reduce the global token count."""
-        num_micro = int(getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps))
+        num_micro = int(
+            getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        )
         index = int(self.state.global_step)
         batch = self.reference_batch(index)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         slices = plan_reference_slices(batch, rank, world, num_micro, self.ref_batch_size)
         expected = float(sum(len(s.response_ids) for s in batch))
         num_tokens = expected
-        if batch and world > 1:  # sum over ranks of the real tokens each one holds: checks that all drew alike
+        # sum over ranks of the real tokens each one holds: checks that all drew alike
+        if batch and world > 1:
             local = sum(len(s.response_ids) for sl in slices for s, w in sl if w > 0)
             t = torch.tensor([float(local)], dtype=torch.float64, device=self.accelerator.device)
             num_tokens = float(self.accelerator.reduce(t, reduction="sum").item())
             if num_tokens != expected:
                 raise RuntimeError(
-                    f"DPH reference batch differs between ranks at optimizer step {index}: {num_tokens} tokens summed "
-                    f"over ranks, {expected} in this rank's draw. All ranks must read the same reference store."
+                    f"DPH reference batch differs between ranks at optimizer step {index}: {num_tokens} "
+                    f"tokens summed over ranks, {expected} in this rank's draw. All ranks must read the same "
+                    "reference store."
                 )
         return _Window(index, num_micro, slices, num_tokens)
 
@@ -421,7 +461,9 @@ class DPHGRPOTrainer(GRPOTrainer):
         """
         dev = self.accelerator.device
         samples = [s for s, _ in items]
-        batch = pack([s.prompt_ids for s in samples], [s.response_ids for s in samples], self._dph_pad_id).to(dev)
+        batch = pack([s.prompt_ids for s in samples], [s.response_ids for s in samples], self._dph_pad_id).to(
+            dev
+        )
         P, T = batch.prompt_len, batch.resp_ids.shape[1]
         weights = torch.tensor([w for _, w in items], dtype=torch.float32, device=dev)  # (B,)
         mask = batch.resp_mask * weights[:, None]  # (B, T) 0 on padding and on zero-weight sequences
@@ -430,14 +472,17 @@ class DPHGRPOTrainer(GRPOTrainer):
         labels[weights == 0] = -100  # zero-weight copies: no LM-head work where the kernel can skip it
         with self.accelerator.autocast():
             out = model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                labels=labels, fused_lm_head=True,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                labels=labels,
+                fused_lm_head=True,
             )
         logp = getattr(out, "log_probs", None)
         if logp is None:
             raise UnsupportedTRLSetupError(
-                "the model's forward did not return log_probs with fused_lm_head=True: TRL's fused LM head is not "
-                f"installed on it (TRL {trl.__version__}; tested with {TESTED_TRL_VERSION})"
+                "the model's forward did not return log_probs with fused_lm_head=True: TRL's fused LM head "
+                f"is not installed on it (TRL {trl.__version__}; tested with {TESTED_TRL_VERSION})"
             )
         logp = logp[:, P - 1 : P - 1 + T].float()  # (B, T): position P-1+t predicts response token t
         ref = pad_values([s.ref_logprobs if w > 0 else [] for s, w in items], T).to(dev)  # (B, T)
@@ -453,8 +498,11 @@ class DPHGRPOTrainer(GRPOTrainer):
         return self.eta * div, sums
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """TRL's loss of this micro-step plus this micro-step's share of the reference term (training only)."""
-        loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        """TRL's loss of this micro-step plus this micro-step's share of the reference term
+        (training only)."""
+        loss = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if not self.model.training or not self.ref_prompts_per_step:
             return loss
         if self._dph_window is not None and self._dph_window.index != self.state.global_step:
@@ -515,7 +563,12 @@ def _example_at(prompt: Any, columns: dict[str, list[Any]], i: int) -> Example:
         meta = json.loads(meta) if meta else {}
     meta = dict(meta or {})
     for k, v in columns.items():  # any other dataset column (e.g. "solution") rides along in meta
-        if k not in _EXAMPLE_COLUMNS and k not in _TRL_REWARD_KWARGS and k != "prompt" and isinstance(v, list):
+        if (
+            k not in _EXAMPLE_COLUMNS
+            and k not in _TRL_REWARD_KWARGS
+            and k != "prompt"
+            and isinstance(v, list)
+        ):
             meta.setdefault(k, v[i])
     ex_id = col("id")
     return Example(
@@ -564,8 +617,9 @@ def trl_reward(
         bad = scored.failures + scored.timeouts
         if texts and bad / len(texts) > max_failure_frac:
             raise RuntimeError(
-                f"reward {label!r}: {bad} of {len(texts)} evaluations failed or timed out (> max_failure_frac="
-                f"{max_failure_frac}); first error: {next(iter(scored.errors.values()), 'n/a')}"
+                f"reward {label!r}: {bad} of {len(texts)} evaluations failed or timed out (> "
+                f"max_failure_frac={max_failure_frac}); first error: "
+                f"{next(iter(scored.errors.values()), 'n/a')}"
             )
         return scored.scores
 
@@ -590,13 +644,16 @@ def trl_dataset(examples: Sequence[Example], store: str | Path | ReferenceStore 
         unknown = [ex.id for ex in exs if ex.id not in st.pass_rate]
         if unknown:
             raise StoreMismatchError(
-                f"reference store {st.path} has no pass rate for {len(unknown)} of {len(exs)} examples (first: "
-                f"{unknown[:3]}): it was presampled on other prompts. Re-run `dphrl presample` on this dataset."
+                f"reference store {st.path} has no pass rate for {len(unknown)} of {len(exs)} examples "
+                f"(first: {unknown[:3]}): it was presampled on other prompts. Re-run `dphrl presample` on "
+                "this dataset."
             )
         exp = set(st.exp_ids)
         exs = [ex for ex in exs if ex.id in exp]
         if not exs:
-            raise ValueError(f"reference store {st.path}: no D_exp prompt among the examples; nothing to explore")
+            raise ValueError(
+                f"reference store {st.path}: no D_exp prompt among the examples; nothing to explore"
+            )
     if not exs:
         raise ValueError("trl_dataset: no examples")
     rows = [
