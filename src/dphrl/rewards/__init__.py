@@ -16,4 +16,12 @@ from dphrl.rewards.registry import (
 )
 from dphrl.rewards.sandbox import shutdown_pools
 
-__all__ = ["BatchScores", "RewardFn", "get_reward", "list_rewards", "register_reward", "score_batch", "shutdown_pools"]
+__all__ = [
+    "BatchScores",
+    "RewardFn",
+    "get_reward",
+    "list_rewards",
+    "register_reward",
+    "score_batch",
+    "shutdown_pools",
+]

@@ -72,7 +72,8 @@ def _last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer in ``text``: last ``\\boxed{}``/``\\fbox{}``, else ``#### x``, else "The answer is x"."""
+    """The final answer in ``text``: last ``\\boxed{}``/``\\fbox{}``, else ``#### x``,
+    else "The answer is x"."""
     if not text:
         return None
     boxed = _last_boxed(text)

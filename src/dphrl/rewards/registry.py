@@ -28,7 +28,9 @@ RewardFn = Callable[[str, Example], float]
 
 #: Rewards by config name (config key ``reward``); built-ins register themselves on first lookup.
 REWARDS: Registry[RewardFn] = Registry(
-    "reward", config_key="reward", builtin_modules=("dphrl.rewards.math", "dphrl.rewards.sql", "dphrl.tasks.styles")
+    "reward",
+    config_key="reward",
+    builtin_modules=("dphrl.rewards.math", "dphrl.rewards.sql", "dphrl.tasks.styles"),
 )
 
 #: A response is *correct* when its reward is >= this: the one definition used by training metrics
@@ -115,7 +117,9 @@ def worker_unsafe_reason(fn: object) -> str | None:
     try:
         pickle.dumps(fn)
     except Exception as e:
-        return f"it cannot be pickled ({type(e).__name__}: {str(e)[:200]}): a lambda, closure or local function?"
+        return (
+            f"it cannot be pickled ({type(e).__name__}: {str(e)[:200]}): a lambda, closure or local function?"
+        )
     return None
 
 
@@ -123,7 +127,9 @@ def _as_score(x: object) -> float:
     try:
         v = float(x)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError(f"reward returned {type(x).__name__} that is not a number ({str(e)[:200]})") from None
+        raise ValueError(
+            f"reward returned {type(x).__name__} that is not a number ({str(e)[:200]})"
+        ) from None
     if not math.isfinite(v):
         raise ValueError(f"reward returned a non-finite value {v!r}")
     return v
@@ -267,7 +273,10 @@ def score_batch(
     if workers > 0:
         mod = getattr(_unwrap(fn), "__module__", None)
         outcomes = get_pool(workers).map(
-            _score_one, [(fn, r, ex) for r, ex in zip(responses, examples)], timeout_s, preload=[mod] if mod else []
+            _score_one,
+            [(fn, r, ex) for r, ex in zip(responses, examples)],
+            timeout_s,
+            preload=[mod] if mod else [],
         )
         for i, o in enumerate(outcomes):
             if o.status == "ok":

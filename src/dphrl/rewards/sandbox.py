@@ -233,7 +233,9 @@ def default_memory_limit_mb() -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"DPHRL_REWARD_MEMORY_MB must be a whole number of MiB (0: no limit), got {raw!r}") from None
+        raise ValueError(
+            f"DPHRL_REWARD_MEMORY_MB must be a whole number of MiB (0: no limit), got {raw!r}"
+        ) from None
     if value < 0:
         raise ValueError(f"DPHRL_REWARD_MEMORY_MB must be >= 0, got {value}")
     return value
@@ -565,7 +567,9 @@ def _popen(args: list[str], **kwargs: Any) -> subprocess.Popen:
     with _spawn_lock:
         if _spawn_queue is None or _spawn_pid != os.getpid():
             _spawn_queue, _spawn_pid = queue.SimpleQueue(), os.getpid()
-            threading.Thread(target=_spawn_loop, args=(_spawn_queue,), name="dphrl-worker-spawner", daemon=True).start()
+            threading.Thread(
+                target=_spawn_loop, args=(_spawn_queue,), name="dphrl-worker-spawner", daemon=True
+            ).start()
         q = _spawn_queue
     fut: Future = Future()
     q.put((fut, args, kwargs))
@@ -612,8 +616,15 @@ class _Worker:
         parent_sock, child_sock = socket.socketpair()
         try:
             self.proc = _popen(
-                [sys.executable, "-c", _BOOT, str(child_sock.fileno()), str(os.getpid()), str(memory_limit_mb),
-                 *preload],
+                [
+                    sys.executable,
+                    "-c",
+                    _BOOT,
+                    str(child_sock.fileno()),
+                    str(os.getpid()),
+                    str(memory_limit_mb),
+                    *preload,
+                ],
                 pass_fds=(child_sock.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -754,7 +765,12 @@ class WorkerPool:
         return [w.worker_pid if w.worker_pid is not None else w.proc.pid for w in self._workers]
 
     def map(
-        self, fn: Callable[..., Any], items: Sequence[tuple], timeout_s: float | None, *, preload: Sequence[str] = ()
+        self,
+        fn: Callable[..., Any],
+        items: Sequence[tuple],
+        timeout_s: float | None,
+        *,
+        preload: Sequence[str] = (),
     ) -> list[Outcome]:
         """Run ``fn(*item)`` for every item; never raises for a failing item.
 
@@ -841,9 +857,13 @@ class WorkerPool:
                         continue
                     break
                 now = time.monotonic()
-                deadlines = [w.deadline if w.ready else w.started + self.startup_timeout_s for w in self._workers]
+                deadlines = [
+                    w.deadline if w.ready else w.started + self.startup_timeout_s for w in self._workers
+                ]
                 wait_s = min(deadlines) - now
-                objs: list[Any] = [w.conn for w in self._workers] + [w.out for w in self._workers if w.out_open]
+                objs: list[Any] = [w.conn for w in self._workers] + [
+                    w.out for w in self._workers if w.out_open
+                ]
                 ready = wait(objs, timeout=None if math.isinf(wait_s) else max(0.0, wait_s))
                 for w in self._workers:
                     if w.out_open and w.out in ready:
@@ -855,13 +875,19 @@ class WorkerPool:
                         too_big = isinstance(e, OSError) and w.proc.poll() is None and "length" in str(e)
                         if w.item is not None:
                             msg = (
-                                f"its result is larger than {MAX_REPLY_BYTES} bytes" if too_big
-                                else f"its worker process died ({w.exit_text()}: os._exit, a signal or a crash in C code)"
+                                f"its result is larger than {MAX_REPLY_BYTES} bytes"
+                                if too_big
+                                else (
+                                    f"its worker process died ({w.exit_text()}: os._exit, a signal or a "
+                                    "crash in C code)"
+                                )
                             )
                             settle(w, Outcome("error", error=msg))
                         elif not w.ready:
                             start_failures += 1
-                            why_not = _with_output(f"reward worker exited during start-up ({w.exit_text()})", w)
+                            why_not = _with_output(
+                                f"reward worker exited during start-up ({w.exit_text()})", w
+                            )
                             log.warning("%s", why_not)
                         self.crashed += not too_big
                         replace(w)
@@ -878,16 +904,25 @@ class WorkerPool:
                     if w.item is None:  # a reply nobody waits for: out of step, so replace the worker
                         replace(w)
                         continue
-                    settle(w, Outcome("ok", value=payload) if status == "ok" else Outcome("error", error=str(payload)))
+                    settle(
+                        w,
+                        Outcome("ok", value=payload)
+                        if status == "ok"
+                        else Outcome("error", error=str(payload)),
+                    )
                 now = time.monotonic()
                 for w in list(self._workers):
                     if w.ready and w.item is not None and now >= w.deadline:
-                        settle(w, Outcome("timeout", error=f"no result within {timeout_s:g} s; worker killed"))
+                        settle(
+                            w, Outcome("timeout", error=f"no result within {timeout_s:g} s; worker killed")
+                        )
                         self.killed += 1
                         replace(w)
                     elif not w.ready and now >= w.started + self.startup_timeout_s:
                         start_failures += 1
-                        why_not = _with_output(f"reward worker did not start within {self.startup_timeout_s:g} s", w)
+                        why_not = _with_output(
+                            f"reward worker did not start within {self.startup_timeout_s:g} s", w
+                        )
                         log.warning("%s", why_not)
                         replace(w)
                 if start_failures >= 3 and not any(w.ready for w in self._workers):

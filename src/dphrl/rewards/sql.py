@@ -227,9 +227,21 @@ def check_single_query(sql: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Sandboxed execution
 
-_ALLOWED_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list"}
+_ALLOWED_PRAGMAS = {
+    "table_info",
+    "table_xinfo",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+}
 _DENIED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer", "sqlite_dbpage"}
-_SELECT, _READ, _FUNCTION, _PRAGMA = sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_PRAGMA
+_SELECT, _READ, _FUNCTION, _PRAGMA = (
+    sqlite3.SQLITE_SELECT,
+    sqlite3.SQLITE_READ,
+    sqlite3.SQLITE_FUNCTION,
+    sqlite3.SQLITE_PRAGMA,
+)
 _RECURSIVE = getattr(sqlite3, "SQLITE_RECURSIVE", 33)
 
 
@@ -421,7 +433,9 @@ def execute_sql(
     except MemoryError:  # SQLite's heap limit (sqlite3 turns SQLITE_NOMEM into MemoryError) or the process's
         rows.clear()
         limit = f"SQLite heap limit {_mib(_heap_limit)}" if _heap_limit else "no SQLite heap limit in force"
-        raise SQLMemoryLimit(f"query needs more memory than allowed ({limit}, or the process is out of memory)") from None
+        raise SQLMemoryLimit(
+            f"query needs more memory than allowed ({limit}, or the process is out of memory)"
+        ) from None
     except sqlite3.OperationalError as e:
         if "interrupted" in str(e) and time.monotonic() > c.deadline:
             raise SQLTimeout(f"query exceeded {timeout_s:g} s") from None
@@ -452,14 +466,18 @@ def gold_result(gold_sql: str, db_path: str, *, timeout_s: float = DEFAULT_GOLD_
             _GOLD.move_to_end(key)
     if hit is not None:
         if hit.nbytes > max_result_bytes:  # what running it again under this cap would do
-            raise GoldQueryError(f"gold query failed on {db_path}: SQLMemoryLimit: query result is larger than "
-                                 f"{_mib(max_result_bytes)}; query: {gold_sql[:300]}")
+            raise GoldQueryError(
+                f"gold query failed on {db_path}: SQLMemoryLimit: query result is larger than "
+                f"{_mib(max_result_bytes)}; query: {gold_sql[:300]}"
+            )
         return hit
     try:
         res = execute_sql(gold_sql, db_path, timeout_s=timeout_s, max_rows=max_rows, text_errors=text_errors,
                           max_result_bytes=max_result_bytes)
     except (sqlite3.Error, SQLRejected, SQLTimeout, SQLRowLimit, SQLMemoryLimit, FileNotFoundError) as e:
-        raise GoldQueryError(f"gold query failed on {db_path}: {type(e).__name__}: {e}; query: {gold_sql[:300]}") from e
+        raise GoldQueryError(
+            f"gold query failed on {db_path}: {type(e).__name__}: {e}; query: {gold_sql[:300]}"
+        ) from e
     with _GOLD_LOCK:
         if key not in _GOLD:
             _GOLD[key] = res
@@ -518,7 +536,9 @@ def _find_permutation(pred: list[tuple], gold: list[tuple], max_nodes: int = 200
     def consistent() -> bool:
         gi = list(assign)
         pj = [assign[i] for i in gi]
-        return Counter(tuple(r[i] for i in gi) for r in gold) == Counter(tuple(r[j] for j in pj) for r in pred)
+        return Counter(tuple(r[i] for i in gi) for r in gold) == Counter(
+            tuple(r[j] for j in pj) for r in pred
+        )
 
     def search(k: int) -> bool:
         nonlocal nodes
@@ -583,7 +603,15 @@ def column_overlap(pred_rows: Sequence[Sequence[object]], gold_rows: Sequence[Se
 
 
 #: What makes a *prediction* score 0 rather than fail the item.
-PRED_ERRORS = (sqlite3.Error, SQLRejected, SQLTimeout, SQLRowLimit, SQLMemoryLimit, MemoryError, OverflowError)
+PRED_ERRORS = (
+    sqlite3.Error,
+    SQLRejected,
+    SQLTimeout,
+    SQLRowLimit,
+    SQLMemoryLimit,
+    MemoryError,
+    OverflowError,
+)
 
 
 def score_with_reason(
@@ -606,7 +634,9 @@ def score_with_reason(
                        max_result_bytes=max_result_bytes)
     sql = extract_sql(response)
     try:
-        pred = execute_sql(sql, db_path, timeout_s=timeout_s, max_rows=max_rows, max_result_bytes=max_result_bytes)
+        pred = execute_sql(
+            sql, db_path, timeout_s=timeout_s, max_rows=max_rows, max_result_bytes=max_result_bytes
+        )
     except PRED_ERRORS as e:
         return 0.0, f"{type(e).__name__}: {e}"
     ordered = mode == "spider" and has_top_level_order_by(gold_sql)
@@ -633,8 +663,15 @@ def score(
     (or a partial score, see ``partial_credit``). Raises :class:`GoldQueryError` if the gold fails.
     A prediction that is rejected, times out or passes a row or memory limit scores 0."""
     return score_with_reason(
-        response, gold_sql, db_path, mode, timeout_s=timeout_s, gold_timeout_s=gold_timeout_s, max_rows=max_rows,
-        max_result_bytes=max_result_bytes, partial_credit=partial_credit,
+        response,
+        gold_sql,
+        db_path,
+        mode,
+        timeout_s=timeout_s,
+        gold_timeout_s=gold_timeout_s,
+        max_rows=max_rows,
+        max_result_bytes=max_result_bytes,
+        partial_credit=partial_credit,
     )[0]
 
 
@@ -674,5 +711,7 @@ def make_reward(mode: str = "spider", **options: object) -> RewardFn:
         raise ValueError(f"unknown SQL comparison mode {mode!r}; valid: {MODES}")
     valid = {"timeout_s", "gold_timeout_s", "max_rows", "max_result_bytes", "partial_credit"}
     if set(options) - valid:
-        raise ValueError(f"unknown SQL reward option(s) {sorted(set(options) - valid)}; valid: {sorted(valid)}")
+        raise ValueError(
+            f"unknown SQL reward option(s) {sorted(set(options) - valid)}; valid: {sorted(valid)}"
+        )
     return functools.partial(_configured_reward, mode=mode, **options)

@@ -11,8 +11,9 @@ keeps its own, sandboxed semantics. For reporting numbers comparable with publis
 
 Both run every query through the sandbox of :mod:`dphrl.rewards.sql` (read-only immutable
 connection, authorizer, single ``SELECT``/``WITH``/``VALUES`` statement, progress-handler time-out,
-row cap, SQLite heap limit, result-size cap), with the official time-outs. Use :func:`official_reward` (or :data:`OFFICIAL_REWARDS`) to
-get a reward function ``fn(response, example)``; its ``__name__`` and ``sql_mode`` name the mode.
+row cap, SQLite heap limit, result-size cap), with the official time-outs. Use :func:`official_reward` (or
+:data:`OFFICIAL_REWARDS`) to get a reward function ``fn(response, example)``;
+its ``__name__`` and ``sql_mode`` name the mode.
 
 Where our sandboxed semantics (middle) differ from the official ones (right). The official modes
 reproduce the right-hand column, quirks included, except where it says "we ...": there the sandbox
@@ -289,10 +290,18 @@ OFFICIAL_REWARDS: dict[str, RewardFn] = {
 }
 _SCORERS = {SPIDER_OFFICIAL: score_spider_official, BIRD_OFFICIAL: score_bird_official}
 _DEFAULTS: dict[str, dict[str, object]] = {
-    SPIDER_OFFICIAL: {"keep_distinct": False, "timeout_s": SPIDER_OFFICIAL_TIMEOUT_S, "max_rows": OFFICIAL_MAX_ROWS,
-                      "max_result_bytes": OFFICIAL_MAX_RESULT_BYTES, "test_suite": True},
-    BIRD_OFFICIAL: {"timeout_s": BIRD_OFFICIAL_TIMEOUT_S, "max_rows": OFFICIAL_MAX_ROWS,
-                    "max_result_bytes": OFFICIAL_MAX_RESULT_BYTES},
+    SPIDER_OFFICIAL: {
+        "keep_distinct": False,
+        "timeout_s": SPIDER_OFFICIAL_TIMEOUT_S,
+        "max_rows": OFFICIAL_MAX_ROWS,
+        "max_result_bytes": OFFICIAL_MAX_RESULT_BYTES,
+        "test_suite": True,
+    },
+    BIRD_OFFICIAL: {
+        "timeout_s": BIRD_OFFICIAL_TIMEOUT_S,
+        "max_rows": OFFICIAL_MAX_ROWS,
+        "max_result_bytes": OFFICIAL_MAX_RESULT_BYTES,
+    },
 }
 _OPTIONS = {mode: set(d) for mode, d in _DEFAULTS.items()}
 #: Every SQL evaluation mode: the sandboxed training semantics and the official ones.
