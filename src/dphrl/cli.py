@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default=None, help="Comma-separated subset of grpo,dapo,rkl,rkl-k3,dph-f,dph-js,dph-f-topk.")
     d.add_argument("--uneven", action="store_true",
                    help="The uneven variant: base SFT'd on styles A/B/C 0.05/0.05/0.90, validity 0.6/0.5/0.2, families "
-                        "rkl, rkl-k3, dph-f, dph-js (with --sweep: does the predicted winner win in training?).")
+                        "rkl, rkl-k3, dph-f (with --sweep: does the predicted winner win in training?).")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--resume", action="store_true", help="Continue a demo in --out (finished jobs are kept).")
     d.add_argument("--overwrite", action="store_true", help="Replace a demo found in --out.")
