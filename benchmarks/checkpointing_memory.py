@@ -26,7 +26,9 @@ def one(checkpointing: bool, seq: int, batch: int) -> dict:
                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=seq)
     model = LlamaForCausalLM(cfg)
     if checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
         enable({"use_reentrant": False})
     model.train()
     ids = torch.randint(0, 8000, (batch, seq))
@@ -52,10 +54,17 @@ def main() -> None:
         return
     rows = []
     for mode in ("off", "on"):
-        out = subprocess.run([sys.executable, __file__, "--one", mode, "--seq", str(a.seq), "--batch", str(a.batch)],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", mode, "--seq", str(a.seq), "--batch", str(a.batch)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print("| gradient checkpointing | params | batch x seq | peak memory above start (MB) | fwd+bwd (s) | grad norm |")
+    print(
+        "| gradient checkpointing | params | batch x seq | peak memory above start (MB) | fwd+bwd (s) | grad "
+        "norm |"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'on' if r['checkpointing'] else 'off'} | {r['params_m']:.1f}M | {a.batch} x {a.seq} | "

@@ -28,8 +28,8 @@ Optima (all three objectives are strictly concave on the simplex for p > 0; ever
   ``sum_s q_s`` is strictly decreasing in ``lambda`` on ``(max v, max v + beta]``, so the multiplier is the
   unique root of ``sum_s q_s = 1`` (bisection in log space to machine precision).
 * ``js``: stationarity ``v_s - beta log(2 q_s / (q_s + p_s)) = lambda`` gives
-  ``q_s = p_s t_s / (2 - t_s)``, ``t_s = exp((v_s - lambda) / beta)``, ``lambda`` in ``(max v - beta log 2, max v]``:
-  again a one-dimensional monotone root.
+  ``q_s = p_s t_s / (2 - t_s)``, ``t_s = exp((v_s - lambda) / beta)``, ``lambda`` in
+  ``(max v - beta log 2, max v]``: again a one-dimensional monotone root.
 
 These 1-D dual solutions are exact; :func:`optimum_numeric` (softmax parametrisation + L-BFGS in torch
 float64, several starts) is the independent convex-solver cross-check, and :func:`kkt_residual` checks
@@ -179,7 +179,8 @@ def optimum(family: str, p, v, beta) -> np.ndarray:
             lo, hi = np.where(over, mid, lo), np.where(over, hi, mid)
         q = p / (np.exp(0.5 * (lo + hi)) + gap)
     elif family == "js":
-        # lambda = max v + beta y, t_s = exp(-gap_s - y), q_s = p_s t_s / (2 - t_s), y in [log((1+p_best)/2), 0].
+        # lambda = max v + beta y, t_s = exp(-gap_s - y), q_s = p_s t_s / (2 - t_s),
+        # y in [log((1+p_best)/2), 0].
         lo, hi = np.log(0.5 * (1.0 + p_best)), np.zeros_like(p_best)
         for _ in range(_BISECT):
             mid = 0.5 * (lo + hi)
@@ -305,13 +306,18 @@ def gain_fraction(pass1, p, v) -> np.ndarray:
 
 
 def signed_peaks(res: dict, a: str = "rkl", b: str = "fkl", bulk: float = 1.0) -> dict:
-    """Largest lead of each family of a pair (Pass@k points) on the matched range up to ``bulk`` of the gain."""
+    """Largest lead of each family of a pair (Pass@k points) on the matched range up to ``bulk`` of the
+    gain."""
     x = np.asarray(res["matched"]["pass1"])
     keep = gain_fraction(x, res["prior"], res["validity"]) <= bulk + 1e-12
     d = 100.0 * (np.asarray(res["matched"][a]) - np.asarray(res["matched"][b]))[keep]
     i_abs = int(np.argmax(np.abs(d)))
-    return {"a_ahead": float(max(d.max(), 0.0)), "b_ahead": float(max(-d.min(), 0.0)), "signed": float(d[i_abs]),
-            "at": float(x[keep][i_abs])}
+    return {
+        "a_ahead": float(max(d.max(), 0.0)),
+        "b_ahead": float(max(-d.min(), 0.0)),
+        "signed": float(d[i_abs]),
+        "at": float(x[keep][i_abs]),
+    }
 
 
 def diff_at_fraction(res: dict, a: str, b: str, frac: float) -> float:
@@ -379,7 +385,9 @@ def rule_check(n: int, k: int, seed: int = 1, min_effect: float = 1.0) -> dict:
 # ------------------------------------------------------------------------------------- recommendation
 
 
-def recommend(v=DEMO_VALIDITY, k: int = 16, floor: float = 0.05, step: float = 0.02, bulk: float = 0.9) -> dict:
+def recommend(
+    v=DEMO_VALIDITY, k: int = 16, floor: float = 0.05, step: float = 0.02, bulk: float = 0.9
+) -> dict:
     """The 3-style prior (each >= floor) with the largest lead of each family (RKL over FKL and back) on
     the matched range up to ``bulk`` of the Pass@1 gain; simplex grid then a finer local grid."""
     v = np.asarray(v, dtype=np.float64)
@@ -413,10 +421,15 @@ def recommend(v=DEMO_VALIDITY, k: int = 16, floor: float = 0.05, step: float = 0
         p = np.round(fine[1], 4)
         res = compare(p, v, k, grid=200)
         pb = signed_peaks(res, bulk=bulk)
-        out[fam] = {"prior": p.tolist(), "lead_bulk": pb["a_ahead" if fam == "rkl" else "b_ahead"], "peaks_bulk": pb,
-                    "peaks_full": signed_peaks(res), "weak_mass_index": weak_mass_index(p, v),
-                    "profile": {f"{q:.2f}": diff_at_fraction(res, "rkl", "fkl", q) for q in (0.25, 0.5, 0.75, 0.9)},
-                    "profile_js": {f"{q:.2f}": diff_at_fraction(res, "rkl", "js", q) for q in (0.25, 0.5, 0.75, 0.9)}}
+        out[fam] = {
+            "prior": p.tolist(),
+            "lead_bulk": pb["a_ahead" if fam == "rkl" else "b_ahead"],
+            "peaks_bulk": pb,
+            "peaks_full": signed_peaks(res),
+            "weak_mass_index": weak_mass_index(p, v),
+            "profile": {f"{q:.2f}": diff_at_fraction(res, "rkl", "fkl", q) for q in (0.25, 0.5, 0.75, 0.9)},
+            "profile_js": {f"{q:.2f}": diff_at_fraction(res, "rkl", "js", q) for q in (0.25, 0.5, 0.75, 0.9)},
+        }
     return out
 
 
@@ -441,16 +454,23 @@ def print_base(name: str, res: dict, out=sys.stdout) -> None:
     print(f"base Pass@1 {res['base_pass1']:.4f} Pass@{res['k']} {res['base_passk']:.4f}; best style alone "
           f"Pass@{res['k']} {res['best_style_passk']:.4f}; matched Pass@1 {lo:.4f}..{hi:.4f}; "
           f"max KKT residual {res['max_kkt']:.1e}", file=out)
-    print(f"{'pair (A-B)':10} {'max|d|':>7} {'signed':>7} {'@P1':>6} {'@gain':>6} {'exact':>7} {'A ahead':>8} "
-          f"{'B ahead':>8} {'d@50%':>6} {'d@80%':>6} {'d@90%':>6}   (Pass@{res['k']} points)", file=out)
+    print(
+        f"{'pair (A-B)':10} {'max|d|':>7} {'signed':>7} {'@P1':>6} {'@gain':>6} {'exact':>7} {'A ahead':>8} "
+        f"{'B ahead':>8} {'d@50%':>6} {'d@80%':>6} {'d@90%':>6}   (Pass@{res['k']} points)",
+        file=out,
+    )
     for a, b in PAIRS:
         r = res["pairs"][f"{a}-{b}"]
         signed = r["max"] if r["max"] >= -r["min"] else r["min"]
         gf = float(gain_fraction(r["at_max_abs"], p, v))
         ds = [diff_at_fraction(res, a, b, q) for q in (0.5, 0.8, 0.9)]
-        print(f"{a + '-' + b:10} {r['max_abs']:7.3f} {signed:+7.3f} {r['at_max_abs']:6.3f} {gf:6.0%} "
-              f"{r.get('exact_at_max_abs', float('nan')):+7.3f} {max(r['max'], 0):8.3f} {max(-r['min'], 0):8.3f} "
-              + " ".join(f"{d:+6.2f}" for d in ds), file=out)
+        print(
+            f"{a + '-' + b:10} {r['max_abs']:7.3f} {signed:+7.3f} {r['at_max_abs']:6.3f} {gf:6.0%} "
+            f"{r.get('exact_at_max_abs', float('nan')):+7.3f} {max(r['max'], 0):8.3f} "
+            f"{max(-r['min'], 0):8.3f} "
+            + " ".join(f"{d:+6.2f}" for d in ds),
+            file=out,
+        )
 
 
 def numeric_crosscheck(bases: dict, betas=(0.03, 0.1, 0.3, 1.0)) -> float:
@@ -466,9 +486,13 @@ def numeric_crosscheck(bases: dict, betas=(0.03, 0.1, 0.3, 1.0)) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--k", type=int, default=16, help="Pass@k read off the frontiers (default 16)")
-    ap.add_argument("--grid", type=int, default=200, help="beta grid points, log-spaced 1e-3..1e2 (default 200)")
+    ap.add_argument(
+        "--grid", type=int, default=200, help="beta grid points, log-spaced 1e-3..1e2 (default 200)"
+    )
     ap.add_argument("--random", type=int, default=6, help="random Dirichlet bases to print (default 6)")
-    ap.add_argument("--rule-n", type=int, default=300, help="random bases for the sign-rule check (default 300)")
+    ap.add_argument(
+        "--rule-n", type=int, default=300, help="random bases for the sign-rule check (default 300)"
+    )
     ap.add_argument("--floor", type=float, default=0.05, help="smallest style prior in the recommendation")
     ap.add_argument("--bulk", type=float, default=0.9,
                     help="recommendation scores leads up to this fraction of the Pass@1 gain (default 0.9)")
@@ -494,32 +518,45 @@ def main(argv=None) -> dict:
               f"0.03/0.1/0.3/1: max |q diff| {worst:.1e}")
 
     print(f"\n# Random Dirichlet bases (RKL-FKL, Pass@{k} points; index > 0 predicts RKL ahead)")
-    print(f"{'prior':28} {'validity':22} {'index':>6} {'RKL ahead':>9} {'FKL ahead':>9} {'peak':>7} {'@gain':>6}")
+    print(
+        f"{'prior':28} {'validity':22} {'index':>6} {'RKL ahead':>9} {'FKL ahead':>9} {'peak':>7} "
+        f"{'@gain':>6}"
+    )
     for p, v in random_bases(args.random, seed=0):
         res = compare(p, v, k, args.grid, exact_peaks=False)
         pk = signed_peaks(res)
         gf = float(gain_fraction(pk["at"], p, v))
         print(f"{_fmt(p):28} {_fmt(v, '{:.2f}'):22} {weak_mass_index(p, v):+6.2f} {pk['a_ahead']:9.2f} "
               f"{pk['b_ahead']:9.2f} {pk['signed']:+7.2f} {gf:6.0%}")
-        report["random"].append({"prior": p.tolist(), "validity": v.tolist(), "index": weak_mass_index(p, v), **pk})
+        report["random"].append(
+            {"prior": p.tolist(), "validity": v.tolist(), "index": weak_mass_index(p, v), **pk}
+        )
     rule = rule_check(args.rule_n, k)
     report["rule"] = rule
-    print(f"sign rule over {rule['n']} random bases: sign(weak-mass index) = sign(largest RKL-FKL difference) "
-          f"in {rule['accuracy']:.0%} of the {rule['n_effect']} with |d| >= 1 point, {rule['accuracy_big']:.0%} of "
-          f"the {rule['n_big']} with |d| >= 3; JS lies between RKL and FKL at the peak in "
-          f"{rule['js_between_at_peak']:.0%}")
+    print(
+        f"sign rule over {rule['n']} random bases: sign(weak-mass index) = sign(largest RKL-FKL difference) "
+        f"in {rule['accuracy']:.0%} of the {rule['n_effect']} with |d| >= 1 point, "
+        f"{rule['accuracy_big']:.0%} of the {rule['n_big']} with |d| >= 3; JS lies between RKL and FKL at "
+        f"the peak in {rule['js_between_at_peak']:.0%}"
+    )
 
     rec = recommend(DEMO_VALIDITY, k, floor=args.floor, bulk=args.bulk)
     report["recommendation"] = rec
-    print(f"\n# Recommended uneven 3-style SFT base for the demo (validity A/B/C {_fmt(DEMO_VALIDITY, '{:.1f}')} "
-          f"as in tasks/styles.py, every style >= {args.floor}, lead scored up to {args.bulk:.0%} of the gain)")
+    print(
+        "\n# Recommended uneven 3-style SFT base for the demo (validity A/B/C "
+        f"{_fmt(DEMO_VALIDITY, '{:.1f}')} as in tasks/styles.py, every style >= {args.floor}, lead scored up "
+        f"to {args.bulk:.0%} of the gain)"
+    )
     for fam, other in (("rkl", "fkl"), ("fkl", "rkl")):
         r = rec[fam]
         prof = " ".join(f"{q}:{d:+.2f}" for q, d in r["profile"].items())
         profj = " ".join(f"{q}:{d:+.2f}" for q, d in r["profile_js"].items())
-        print(f"{fam.upper()} ahead: prior A/B/C {_fmt(r['prior'])} (index {r['weak_mass_index']:+.2f}): "
-              f"{fam.upper()} leads {other.upper()} by {r['lead_bulk']:.2f} points (full range "
-              f"{r['peaks_full']['a_ahead' if fam == 'rkl' else 'b_ahead']:.2f}); RKL-FKL at gain {prof}; RKL-JS {profj}")
+        print(
+            f"{fam.upper()} ahead: prior A/B/C {_fmt(r['prior'])} (index {r['weak_mass_index']:+.2f}): "
+            f"{fam.upper()} leads {other.upper()} by {r['lead_bulk']:.2f} points (full range "
+            f"{r['peaks_full']['a_ahead' if fam == 'rkl' else 'b_ahead']:.2f}); RKL-FKL at gain {prof}; "
+            f"RKL-JS {profj}"
+        )
     pick = max(("rkl", "fkl"), key=lambda f: rec[f]["lead_bulk"])
     report["recommended"] = {"family_ahead": pick, "validity": list(DEMO_VALIDITY), **rec[pick]}
     print(f"=> use prior A/B/C {_fmt(rec[pick]['prior'])}: predicted {pick.upper()} ahead of "
@@ -535,11 +572,17 @@ def main(argv=None) -> dict:
             if lead > best[0]:
                 best = (lead, v3)
         alt_v = best[1]
-        print(f"\nvalidity search (0.1 grid): largest lead {best[0]:.2f} points at validity {_fmt(alt_v, '{:.1f}')}")
+        print(
+            f"\nvalidity search (0.1 grid): largest lead {best[0]:.2f} points at validity "
+            f"{_fmt(alt_v, '{:.1f}')}"
+        )
     alt = recommend(alt_v, k, floor=args.floor, bulk=args.bulk)
     apick = max(("rkl", "fkl"), key=lambda f: alt[f]["lead_bulk"])
     report["alternative"] = {"validity": list(alt_v), "family_ahead": apick, **alt}
-    print(f"if the demo may also change accept (make_examples(accept=...)): validity A/B/C {_fmt(alt_v, '{:.1f}')}")
+    print(
+        "if the demo may also change accept (make_examples(accept=...)): validity A/B/C "
+        f"{_fmt(alt_v, '{:.1f}')}"
+    )
     for fam, other in (("rkl", "fkl"), ("fkl", "rkl")):
         r = alt[fam]
         prof = " ".join(f"{q}:{d:+.2f}" for q, d in r["profile"].items())

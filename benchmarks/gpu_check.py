@@ -70,9 +70,18 @@ SCHEMA = "dphrl.gpu_check/1"
 #: max_position_embeddings 32768, use_sliding_window false): 494,032,768 parameters, the tied embedding
 #: counted once.
 QWEN25_05B: dict[str, Any] = dict(
-    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-    vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-    max_position_embeddings=32768, use_sliding_window=False, max_window_layers=24,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=32768,
+    use_sliding_window=False,
+    max_window_layers=24,
 )
 QWEN25_05B_SOURCE = "https://huggingface.co/Qwen/Qwen2.5-0.5B/blob/main/config.json"
 #: ``--tiny``: the same architecture (GQA 2:1, tied embeddings), sized for a CPU test.
@@ -91,10 +100,34 @@ PEAK_BF16_TFLOPS: list[tuple[str, tuple[str, ...], float]] = [
 
 #: Workloads: prompts x rollouts per step, prompt and response lengths (tokens), micro-batch, steps.
 WORKLOADS: dict[str, dict[str, int]] = {
-    "gpu": dict(prompts=16, rollouts=8, prompt_tokens=256, max_new_tokens=128, micro_batch=16, warmup=1, steps=2,
-                gen_reps=2, examples=32, store_prompts=8, store_n=4, store_check_tokens=1024),
-    "tiny": dict(prompts=2, rollouts=4, prompt_tokens=48, max_new_tokens=8, micro_batch=8, warmup=1, steps=1,
-                 gen_reps=1, examples=8, store_prompts=4, store_n=4, store_check_tokens=64),
+    "gpu": dict(
+        prompts=16,
+        rollouts=8,
+        prompt_tokens=256,
+        max_new_tokens=128,
+        micro_batch=16,
+        warmup=1,
+        steps=2,
+        gen_reps=2,
+        examples=32,
+        store_prompts=8,
+        store_n=4,
+        store_check_tokens=1024,
+    ),
+    "tiny": dict(
+        prompts=2,
+        rollouts=4,
+        prompt_tokens=48,
+        max_new_tokens=8,
+        micro_batch=8,
+        warmup=1,
+        steps=1,
+        gen_reps=1,
+        examples=8,
+        store_prompts=4,
+        store_n=4,
+        store_check_tokens=64,
+    ),
 }
 PARTS = ("generation", "update", "store_check", "step_grpo", "step_dph", "step_trl")
 #: Seconds a part needs at least: estimates for an H100, not measurements (no GPU was lent when written).
@@ -160,7 +193,8 @@ class Check:
         self.cuda = torch.cuda.is_available()
         self.device = "cuda" if self.cuda else "cpu"
         self.dtype = args.dtype or ("bfloat16" if self.cuda else "float32")
-        self.gen_dtype = getattr(torch, self.dtype)  # generation / presample model dtype (as presample loads it)
+        # generation / presample model dtype (as presample loads it)
+        self.gen_dtype = getattr(torch, self.dtype)
         self.shape = dict(TINY if args.tiny else QWEN25_05B)
         self.seed = args.seed
         self.threads = args.threads
@@ -292,11 +326,26 @@ def _spec(ck: Check, name: str) -> dict[str, Any]:
     """A step_time worker spec for this check's workload."""
     w = ck.w
     return dict(
-        name=name, round=0, steps=w["steps"], warmup=w["warmup"], prompts=w["prompts"], rollouts=w["rollouts"],
-        max_new_tokens=w["max_new_tokens"], temperature=1.0, lr=1e-6, micro_batch=w["micro_batch"],
-        gen_batch=w["prompts"] * w["rollouts"], examples=w["examples"], pef_frac=0.25, ref_prompts=0,
-        seed=ck.seed, threads=ck.threads, workdir=str(ck.workdir), store=str(ck.workdir / "store-steps"),
-        prompt_tokens=w["prompt_tokens"], max_positions=w["prompt_tokens"] + w["max_new_tokens"] + 8,
+        name=name,
+        round=0,
+        steps=w["steps"],
+        warmup=w["warmup"],
+        prompts=w["prompts"],
+        rollouts=w["rollouts"],
+        max_new_tokens=w["max_new_tokens"],
+        temperature=1.0,
+        lr=1e-6,
+        micro_batch=w["micro_batch"],
+        gen_batch=w["prompts"] * w["rollouts"],
+        examples=w["examples"],
+        pef_frac=0.25,
+        ref_prompts=0,
+        seed=ck.seed,
+        threads=ck.threads,
+        workdir=str(ck.workdir),
+        store=str(ck.workdir / "store-steps"),
+        prompt_tokens=w["prompt_tokens"],
+        max_positions=w["prompt_tokens"] + w["max_new_tokens"] + 8,
     )
 
 
@@ -324,7 +373,9 @@ def part_generation(ck: Check) -> dict[str, Any]:
             _mem_reset()
             _sync()
             t = time.perf_counter()
-            gens = engines[key].generate(prompts, n, max_new_tokens=w["max_new_tokens"], temperature=1.0, seed=r + 1)
+            gens = engines[key].generate(
+                prompts, n, max_new_tokens=w["max_new_tokens"], temperature=1.0, seed=r + 1
+            )
             _sync()
             times[key].append(time.perf_counter() - t)
             tokens[key] = sum(len(g.response_ids) for gs in gens for g in gs)
@@ -334,9 +385,16 @@ def part_generation(ck: Check) -> dict[str, Any]:
         sec = statistics.median(times[key])
         configs[key] = {"seconds": sec, "times": times[key], "generated_tokens": tokens[key],
                         "tokens_per_s": tokens[key] / sec, "peak_mem_mb": peaks[key]}
-    return {"dtype": str(ck.gen_dtype).removeprefix("torch."), "prompts": w["prompts"], "rollouts": n,
-            "prompt_tokens": w["prompt_tokens"], "max_new_tokens": w["max_new_tokens"], "reps": w["gen_reps"],
-            "configs": configs, "shared_speedup": configs["unshared"]["seconds"] / configs["shared"]["seconds"]}
+    return {
+        "dtype": str(ck.gen_dtype).removeprefix("torch."),
+        "prompts": w["prompts"],
+        "rollouts": n,
+        "prompt_tokens": w["prompt_tokens"],
+        "max_new_tokens": w["max_new_tokens"],
+        "reps": w["gen_reps"],
+        "configs": configs,
+        "shared_speedup": configs["unshared"]["seconds"] / configs["shared"]["seconds"],
+    }
 
 
 def part_update(ck: Check) -> dict[str, Any]:
@@ -347,10 +405,21 @@ def part_update(ck: Check) -> dict[str, Any]:
     w = ck.w
     total = w["warmup"] + w["steps"]
     cfg = TrainConfig(
-        model=step_time.MODEL_NAME, algorithm="grpo", reward=step_time.REWARD_NAME, seed=ck.seed,
-        prompts_per_step=w["prompts"], rollout_n=w["rollouts"], max_new_tokens=w["max_new_tokens"], temperature=1.0,
-        lr=1e-6, max_steps=total, micro_batch_size=w["micro_batch"], generation_batch_size=w["prompts"] * w["rollouts"],
-        output_dir=str(ck.workdir / "run-update"), progress=False, max_prompt_tokens=max(512, w["prompt_tokens"]),
+        model=step_time.MODEL_NAME,
+        algorithm="grpo",
+        reward=step_time.REWARD_NAME,
+        seed=ck.seed,
+        prompts_per_step=w["prompts"],
+        rollout_n=w["rollouts"],
+        max_new_tokens=w["max_new_tokens"],
+        temperature=1.0,
+        lr=1e-6,
+        max_steps=total,
+        micro_batch_size=w["micro_batch"],
+        generation_batch_size=w["prompts"] * w["rollouts"],
+        output_dir=str(ck.workdir / "run-update"),
+        progress=False,
+        max_prompt_tokens=max(512, w["prompt_tokens"]),
         dtype=ck.dtype,
     )
     model = ck.build_model(ck.seed)
@@ -393,13 +462,24 @@ def part_update(ck: Check) -> dict[str, Any]:
     flops = 6.0 * n_params * fwd_tokens
     peak = ck.peak["tflops"]
     return {
-        "algorithm": "grpo", "dtype": ck.dtype, "n_params": n_params, "share_prefix": bool(tr.share_prefix),
-        "rollout_s": med("rollout_s"), "generate_s": med("generate_s"), "update_s": upd_s,
-        "backward_s": med("backward_s"), "optimizer_s": med("optimizer_s"),
-        "response_tokens": med("response_tokens"), "tokens_forwarded": fwd_tokens,
-        "update_tokens_per_s": med("response_tokens") / upd_s, "forwarded_tokens_per_s": fwd_tokens / upd_s,
-        "model_flops_per_update": flops, "achieved_tflops": flops / upd_s / 1e12,
-        "mfu": flops / upd_s / (peak * 1e12) if peak else None, "peak_tflops": peak, "peak_row": ck.peak["row"],
+        "algorithm": "grpo",
+        "dtype": ck.dtype,
+        "n_params": n_params,
+        "share_prefix": bool(tr.share_prefix),
+        "rollout_s": med("rollout_s"),
+        "generate_s": med("generate_s"),
+        "update_s": upd_s,
+        "backward_s": med("backward_s"),
+        "optimizer_s": med("optimizer_s"),
+        "response_tokens": med("response_tokens"),
+        "tokens_forwarded": fwd_tokens,
+        "update_tokens_per_s": med("response_tokens") / upd_s,
+        "forwarded_tokens_per_s": fwd_tokens / upd_s,
+        "model_flops_per_update": flops,
+        "achieved_tflops": flops / upd_s / 1e12,
+        "mfu": flops / upd_s / (peak * 1e12) if peak else None,
+        "peak_tflops": peak,
+        "peak_row": ck.peak["row"],
         "peak_mem_rollout_mb": max(s["peak_mem_rollout_mb"] for s in steps),
         "peak_mem_update_mb": max(s["peak_mem_update_mb"] for s in steps),
         "steps": steps,
@@ -431,11 +511,23 @@ def part_store_check(ck: Check) -> dict[str, Any]:
     del sampler
     _free()
     cfg = TrainConfig(
-        model=step_time.MODEL_NAME, algorithm="dph", reward=step_time.REWARD_NAME, reference_store=str(store),
-        store_check_tokens=w["store_check_tokens"], store_check_tolerance=1e9,  # measured here, judged below
-        dtype=ck.dtype, seed=ck.seed, prompts_per_step=1, rollout_n=w["store_n"], max_new_tokens=w["max_new_tokens"],
-        temperature=1.0, max_steps=1, micro_batch_size=w["micro_batch"], output_dir=str(ck.workdir / "run-store"),
-        progress=False, max_prompt_tokens=max(512, w["prompt_tokens"]),
+        model=step_time.MODEL_NAME,
+        algorithm="dph",
+        reward=step_time.REWARD_NAME,
+        reference_store=str(store),
+        store_check_tokens=w["store_check_tokens"],
+        store_check_tolerance=1e9,  # measured here, judged below
+        dtype=ck.dtype,
+        seed=ck.seed,
+        prompts_per_step=1,
+        rollout_n=w["store_n"],
+        max_new_tokens=w["max_new_tokens"],
+        temperature=1.0,
+        max_steps=1,
+        micro_batch_size=w["micro_batch"],
+        output_dir=str(ck.workdir / "run-store"),
+        progress=False,
+        max_prompt_tokens=max(512, w["prompt_tokens"]),
     )
     _mem_reset()
     t = time.perf_counter()
@@ -445,11 +537,20 @@ def part_store_check(ck: Check) -> dict[str, Any]:
     mean, worst = stats["store_check/mean_abs_diff"], stats["store_check/max_abs_diff"]
     tol = store_tolerance(str(manifest["dtype"]), ck.dtype)
     return {
-        "store_dtype": manifest["dtype"], "train_dtype": ck.dtype, "stored_samples": manifest["counts"]["stored_samples"],
-        "tokens": stats["store_check/tokens"], "mean_abs_dlogp": mean, "max_abs_dlogp": worst,
-        "tolerance": tol, "within_tolerance": mean <= tol, "bf16_tolerance": STORE_TOLERANCE["bfloat16"],
-        "within_bf16_tolerance": mean <= STORE_TOLERANCE["bfloat16"], "presample_s": presample_s,
-        "verify_s": verify_s, "peak_mem_presample_mb": presample_peak, "peak_mem_verify_mb": verify_peak,
+        "store_dtype": manifest["dtype"],
+        "train_dtype": ck.dtype,
+        "stored_samples": manifest["counts"]["stored_samples"],
+        "tokens": stats["store_check/tokens"],
+        "mean_abs_dlogp": mean,
+        "max_abs_dlogp": worst,
+        "tolerance": tol,
+        "within_tolerance": mean <= tol,
+        "bf16_tolerance": STORE_TOLERANCE["bfloat16"],
+        "within_bf16_tolerance": mean <= STORE_TOLERANCE["bfloat16"],
+        "presample_s": presample_s,
+        "verify_s": verify_s,
+        "peak_mem_presample_mb": presample_peak,
+        "peak_mem_verify_mb": verify_peak,
     }
 
 
@@ -480,8 +581,10 @@ def part_trl(ck: Check) -> dict[str, Any]:
         import trl
         from trl import GRPOConfig, GRPOTrainer  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
-        raise PartSkipped(f"TRL not importable here ({type(e).__name__}: {e}); carry trl and datasets as wheels "
-                          "(docs/benchmarks.md, 'GPU check')") from e
+        raise PartSkipped(
+            f"TRL not importable here ({type(e).__name__}: {e}); carry trl and datasets as wheels "
+            "(docs/benchmarks.md, 'GPU check')"
+        ) from e
     spec = _spec(ck, "trl")
     with step_time_on(ck, trl_module=trl) as seen:
         res = step_time.run_trl(spec)
@@ -624,26 +727,33 @@ def table(report: dict[str, Any]) -> str:
              f"{'part':<12} {'status':<8} {'s':>6}  result"]
     res = {
         "generation": f"HF engine {_fmt(s['gen_tokens_per_s_shared'], '.0f')} tok/s shared prefill, "
-                      f"{_fmt(s['gen_tokens_per_s_unshared'], '.0f')} unshared (x{_fmt(s['gen_shared_speedup'], '.2f')}); "
-                      f"peak {_fmt(s['peak_mem_mb_generation_shared'], '.0f')} MB",
+        f"{_fmt(s['gen_tokens_per_s_unshared'], '.0f')} unshared (x{_fmt(s['gen_shared_speedup'], '.2f')}); "
+        f"peak {_fmt(s['peak_mem_mb_generation_shared'], '.0f')} MB",
         "update": f"{_fmt(s['update_tokens_per_s'], '.0f')} response tok/s in the update, "
-                  f"{_fmt(s['update_achieved_tflops'], '.1f')} TFLOP/s, MFU {_fmt(s['mfu'], '.1%')} of "
-                  f"{_fmt(peak['tflops'], '.0f')} ({peak['row']}); peak rollout "
-                  f"{_fmt(s['peak_mem_mb_update_rollout'], '.0f')} / update {_fmt(s['peak_mem_mb_update_update'], '.0f')} MB",
-        "store_check": f"mean |dlogp| {_fmt(s['store_mean_abs_dlogp'], '.2e')}, max {_fmt(s['store_max_abs_dlogp'], '.2e')}; "
-                       f"within bf16 tolerance: {s['store_within_bf16_tolerance']}",
-        "step_grpo": f"step {_fmt(s['step_s_grpo'])} s (rollout {_fmt(s['rollout_s_grpo'])}, update {_fmt(s['update_s_grpo'])}); "
-                     f"peak {_fmt(s['peak_mem_mb_step_grpo'], '.0f')} MB",
-        "step_dph": f"step {_fmt(s['step_s_dph'])} s (rollout {_fmt(s['rollout_s_dph'])}, update {_fmt(s['update_s_dph'])}); "
-                    f"peak {_fmt(s['peak_mem_mb_step_dph'], '.0f')} MB",
-        "step_trl": f"step {_fmt(s['step_s_trl'])} s (rollout {_fmt(s['rollout_s_trl'])}, update {_fmt(s['update_s_trl'])}); "
-                    f"peak {_fmt(s['peak_mem_mb_step_trl'], '.0f')} MB",
+        f"{_fmt(s['update_achieved_tflops'], '.1f')} TFLOP/s, MFU {_fmt(s['mfu'], '.1%')} of "
+        f"{_fmt(peak['tflops'], '.0f')} ({peak['row']}); peak rollout "
+        f"{_fmt(s['peak_mem_mb_update_rollout'], '.0f')} / update "
+        f"{_fmt(s['peak_mem_mb_update_update'], '.0f')} MB",
+        "store_check": f"mean |dlogp| {_fmt(s['store_mean_abs_dlogp'], '.2e')}, "
+        f"max {_fmt(s['store_max_abs_dlogp'], '.2e')}; "
+        f"within bf16 tolerance: {s['store_within_bf16_tolerance']}",
+        "step_grpo": f"step {_fmt(s['step_s_grpo'])} s (rollout {_fmt(s['rollout_s_grpo'])}, "
+        f"update {_fmt(s['update_s_grpo'])}); "
+        f"peak {_fmt(s['peak_mem_mb_step_grpo'], '.0f')} MB",
+        "step_dph": f"step {_fmt(s['step_s_dph'])} s (rollout {_fmt(s['rollout_s_dph'])}, "
+        f"update {_fmt(s['update_s_dph'])}); "
+        f"peak {_fmt(s['peak_mem_mb_step_dph'], '.0f')} MB",
+        "step_trl": f"step {_fmt(s['step_s_trl'])} s (rollout {_fmt(s['rollout_s_trl'])}, "
+        f"update {_fmt(s['update_s_trl'])}); "
+        f"peak {_fmt(s['peak_mem_mb_step_trl'], '.0f')} MB",
     }
     for name, rec in parts.items():
         msg = res[name] if rec["status"] == "ok" else (rec.get("reason") or rec.get("error") or "")
         lines.append(f"{name:<12} {rec['status']:<8} {rec['seconds']:>6.1f}  {msg}")
-    lines.append(f"grpo / TRL step {_fmt(s['grpo_vs_trl_step'], '.2f')}, update {_fmt(s['grpo_vs_trl_update'], '.2f')}; "
-                 f"dph / grpo step {_fmt(s['dph_vs_grpo_step'], '.2f')}")
+    lines.append(
+        f"grpo / TRL step {_fmt(s['grpo_vs_trl_step'], '.2f')}, update "
+        f"{_fmt(s['grpo_vs_trl_update'], '.2f')}; dph / grpo step {_fmt(s['dph_vs_grpo_step'], '.2f')}"
+    )
     return "\n".join(lines)
 
 
@@ -658,12 +768,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="a tiny Qwen2 and workload: the same code on the CPU")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {list(PARTS)}")
     ap.add_argument("--fail-part", default="", help="comma list of parts that raise at their start (tests)")
-    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                    help="training dtype (bf16 autocast) and generation dtype; default bfloat16 on CUDA, else float32")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
+    ap.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="training dtype (bf16 autocast) and generation dtype; default bfloat16 on CUDA, else float32",
+    )
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
-    ap.add_argument("--out", default=None, help="the JSON (default $OUT/gpu_check.json, else runs/gpu_check/)")
+    ap.add_argument(
+        "--out", default=None, help="the JSON (default $OUT/gpu_check.json, else runs/gpu_check/)"
+    )
     args = ap.parse_args(argv)
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     args.fail_part = {p.strip() for p in args.fail_part.split(",") if p.strip()}
@@ -687,7 +805,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.tiny and not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU visible; the full check needs one (use --tiny on the CPU)", file=sys.stderr)
+        print(
+            "gpu_check: no CUDA GPU visible; the full check needs one (use --tiny on the CPU)",
+            file=sys.stderr,
+        )
         return 2
     ck = Check(args)
     out = Path(args.out)
@@ -711,7 +832,9 @@ def main(argv: list[str] | None = None) -> int:
             report["wall_s"] = time.perf_counter() - ck.t0
             _write(out, report)
             detail = rec.get("reason") or rec.get("error") or ""
-            print(f"gpu_check: {name} {rec['status']} in {rec['seconds']:.1f} s {detail}".rstrip(), flush=True)
+            print(
+                f"gpu_check: {name} {rec['status']} in {rec['seconds']:.1f} s {detail}".rstrip(), flush=True
+            )
     finally:
         shutil.rmtree(ck.workdir, ignore_errors=True)
     report["wall_s"] = time.perf_counter() - ck.t0

@@ -177,7 +177,10 @@ def _timing(vocab: int, args) -> dict[str, float]:
         D.topk_buckets(logits, ids).sum().backward()
         logits.grad = None
 
-    t_s, t_b = _time(sampled, args.timing_repeats, args.device), _time(bucket, args.timing_repeats, args.device)
+    t_s, t_b = (
+        _time(sampled, args.timing_repeats, args.device),
+        _time(bucket, args.timing_repeats, args.device),
+    )
     return {"vocab": vocab, "sampled_us": 1e6 * t_s / n, "topk16_us": 1e6 * t_b / n}
 
 
@@ -218,9 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
     timing = [_timing(v, args) for v in timing_vocab]
     store = [{"k": k, "bytes": 4 * k + 4 * (k + 1)} for k in (int(k) for k in args.store_k.split(","))]
 
-    print(f"pi_ref: tiny Llama hidden {args.hidden} x {args.layers} layers, vocab V = {vocab}, logit scale "
-          f"{args.logit_scale}; pi_theta: noise {args.noise}; {args.n} responses of {args.length} tokens ~ pi_ref "
-          f"at temperature {args.temperature}; device {args.device}, {args.threads} thread(s)")
+    print(
+        f"pi_ref: tiny Llama hidden {args.hidden} x {args.layers} layers, vocab V = {vocab}, logit scale "
+        f"{args.logit_scale}; pi_theta: noise {args.noise}; {args.n} responses of {args.length} tokens ~ "
+        f"pi_ref at temperature {args.temperature}; device {args.device}, {args.threads} thread(s)"
+    )
     print(f"pi_ref per-token entropy {entropy:.3f} nats; mean top-4 / top-16 mass "
           f"{float(top[..., 3].mean()):.3f} / {float(top[..., min(15, vocab - 1)].mean()):.3f}\n")
     print("| divergence | form | mean per sequence (± s.e.) | value variance (sample) | var / sampled | "
@@ -233,15 +238,20 @@ def main(argv: list[str] | None = None) -> dict:
         within = f"{r['within_var']:.4g}"
         print(f"| {r['divergence']} | {r['form']} | {r['mean']:.4f} ± {r['se']:.4f} | {r['var']:.4g} | "
               f"{r['var'] / base['var']:.3f} | {within} | {gcols} |")
-    print(f"\n(top-{vocab} = exact. Exact within-position variance: E[sum_t Var(f(u_t) | y_<t)], the noise "
-          f"the bucket form removes at each position; when it exceeds the sampled form's sample variance, the "
-          f"sample missed rare heavy-tailed tokens. Grad variance over the first {args.grad_n} sequences. "
-          f"{t_var:.1f} s)\n")
+    print(
+        f"\n(top-{vocab} = exact. Exact within-position variance: E[sum_t Var(f(u_t) | y_<t)], the noise "
+        f"the bucket form removes at each position; when it exceeds the sampled form's sample variance, the "
+        f"sample missed rare heavy-tailed tokens. Grad variance over the first {args.grad_n} sequences. "
+        f"{t_var:.1f} s)\n"
+    )
     print(f"| vocab | sampled: log_softmax+gather fwd+bwd, us/token | top-16 buckets fwd+bwd, us/token | "
           f"extra us/token ({args.timing_positions} positions, {args.device}) |")
     print("|---|---|---|---|")
     for t in timing:
-        print(f"| {t['vocab']} | {t['sampled_us']:.3f} | {t['topk16_us']:.3f} | {t['topk16_us'] - t['sampled_us']:.3f} |")
+        print(
+            f"| {t['vocab']} | {t['sampled_us']:.3f} | {t['topk16_us']:.3f} | "
+            f"{t['topk16_us'] - t['sampled_us']:.3f} |"
+        )
     print("\n| store per token | bytes |")
     print("|---|---|")
     print("| sampled (fp32 log pi_ref of the token) | 4 |")

@@ -72,7 +72,8 @@ from pathlib import Path
 
 OURS = ("grpo", "dapo", "rkl", "dph-forward_kl", "dph-js")
 ALIASES = {"dph": "dph-js", "dph-fkl": "dph-forward_kl", "dph-f": "dph-forward_kl"}
-VARIANTS = ("+packed", "+noshare")  # suffixes: packed update (shared generation); nothing shared (share_prefix off)
+# suffixes: packed update (shared generation); nothing shared (share_prefix off)
+VARIANTS = ("+packed", "+noshare")
 #: Per-workload defaults of the flags that are left unset on the command line.
 WORKLOADS: dict[str, dict] = {
     "default": dict(algorithms=",".join(OURS + ("grpo+packed",)), steps=5, warmup=1, prompts=16, rollouts=8,
@@ -148,7 +149,9 @@ def build_examples(n_examples: int, pef_frac: float, prompt_tokens: int = 0, tok
     return out
 
 
-def build_model(tok, hidden: int, layers: int, intermediate: int, heads: int, seed: int, max_positions: int = 256):
+def build_model(
+    tok, hidden: int, layers: int, intermediate: int, heads: int, seed: int, max_positions: int = 256
+):
     """A random tiny Llama (tied embeddings), like dphrl.testing.tiny_causal_lm with a free MLP width."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -173,8 +176,15 @@ def _setup(spec: dict):
     _register_reward()
     tok = build_tokenizer()
     examples = build_examples(spec["examples"], spec["pef_frac"], spec.get("prompt_tokens", 0), tok)
-    model = build_model(tok, spec["hidden"], spec["layers"], spec["intermediate"], spec["heads"], spec["seed"],
-                        spec.get("max_positions", 256))
+    model = build_model(
+        tok,
+        spec["hidden"],
+        spec["layers"],
+        spec["intermediate"],
+        spec["heads"],
+        spec["seed"],
+        spec.get("max_positions", 256),
+    )
     return tok, examples, model
 
 
@@ -257,12 +267,23 @@ def run_ours(spec: dict) -> dict:
             extra["ref_prompts_per_step"] = spec["ref_prompts"]
     n_steps = spec["warmup"] + spec["steps"]
     cfg = TrainConfig(
-        model=MODEL_NAME, algorithm=algo, reward=REWARD_NAME, seed=spec["seed"],
-        prompts_per_step=spec["prompts"], rollout_n=spec["rollouts"], max_new_tokens=spec["max_new_tokens"],
-        temperature=spec["temperature"], lr=spec["lr"], max_steps=n_steps, micro_batch_size=spec["micro_batch"],
-        generation_batch_size=spec["gen_batch"], output_dir=str(Path(spec["workdir"]) / f"run-{name}"),
-        progress=False, max_prompt_tokens=max(512, spec.get("prompt_tokens", 0)),
-        share_prefix="+noshare" not in variants, **extra,
+        model=MODEL_NAME,
+        algorithm=algo,
+        reward=REWARD_NAME,
+        seed=spec["seed"],
+        prompts_per_step=spec["prompts"],
+        rollout_n=spec["rollouts"],
+        max_new_tokens=spec["max_new_tokens"],
+        temperature=spec["temperature"],
+        lr=spec["lr"],
+        max_steps=n_steps,
+        micro_batch_size=spec["micro_batch"],
+        generation_batch_size=spec["gen_batch"],
+        output_dir=str(Path(spec["workdir"]) / f"run-{name}"),
+        progress=False,
+        max_prompt_tokens=max(512, spec.get("prompt_tokens", 0)),
+        share_prefix="+noshare" not in variants,
+        **extra,
     )
     sync = _sync_fn()
     if torch.cuda.is_available():
@@ -305,17 +326,31 @@ def run_ours(spec: dict) -> dict:
         ref_tok = sum(len(s.response_ids) for s in refs)
         generated = dict(gen_count)
         gen_count.update(seqs=0, tokens=0)
-        steps.append({
-            "step": i + 1, "warmup": i < spec["warmup"],
-            "step_s": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1, "cpu_s": c2 - c0,
-            "generate_s": t_gen.take(), "ref_logp_s": t_refl.take(),
-            "fwd_rollout_s": t_fwd_roll.take(), "fwd_ref_s": t_fwd_ref.take(), "backward_s": t_bwd.take(),
-            "optimizer_s": t_opt.take(),
-            "rollout_seqs": len(rollouts), "rollout_tokens": roll_tok,
-            "ref_seqs": len(refs), "ref_tokens": ref_tok, "generated_seqs": generated["seqs"], "generated_tokens": generated["tokens"],
-            "refill_rounds": rm["rollout/refill_rounds"], "reward_mean": rm["reward/mean"],
-            "loss_terms": {k: v for k, v in um.items() if k.startswith(("div/", "kl/", "pg/"))},
-        })
+        steps.append(
+            {
+                "step": i + 1,
+                "warmup": i < spec["warmup"],
+                "step_s": t2 - t0,
+                "rollout_s": t1 - t0,
+                "update_s": t2 - t1,
+                "cpu_s": c2 - c0,
+                "generate_s": t_gen.take(),
+                "ref_logp_s": t_refl.take(),
+                "fwd_rollout_s": t_fwd_roll.take(),
+                "fwd_ref_s": t_fwd_ref.take(),
+                "backward_s": t_bwd.take(),
+                "optimizer_s": t_opt.take(),
+                "rollout_seqs": len(rollouts),
+                "rollout_tokens": roll_tok,
+                "ref_seqs": len(refs),
+                "ref_tokens": ref_tok,
+                "generated_seqs": generated["seqs"],
+                "generated_tokens": generated["tokens"],
+                "refill_rounds": rm["rollout/refill_rounds"],
+                "reward_mean": rm["reward/mean"],
+                "loss_terms": {k: v for k, v in um.items() if k.startswith(("div/", "kl/", "pg/"))},
+            }
+        )
     return {"name": name, "kind": "ours", "steps": steps, "memory": _memory(rss_before),
             "n_params": sum(p.numel() for p in model.parameters()),
             "device": str(tr.acc.device), "threads": torch.get_num_threads(),
@@ -347,9 +382,12 @@ def run_components(spec: dict) -> dict:
     model = model.to(dev)
     prompts = [encode_prompt(tok, ex.prompt) for ex in examples[-spec["prompts"]:]]  # not D_pef, any will do
     gb = spec["gen_batch"]
-    engines = {"gen_shared_s": HFEngine(model, tok, batch_size=gb),  # the default: shared prefill + preallocated
-               "gen_shared_dyncache_s": HFEngine(model, tok, batch_size=gb, preallocate_cache=False),
-               "gen_unshared_s": HFEngine(model, tok, batch_size=gb, share_prefix=False, preallocate_cache=False)}
+    # the default: shared prefill + preallocated
+    engines = {
+        "gen_shared_s": HFEngine(model, tok, batch_size=gb),
+        "gen_shared_dyncache_s": HFEngine(model, tok, batch_size=gb, preallocate_cache=False),
+        "gen_unshared_s": HFEngine(model, tok, batch_size=gb, share_prefix=False, preallocate_cache=False),
+    }
     kw = dict(max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"])
     times: dict[str, list[float]] = {k: [] for k in [*engines, "upd_packed_s", "upd_shared_s"]}
     same_tokens, max_gen_dlogp, gens = True, 0.0, None
@@ -358,7 +396,9 @@ def run_components(spec: dict) -> dict:
         for key in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
             sync()
             t = time.perf_counter()
-            out[key] = [g for gs in engines[key].generate(prompts, spec["rollouts"], seed=r + 1, **kw) for g in gs]
+            out[key] = [
+                g for gs in engines[key].generate(prompts, spec["rollouts"], seed=r + 1, **kw) for g in gs
+            ]
             sync()
             if r >= 0:
                 times[key].append(time.perf_counter() - t)
@@ -374,7 +414,8 @@ def run_components(spec: dict) -> dict:
     n_tok = float(sum(len(r) for r in R))
     adv = torch.linspace(-1.0, 1.0, len(R))  # (B,) fixed advantages
     mbs = spec["micro_batch"]
-    perm = torch.randperm(len(R), generator=torch.Generator().manual_seed(0)).tolist()  # as the trainer shuffles
+    # as the trainer shuffles
+    perm = torch.randperm(len(R), generator=torch.Generator().manual_seed(0)).tolist()
     packed_chunks = [perm[i : i + mbs] for i in range(0, len(R), mbs)]
     shared_chunks = micro_batch_order(P, R, max_seqs=mbs)
 
@@ -474,10 +515,13 @@ def run_trl(spec: dict) -> dict:
             marks[-1]["cpu_s"] = time.process_time() - marks[-1]["cpu_begin"]
             marks[-1].update({k: t.take() for k, t in timers.items()})
 
-    timers["generate_s"] = model.generate = Timer(model.generate, sync)  # TRL calls the unwrapped model's generate
+    # TRL calls the unwrapped model's generate
+    timers["generate_s"] = model.generate = Timer(model.generate, sync)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                           callbacks=[StepTimes()])
-    timers["rollout_s"] = trainer._generate_and_score_completions = Timer(trainer._generate_and_score_completions, sync)
+    timers["rollout_s"] = trainer._generate_and_score_completions = Timer(
+        trainer._generate_and_score_completions, sync
+    )
     timers["fwd_s"] = trainer.compute_loss = Timer(trainer.compute_loss, sync)
     timers["backward_s"] = trainer.accelerator.backward = Timer(trainer.accelerator.backward, sync)
     trainer.train()
@@ -492,7 +536,9 @@ def run_trl(spec: dict) -> dict:
             "generate_s": m["generate_s"], "fwd_rollout_s": m["fwd_s"], "backward_s": m["backward_s"],
             "rollout_seqs": batch,
         })
-    comp_len = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    comp_len = [
+        h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h
+    ]
     for s, L in zip(steps, comp_len):
         s["rollout_tokens"] = s["generated_tokens"] = L * batch
         s["generated_seqs"] = batch
@@ -552,22 +598,46 @@ def summarize(name: str, runs: list[dict]) -> dict:
     meas = [s for r in runs for s in r["steps"] if not s["warmup"]]
     if not meas:
         raise RuntimeError(f"{name}: no measured steps (is --steps >= 1?)")
-    keys = ["step_s", "cpu_s", "rollout_s", "update_s", "generate_s", "ref_logp_s", "fwd_rollout_s", "fwd_ref_s",
-            "backward_s", "optimizer_s", "step_end_to_end_s", "rollout_tokens", "ref_tokens", "rollout_seqs",
-            "ref_seqs", "generated_seqs", "generated_tokens", "refill_rounds"]
+    keys = [
+        "step_s",
+        "cpu_s",
+        "rollout_s",
+        "update_s",
+        "generate_s",
+        "ref_logp_s",
+        "fwd_rollout_s",
+        "fwd_ref_s",
+        "backward_s",
+        "optimizer_s",
+        "step_end_to_end_s",
+        "rollout_tokens",
+        "ref_tokens",
+        "rollout_seqs",
+        "ref_seqs",
+        "generated_seqs",
+        "generated_tokens",
+        "refill_rounds",
+    ]
     med = {k: _med([s.get(k) for s in meas]) for k in keys if any(s.get(k) is not None for s in meas)}
     trained = [(s.get("rollout_tokens") or 0) + (s.get("ref_tokens") or 0) for s in meas]
     tps = [t / s["step_s"] for t, s in zip(trained, meas)]
     step = sorted(s["step_s"] for s in meas)
     out = {
-        "name": name, "measured_steps": len(meas), "median": med,
+        "name": name,
+        "measured_steps": len(meas),
+        "median": med,
         "round_medians": [_med([s["step_s"] for s in r["steps"] if not s["warmup"]]) for r in runs],
-        "step_s_min": step[0], "step_s_max": step[-1],
-        "step_s_iqr": (statistics.quantiles(step, n=4)[2] - statistics.quantiles(step, n=4)[0]) if len(step) >= 2 else 0.0,
+        "step_s_min": step[0],
+        "step_s_max": step[-1],
+        "step_s_iqr": (statistics.quantiles(step, n=4)[2] - statistics.quantiles(step, n=4)[0])
+        if len(step) >= 2
+        else 0.0,
         "tokens_per_s": _med(tps),
         "peak_rss_mb": max(r["memory"]["peak_rss_mb"] for r in runs),
         "rss_before_mb": _med([r["memory"]["rss_before_mb"] for r in runs]),
-        "n_params": runs[0]["n_params"], "device": runs[0]["device"], "threads": runs[0]["threads"],
+        "n_params": runs[0]["n_params"],
+        "device": runs[0]["device"],
+        "threads": runs[0]["threads"],
     }
     if any("cuda_peak_mb" in r["memory"] for r in runs):
         out["cuda_peak_mb"] = max(r["memory"].get("cuda_peak_mb", 0.0) for r in runs)
@@ -629,13 +699,21 @@ def print_ratios(rows: list[dict], components: dict | None, workload: str) -> di
     verdicts: dict = {}
 
     def tgt(key: str, name: str = "grpo") -> str:  # the TRL targets are grpo's (GRPOTrainer's own algorithm)
-        return f" (target <= {targets[key]})" if key in targets and (key == "dph_vs_rkl" or name.startswith("grpo")) else ""
+        return (
+            f" (target <= {targets[key]})"
+            if key in targets and (key == "dph_vs_rkl" or name.startswith("grpo"))
+            else ""
+        )
 
     for d in ("dph-forward_kl", "dph-js"):
         if d in by and "rkl" in by:
             ts = by[d]["median"]["step_s"] / by["rkl"]["median"]["step_s"]
             mem = by[d]["peak_rss_mb"] - by["rkl"]["peak_rss_mb"]
-            verdicts[f"{d}_vs_rkl"] = {"time_ratio": ts, "peak_rss_diff_mb": mem, "target": targets.get("dph_vs_rkl")}
+            verdicts[f"{d}_vs_rkl"] = {
+                "time_ratio": ts,
+                "peak_rss_diff_mb": mem,
+                "target": targets.get("dph_vs_rkl"),
+            }
             print(f"{d} / rkl step time: {ts:.2f}{tgt('dph_vs_rkl')}; peak RSS difference {mem:+.0f} MB")
     print()
     if "trl" not in by:
@@ -643,41 +721,63 @@ def print_ratios(rows: list[dict], components: dict | None, workload: str) -> di
     else:
         trl = by["trl"]["median"]
         version = by["trl"].get("trl_version")
-        print(f"ratios vs TRL {version} GRPOTrainer, same workload, same run (median step s / update s / generate s):")
+        print(
+            f"ratios vs TRL {version} GRPOTrainer, same workload, same run (median step s / update s / "
+            "generate s):"
+        )
         for r in rows:
             if r["name"] == "trl" or not r["name"].startswith(("grpo", "dapo", "rkl", "dph")):
                 continue
             m = r["median"]
             step = m["step_s"] / trl["step_s"]
             upd = m["update_s"] / trl["update_s"] if trl.get("update_s") else None
-            gen = m["generate_s"] / trl["generate_s"] if trl.get("generate_s") and m.get("generate_s") else None
-            verdicts[f"{r['name']}_vs_trl"] = {"time_ratio": step, "update_ratio": upd, "generate_ratio": gen,
-                                               "target": targets.get("step"), "update_target": targets.get("update"),
-                                               "trl_version": version}
-            print(f"{r['name']} / TRL {version} GRPOTrainer step time: {step:.2f}{tgt('step', r['name'])}; update "
-                  f"alone {upd if upd is None else f'{upd:.2f}'}{tgt('update', r['name'])}; generate "
-                  f"{gen if gen is None else f'{gen:.2f}'}")
+            gen = (
+                m["generate_s"] / trl["generate_s"] if trl.get("generate_s") and m.get("generate_s") else None
+            )
+            verdicts[f"{r['name']}_vs_trl"] = {
+                "time_ratio": step,
+                "update_ratio": upd,
+                "generate_ratio": gen,
+                "target": targets.get("step"),
+                "update_target": targets.get("update"),
+                "trl_version": version,
+            }
+            print(
+                f"{r['name']} / TRL {version} GRPOTrainer step time: {step:.2f}{tgt('step', r['name'])}; "
+                f"update alone {upd if upd is None else f'{upd:.2f}'}{tgt('update', r['name'])}; generate "
+                f"{gen if gen is None else f'{gen:.2f}'}"
+            )
     if components:
         c = components["median"]
         gen = c["gen_shared_s"] / c["gen_unshared_s"]
         upd = c["upd_shared_s"] / c["upd_packed_s"]
         verdicts["components"] = {"generate_shared_vs_unshared": gen, "update_shared_vs_packed": upd, **c}
-        print(f"components ({components['seqs']} sequences of {components['distinct_prompts']} prompts, "
-              f"{components['prompt_tokens']} prompt + {components['response_tokens']} response tokens; median of "
-              f"{len(components['times']['gen_shared_s'])}):")
-        print(f"  generation (HFEngine): default (shared prefill + preallocated cache) {c['gen_shared_s']:.3f} s, "
-              f"shared prefill only {c['gen_shared_dyncache_s']:.3f} s, plain generate {c['gen_unshared_s']:.3f} s: "
-              f"default / plain = {gen:.2f}, shared prefill only / plain = "
-              f"{c['gen_shared_dyncache_s'] / c['gen_unshared_s']:.2f}; same tokens: {components['gen_same_tokens']}, "
-              f"largest log-prob difference {components['gen_max_abs_dlogp']:.1e}")
-        print(f"  update alone (fwd + bwd) shared prefix {c['upd_shared_s']:.3f} s ({components['micro_batches_shared']}"
-              f" micro-batches) / packed {c['upd_packed_s']:.3f} s ({components['micro_batches_packed']}) = {upd:.2f}; "
-              f"largest log-prob difference {components['upd_max_abs_dlogp']:.1e}, gradient difference "
-              f"{components['upd_max_abs_dgrad']:.1e} (largest gradient {components['upd_max_abs_grad']:.1e})")
+        print(
+            f"components ({components['seqs']} sequences of {components['distinct_prompts']} prompts, "
+            f"{components['prompt_tokens']} prompt + {components['response_tokens']} response tokens; median "
+            f"of {len(components['times']['gen_shared_s'])}):"
+        )
+        print(
+            f"  generation (HFEngine): default (shared prefill + preallocated cache) {c['gen_shared_s']:.3f} "
+            f"s, shared prefill only {c['gen_shared_dyncache_s']:.3f} s, plain generate "
+            f"{c['gen_unshared_s']:.3f} s: default / plain = {gen:.2f}, shared prefill only / plain = "
+            f"{c['gen_shared_dyncache_s'] / c['gen_unshared_s']:.2f}; same tokens: "
+            f"{components['gen_same_tokens']}, largest log-prob difference "
+            f"{components['gen_max_abs_dlogp']:.1e}"
+        )
+        print(
+            f"  update alone (fwd + bwd) shared prefix {c['upd_shared_s']:.3f} s "
+            f"({components['micro_batches_shared']} micro-batches) / packed {c['upd_packed_s']:.3f} s "
+            f"({components['micro_batches_packed']}) = {upd:.2f}; largest log-prob difference "
+            f"{components['upd_max_abs_dlogp']:.1e}, gradient difference "
+            f"{components['upd_max_abs_dgrad']:.1e} (largest gradient {components['upd_max_abs_grad']:.1e})"
+        )
         if "trl" in by and by["trl"]["median"].get("update_s"):
             ratio = c["upd_shared_s"] / by["trl"]["median"]["update_s"]
             verdicts["components"]["update_shared_vs_trl_update"] = ratio
-            print(f"  shared-prefix update alone (no optimizer step) / TRL update: {ratio:.2f}{tgt('update')}")
+            print(
+                f"  shared-prefix update alone (no optimizer step) / TRL update: {ratio:.2f}{tgt('update')}"
+            )
     return verdicts
 
 
@@ -708,15 +808,26 @@ def _machine() -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="default",
                     help="preset for the flags marked [workload] (an explicit flag wins): " + "; ".join(
                         f"{k}: {v}" for k, v in WORKLOADS.items()))
-    ap.add_argument("--algorithms", default=None,
-                    help=f"[workload] comma list of {list(OURS)} (dph = dph-js), each optionally with {list(VARIANTS)}")
-    ap.add_argument("--steps", type=int, default=None, help="[workload] measured steps per run (after warm-up)")
-    ap.add_argument("--warmup", type=int, default=None, help="[workload] warm-up steps excluded from the statistics")
-    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds over all algorithms (fresh process each)")
+    ap.add_argument(
+        "--algorithms",
+        default=None,
+        help=f"[workload] comma list of {list(OURS)} (dph = dph-js), each optionally with {list(VARIANTS)}",
+    )
+    ap.add_argument(
+        "--steps", type=int, default=None, help="[workload] measured steps per run (after warm-up)"
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="[workload] warm-up steps excluded from the statistics"
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="interleaved rounds over all algorithms (fresh process each)"
+    )
     ap.add_argument("--prompts", type=int, default=None, help="[workload] rollout prompts per step")
     ap.add_argument("--rollouts", type=int, default=None, help="[workload] samples per prompt (group size)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="[workload]")
@@ -724,8 +835,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="[workload] 0: short arithmetic prompts; N: SQL-shaped prompts of exactly N tokens")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--micro-batch", type=int, default=None, help="[workload] sequences per forward/backward (both trainers)")
-    ap.add_argument("--gen-batch", type=int, default=0, help="sequences per generate call (0 = the whole batch, as TRL)")
+    ap.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="[workload] sequences per forward/backward (both trainers)",
+    )
+    ap.add_argument(
+        "--gen-batch", type=int, default=0, help="sequences per generate call (0 = the whole batch, as TRL)"
+    )
     ap.add_argument("--examples", type=int, default=64, help="training prompts in the synthetic task")
     ap.add_argument("--pef-frac", type=float, default=0.25, help="fraction of easy prompts (D_pef for dph)")
     ap.add_argument("--ref-prompts", type=int, default=0,
@@ -735,12 +853,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--intermediate", type=int, default=None, help="[workload]")
     ap.add_argument("--heads", type=int, default=None, help="[workload]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads in every worker (0 = os.cpu_count()); 1 is robust on a shared machine")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in every worker (0 = os.cpu_count()); 1 is robust on a shared machine",
+    )
     ap.add_argument("--no-trl", action="store_true", help="skip the TRL GRPOTrainer comparison")
     ap.add_argument("--no-components", action="store_true",
                     help="skip the generation / update-alone measurements (shared vs unshared prefix)")
-    ap.add_argument("--component-reps", type=int, default=None, help="[workload] repetitions of each component timing")
+    ap.add_argument(
+        "--component-reps", type=int, default=None, help="[workload] repetitions of each component timing"
+    )
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--workdir", default="", help="scratch directory (default: a temp dir, removed)")
     ap.add_argument("--verbose", action="store_true", help="show the workers' output")
@@ -777,19 +901,39 @@ def main(argv=None) -> int:
         try:
             import trl  # noqa: F401
         except ImportError:
-            print("TRL is not installed (pip install -e '.[bench]'); skipping the TRL comparison", file=sys.stderr)
+            print(
+                "TRL is not installed (pip install -e '.[bench]'); skipping the TRL comparison",
+                file=sys.stderr,
+            )
             want_trl = False
     threads = args.threads or os.cpu_count() or 1
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="dphrl-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     spec = dict(
-        steps=args.steps, warmup=args.warmup, prompts=args.prompts, rollouts=args.rollouts,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, micro_batch=args.micro_batch,
-        gen_batch=args.gen_batch or args.prompts * args.rollouts, examples=args.examples, pef_frac=args.pef_frac,
-        ref_prompts=args.ref_prompts, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
-        heads=args.heads, seed=args.seed, threads=threads, workdir=str(tmp), store=str(tmp / "store"),
-        prompt_tokens=args.prompt_tokens, max_positions=max(256, args.prompt_tokens + args.max_new_tokens + 8),
-        component_reps=args.component_reps, workload=args.workload,
+        steps=args.steps,
+        warmup=args.warmup,
+        prompts=args.prompts,
+        rollouts=args.rollouts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        lr=args.lr,
+        micro_batch=args.micro_batch,
+        gen_batch=args.gen_batch or args.prompts * args.rollouts,
+        examples=args.examples,
+        pef_frac=args.pef_frac,
+        ref_prompts=args.ref_prompts,
+        hidden=args.hidden,
+        layers=args.layers,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        seed=args.seed,
+        threads=threads,
+        workdir=str(tmp),
+        store=str(tmp / "store"),
+        prompt_tokens=args.prompt_tokens,
+        max_positions=max(256, args.prompt_tokens + args.max_new_tokens + 8),
+        component_reps=args.component_reps,
+        workload=args.workload,
     )
     machine_before = _machine()
     try:
@@ -798,8 +942,11 @@ def main(argv=None) -> int:
             t = time.time()
             store_manifest = make_store(spec)
             c = store_manifest["counts"]
-            print(f"reference store: {c['d_pef']} D_pef / {c['d_exp']} D_exp prompts, {c['stored_samples']} stored "
-                  f"samples (presample {time.time() - t:.1f}s)", flush=True)
+            print(
+                f"reference store: {c['d_pef']} D_pef / {c['d_exp']} D_exp prompts, {c['stored_samples']} "
+                f"stored samples (presample {time.time() - t:.1f}s)",
+                flush=True,
+            )
         order = names + (["trl"] if want_trl else [])
         results: dict[str, list[dict]] = {n: [] for n in order}
         for r in range(args.rounds):
@@ -816,20 +963,29 @@ def main(argv=None) -> int:
         if not args.no_components:
             t = time.time()
             components = run_worker({**spec, "name": "components", "round": 0}, tmp, args.verbose)
-            print(f"  components (generation shared/unshared, update packed/shared) process {time.time() - t:.1f}s",
-                  flush=True)
+            print(
+                "  components (generation shared/unshared, update packed/shared) process "
+                f"{time.time() - t:.1f}s",
+                flush=True,
+            )
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
     machine_after = _machine()
 
     print()
-    shape = (f"SQL-shaped prompts of {args.prompt_tokens} tokens" if args.prompt_tokens else "short arithmetic prompts")
-    print(f"workload {args.workload}: tiny Llama hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, "
-          f"vocab {len(CHARS) + 6}, {rows[0]['n_params'] / 1e6:.2f}M params; batch {args.prompts} prompts x "
-          f"{args.rollouts} rollouts, {shape}, <= {args.max_new_tokens} new tokens, micro-batch {args.micro_batch}; "
-          f"device {rows[0]['device']}, {threads} threads; median of {args.steps} steps x {args.rounds} round(s) "
-          f"after {args.warmup} warm-up")
+    shape = (
+        f"SQL-shaped prompts of {args.prompt_tokens} tokens"
+        if args.prompt_tokens
+        else "short arithmetic prompts"
+    )
+    print(
+        f"workload {args.workload}: tiny Llama hidden {args.hidden}, {args.layers} layers, MLP "
+        f"{args.intermediate}, vocab {len(CHARS) + 6}, {rows[0]['n_params'] / 1e6:.2f}M params; batch "
+        f"{args.prompts} prompts x {args.rollouts} rollouts, {shape}, <= {args.max_new_tokens} new tokens, "
+        f"micro-batch {args.micro_batch}; device {rows[0]['device']}, {threads} threads; median of "
+        f"{args.steps} steps x {args.rounds} round(s) after {args.warmup} warm-up"
+    )
     print(f"load average before {machine_before.get('load_avg')}, after {machine_after.get('load_avg')}")
     print(format_table(rows))
     print("noise: per-round median step s: " + "; ".join(
@@ -840,16 +996,26 @@ def main(argv=None) -> int:
     for r in rows:
         if r["name"].startswith("dph"):
             m = r["median"]
-            print(f"{r['name']}: {int(m.get('ref_seqs') or 0)} reference sequences / {int(m.get('ref_tokens') or 0)} "
-                  f"reference tokens per step (ref_prompts_per_step={r.get('ref_prompts_per_step')}) on top of "
-                  f"{int(m.get('rollout_seqs') or 0)} rollouts")
+            print(
+                f"{r['name']}: {int(m.get('ref_seqs') or 0)} reference sequences / "
+                f"{int(m.get('ref_tokens') or 0)} reference tokens per step "
+                f"(ref_prompts_per_step={r.get('ref_prompts_per_step')}) on top of "
+                f"{int(m.get('rollout_seqs') or 0)} rollouts"
+            )
     verdicts = print_ratios(rows, components, args.workload)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        payload = {"args": {k: v for k, v in vars(args).items() if k != "_worker"}, "spec": spec,
-                   "machine_before": machine_before, "machine_after": machine_after,
-                   "store": store_manifest and store_manifest["counts"], "summary": rows, "verdicts": verdicts,
-                   "components": components, "runs": results}
+        payload = {
+            "args": {k: v for k, v in vars(args).items() if k != "_worker"},
+            "spec": spec,
+            "machine_before": machine_before,
+            "machine_after": machine_after,
+            "store": store_manifest and store_manifest["counts"],
+            "summary": rows,
+            "verdicts": verdicts,
+            "components": components,
+            "runs": results,
+        }
         Path(args.out).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.out}")
     return 0

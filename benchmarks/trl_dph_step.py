@@ -53,7 +53,9 @@ def _setup(spec: dict):
     register_reward(st.REWARD_NAME, st.bench_reward, overwrite=True)
     tok = st.build_tokenizer()
     examples = st.build_examples(spec["examples"], spec["pef_frac"])
-    model = st.build_model(tok, spec["hidden"], spec["layers"], spec["intermediate"], spec["heads"], spec["seed"])
+    model = st.build_model(
+        tok, spec["hidden"], spec["layers"], spec["intermediate"], spec["heads"], spec["seed"]
+    )
     return tok, examples, model
 
 
@@ -89,11 +91,25 @@ def run_dphrl(spec: dict) -> dict:
         tr.update(rollouts, refs)
         t2 = time.perf_counter()
         tr.step += 1
-        steps.append({"warmup": i < spec["warmup"], "step_s": t2 - t0, "rollout_s": t1 - t0, "update_s": t2 - t1,
-                      "ref_fwd_s": t_ref.take(), "rollout_seqs": len(rollouts), "ref_seqs": len(refs),
-                      "ref_tokens": sum(len(s.response_ids) for s in refs)})
-    return {"steps": steps, "peak_rss_mb": _peak_rss_mb(), "threads": torch.get_num_threads(),
-            "ref_prompts_per_step": tr.ref_prompts_per_step, "n_params": sum(p.numel() for p in model.parameters())}
+        steps.append(
+            {
+                "warmup": i < spec["warmup"],
+                "step_s": t2 - t0,
+                "rollout_s": t1 - t0,
+                "update_s": t2 - t1,
+                "ref_fwd_s": t_ref.take(),
+                "rollout_seqs": len(rollouts),
+                "ref_seqs": len(refs),
+                "ref_tokens": sum(len(s.response_ids) for s in refs),
+            }
+        )
+    return {
+        "steps": steps,
+        "peak_rss_mb": _peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "ref_prompts_per_step": tr.ref_prompts_per_step,
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def run_trl(spec: dict, dph: bool, ref_batch_size: int | None = None) -> dict:
@@ -113,13 +129,33 @@ def run_trl(spec: dict, dph: bool, ref_batch_size: int | None = None) -> dict:
         raise SystemExit("prompts x rollouts must be divisible by --micro-batch")
     args = GRPOConfig(
         output_dir=str(Path(spec["workdir"]) / f"run-trl-{dph}-{spec['round']}"),
-        per_device_train_batch_size=spec["micro_batch"], gradient_accumulation_steps=batch // spec["micro_batch"],
-        num_generations=spec["rollouts"], max_completion_length=spec["max_new_tokens"],
-        temperature=spec["temperature"], top_p=1.0, top_k=0, beta=0.0, num_iterations=1, loss_type="dapo",
-        epsilon=0.2, epsilon_high=0.28, learning_rate=spec["lr"], lr_scheduler_type="constant",
-        max_steps=spec["warmup"] + spec["steps"], use_vllm=False, bf16=False, fp16=False,
-        gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(), seed=spec["seed"], logging_steps=1,
-        report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, log_completions=False,
+        per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=batch // spec["micro_batch"],
+        num_generations=spec["rollouts"],
+        max_completion_length=spec["max_new_tokens"],
+        temperature=spec["temperature"],
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        num_iterations=1,
+        loss_type="dapo",
+        epsilon=0.2,
+        epsilon_high=0.28,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        max_steps=spec["warmup"] + spec["steps"],
+        use_vllm=False,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=not torch.cuda.is_available(),
+        seed=spec["seed"],
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        log_completions=False,
         log_level="error",
     )
     marks: list[dict] = []
@@ -136,8 +172,18 @@ def run_trl(spec: dict, dph: bool, ref_batch_size: int | None = None) -> dict:
     common = dict(processing_class=tok, callbacks=[StepTimes()])
     data, reward = trl_dataset(examples, store), trl_reward(st.REWARD_NAME)
     if dph:
-        trainer = DPHGRPOTrainer(model, reward, args, data, reference_store=store, divergence="js", eta=spec["eta"],
-                                 ref_prompts_per_step=spec["ref_prompts"], ref_batch_size=ref_batch_size, **common)
+        trainer = DPHGRPOTrainer(
+            model,
+            reward,
+            args,
+            data,
+            reference_store=store,
+            divergence="js",
+            eta=spec["eta"],
+            ref_prompts_per_step=spec["ref_prompts"],
+            ref_batch_size=ref_batch_size,
+            **common,
+        )
         timers["ref_fwd_s"] = trainer.reference_loss = st.Timer(trainer.reference_loss, lambda: None)
     else:
         trainer = GRPOTrainer(model, reward, args, data, **common)
@@ -149,12 +195,26 @@ def run_trl(spec: dict, dph: bool, ref_batch_size: int | None = None) -> dict:
     for i, m in enumerate(marks):
         step_s = m["end"] - m["begin"]
         log = logs[i] if i < len(logs) else {}
-        steps.append({"warmup": i < spec["warmup"], "step_s": step_s, "rollout_s": m["rollout_s"],
-                      "update_s": step_s - m["rollout_s"], "ref_fwd_s": m.get("ref_fwd_s"), "rollout_seqs": batch,
-                      "ref_seqs": log.get("dph/ref_sequences"), "ref_tokens": log.get("dph/ref_tokens")})
-    return {"steps": steps, "peak_rss_mb": _peak_rss_mb(), "threads": torch.get_num_threads(),
-            "trl_version": trl.__version__, "ref_prompts_per_step": getattr(trainer, "ref_prompts_per_step", None),
-            "n_params": sum(p.numel() for p in model.parameters())}
+        steps.append(
+            {
+                "warmup": i < spec["warmup"],
+                "step_s": step_s,
+                "rollout_s": m["rollout_s"],
+                "update_s": step_s - m["rollout_s"],
+                "ref_fwd_s": m.get("ref_fwd_s"),
+                "rollout_seqs": batch,
+                "ref_seqs": log.get("dph/ref_sequences"),
+                "ref_tokens": log.get("dph/ref_tokens"),
+            }
+        )
+    return {
+        "steps": steps,
+        "peak_rss_mb": _peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+        "trl_version": trl.__version__,
+        "ref_prompts_per_step": getattr(trainer, "ref_prompts_per_step", None),
+        "n_params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def run_worker(spec: dict, workdir: Path) -> dict:
@@ -170,11 +230,19 @@ def summarize(name: str, runs: list[dict]) -> dict:
         raise RuntimeError(f"{name}: no measured steps (is --steps >= 1?)")
     keys = ("step_s", "rollout_s", "update_s", "ref_fwd_s", "rollout_seqs", "ref_seqs", "ref_tokens")
     step = sorted(s["step_s"] for s in meas)
-    return {"name": name, "median": {k: _med([s.get(k) for s in meas]) for k in keys}, "min": step[0],
-            "max": step[-1], "measured_steps": len(meas), "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-            "round_medians": [_med([s["step_s"] for s in r["steps"] if not s["warmup"]]) for r in runs],
-            "trl_version": runs[0].get("trl_version"), "ref_prompts_per_step": runs[0].get("ref_prompts_per_step"),
-            "n_params": runs[0]["n_params"], "threads": runs[0]["threads"]}
+    return {
+        "name": name,
+        "median": {k: _med([s.get(k) for s in meas]) for k in keys},
+        "min": step[0],
+        "max": step[-1],
+        "measured_steps": len(meas),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "round_medians": [_med([s["step_s"] for s in r["steps"] if not s["warmup"]]) for r in runs],
+        "trl_version": runs[0].get("trl_version"),
+        "ref_prompts_per_step": runs[0].get("ref_prompts_per_step"),
+        "n_params": runs[0]["n_params"],
+        "threads": runs[0]["threads"],
+    }
 
 
 def format_table(rows: list[dict]) -> str:
@@ -187,10 +255,24 @@ def format_table(rows: list[dict]) -> str:
 
     for r in rows:
         m = r["median"]
-        lines.append("| " + " | ".join([
-            r["name"], f(m["step_s"], 3), f"{r['min']:.2f}-{r['max']:.2f}", f(m["rollout_s"]), f(m["update_s"]),
-            f(m["ref_fwd_s"], 3), f(m["rollout_seqs"], 0), f(m["ref_seqs"], 0), f(m["ref_tokens"], 0),
-            f(r["peak_rss_mb"], 0)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["name"],
+                    f(m["step_s"], 3),
+                    f"{r['min']:.2f}-{r['max']:.2f}",
+                    f(m["rollout_s"]),
+                    f(m["update_s"]),
+                    f(m["ref_fwd_s"], 3),
+                    f(m["rollout_seqs"], 0),
+                    f(m["ref_seqs"], 0),
+                    f(m["ref_tokens"], 0),
+                    f(r["peak_rss_mb"], 0),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -199,24 +281,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--steps", type=int, default=5, help="measured steps per run (after warm-up)")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up steps excluded from the statistics")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the runs (fresh process each)")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds over the runs (fresh process each)"
+    )
     ap.add_argument("--prompts", type=int, default=16, help="rollout (D_exp) prompts per optimizer step")
     ap.add_argument("--rollouts", type=int, default=8, help="samples per prompt (group size)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--eta", type=float, default=0.2, help="weight of the js term")
-    ap.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (both trainers)")
+    ap.add_argument(
+        "--micro-batch", type=int, default=16, help="sequences per forward/backward (both trainers)"
+    )
     ap.add_argument("--examples", type=int, default=64, help="training prompts of the synthetic task")
     ap.add_argument("--pef-frac", type=float, default=0.25, help="fraction of easy prompts (D_pef)")
-    ap.add_argument("--ref-prompts", type=int, default=0,
-                    help="D_pef prompts rehearsed per step (0 = dphrl's default prompts*|D_pef|/|D_exp|, used by both)")
+    ap.add_argument(
+        "--ref-prompts",
+        type=int,
+        default=0,
+        help="D_pef prompts rehearsed per step (0 = dphrl's default prompts*|D_pef|/|D_exp|, used by both)",
+    )
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (1 is robust on a shared machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per worker (1 is robust on a shared machine)"
+    )
     ap.add_argument("--only", default=",".join(RUNS), help=f"comma list of runs among {list(RUNS)}")
     ap.add_argument("--out", default="", help="write the results as JSON here")
     ap.add_argument("--_worker", default="", help=argparse.SUPPRESS)
@@ -236,11 +328,28 @@ def main(argv: list[str] | None = None) -> int:
         Path(spec["result"]).write_text(json.dumps(res))
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="dphrl-trl-bench-"))
-    spec = dict(steps=args.steps, warmup=args.warmup, prompts=args.prompts, rollouts=args.rollouts,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, lr=args.lr, eta=args.eta,
-                micro_batch=args.micro_batch, gen_batch=args.prompts * args.rollouts, examples=args.examples,
-                pef_frac=args.pef_frac, hidden=args.hidden, layers=args.layers, intermediate=args.intermediate,
-                heads=args.heads, seed=args.seed, threads=args.threads, workdir=str(tmp), store=str(tmp / "store"))
+    spec = dict(
+        steps=args.steps,
+        warmup=args.warmup,
+        prompts=args.prompts,
+        rollouts=args.rollouts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        lr=args.lr,
+        eta=args.eta,
+        micro_batch=args.micro_batch,
+        gen_batch=args.prompts * args.rollouts,
+        examples=args.examples,
+        pef_frac=args.pef_frac,
+        hidden=args.hidden,
+        layers=args.layers,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        seed=args.seed,
+        threads=args.threads,
+        workdir=str(tmp),
+        store=str(tmp / "store"),
+    )
     load_before = os.getloadavg()
     try:
         t = time.time()
@@ -248,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         n_pef, n_exp = counts["d_pef"], counts["d_exp"]
         # the same number of rehearsed prompts in both trainers (dphrl's default rule unless given)
         spec["ref_prompts"] = args.ref_prompts or max(1, round(args.prompts * n_pef / max(1, n_exp)))
-        print(f"store: {n_pef} D_pef / {n_exp} D_exp prompts, {counts['stored_samples']} stored samples "
-              f"(presample {time.time() - t:.1f}s); {spec['ref_prompts']} D_pef prompts rehearsed per step", flush=True)
+        print(
+            f"store: {n_pef} D_pef / {n_exp} D_exp prompts, {counts['stored_samples']} stored samples "
+            f"(presample {time.time() - t:.1f}s); {spec['ref_prompts']} D_pef prompts rehearsed per step",
+            flush=True,
+        )
         names = [n for n in RUNS if n in {x.strip() for x in args.only.split(",")}]
         if not names:
             raise SystemExit(f"--only: choose among {list(RUNS)}")
@@ -261,23 +373,38 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_worker({**spec, "name": n, "slug": slug, "round": r}, tmp)
                 results[n].append(res)
                 med = _med([s["step_s"] for s in res["steps"] if not s["warmup"]])
-                print(f"  round {r + 1}/{args.rounds} {n:11s} median step {med:.3f}s (process {time.time() - t:.1f}s)",
-                      flush=True)
+                print(
+                    f"  round {r + 1}/{args.rounds} {n:11s} median step {med:.3f}s (process "
+                    f"{time.time() - t:.1f}s)",
+                    flush=True,
+                )
         rows = [summarize(n, results[n]) for n in names]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print(f"model: tiny Llama hidden {args.hidden}, {args.layers} layers, {rows[0]['n_params'] / 1e6:.2f}M params; "
-          f"{args.prompts} prompts x {args.rollouts} rollouts, <= {args.max_new_tokens} new tokens, micro-batch "
-          f"{args.micro_batch}, fp32, {args.threads} thread(s); median of {args.steps} steps x {args.rounds} round(s) "
-          f"after {args.warmup} warm-up; TRL {rows[-1].get('trl_version')}; python {platform.python_version()}")
-    print(f"load average before {[round(x, 2) for x in load_before]}, after {[round(x, 2) for x in os.getloadavg()]}")
+    print(
+        f"model: tiny Llama hidden {args.hidden}, {args.layers} layers, {rows[0]['n_params'] / 1e6:.2f}M "
+        f"params; {args.prompts} prompts x {args.rollouts} rollouts, <= {args.max_new_tokens} new tokens, "
+        f"micro-batch {args.micro_batch}, fp32, {args.threads} thread(s); median of {args.steps} steps x "
+        f"{args.rounds} round(s) after {args.warmup} warm-up; TRL {rows[-1].get('trl_version')}; python "
+        f"{platform.python_version()}"
+    )
+    print(
+        f"load average before {[round(x, 2) for x in load_before]}, after "
+        f"{[round(x, 2) for x in os.getloadavg()]}"
+    )
     print(format_table(rows))
-    print("per-round medians (s): " + "; ".join(f"{r['name']} " + "/".join(f"{x:.2f}" for x in r["round_medians"])
-                                                for r in rows))
+    print(
+        "per-round medians (s): "
+        + "; ".join(f"{r['name']} " + "/".join(f"{x:.2f}" for x in r["round_medians"]) for r in rows)
+    )
     by = {r["name"]: r["median"]["step_s"] for r in rows}
-    for a, b, what in (("TRL DPH", "dphrl dph", "step time"), ("TRL DPH rb", "dphrl dph", "step time"),
-                       ("TRL DPH", "TRL GRPO", "cost of the term"), ("TRL DPH rb", "TRL GRPO", "cost of the term")):
+    for a, b, what in (
+        ("TRL DPH", "dphrl dph", "step time"),
+        ("TRL DPH rb", "dphrl dph", "step time"),
+        ("TRL DPH", "TRL GRPO", "cost of the term"),
+        ("TRL DPH rb", "TRL GRPO", "cost of the term"),
+    ):
         if a in by and b in by:
             print(f"{a} / {b} ({what}): {by[a] / by[b]:.2f}")
     if args.out:

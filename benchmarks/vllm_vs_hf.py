@@ -46,11 +46,15 @@ def main() -> None:
         if name == "hf":
             engine = HFEngine(load_model(args.model, dtype="bfloat16", device="cuda"), tok, batch_size=512)
         else:
-            engine = VLLMEngine(engine_model_path(args.model), tok, dtype="bfloat16", gpu_memory_utilization=0.5)
+            engine = VLLMEngine(
+                engine_model_path(args.model), tok, dtype="bfloat16", gpu_memory_utilization=0.5
+            )
         engine.generate([[tok.convert_tokens_to_ids("1")]], 2, max_new_tokens=4)  # warm-up
         torch.cuda.synchronize()
         t0 = time.time()
-        results[name] = evaluate(engine, tok, data, styles.styles_reward, out_dir=Path(args.out) / name, **common)
+        results[name] = evaluate(
+            engine, tok, data, styles.styles_reward, out_dir=Path(args.out) / name, **common
+        )
         torch.cuda.synchronize()
         seconds[name] = time.time() - t0
         del engine
