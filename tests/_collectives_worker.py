@@ -111,9 +111,18 @@ def scripted_dapo(store: str, out: Path, acc: Accelerator) -> dict:
     for i, ex in enumerate(exs):
         exs[i] = type(ex)(id=f"q{i}", prompt=[{"role": "user", "content": f"{i}+{i}"}], answer=ex.answer,
                           task=ex.task)
-    cfg = TrainConfig(model=base.MODEL_NAME, algorithm="dapo", reward="ddp_toy", prompts_per_step=4, rollout_n=3,
-                      max_new_tokens=3, max_refill_rounds=4, progress=False, output_dir=str(out / "dapo"),
-                      engine="hf")
+    cfg = TrainConfig(
+        model=base.MODEL_NAME,
+        algorithm="dapo",
+        reward="ddp_toy",
+        prompts_per_step=4,
+        rollout_n=3,
+        max_new_tokens=3,
+        max_refill_rounds=4,
+        progress=False,
+        output_dir=str(out / "dapo"),
+        engine="hf",
+    )
     trainer = Trainer(cfg, model=base.model(tok), tokenizer=tok, examples=exs, accelerator=acc)
     informative = {ex.id: int(ex.id[1:]) % 2 == 0 for ex in exs}  # half the prompts have mixed rewards
 
@@ -142,7 +151,9 @@ def trainer_id(trainer, seq) -> str:
     raise KeyError(seq.prompt_ids)
 
 
-def run(store: str, out_dir: str, accelerator: Accelerator | None = None, modes: tuple[str, ...] = MODES) -> dict:
+def run(
+    store: str, out_dir: str, accelerator: Accelerator | None = None, modes: tuple[str, ...] = MODES
+) -> dict:
     torch.set_num_threads(1)
     acc = accelerator or Accelerator(cpu=True)
     out = Path(out_dir)

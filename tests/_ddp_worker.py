@@ -166,7 +166,9 @@ def run(store: str | Path, out_dir: str | Path, accelerator: Accelerator | None 
             "n_refs": len(my_refs),
         }
     # metrics with rank-dependent keys (a rank without reference samples has no div/* metrics)
-    result["reduced"] = trainer.coll.reduce_metrics({"a": float(rank), **({"only_rank0": 5.0} if rank == 0 else {})})
+    result["reduced"] = trainer.coll.reduce_metrics(
+        {"a": float(rank), **({"only_rank0": 5.0} if rank == 0 else {})}
+    )
     # the whole loop, with fewer stored reference samples than ranks (1 per step: one rank gets none)
     cfg = TrainConfig(
         model=MODEL_NAME,

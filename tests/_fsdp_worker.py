@@ -84,7 +84,9 @@ def main(out_dir: str, kind: str) -> None:
     inner = wrapped.module if kind == "fsdp1" else wrapped
     res: dict = {"kind": sharding.sharding_kind(wrapped), "world": dist.get_world_size()}
     # elements held by this rank (FSDP2 parameters are DTensors: their own shard is to_local())
-    res["local_numel"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in wrapped.parameters())
+    res["local_numel"] = sum(
+        (p.to_local() if hasattr(p, "to_local") else p).numel() for p in wrapped.parameters()
+    )
     engine = HFEngine(inner, tok, synced_gpus=True)
     with sharding.generation_context(wrapped):
         res["gen"] = generate(engine, prompts_for(rank, tok))

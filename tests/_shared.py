@@ -27,7 +27,9 @@ def require_shared(*parts: str) -> Path:
     """Path to a shared data file/folder; skip the test with a clear message if it is absent."""
     root = shared_data_dir()
     if root is None:
-        pytest.skip("shared benchmark data not found at ../shared/data (set DPHRL_SHARED_DATA to its location)")
+        pytest.skip(
+            "shared benchmark data not found at ../shared/data (set DPHRL_SHARED_DATA to its location)"
+        )
     p = root.joinpath(*parts)
     if not p.exists():
         pytest.skip(f"shared benchmark data {p} is absent")
@@ -35,7 +37,8 @@ def require_shared(*parts: str) -> Path:
 
 
 def behaving_reward(response: str, example: Example) -> float:
-    """``ok`` -> 1.0, ``hang`` -> sleeps, ``busy`` -> stuck in one C call, ``raise`` -> error, ``crash`` -> exits."""
+    """``ok`` -> 1.0, ``hang`` -> sleeps, ``busy`` -> stuck in one C call, ``raise`` -> error,
+    ``crash`` -> exits."""
     if response == "hang":
         time.sleep(3600)
     if response == "busy":
@@ -59,11 +62,17 @@ def run_two_processes(script: Path, args: list[str], out_dir: Path, started_glob
     import subprocess
     import sys
 
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    exe = shutil.which(
+        "torchrun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+    )
     if exe is None:
         pytest.skip("torchrun not found next to the Python interpreter or on PATH")
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root / "src") + os.pathsep + str(root / "tests")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(root / "src") + os.pathsep + str(root / "tests"),
+    }
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
     cmd = [exe, "--standalone", "--nproc_per_node", "2", str(script), *args]

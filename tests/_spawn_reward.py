@@ -33,8 +33,11 @@ def spawn_reward(response: str, example: object) -> float:
         name = f"daemon-{uuid.uuid4().hex}"
         tmp, final = d / f"{name}.tmp", d / f"{name}.pid"
         # the daemon keeps the worker's stdout (the pool's pipe) open, as a careless daemon would
-        subprocess.run(["setsid", "-f", "sh", "-c", f'echo $$ > "{tmp}" && mv "{tmp}" "{final}" && exec sleep 600'],
-                       check=True, stdin=subprocess.DEVNULL)
+        subprocess.run(
+            ["setsid", "-f", "sh", "-c", f'echo $$ > "{tmp}" && mv "{tmp}" "{final}" && exec sleep 600'],
+            check=True,
+            stdin=subprocess.DEVNULL,
+        )
         want.append(final)
     for _ in range(spec.get("forks", 0)):
         pid = os.fork()

@@ -38,8 +38,10 @@ def make_bomb_db(path: Path) -> str:
     """A small database with a ``singer`` table of 44 rows of ~200 bytes (the cartesian bomb's input)."""
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE singer (id INTEGER, name TEXT, country TEXT, age INTEGER)")
-    conn.executemany("INSERT INTO singer VALUES (?, ?, ?, ?)",
-                     [(i, f"singer number {i} " + "n" * 80, "country " + "c" * 80, 20 + i) for i in range(44)])
+    conn.executemany(
+        "INSERT INTO singer VALUES (?, ?, ?, ?)",
+        [(i, f"singer number {i} " + "n" * 80, "country " + "c" * 80, 20 + i) for i in range(44)],
+    )
     conn.commit()
     conn.close()
     return str(path)

@@ -46,8 +46,12 @@ def trl_zero(response: str, ex: Example) -> float:
 def examples() -> list[Example]:
     """12 prompts; the first 6 are always right (D_pef), the others want a leading '7' (D_exp)."""
     return [
-        Example(id=f"t{i}", prompt=[{"role": "user", "content": f"{i}+{i}"}], answer="always" if i < 6 else "7",
-                task="trl_toy")
+        Example(
+            id=f"t{i}",
+            prompt=[{"role": "user", "content": f"{i}+{i}"}],
+            answer="always" if i < 6 else "7",
+            task="trl_toy",
+        )
         for i in range(12)
     ]
 
@@ -58,8 +62,20 @@ def make_store(path: str | Path) -> dict:
     from dphrl.reference import presample
 
     tok = tokenizer()
-    return presample(HFEngine(model(tok), tok), tok, examples(), trl_toy, path, model_name=MODEL_NAME,
-                     tokenizer_hash=tokenizer_hash(tok), n=4, max_new_tokens=3, threshold=1.0, seed=0, progress=False)
+    return presample(
+        HFEngine(model(tok), tok),
+        tok,
+        examples(),
+        trl_toy,
+        path,
+        model_name=MODEL_NAME,
+        tokenizer_hash=tokenizer_hash(tok),
+        n=4,
+        max_new_tokens=3,
+        threshold=1.0,
+        seed=0,
+        progress=False,
+    )
 
 
 def trimmed_store(path: str | Path) -> ReferenceStore:
@@ -90,17 +106,34 @@ def one_step(store_path: str | Path, out_dir: str | Path, ga: int, loss_type: st
     tok = tokenizer()
     store = trimmed_store(store_path)
     args = GRPOConfig(
-        output_dir=str(out_dir), per_device_train_batch_size=4, gradient_accumulation_steps=ga, num_generations=4,
-        max_completion_length=3, max_steps=1, optim="sgd", learning_rate=0.1, max_grad_norm=0.0,
-        lr_scheduler_type="constant", use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        logging_steps=1, disable_tqdm=True, top_k=0, seed=0, loss_type=loss_type,
+        output_dir=str(out_dir),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=ga,
+        num_generations=4,
+        max_completion_length=3,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.1,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        top_k=0,
+        seed=0,
+        loss_type=loss_type,
         gradient_checkpointing=gradient_checkpointing,
     )
     grads: dict[str, torch.Tensor] = {}
 
     class Capture(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
-            grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            grads.update(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
 
     trainer = DPHGRPOTrainer(
         model(tok), trl_reward("trl_zero"), args, trl_dataset(examples(), store), processing_class=tok,
@@ -118,9 +151,15 @@ def one_step(store_path: str | Path, out_dir: str | Path, ga: int, loss_type: st
     trainer.reference_loss = recording
     trainer.train()
     logs = [h for h in trainer.state.log_history if "dph/div" in h]
-    return {"world": trainer.accelerator.num_processes, "rank": trainer.accelerator.process_index, "grads": grads,
-            "forwards": forwards, "micro_steps": trainer._step, "logs": logs,
-            "ref_model_is_none": trainer.ref_model is None}
+    return {
+        "world": trainer.accelerator.num_processes,
+        "rank": trainer.accelerator.process_index,
+        "grads": grads,
+        "forwards": forwards,
+        "micro_steps": trainer._step,
+        "logs": logs,
+        "ref_model_is_none": trainer.ref_model is None,
+    }
 
 
 def main(store_path: str, out_dir: str) -> None:
