@@ -109,7 +109,8 @@ def test_the_algorithm_table_fills_presets_and_common_defaults():
             assert getattr(cfg, key) == (value(cfg) if callable(value) else value), (name, key)
     assert TrainConfig(model="m", algorithm="dph", reference_store="s", divergence="forward_kl").eta == 0.01
     assert TrainConfig(model="m", algorithm="dapo", max_new_tokens=40).overlong_buffer == 10
-    assert TrainConfig(model="m", algorithm="dph", reference_store="s", clip_high=0.1).clip_high == 0.1  # user wins
+    # user wins
+    assert TrainConfig(model="m", algorithm="dph", reference_store="s", clip_high=0.1).clip_high == 0.1
     flags = {n: (s.rollout_prompts, s.live_reference, s.rehearsal) for n, s in ALGORITHMS.items()}
     assert flags == {"grpo": ("all", False, False), "dapo": ("all", False, False),
                      "rkl": ("all", True, False), "dph": ("d_exp", False, True)}
@@ -161,7 +162,9 @@ def test_launch_checks_are_one_function():
     assert "'old_logprob': rollout cannot be used with the vllm engine" in text
     z3 = check_launch(cfg, Launch(world_size=2, sharding="zero3"))
     assert any("refuses DeepSpeed" in e for e in z3.errors)
-    auto_hf = check_launch(TrainConfig(model="m", algorithm="grpo"), Launch(engine="hf", engine_was_auto=True))
+    auto_hf = check_launch(
+        TrainConfig(model="m", algorithm="grpo"), Launch(engine="hf", engine_was_auto=True)
+    )
     assert auto_hf.errors == [] and "engine auto resolved to hf" in auto_hf.warnings[0]
 
 
@@ -250,7 +253,9 @@ def test_an_engine_from_outside_the_package_is_one_entry(tmp_path, tok, make_mod
     assert mod.CALLS == {"generate": 3, "sync": 3}  # pushed before each of the 3 rollouts
     for a, b in zip(t.engine.model.parameters(), t._unwrapped().parameters()):
         assert not torch.equal(a, b)  # the last update came after the last push
-    with pytest.raises(ConfigError, match="'old_logprob'.*rollout cannot be used with the my_engine_mod:factory engine"):
+    with pytest.raises(
+        ConfigError, match="'old_logprob'.*rollout cannot be used with the my_engine_mod:factory engine"
+    ):
         load_config(tmp_path / "cfg.yaml", ["old_logprob=rollout"])
     bad = base_cfg(tmp_path / "b", "grpo", engine="my_engine_mod:no_sync", max_steps=1)
     with pytest.raises(TypeError, match="has no sync_weights"):
@@ -293,6 +298,11 @@ def test_diversity_entries_refuse_impossible_settings(tmp_path):
         base_cfg(tmp_path, "grpo", advantage="passk", passk_k=9, rollout_n=4)
     with pytest.raises(ConfigError, match="'dual_clip'.*kl_cov"):
         TrainConfig(model="m", algorithm="dph", reference_store="s", policy_loss="kl_cov")
-    assert TrainConfig(model="m", algorithm="dph", reference_store="s", policy_loss="kl_cov", dual_clip=0).dual_clip == 0
+    assert (
+        TrainConfig(
+            model="m", algorithm="dph", reference_store="s", policy_loss="kl_cov", dual_clip=0
+        ).dual_clip
+        == 0
+    )
     with pytest.raises(ConfigError, match="'clip_cov_ub'"):
         base_cfg(tmp_path, "grpo", policy_loss="clip_cov", clip_cov_lb=5.0, clip_cov_ub=1.0)

@@ -124,3 +124,24 @@ def test_a_torn_metrics_line_is_repaired_at_resume(tmp_path, tok, make_model, ca
     b.train()
     steps = [json.loads(x)["step"] for x in (t.out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_overwrite_replaces_only_a_directory_dphrl_wrote_and_a_refusal_changes_nothing(tmp_path):
+    from dphrl.rundir import LOCK_NAME, RunDirError, claim_dir
+
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    with pytest.raises(RunDirError, match="not a dphrl run.*Nothing was changed"):
+        claim_dir(thesis, what="dphrl train", overwrite=True)
+    assert sorted(p.name for p in thesis.iterdir()) == ["thesis.tex"]  # no lock file written either
+    run = tmp_path / "run"
+    claim_dir(run, what="t").release()
+    (run / "metrics.jsonl").write_text("{}\n")
+    lock_before = (run / LOCK_NAME).read_bytes()
+    os.utime(run / LOCK_NAME, (1, 1))
+    with pytest.raises(RunDirError, match="already holds a run"):
+        claim_dir(run, what="t")
+    assert (run / LOCK_NAME).read_bytes() == lock_before and (run / LOCK_NAME).stat().st_mtime == 1
+    claim_dir(run, what="t", overwrite=True).release()  # ours: replaced
+    assert [p.name for p in run.iterdir()] == [LOCK_NAME]

@@ -56,7 +56,9 @@ def test_train_dry_run_prints_the_plan(capsys):
     assert "dphrl dry run: algorithm dph, model meta-llama/Llama-3.1-8B-Instruct" in out
     assert "divergence: js" in out and "eta: 0.2" in out  # the resolved config
     assert "rollouts/step: 128 x 16 = 2048 sequences" in out
-    assert "micro-batch(es)" in out and "max sequence length: 4096 prompt + 1024 response = 5120 tokens" in out
+    assert (
+        "micro-batch(es)" in out and "max sequence length: 4096 prompt + 1024 response = 5120 tokens" in out
+    )
     assert "optimizer updates: 150 steps x 4 = 600" in out
     assert "memory per device (ESTIMATE)" in out and "FSDP/ZeRO-3 x 8" in out
     assert "reference_store: runs/bird_llama31_8b/ref_store" in out

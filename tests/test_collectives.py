@@ -32,10 +32,13 @@ def test_uneven_shards_match_one_process(tmp_path):
                 a = r0[(mode, agg, s)]
                 assert a["kind"] == {"ddp": "none", "fsdp1": "fsdp1", "fsdp2": "fsdp2"}[mode]
                 n0, n1 = a["n"], r1[(mode, agg, s)]["n"]
-                assert n0 != n1 and (n0[0] + n1[0], n0[1] + n1[1]) == ref["n"]  # really uneven, same global batch
+                # really uneven, same global batch
+                assert n0 != n1 and (n0[0] + n1[0], n0[1] + n1[1]) == ref["n"]
                 assert a["metrics"]["update/empty_skipped"] == 0.0
-                moved = max((ref["weights"][k] - base.model(base.tokenizer()).state_dict()[k]).abs().max().item()
-                            for k in ref["weights"])
+                moved = max(
+                    (ref["weights"][k] - base.model(base.tokenizer()).state_dict()[k]).abs().max().item()
+                    for k in ref["weights"]
+                )
                 assert moved > 1e-4, "degenerate batch: the update did not move the weights"
                 for k, w in ref["weights"].items():
                     torch.testing.assert_close(a["weights"][k], w, atol=2e-6, rtol=1e-5,

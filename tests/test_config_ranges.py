@@ -55,7 +55,9 @@ NUMERIC = [n for n in FIELDS if _base_type(n) in (int, float)]
 def test_every_field_has_a_declarative_check_and_its_default_passes():
     for name, f in FIELDS.items():
         check = f.metadata.get("check")
-        assert isinstance(check, Check), f"field {name!r} has no check= in its metadata (see dphrl.config.Range & co.)"
+        assert isinstance(check, Check), (
+            f"field {name!r} has no check= in its metadata (see dphrl.config.Range & co.)"
+        )
         assert f.metadata.get("help"), f"field {name!r} has no help text"
     TrainConfig(**BASE)  # every default passes its own check
     assert len(NUMERIC) > 40  # the walk below covers the numeric fields
@@ -88,9 +90,21 @@ def test_betas_each_in_zero_one():
     assert TrainConfig(**BASE, betas=[0.0, 0.95]).betas == [0.0, 0.95]
 
 
-@pytest.mark.parametrize("override", ["log_every=0", "generation_batch_size=0", "lr=inf", "lr=.nan", "save_every=-1",
-                                      "warmup_steps=-5", "reward_timeout_s=-1", "reward_workers=-2",
-                                      "reward_timeout_s=.inf", "rollout_n=.inf"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "log_every=0",
+        "generation_batch_size=0",
+        "lr=inf",
+        "lr=.nan",
+        "save_every=-1",
+        "warmup_steps=-5",
+        "reward_timeout_s=-1",
+        "reward_workers=-2",
+        "reward_timeout_s=.inf",
+        "rollout_n=.inf",
+    ],
+)
 def test_issue_values_are_refused_with_key_and_place(override):
     key = override.partition("=")[0]
     with pytest.raises(ConfigError) as e:
@@ -99,12 +113,29 @@ def test_issue_values_are_refused_with_key_and_place(override):
     assert str(e.value).startswith(f"config key '{key}' (command line): got ")
 
 
-@pytest.mark.parametrize("name,value", [("trackers", ["tensorbord"]), ("lr_schedule", "cosin"), ("dtype", "fp16"),
-                                        ("old_logprob", "sampled"), ("engine", "vlm"), ("loss_agg", "token_mean"),
-                                        ("policy_loss", "ppo"), ("advantage", "gae"), ("kl_estimator", "k4"),
-                                        ("rehearsal_form", "top_k"), ("reward", "no_such_reward"),
-                                        ("algorithm", "ppo"), ("model", ""), ("output_dir", " "), ("lora", "yes"),
-                                        ("divergence_params", [1]), ("lr", "fast"), ("max_steps", 2.5)])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("trackers", ["tensorbord"]),
+        ("lr_schedule", "cosin"),
+        ("dtype", "fp16"),
+        ("old_logprob", "sampled"),
+        ("engine", "vlm"),
+        ("loss_agg", "token_mean"),
+        ("policy_loss", "ppo"),
+        ("advantage", "gae"),
+        ("kl_estimator", "k4"),
+        ("rehearsal_form", "top_k"),
+        ("reward", "no_such_reward"),
+        ("algorithm", "ppo"),
+        ("model", ""),
+        ("output_dir", " "),
+        ("lora", "yes"),
+        ("divergence_params", [1]),
+        ("lr", "fast"),
+        ("max_steps", 2.5),
+    ],
+)
 def test_non_numeric_checks_name_the_key(name, value):
     with pytest.raises(ConfigError) as e:
         TrainConfig(**{**BASE, name: value})
@@ -139,7 +170,9 @@ def test_range_errors_carry_file_and_line(tmp_path):
     assert e.value.where == f"{p}:4"
     with pytest.raises(ConfigError, match=r"'save_every' \(command line\)"):
         load_config(p, ["lr=1e-5", "save_every=-1"])
-    with pytest.raises(ConfigError, match=rf"'reference_store' \(not set in {re.escape(str(p))}\).*presample"):
+    with pytest.raises(
+        ConfigError, match=rf"'reference_store' \(not set in {re.escape(str(p))}\).*presample"
+    ):
         load_config(p, ["lr=1e-5", "algorithm=dph"])
 
 
@@ -160,7 +193,8 @@ def test_dataset_subkeys_are_checked_at_config_time_with_their_line(tmp_path):
     assert not absent.exists()
     with pytest.raises(ConfigError, match=r"'dataset\.type'.*unknown dataset type 'gsm8kk'.*'gsm8k'"):
         load_config(ok, ["dataset.type=gsm8kk"])
-    with pytest.raises(ConfigError, match=r"'dataset\.max_samples'.*Did you mean 'limit'"):  # no type yet: any loader's keys
+    # no type yet: any loader's keys
+    with pytest.raises(ConfigError, match=r"'dataset\.max_samples'.*Did you mean 'limit'"):
         load_config(overrides=["model=m", "algorithm=grpo", "dataset.max_samples=3"])
 
 
@@ -169,19 +203,31 @@ def test_eval_data_specs_are_checked_with_nested_lines(tmp_path):
                         "    limmit: 4\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert e.value.key == "eval_data.gsm8k.limmit" and f"({p}:8)" in str(e.value) and "'limit'" in str(e.value)
+    assert (
+        e.value.key == "eval_data.gsm8k.limmit" and f"({p}:8)" in str(e.value) and "'limit'" in str(e.value)
+    )
     cfg = load_config(p, ["eval_data.gsm8k={type: gsm8k, path: x.jsonl}", "eval_data.gsm8k.limit=4"])
     assert cfg.eval_data == {"gsm8k": {"type": "gsm8k", "path": "x.jsonl", "limit": 4}}
     with pytest.raises(ConfigError, match=r"'eval_data\.gsm8k'.*dataset spec"):
         TrainConfig(**BASE, eval_data={"gsm8k": {}})
 
 
-@pytest.mark.parametrize("key,meant", [("learning_rate", "lr"), ("num_generations", "rollout_n"), ("beta", "kl_coef"),
-                                       ("max_completion_length", "max_new_tokens"),
-                                       ("max_prompt_length", "max_prompt_tokens"), ("epsilon", "clip_low"),
-                                       ("epsilon_high", "clip_high"), ("num_iterations", "ppo_epochs"),
-                                       ("gradient_accumulation_steps", "micro_batch_size"),
-                                       ("loss_type", "loss_agg"), ("temprature", "temperature")])
+@pytest.mark.parametrize(
+    "key,meant",
+    [
+        ("learning_rate", "lr"),
+        ("num_generations", "rollout_n"),
+        ("beta", "kl_coef"),
+        ("max_completion_length", "max_new_tokens"),
+        ("max_prompt_length", "max_prompt_tokens"),
+        ("epsilon", "clip_low"),
+        ("epsilon_high", "clip_high"),
+        ("num_iterations", "ppo_epochs"),
+        ("gradient_accumulation_steps", "micro_batch_size"),
+        ("loss_type", "loss_agg"),
+        ("temprature", "temperature"),
+    ],
+)
 def test_unknown_keys_suggest_the_dphrl_key(tmp_path, key, meant):
     p = _yaml(tmp_path, f"{key}: 1\n")
     with pytest.raises(ConfigError) as e:

@@ -21,7 +21,8 @@ P3 = np.array([0.05, 0.45, 0.50])
 
 def test_pass_at_k_two_styles_by_enumeration():
     q, v = np.array([0.3, 0.7]), np.array([0.6, 0.2])
-    # valid sets: {1,2} 0.12 -> always solved; {1} 0.48 -> miss w.p. 0.7; {2} 0.08 -> miss 0.3; {} 0.32 -> never
+    # valid sets: {1,2} 0.12 -> always solved; {1} 0.48 -> miss w.p. 0.7; {2} 0.08 -> miss 0.3;
+    # {} 0.32 -> never
     by_hand = 0.12 * 1 + 0.48 * (1 - 0.7**3) + 0.08 * (1 - 0.3**3)
     assert dopt.pass_at_k(q, v, 3) == pytest.approx(by_hand, abs=1e-15)
     assert dopt.pass_at_k(q, v, 1) == pytest.approx(dopt.pass_at_1(q, v)) == pytest.approx(0.32)
@@ -58,7 +59,9 @@ def test_forward_kl_by_hand_and_kkt():
         g = V3 + beta * P3 / q  # stationarity: the same multiplier for every style
         assert np.ptp(g) / g.mean() < 1e-9
         assert dopt.kkt_residual("fkl", q, P3, V3, beta) < 1e-9
-    np.testing.assert_allclose(dopt.optimum_numeric("fkl", P3, V3, 0.1), dopt.optimum("fkl", P3, V3, 0.1), atol=1e-7)
+    np.testing.assert_allclose(
+        dopt.optimum_numeric("fkl", P3, V3, 0.1), dopt.optimum("fkl", P3, V3, 0.1), atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("family", dopt.FAMILIES)
@@ -94,12 +97,16 @@ def test_js_is_twice_jensen_shannon():
 def test_beta_for_pass1_hits_the_target():
     for family in dopt.FAMILIES:
         b = dopt.beta_for_pass1(family, P3, V3, np.array([0.5, 0.65]))
-        np.testing.assert_allclose(dopt.pass_at_1(dopt.optimum(family, P3, V3, b), V3), [0.5, 0.65], atol=1e-9)
+        np.testing.assert_allclose(
+            dopt.pass_at_1(dopt.optimum(family, P3, V3, b), V3), [0.5, 0.65], atol=1e-9
+        )
 
 
 def test_findings_even_base_coincides_uneven_separates():
     even = dopt.compare([1 / 3] * 3, V3, 16, grid=120, exact_peaks=False)
-    weak = dopt.compare([0.006, 0.022, 0.059, 0.913], [0.35, 0.52, 0.45, 0.28], 16, grid=120, exact_peaks=False)
+    weak = dopt.compare(
+        [0.006, 0.022, 0.059, 0.913], [0.35, 0.52, 0.45, 0.28], 16, grid=120, exact_peaks=False
+    )
     assert even["pairs"]["rkl-fkl"]["max_abs"] < 1.0  # points of Pass@16
     assert dopt.signed_peaks(weak)["signed"] > 5.0  # reverse-KL well ahead of forward-KL
     i = int(np.argmin(np.abs(np.asarray(weak["matched"]["pass1"]) - dopt.signed_peaks(weak)["at"])))

@@ -275,8 +275,9 @@ def test_alpha_is_finite_for_any_alpha_and_exact_inside_its_guard(alpha):
     inside = torch.linspace(lo, hi, 50, dtype=F64)
     u = inside.exp()
     exact = (u.pow(1 - alpha) - (1 - alpha) * u - alpha) / (alpha * (alpha - 1))
-    torch.testing.assert_close(D.per_token_loss("alpha", inside, torch.zeros_like(inside), alpha=alpha), exact,
-                               rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(
+        D.per_token_loss("alpha", inside, torch.zeros_like(inside), alpha=alpha), exact, rtol=1e-9, atol=1e-9
+    )
     # outside, the tangent line: slope at the boundary equals the exact derivative there
     x = torch.tensor([lo - 5.0, lo], dtype=F64, requires_grad=True)
     y = D.per_token_loss("alpha", x, torch.zeros_like(x), alpha=alpha)

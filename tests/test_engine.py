@@ -24,7 +24,9 @@ def _reference_logprobs(model, tok, gens, temperature: float, top_p: float) -> l
     """Independent computation: full forward, logits / T, nucleus mask, renormalize, gather."""
     b = pack([g.prompt_ids for g in gens], [g.response_ids for g in gens], tok.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        logits = model(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids
+        ).logits
     logits = logits[:, b.prompt_len - 1 : -1].float() / temperature  # (B, T, V)
     if top_p < 1.0:
         probs = torch.softmax(logits, -1)
@@ -40,8 +42,13 @@ def test_logprobs_match_the_sampled_distribution():
     tok, model, prompts = _setup()
     engine = HFEngine(model, tok, batch_size=3)  # several generate batches
     for temperature, top_p in [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8), (1.3, 0.9)]:
-        gens = [g for gs in engine.generate(prompts, 4, max_new_tokens=10, temperature=temperature, top_p=top_p, seed=0)
-                for g in gs]
+        gens = [
+            g
+            for gs in engine.generate(
+                prompts, 4, max_new_tokens=10, temperature=temperature, top_p=top_p, seed=0
+            )
+            for g in gs
+        ]
         ref = _reference_logprobs(model, tok, gens, temperature, top_p)
         for g, r in zip(gens, ref):
             assert len(g.logprobs) == len(g.response_ids)
@@ -99,21 +106,30 @@ def test_shared_prefill_samples_what_unshared_samples(arch):
     model = tiny_causal_lm(tok, arch=arch, hidden=32, layers=2, seed=1).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(6)
-    prompts = [encode_prompt(tok, [{"role": "user", "content": c}]) for c in ("1+2", "11+22", "3", "123+456+78")]
+    prompts = [
+        encode_prompt(tok, [{"role": "user", "content": c}]) for c in ("1+2", "11+22", "3", "123+456+78")
+    ]
     settings = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(greedy=True)]
     n_tokens, finished = 0, []
     for batch_size in (64, 3):  # one batch; batches that cut groups (n = 4) and mix prompt lengths
         for kw in settings:
-            a = _flat(HFEngine(model, tok, batch_size=batch_size).generate(prompts, 4, max_new_tokens=12, seed=7, **kw))
+            a = _flat(
+                HFEngine(model, tok, batch_size=batch_size).generate(
+                    prompts, 4, max_new_tokens=12, seed=7, **kw
+                )
+            )
             b = _flat(HFEngine(model, tok, batch_size=batch_size, share_prefix=False).generate(
                 prompts, 4, max_new_tokens=12, seed=7, **kw))
             assert [(g.prompt_ids, g.response_ids, g.finished, g.text) for g in a] == [
                 (g.prompt_ids, g.response_ids, g.finished, g.text) for g in b]
             for x, y in zip(a, b):
-                torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-6)
+                torch.testing.assert_close(
+                    torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-6
+                )
             n_tokens += sum(len(g.response_ids) for g in a)
             finished += [g.finished for g in a]
-    assert n_tokens > 200 and any(finished) and not all(finished)  # ended by EOS and cut at the limit both occur
+    # ended by EOS and cut at the limit both occur
+    assert n_tokens > 200 and any(finished) and not all(finished)
 
 
 def test_each_prompt_is_prefilled_once():
@@ -123,7 +139,9 @@ def test_each_prompt_is_prefilled_once():
     HFEngine(model, tok).generate(prompts, 4, max_new_tokens=3, seed=0)
     prefill, first, *rest = calls
     assert prefill["input_ids"].shape == (2, P - 1)  # the 2 distinct prompts, all but the last column
-    assert prefill["attention_mask"].tolist() == [[0] * (P - 1 - (len(p) - 1)) + [1] * (len(p) - 1) for p in prompts]
+    assert prefill["attention_mask"].tolist() == [
+        [0] * (P - 1 - (len(p) - 1)) + [1] * (len(p) - 1) for p in prompts
+    ]
     assert prefill["cache_len"] == 0 and first["cache_len"] == P - 1  # the prefill filled the cache ...
     assert first["input_ids"].shape == (8, 1)  # ... and generate forwards only the last prompt column
     assert first["position_ids"][:, -1].tolist() == [len(p) - 1 for p in prompts for _ in range(4)]
@@ -146,9 +164,19 @@ def test_one_token_prompts_and_unsupported_models():
     # a sliding-window model (no plain full-attention cache) falls back to the unshared path
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    sliding = AutoModelForCausalLM.from_config(MistralConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, sliding_window=4, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    sliding = AutoModelForCausalLM.from_config(
+        MistralConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            sliding_window=4,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     calls = _spy_forward(sliding)
     gens = _flat(HFEngine(sliding, tok).generate([[7, 8, 9]], 2, max_new_tokens=2, seed=0))
     assert calls[0]["input_ids"].shape == (2, 3) and len(gens) == 2
@@ -162,7 +190,8 @@ def test_preallocated_cache_decodes_in_place_and_samples_the_same(share):
     model = tiny_causal_lm(tok, hidden=32, layers=2, seed=1).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.mul_(6)
-    prompts = [encode_prompt(tok, [{"role": "user", "content": c * 60}]) for c in ("1+2", "45+")]  # 182, 122 tokens
+    # 182, 122 tokens
+    prompts = [encode_prompt(tok, [{"role": "user", "content": c * 60}]) for c in ("1+2", "45+")]
     assert max(len(p) for p in prompts) + 12 >= PREALLOCATE_MIN_POSITIONS
     kw = dict(max_new_tokens=12, temperature=0.8, top_p=0.95, seed=4)
     buffers: list[int] = []

@@ -1,4 +1,5 @@
-"""Full-distribution rehearsal over top-k + tail buckets: exact values, gradients and variances by enumeration."""
+"""Full-distribution rehearsal over top-k + tail buckets: exact values,
+gradients and variances by enumeration."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def test_k_larger_than_vocab_is_clamped_and_ids_sorted():
     assert torch.isneginf(ref_b[..., -1]).all() and ref_b.grad_fn is None
 
 
-# ----------------------------------------------------------------------------- (b) K < V: coarsened distributions
+# ------------------------------------------------------------------------- (b) K < V: coarsened distributions
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
@@ -111,7 +112,9 @@ def test_topk_buckets_are_the_coarsened_distribution(k):
     for name in ("forward_kl", "js"):
         got = D.bucket_divergence(name, logp_b, ref_b)
         torch.testing.assert_close(got, exact(name, pc, qc), rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(_grad(got.sum(), pol), _grad(exact(name, pc, qc).sum(), pol), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            _grad(got.sum(), pol), _grad(exact(name, pc, qc).sum(), pol), rtol=1e-9, atol=1e-12
+        )
         full = exact(name, ref.softmax(-1), pol.softmax(-1))
         assert (got < full).all()  # data processing (strict: the tails differ in shape here)
 
@@ -154,7 +157,7 @@ def test_buckets_normalised_and_temperature_and_logprob_inputs():
         D.bucket_divergence("forward_kl", out, out[..., :-1])
 
 
-# ----------------------------------------------------------------------------- (c), (d) autoregressive model by enumeration
+# --------------------------------------------------------------- (c), (d) autoregressive model by enumeration
 
 
 def _ar_model(seed: int, vocab: int = 3, length: int = 3, scale: float = 1.0):
@@ -198,8 +201,9 @@ def test_bucket_and_sampled_forms_have_the_same_expectation_and_gradient(seed):
     # JS: not a sequence-level divergence, but both forms agree (sum over positions of E[2 JS_t])
     w, sampled, bucket = _per_sequence("js", theta, ref_table, rows, toks, k=3)
     assert (w * bucket).sum().item() == pytest.approx((w * sampled).sum().item(), rel=1e-12)
-    torch.testing.assert_close(_grad((w * bucket).sum(), theta), _grad((w * sampled).sum(), theta), rtol=1e-10,
-                               atol=1e-13)
+    torch.testing.assert_close(
+        _grad((w * bucket).sum(), theta), _grad((w * sampled).sum(), theta), rtol=1e-10, atol=1e-13
+    )
 
     # K < V - 1: the coarsened per-position KLs sum to strictly less (data processing), still > 0
     # (K = V - 1 leaves one token in the tail: no coarsening, the same value)
@@ -278,7 +282,7 @@ def test_per_sequence_variance_is_not_always_lower():
     assert _variance(w, bucket) > _variance(w, sampled) + 5e-3  # 1.04620 vs 1.04062
 
 
-# ----------------------------------------------------------------------------- top-k + sampled tail (unbiased for any K)
+# ------------------------------------------------------------------ top-k + sampled tail (unbiased for any K)
 
 
 def _hybrid_per_sequence(name: str, theta, ref_table, rows, toks, k: int):
@@ -341,7 +345,8 @@ def test_topk_sampled_tail_on_sequences_expectation_gradient_variance(k):
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name,params", CASES, ids=IDS)
 def test_no_nan_for_extreme_ratios_and_empty_reference_buckets(name, params, dtype):
-    ref = torch.tensor([[[0.0, -3.0, NEG_INF, NEG_INF, NEG_INF, NEG_INF],  # 2 tokens: top-4 has 2 empty + empty tail
+    # 2 tokens: top-4 has 2 empty + empty tail
+    ref = torch.tensor([[[0.0, -3.0, NEG_INF, NEG_INF, NEG_INF, NEG_INF],
                          [0.0, -1.0, -2.0, -3.0, -200.0, -300.0]]], dtype=dtype)  # tiny tail
     pol = torch.tensor([[[-1e4, 1e4, 0.0, 5.0, -5.0, 3e3],
                          [-1e3, 0.0, 1e3, -2e3, 2e3, 0.0]]], dtype=dtype, requires_grad=True)
@@ -350,7 +355,8 @@ def test_no_nan_for_extreme_ratios_and_empty_reference_buckets(name, params, dty
     logp_b = D.topk_buckets(pol, ids)
     per = D.bucket_divergence(name, logp_b, ref_b, **params)
     loss, metrics = D.full_distribution_loss(name, logp_b, ref_b, torch.ones(1, 2), **params)
-    tok = torch.tensor([[5, 4]])  # position 0: a token pi_ref cannot produce (its tail is empty); 1: in the tail
+    # position 0: a token pi_ref cannot produce (its tail is empty); 1: in the tail
+    tok = torch.tensor([[5, 4]])
     in_top = (ids == tok.unsqueeze(-1)).any(-1)
     tok_lp = pol.float().log_softmax(-1).gather(-1, tok[..., None])[..., 0]
     tok_ref = ref.float().log_softmax(-1).gather(-1, tok[..., None])[..., 0]
@@ -364,7 +370,8 @@ def test_no_nan_for_extreme_ratios_and_empty_reference_buckets(name, params, dty
 
 
 def test_empty_reference_bucket_contributes_exactly_zero():
-    logp_b = torch.tensor([[[-0.5, -1.2, -1e9]]], dtype=F64, requires_grad=True)  # policy's last bucket ~ 0 mass
+    # policy's last bucket ~ 0 mass
+    logp_b = torch.tensor([[[-0.5, -1.2, -1e9]]], dtype=F64, requires_grad=True)
     ref_b = torch.tensor([[[math.log(0.3), math.log(0.7), NEG_INF]]], dtype=F64)
     out = D.bucket_divergence("forward_kl", logp_b, ref_b)
     manual = 0.3 * (math.expm1(-0.5 - math.log(0.3)) + 0.5 + math.log(0.3)) + 0.7 * (
@@ -372,10 +379,11 @@ def test_empty_reference_bucket_contributes_exactly_zero():
     assert out.item() == pytest.approx(manual, rel=1e-12)
     (g,) = torch.autograd.grad(out.sum(), logp_b)
     assert g[0, 0, 2].item() == 0.0
-    assert g[0, 0, 0].item() == pytest.approx(math.exp(-0.5) - 0.3, rel=1e-12)  # pi_ref (u - 1) = pi_theta - pi_ref
+    # pi_ref (u - 1) = pi_theta - pi_ref
+    assert g[0, 0, 0].item() == pytest.approx(math.exp(-0.5) - 0.3, rel=1e-12)
 
 
-# ----------------------------------------------------------------------------- (f) aggregation, metrics, registry
+# ------------------------------------------------------------------------- (f) aggregation, metrics, registry
 
 
 def test_micro_batches_with_global_counts_match_full_batch():
@@ -396,7 +404,9 @@ def test_micro_batches_with_global_counts_match_full_batch():
 
 
 def test_loss_metrics_padding_and_inputs_untouched():
-    logp_b = torch.tensor([[[-0.1, -2.5], [-1.0, -0.5]], [[-0.7, -0.7], [5.0, 5.0]]], dtype=F64, requires_grad=True)
+    logp_b = torch.tensor(
+        [[[-0.1, -2.5], [-1.0, -0.5]], [[-0.7, -0.7], [5.0, 5.0]]], dtype=F64, requires_grad=True
+    )
     ref_b = torch.tensor([[[-0.2, -1.7], [NEG_INF, 0.0]], [[-0.3, -1.35], [1.0, 1.0]]], dtype=F64)
     mask = torch.tensor([[1, 1], [1, 0]], dtype=torch.bool)
     before = (logp_b.detach().clone(), ref_b.clone())
@@ -432,8 +442,12 @@ def test_rehearsal_forms_registry():
     mask = torch.ones(2, 3)
     kw = dict(agg="token-mean", num_tokens=6.0, num_seqs=2, max_len=3)
     s_loss, _ = D.REHEARSAL_FORMS["sampled"].loss(
-        "forward_kl", pol.log_softmax(-1).gather(-1, tok)[..., 0], ref.log_softmax(-1).gather(-1, tok)[..., 0], mask,
-        **kw)
+        "forward_kl",
+        pol.log_softmax(-1).gather(-1, tok)[..., 0],
+        ref.log_softmax(-1).gather(-1, tok)[..., 0],
+        mask,
+        **kw,
+    )
     ids, ref_b = D.reference_topk(ref, 6)
     t_loss, _ = D.REHEARSAL_FORMS["topk"].loss("forward_kl", D.topk_buckets(pol, ids), ref_b, mask, **kw)
     assert torch.isfinite(s_loss) and torch.isfinite(t_loss)

@@ -96,7 +96,9 @@ def test_per_position_gradient_at_a_fixed_prefix():
     for y1 in range(3):
         log_q = (a + w[y1]).log_softmax(-1)  # pi_theta(. | y1)
         weight = log_q.exp().detach()
-        g = {k: _grad((weight * L.kl_estimator(log_q, ref2[y1], k)).sum(), params) for k in ("k1", "k2", "k3")}
+        g = {
+            k: _grad((weight * L.kl_estimator(log_q, ref2[y1], k)).sum(), params) for k in ("k1", "k2", "k3")
+        }
         torch.testing.assert_close(g["k1"], torch.zeros_like(g["k1"]), rtol=0, atol=1e-15)
         torch.testing.assert_close(g["k2"], _grad(_kl(log_q, ref2[y1]), params), rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(g["k3"], _grad(_kl(ref2[y1], log_q), params), rtol=1e-10, atol=1e-13)
@@ -129,7 +131,7 @@ def test_summed_k2_is_not_the_sequence_reverse_kl_gradient_but_the_reward_form_i
     torch.testing.assert_close(g_reinforce, -beta * g_seq, rtol=1e-10, atol=1e-14)
 
 
-# ----------------------------------------------------------------------------- rehearsal pull on a dropped token
+# -------------------------------------------------------------------------- rehearsal pull on a dropped token
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])

@@ -42,7 +42,9 @@ def _make_db(path: Path, rows: int = 5) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path)
     conn.execute("CREATE TABLE pets (id INTEGER PRIMARY KEY, kind TEXT, age INTEGER)")
-    conn.executemany("INSERT INTO pets VALUES (?, ?, ?)", [(i, ["cat", "dog"][i % 2], i + 1) for i in range(rows)])
+    conn.executemany(
+        "INSERT INTO pets VALUES (?, ?, ?)", [(i, ["cat", "dog"][i % 2], i + 1) for i in range(rows)]
+    )
     conn.commit()
     conn.close()
     return path
@@ -63,7 +65,11 @@ def test_gsm8k(tmp_path):
     assert [e.answer for e in exs] == ["4", "1000"]
     e = exs[1]
     assert e.task == "math" and e.meta["source"] == str(p) and e.meta["line"] == 3
-    assert e.prompt[-1]["role"] == "user" and "\\boxed{}" in e.prompt[-1]["content"] and "Big?" in e.prompt[-1]["content"]
+    assert (
+        e.prompt[-1]["role"] == "user"
+        and "\\boxed{}" in e.prompt[-1]["content"]
+        and "Big?" in e.prompt[-1]["content"]
+    )
     assert get_reward(e.task)("\\boxed{1000}", e) == 1.0
     assert len(load_gsm8k(p, limit=1)) == 1
 
@@ -139,11 +145,21 @@ def test_spider_skips_missing_databases(tmp_path, caplog):
 def test_bird_appends_evidence(tmp_path):
     d = tmp_path / "bird"
     _make_db(d / "dev_databases" / "zoo" / "zoo.sqlite")
-    (d / "dev.json").write_text(json.dumps([
-        {"question_id": 7, "db_id": "zoo", "question": "How many old pets?", "evidence": "old refers to age > 3",
-         "SQL": "SELECT count(*) FROM pets WHERE age > 3", "difficulty": "simple"},
-        {"question_id": 8, "db_id": "nope", "question": "x", "evidence": "", "SQL": "SELECT 1"},
-    ]))
+    (d / "dev.json").write_text(
+        json.dumps(
+            [
+                {
+                    "question_id": 7,
+                    "db_id": "zoo",
+                    "question": "How many old pets?",
+                    "evidence": "old refers to age > 3",
+                    "SQL": "SELECT count(*) FROM pets WHERE age > 3",
+                    "difficulty": "simple",
+                },
+                {"question_id": 8, "db_id": "nope", "question": "x", "evidence": "", "SQL": "SELECT 1"},
+            ]
+        )
+    )
     exs = load_bird(d)
     assert len(exs) == 1 and exs.skipped == 1
     e = exs[0]
@@ -183,7 +199,9 @@ def test_jsonl_generic(tmp_path):
     assert exs[1].prompt[0]["role"] == "system" and exs[1].answer == "2"
     math_ex = load_jsonl(p, prompt_field="q", answer_field="a", template="math", limit=1)
     assert len(math_ex) == 1 and "\\boxed{}" in math_ex[0].prompt[0]["content"]
-    sp = _write_jsonl(tmp_path / "s.jsonl", [{"question": "n?", "sql": "SELECT count(*) FROM pets", "db": "dbs/a.sqlite"}])
+    sp = _write_jsonl(
+        tmp_path / "s.jsonl", [{"question": "n?", "sql": "SELECT count(*) FROM pets", "db": "dbs/a.sqlite"}]
+    )
     sx = load_jsonl(sp, prompt_field="question", answer_field=None, gold_sql_field="sql", db_path_field="db",
                     task="sql", template="sql")
     assert sx[0].db_path == str(db) and "CREATE TABLE pets" in sx[0].prompt[0]["content"]
@@ -233,7 +251,9 @@ def test_load_dataset_spec_dispatch(tmp_path):
     s1 = load_dataset_spec({"type": "gsm8k", "path": "g.jsonl", "limit": 4, "seed": 1}, base_dir=tmp_path)
     s2 = load_dataset_spec({"type": "gsm8k", "path": str(g), "limit": 4, "seed": 1})
     assert [e.id for e in s1] == [e.id for e in s2] and len(s1) == 4
-    assert [e.id for e in s1] != [e.id for e in load_dataset_spec({"type": "gsm8k", "path": str(g), "limit": 4})]
+    assert [e.id for e in s1] != [
+        e.id for e in load_dataset_spec({"type": "gsm8k", "path": str(g), "limit": 4})
+    ]
     assert len(load_dataset_spec(f"gsm8k:{g}")) == 10
     plain = _write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "hi", "answer": "1"}])
     assert load_dataset_spec(str(plain))[0].prompt == [{"role": "user", "content": "hi"}]  # jsonl inferred
@@ -245,11 +265,15 @@ def test_load_dataset_spec_dispatch(tmp_path):
     assert load_dataset_spec(str(d)).skipped == 2  # type inferred from the layout
     m = _write_jsonl(tmp_path / "m.jsonl", [{"problem": "p", "answer": "1"}])
     assert load_dataset_spec({"type": "math", "path": str(m)})[0].answer == "1"
-    j = load_dataset_spec({"type": "jsonl", "path": str(g), "prompt_field": "question", "answer_field": "answer"})
+    j = load_dataset_spec(
+        {"type": "jsonl", "path": str(g), "prompt_field": "question", "answer_field": "answer"}
+    )
     assert len(j) == 10
     ar = load_dataset_spec({"type": "synthetic_arith", "n": 5, "digits": 3, "seed": 2})
     assert len(ar) == 5 and ar[0].task == "math"
-    sq = load_dataset_spec({"type": "synthetic_sql", "path": str(tmp_path / "syn"), "n": 4, "seed": 1, "limit": 2})
+    sq = load_dataset_spec(
+        {"type": "synthetic_sql", "path": str(tmp_path / "syn"), "n": 4, "seed": 1, "limit": 2}
+    )
     assert len(sq) == 2 and sq[0].task == "sql"
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['bogus'\]"):
         load_dataset_spec({"type": "gsm8k", "path": str(g), "bogus": 1})
@@ -269,7 +293,9 @@ def test_synthetic_arithmetic():
     a = make_arithmetic(30, digits=3, operands=4, ops="+-*/", seed=5)
     b = make_arithmetic(30, digits=3, operands=4, ops="+-*/", seed=5)
     assert [e.to_dict() for e in a] == [e.to_dict() for e in b]
-    assert [e.answer for e in make_arithmetic(30, digits=3, operands=4, ops="+-*/", seed=6)] != [e.answer for e in a]
+    assert [e.answer for e in make_arithmetic(30, digits=3, operands=4, ops="+-*/", seed=6)] != [
+        e.answer for e in a
+    ]
     for e in a:
         expr = e.meta["expr"]
         nums = [t for t in expr.split() if t.isdigit()]
@@ -317,7 +343,9 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     p = tmp_path / "latin1.jsonl"
     p.write_bytes(b'{"question": "ok", "answer": "#### 1"}\n\n{"question": "caf\xe9", "answer": "#### 2"}\n')
     for load in (load_gsm8k, lambda q: load_jsonl(q, prompt_field="question")):
-        with pytest.raises(ValueError, match=r"latin1\.jsonl, line 3: invalid UTF-8 \(byte 0xe9 at column 18\)"):
+        with pytest.raises(
+            ValueError, match=r"latin1\.jsonl, line 3: invalid UTF-8 \(byte 0xe9 at column 18\)"
+        ):
             load(p)
     d = _spider_dir(tmp_path)
     (d / "dev.json").write_bytes(b'[\n  {"db_id": "zoo",\n   "question": "\xff"}\n]')
@@ -335,7 +363,9 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
         load_dataset_spec({"type": "gsm8k", "path": str(empty)})
     d = _spider_dir(tmp_path)
     (d / "dev.json").write_text(json.dumps([{"db_id": "gone", "question": "q", "query": "SELECT 1"}]))
-    with pytest.raises(ValueError, match=r"gave no examples: all 1 were skipped \(missing database gone: 1\)"):
+    with pytest.raises(
+        ValueError, match=r"gave no examples: all 1 were skipped \(missing database gone: 1\)"
+    ):
         load_dataset_spec({"type": "spider", "path": str(d)})
     with pytest.raises(ValueError, match="gave no examples"):
         load_dataset_spec({"type": "synthetic_arith", "n": 0})
@@ -347,12 +377,15 @@ def test_spec_check_reads_no_data_and_suggests(tmp_path):
     check_dataset_spec({"type": "gsm8k"})  # a partial spec: 'path' is required when loading
     with pytest.raises(ValueError, match="needs 'path'"):
         load_dataset_spec({"type": "gsm8k"})
-    with pytest.raises(DatasetSpecError, match=r"unknown option\(s\) \['limt'\].*Did you mean 'limit'\?") as e:
+    with pytest.raises(
+        DatasetSpecError, match=r"unknown option\(s\) \['limt'\].*Did you mean 'limit'\?"
+    ) as e:
         check_dataset_spec({"type": "gsm8k", "path": absent, "limt": 3})
     assert e.value.key == "limt"
     with pytest.raises(DatasetSpecError, match=r"Did you mean 'path'\?"):
         check_dataset_spec({"type": "jsonl", "file": absent})
-    with pytest.raises(DatasetSpecError, match="no loader takes them") as e:  # type not known: any loader's keys
+    # type not known: any loader's keys
+    with pytest.raises(DatasetSpecError, match="no loader takes them") as e:
         check_dataset_spec({"path": str(tmp_path / "absent_dir"), "promt_field": "q"})
     assert e.value.key == "promt_field"
     for bad, key in (({"limit": 0}, "limit"), ({"limit": "5"}, "limit"), ({"seed": 1.5}, "seed"),

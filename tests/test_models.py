@@ -29,8 +29,8 @@ from dphrl.models import (
 from dphrl.testing import tiny_causal_lm
 
 CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor "
+    "%}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["h e", "l l", "Ġ w", "o r", "he ll"]
@@ -83,7 +83,8 @@ def _permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_tiny_llama_gguf(path: Path, model: LlamaForCausalLM, tokens: list[str], types: list[int]) -> Path:
-    """Write ``model`` (F32) and a byte-level BPE vocabulary to a GGUF file the transformers loader accepts."""
+    """Write ``model`` (F32) and a byte-level BPE vocabulary to a GGUF file the transformers loader
+    accepts."""
     import gguf
 
     cfg = model.config

@@ -58,7 +58,9 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize(("temperature", "top_p", "entropy_grad"), [(1.0, 1.0, False), (0.7, 1.0, True), (0.7, 0.9, False)])
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "entropy_grad"), [(1.0, 1.0, False), (0.7, 1.0, True), (0.7, 0.9, False)]
+)
 def test_logprobs_and_gradients_equal_the_packed_forward(arch, temperature, top_p, entropy_grad):
     model = _model(arch)
     groups = _groups()
@@ -73,12 +75,14 @@ def test_logprobs_and_gradients_equal_the_packed_forward(arch, temperature, top_
         keep = mask & torch.isfinite(logp)  # (B, T)
         return torch.where(keep, logp * w + ent * (w > 0), torch.zeros_like(logp)).sum()
 
-    want, want_ent = response_logprobs(model, packed, temperature, with_entropy=True, entropy_grad=entropy_grad,
-                                       top_p=top_p)
+    want, want_ent = response_logprobs(
+        model, packed, temperature, with_entropy=True, entropy_grad=entropy_grad, top_p=top_p
+    )
     loss(want, want_ent).backward()
     want_g = _grads(model)
-    got, got_ent = prefix_response_logprobs(model, shared, temperature, with_entropy=True, entropy_grad=entropy_grad,
-                                            top_p=top_p)
+    got, got_ent = prefix_response_logprobs(
+        model, shared, temperature, with_entropy=True, entropy_grad=entropy_grad, top_p=top_p
+    )
     loss(got, got_ent).backward()
     got_g = _grads(model)
 
@@ -108,7 +112,8 @@ def test_prompt_cache_carries_gradient(monkeypatch):
 
     monkeypatch.setattr(DynamicLayer, "batch_select_indices", detached)
     got, _ = prefix_response_logprobs(model, pack_groups(prompts, responses, EOS))
-    torch.testing.assert_close(got * packed.resp_mask, want * packed.resp_mask, rtol=0, atol=1e-5)  # values: same
+    # values: same
+    torch.testing.assert_close(got * packed.resp_mask, want * packed.resp_mask, rtol=0, atol=1e-5)
     (got * packed.resp_mask).sum().backward()
     got_g = _grads(model)
     k = "model.layers.0.self_attn.k_proj.weight"
@@ -176,7 +181,11 @@ def test_attention_mask_and_position_ids():
     # 2. responses but their last token, right-padded; mask = own prompt's mask + own response's
     assert second["input_ids"].tolist() == [[15, 16, EOS], [17, 0, 0], [18, 19, 0], [20, 21, 22]]
     assert second["attention_mask"].tolist() == [
-        [0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1]]
+        [0, 0, 1, 1, 1, 1, 1, 1],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1, 1, 0],
+        [0, 0, 1, 1, 1, 1, 1, 1],
+    ]
     # positions continue after the prompt's real length (3 or 5)
     assert second["position_ids"].tolist() == [[3, 4, 5], [3, 4, 5], [5, 6, 7], [3, 4, 5]]
     assert second["cache"].get_seq_length() == 5 + 3 and second["cache"].layers[0].keys.shape[0] == 4
@@ -259,15 +268,20 @@ def test_plan_random_invariants_and_less_padding_than_sequential_chunks():
                   for _ in range(rng.randint(1, 12))]
         max_seqs = rng.choice([1, 4, 8, 16])
         _check_plan(groups, plan_micro_batches(groups, max_seqs=max_seqs), max_seqs=max_seqs)
-    # 16 groups of 8 with spread lengths, shuffled sequences cut into chunks of 16 (the trainer today) vs the plan
+    # 16 groups of 8 with spread lengths, shuffled sequences cut into chunks of 16 (the trainer today)
+    # vs the plan
     groups = [(rng.randint(10, 20), [rng.randint(1, 32) for _ in range(8)]) for _ in range(16)]
     seqs = [(g, i) for g in range(16) for i in range(8)]
     rng.shuffle(seqs)
     chunks = [seqs[i : i + 16] for i in range(0, 128, 16)]
-    packed = sum(len(c) * (max(groups[g][0] for g, _ in c) + max(groups[g][1][i] for g, i in c)) for c in chunks)
+    packed = sum(
+        len(c) * (max(groups[g][0] for g, _ in c) + max(groups[g][1][i] for g, i in c)) for c in chunks
+    )
     plan = plan_micro_batches(groups, max_seqs=16)
-    shared = sum(micro_batch_cost([groups[g][0] for g, _ in mb], [groups[g][1][i] for g, ix in mb for i in ix])
-                 for mb in plan)
+    shared = sum(
+        micro_batch_cost([groups[g][0] for g, _ in mb], [groups[g][1][i] for g, ix in mb for i in ix])
+        for mb in plan
+    )
     assert len(plan) == 8 and shared < 0.7 * packed
 
 

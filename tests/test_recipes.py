@@ -46,9 +46,18 @@ def test_recipe_loads_and_dry_runs(path):
     cfg = load_config(path)
     text = dry_run(cfg, examples_limit=2, load_tokenizer=False)
     assert text.rstrip().splitlines()[-1].startswith("dry run OK")
-    for section in ("== resolved config", "== model ==", "== data ==", "== batch plan", "== memory per device"):
+    for section in (
+        "== resolved config",
+        "== model ==",
+        "== data ==",
+        "== batch plan",
+        "== memory per device",
+    ):
         assert section in text
-    assert f"rollouts/step: {cfg.prompts_per_step} x {cfg.rollout_n} = {cfg.prompts_per_step * cfg.rollout_n}" in text
+    assert (
+        f"rollouts/step: {cfg.prompts_per_step} x {cfg.rollout_n} = {cfg.prompts_per_step * cfg.rollout_n}"
+        in text
+    )
     assert "total" in text and "GiB" in text  # every recipe's model has a known size
     data_path = Path(cfg.dataset.get("path", "."))
     if not data_path.exists():  # absent here: reported, and the rest of the plan is still there
@@ -70,7 +79,9 @@ def test_paper_settings(path):
     assert cfg.kl_coef == (0.01 if cfg.algorithm == "rkl" else 0.0)
     if cfg.algorithm == "dph":
         assert cfg.presample_n == 8 and cfg.split_threshold == 1.0
-        assert (cfg.divergence, cfg.eta) == (("forward_kl", 0.01) if path.stem.endswith("fkl") else ("js", 0.2))
+        assert (cfg.divergence, cfg.eta) == (
+            ("forward_kl", 0.01) if path.stem.endswith("fkl") else ("js", 0.2)
+        )
     assert cfg.output_dir == f"runs/{path.stem}"
 
 
@@ -78,7 +89,12 @@ def test_dph_pairs_share_one_store():
     for fam in ("bird_llama31_8b", "math_qwen25_7b"):
         f, j = (load_config(ROOT / "recipes" / f"{fam}_{a}.yaml") for a in ("dph_fkl", "dph_js"))
         assert f.reference_store == j.reference_store == f"runs/{fam}/ref_store"
-        assert (f.model, f.dataset, f.temperature, f.max_new_tokens) == (j.model, j.dataset, j.temperature, j.max_new_tokens)
+        assert (f.model, f.dataset, f.temperature, f.max_new_tokens) == (
+            j.model,
+            j.dataset,
+            j.temperature,
+            j.max_new_tokens,
+        )
 
 
 def test_memory_estimate_hand_computed():
@@ -115,7 +131,8 @@ def test_known_model_sizes():
     assert known_model("/models/Qwen2.5-Math-7B")[0] == "Qwen/Qwen2.5-Math-7B"
     assert known_model("some/other-model") is None
     smol = KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
-    assert _count_params(json.dumps(smol, sort_keys=True), 16, "all-linear")[0] == 134_515_008  # tied embeddings
+    # tied embeddings
+    assert _count_params(json.dumps(smol, sort_keys=True), 16, "all-linear")[0] == 134_515_008
 
 
 def test_bird_dph_plan_on_eight_gpus():
@@ -129,8 +146,13 @@ def test_bird_dph_plan_on_eight_gpus():
     assert "DeepSpeed" not in text.split("warnings")[-1]  # FSDP is supported: no limitation to report
     z3 = dry_run(cfg, examples_limit=1, world_size=8, sharding="zero3", load_tokenizer=False)
     assert "refuses DeepSpeed" in z3  # the known limitation is surfaced
-    lora = dry_run(load_config(ROOT / "recipes" / "bird_llama31_8b_dph_js.yaml", ["lora=true"]), examples_limit=1,
-                   world_size=8, sharding="fsdp", load_tokenizer=False)
+    lora = dry_run(
+        load_config(ROOT / "recipes" / "bird_llama31_8b_dph_js.yaml", ["lora=true"]),
+        examples_limit=1,
+        world_size=8,
+        sharding="fsdp",
+        load_tokenizer=False,
+    )
     assert "lora=true under FSDP is refused" in lora
     m = estimate_memory(n_params=8_030_261_248, trainable_params=8_030_261_248, hidden=4096, layers=32,
                         intermediate=14336, kv_dim=1024, vocab=128256, micro_batch_size=1, seq_len=5120,

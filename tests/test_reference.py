@@ -40,7 +40,9 @@ def test_manifest_and_files(store, tok):
     path, manifest, _, exs = store
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "prompts.parquet", "samples.parquet"]
     assert manifest["store_version"] == 2 and manifest["dtype"] == "float32"
-    assert manifest["model_fingerprint"] == weights_fingerprint(tiny_causal_lm(tok, hidden=32, layers=2, heads=4, seed=0))
+    assert manifest["model_fingerprint"] == weights_fingerprint(
+        tiny_causal_lm(tok, hidden=32, layers=2, heads=4, seed=0)
+    )
     assert manifest["files"] == {n: sha256_file(path / n) for n in ("prompts.parquet", "samples.parquet")}
     assert not list(path.parent.glob("*.tmp*")), "temp dir left behind"
     on_disk = json.loads((path / "manifest.json").read_text())

@@ -57,7 +57,9 @@ def test_a_smaller_k_merges_the_dropped_ids_into_the_tail(topk_store):
     s = next(iter(ReferenceStore(path).samples.values()))[0]
     from dphrl.trainer import Seq
 
-    seq = Seq(s.prompt_ids, s.response_ids, ref_logp=s.ref_logprobs, topk_ids=s.topk_ids, topk_logp=s.topk_logprobs)
+    seq = Seq(
+        s.prompt_ids, s.response_ids, ref_logp=s.ref_logprobs, topk_ids=s.topk_ids, topk_logp=s.topk_logprobs
+    )
     ids, ref = _topk_tensors([seq], len(s.response_ids) + 2, 3)  # 2 padding positions
     n = len(s.response_ids)
     assert ids[0, :n].tolist() == [row[:3] for row in s.topk_ids]
@@ -85,10 +87,16 @@ def test_trainer_term_equals_the_pure_function(topk_store, tok, tmp_path, form):
     kw = {}
     if form == "topk_sampled_tail":
         tok_lp = torch.log_softmax(logits, -1).gather(-1, batch.resp_ids.unsqueeze(-1)).squeeze(-1)
-        kw = dict(tok_logp=tok_lp, tok_ref_logp=torch.stack([torch.tensor(r.ref_logp + [0.0] * (ids.shape[1] - len(r.ref_logp))) for r in refs]),
-                  tok_in_topk=(ids == batch.resp_ids.unsqueeze(-1)).any(-1))
-    want, _ = divergences.REHEARSAL_FORMS[form].loss("forward_kl", logp_b, ref_b, batch.resp_mask, agg="token-mean",
-                                                      num_tokens=n_tok, **kw)
+        kw = dict(
+            tok_logp=tok_lp,
+            tok_ref_logp=torch.stack(
+                [torch.tensor(r.ref_logp + [0.0] * (ids.shape[1] - len(r.ref_logp))) for r in refs]
+            ),
+            tok_in_topk=(ids == batch.resp_ids.unsqueeze(-1)).any(-1),
+        )
+    want, _ = divergences.REHEARSAL_FORMS[form].loss(
+        "forward_kl", logp_b, ref_b, batch.resp_mask, agg="token-mean", num_tokens=n_tok, **kw
+    )
     torch.testing.assert_close(loss, 0.7 * want)
     assert math.isfinite(m["div/value"])
     last = t.train()
@@ -113,8 +121,17 @@ def test_with_k_equal_vocab_the_bucket_form_is_the_exact_kl(tmp_path, tok):
     policy = t._unwrapped()
     from dphrl.trainer import Seq
 
-    seqs = [Seq(r.prompt_ids, r.response_ids, ref_logp=r.ref_logprobs, topk_ids=r.topk_ids, topk_logp=r.topk_logprobs)
-            for v in t.store.samples.values() for r in v]
+    seqs = [
+        Seq(
+            r.prompt_ids,
+            r.response_ids,
+            ref_logp=r.ref_logprobs,
+            topk_ids=r.topk_ids,
+            topk_logp=r.topk_logprobs,
+        )
+        for v in t.store.samples.values()
+        for r in v
+    ]
     batch = pack([s.prompt_ids for s in seqs], [s.response_ids for s in seqs], tok.pad_token_id)
     vals = {}
     for form in ("topk", "topk_sampled_tail"):
@@ -136,6 +153,8 @@ def test_a_store_without_topk_is_refused_for_the_topk_forms(tmp_path, tok):
 
     exs = toy_examples(6, always=3)
     make_store(tmp_path / "plain", _model(tok), tok, exs, n=2)
-    cfg = base_cfg(tmp_path, "dph", reference_store=str(tmp_path / "plain"), rehearsal_form="topk", rehearsal_topk=4)
+    cfg = base_cfg(
+        tmp_path, "dph", reference_store=str(tmp_path / "plain"), rehearsal_form="topk", rehearsal_topk=4
+    )
     with pytest.raises(StoreMismatchError, match="field 'rehearsal_topk' is 0"):
         Trainer(cfg, model=_model(tok), tokenizer=tok, examples=exs)

@@ -38,10 +38,21 @@ def setup(tmp_path_factory):
     tok = build_char_tokenizer(styles.CHARS)
     save_model(tiny_causal_lm(tok, hidden=32, layers=2, heads=4, max_positions=64, seed=3), tok, d / "model")
     cfg = {
-        "model": str(d / "model"), "algorithm": "grpo", "reward": "styles", "engine": "hf", "reward_workers": 0,
+        "model": str(d / "model"),
+        "algorithm": "grpo",
+        "reward": "styles",
+        "engine": "hf",
+        "reward_workers": 0,
         "dataset": {"type": "styles", "op": "add", "split": "train", "limit": 16},
-        "prompts_per_step": 4, "rollout_n": 4, "max_new_tokens": 8, "max_steps": 8, "save_every": 2,
-        "keep_last": 1, "lr": 3e-3, "micro_batch_size": 8, "progress": False,
+        "prompts_per_step": 4,
+        "rollout_n": 4,
+        "max_new_tokens": 8,
+        "max_steps": 8,
+        "save_every": 2,
+        "keep_last": 1,
+        "lr": 3e-3,
+        "micro_batch_size": 8,
+        "progress": False,
     }
     (d / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     ref = run(d, "ref")
@@ -141,7 +152,14 @@ def test_a_finished_run_is_never_clobbered(setup, capsys):
     assert str(ref) in err and "--resume" in err and "--overwrite" in err and "Nothing was changed" in err
     assert state() == before
     # --overwrite replaces it, but only once the new run has validated its inputs
-    bad = ["train", "--config", str(d / "cfg.yaml"), f"output_dir={ref}", "--overwrite", "model=/no/such/model"]
+    bad = [
+        "train",
+        "--config",
+        str(d / "cfg.yaml"),
+        f"output_dir={ref}",
+        "--overwrite",
+        "model=/no/such/model",
+    ]
     with pytest.raises(FileNotFoundError, match="/no/such/model"):  # fails at start-up, never sent to the hub
         main(bad)
     assert state() == before
@@ -190,6 +208,8 @@ def test_resume_applies_or_refuses_changed_values(tmp_path, tok, make_model):
     assert log[-1]["changed"] == {"max_steps": [2, 4], "lr": [1e-2, 5e-3]}
     t2.train()
     assert [m["lr"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())][-1] == 5e-3
-    t3 = Trainer(base_cfg(tmp_path, "grpo", **{**kw, "seed": 5}), model=make_model(), tokenizer=tok, examples=exs)
+    t3 = Trainer(
+        base_cfg(tmp_path, "grpo", **{**kw, "seed": 5}), model=make_model(), tokenizer=tok, examples=exs
+    )
     with pytest.raises(ConfigError, match=r"keys that define the run: seed \(0 -> 5\)"):
         t3.resume("latest")

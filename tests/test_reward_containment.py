@@ -133,7 +133,9 @@ def test_pool_contains_base_exceptions_and_crashes():
     res = score_batch(containment_reward, items, _exs(len(items)), timeout_s=10, num_workers=2)
     assert res.workers == 2
     _check_contained(res, items)
-    assert "died" in res.errors[items.index("os_exit")] and "exit code 0" in res.errors[items.index("os_exit")]
+    assert (
+        "died" in res.errors[items.index("os_exit")] and "exit code 0" in res.errors[items.index("os_exit")]
+    )
     assert "SIGKILL" in res.errors[items.index("self_kill")]
 
 
@@ -230,7 +232,9 @@ def test_workers_started_by_a_finished_thread_survive_it():
     pool = WorkerPool(1)
     try:
         box: list = []
-        t = threading.Thread(target=lambda: box.extend(pool.map(containment_reward, [("ok", _exs(1)[0])], 10)))
+        t = threading.Thread(
+            target=lambda: box.extend(pool.map(containment_reward, [("ok", _exs(1)[0])], 10))
+        )
         t.start()
         t.join()
         pid = pool.pids()[0]
@@ -302,7 +306,9 @@ def test_workers_die_with_a_sigkilled_parent(tmp_path: Path):
 # ----------------------------------------------------------------------------------------------------
 # Everything a reward starts dies with its worker and with the run (setsid daemons and forks included)
 
-_linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="supervisors need Linux (/proc)")
+_linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="supervisors need Linux (/proc)"
+)
 
 
 @pytest.fixture()
@@ -337,9 +343,16 @@ def test_timeout_kills_everything_the_item_started(spawn_dir: Path):
 def test_a_crashing_worker_takes_its_processes_along(spawn_dir: Path):
     pool = WorkerPool(1)
     try:
-        out = pool.map(spawn.spawn_reward, [(spawn.spawn_spec(spawn_dir, daemons=1, forks=1, then="exit"), _exs(1)[0])],
-                       timeout_s=30)
-        assert out[0].status == "error" and "died" in (out[0].error or "") and "exit code 3" in (out[0].error or "")
+        out = pool.map(
+            spawn.spawn_reward,
+            [(spawn.spawn_spec(spawn_dir, daemons=1, forks=1, then="exit"), _exs(1)[0])],
+            timeout_s=30,
+        )
+        assert (
+            out[0].status == "error"
+            and "died" in (out[0].error or "")
+            and "exit code 3" in (out[0].error or "")
+        )
         pids = spawn.recorded_pids(spawn_dir)
         assert len(pids) == 3 and spawn.wait_gone(pids, 2.0) == []
     finally:
@@ -373,7 +386,8 @@ from _spawn_reward import spawn_reward, spawn_spec
 
 how, d = sys.argv[1], sys.argv[2]
 ex = Example(id="0", prompt=[])
-res = score_batch(spawn_reward, [spawn_spec(d, daemons=2, forks=1)] * 4, [ex] * 4, timeout_s=60, num_workers=2)
+res = score_batch(spawn_reward, [spawn_spec(d, daemons=2, forks=1)] * 4, [ex] * 4, timeout_s=60,
+                  num_workers=2)
 assert res.scores == [1.0] * 4, res.errors
 if how == "normal":
     sys.exit(0)

@@ -48,7 +48,9 @@ def test_sequential_counts_failures_and_timeouts():
     assert can_interrupt()
     items = ["ok", "raise", "hang", "nan", "ok"]
     t0 = time.monotonic()
-    res = score_batch(behaving_reward, items, [_ex(i) for i in range(len(items))], timeout_s=0.5, num_workers=0)
+    res = score_batch(
+        behaving_reward, items, [_ex(i) for i in range(len(items))], timeout_s=0.5, num_workers=0
+    )
     assert time.monotonic() - t0 < 3.0
     assert isinstance(res, BatchScores)
     assert res.scores == [1.0, 0.0, 0.0, 0.0, 1.0]
@@ -66,16 +68,21 @@ def test_pool_hang_raise_crash():
     items = ["hang", "busy", "ok", "raise", "crash", "ok", "nan"]
     timeout = 1.5
     t0 = time.monotonic()
-    res = score_batch(behaving_reward, items, [_ex(i) for i in range(len(items))], timeout_s=timeout, num_workers=2)
+    res = score_batch(
+        behaving_reward, items, [_ex(i) for i in range(len(items))], timeout_s=timeout, num_workers=2
+    )
     elapsed = time.monotonic() - t0
     assert res.scores == [0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
     assert res.timeouts == 2, res.errors
     assert res.failures == 3, res.errors  # raise, crash, nan
     assert "RuntimeError" in res.errors[3]
-    assert elapsed < timeout + 20.0, elapsed  # bounded (the hang is 1 h); includes (re)starting workers on a loaded machine
+    # bounded (the hang is 1 h); includes (re)starting workers on a loaded machine
+    assert elapsed < timeout + 20.0, elapsed
     # the pool is persistent and healthy afterwards (killed workers were replaced)
     t0 = time.monotonic()
-    res2 = score_batch(behaving_reward, ["ok"] * 4, [_ex(i) for i in range(4)], timeout_s=timeout, num_workers=2)
+    res2 = score_batch(
+        behaving_reward, ["ok"] * 4, [_ex(i) for i in range(4)], timeout_s=timeout, num_workers=2
+    )
     assert res2.scores == [1.0] * 4 and res2.failures == res2.timeouts == 0
     assert time.monotonic() - t0 < 15.0
 

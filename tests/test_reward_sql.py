@@ -118,7 +118,18 @@ def test_unterminated_comment_is_a_comment_when_run(tmp_path):
 
 
 # single characters and the multi-character tokens that matter, so boundaries meet often
-_PIECES = list("[]'\"`;-*/\n x()") + ["/*", "*/", "/*/", "--", "]]", "''", "``", '""', " ORDER BY ", "SELECT "]
+_PIECES = list("[]'\"`;-*/\n x()") + [
+    "/*",
+    "*/",
+    "/*/",
+    "--",
+    "]]",
+    "''",
+    "``",
+    '""',
+    " ORDER BY ",
+    "SELECT ",
+]
 
 
 def test_lexer_agrees_with_sqlite_tokenizer_on_random_text():
@@ -213,18 +224,36 @@ def tiny_db(tmp_path: Path) -> str:
 
 def test_score_modes_and_partial_credit(tiny_db):
     gold = "SELECT id, name FROM t WHERE score > 2 ORDER BY id DESC"
-    assert score("```sql\nSELECT name, id FROM t WHERE score > 2 ORDER BY id DESC;\n```", gold, tiny_db) == 1.0
+    assert (
+        score("```sql\nSELECT name, id FROM t WHERE score > 2 ORDER BY id DESC;\n```", gold, tiny_db) == 1.0
+    )
     assert score("SELECT id, name FROM t WHERE score > 2 ORDER BY id", gold, tiny_db) == 0.0  # order matters
     unordered = "SELECT id, name FROM t WHERE score > 2"
     assert score("SELECT id, name FROM t WHERE score > 2 ORDER BY id", unordered, tiny_db) == 1.0
     # bird: set equality
-    assert score("SELECT DISTINCT score FROM t WHERE score IS NOT NULL", "SELECT score FROM t WHERE score > 0",
-                 tiny_db, mode="bird") == 1.0
-    assert score("SELECT DISTINCT score FROM t WHERE score IS NOT NULL", "SELECT score FROM t WHERE score > 0",
-                 tiny_db, mode="spider") == 0.0
+    assert (
+        score(
+            "SELECT DISTINCT score FROM t WHERE score IS NOT NULL",
+            "SELECT score FROM t WHERE score > 0",
+            tiny_db,
+            mode="bird",
+        )
+        == 1.0
+    )
+    assert (
+        score(
+            "SELECT DISTINCT score FROM t WHERE score IS NOT NULL",
+            "SELECT score FROM t WHERE score > 0",
+            tiny_db,
+            mode="spider",
+        )
+        == 0.0
+    )
     # partial credit: one of two gold columns right
     assert score("SELECT id, 'x' FROM t WHERE score > 2", unordered, tiny_db) == 0.0
-    assert score("SELECT id, 'x' FROM t WHERE score > 2", unordered, tiny_db, partial_credit=0.5) == pytest.approx(0.25)
+    assert score(
+        "SELECT id, 'x' FROM t WHERE score > 2", unordered, tiny_db, partial_credit=0.5
+    ) == pytest.approx(0.25)
     assert score("SELECT nonsense FROM t", unordered, tiny_db, partial_credit=0.5) == 0.0
     with pytest.raises(ValueError):
         score("SELECT 1", "SELECT 1", tiny_db, mode="nope")
@@ -243,7 +272,9 @@ def test_gold_failure_raises_and_is_counted(tiny_db):
 
 
 def test_registered_rewards(tiny_db):
-    ex = Example(id="b", prompt=[], gold_sql="SELECT score FROM t WHERE score > 0", db_path=tiny_db, task="bird")
+    ex = Example(
+        id="b", prompt=[], gold_sql="SELECT score FROM t WHERE score > 0", db_path=tiny_db, task="bird"
+    )
     assert get_reward("bird")("SELECT DISTINCT score FROM t WHERE score > 0", ex) == 1.0
     assert get_reward("spider")("SELECT DISTINCT score FROM t WHERE score > 0", ex) == 0.0
 
@@ -315,7 +346,11 @@ def _perturbations(q: str, db_schema: dict) -> list[tuple[str, str]]:
         tables = [t.lower() for t in db_schema["table_names_original"]]
         if m.group(3).lower() in tables:
             ti = tables.index(m.group(3).lower())
-            cols = [c for t, c in db_schema["column_names_original"] if t == ti and c.lower() != m.group(2).lower()]
+            cols = [
+                c
+                for t, c in db_schema["column_names_original"]
+                if t == ti and c.lower() != m.group(2).lower()
+            ]
             if cols:
                 out.append(("column", q[: m.start(2)] + cols[0] + q[m.end(2) :]))
     if has_top_level_order_by(q):  # reversed direction
@@ -382,8 +417,8 @@ def _hostile(tmp: Path) -> list[str]:
         "SELECT load_extension('/tmp/libevil.so')",
         "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r",
         "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT x FROM r",
-        "SELECT count(*) FROM singer a, singer b, singer c, singer d, singer e, singer f, singer g, singer h, "
-        "singer i, singer j, singer k",
+        "SELECT count(*) FROM singer a, singer b, singer c, singer d, singer e, singer f, singer g, singer "
+        "h, singer i, singer j, singer k",
         "SELECT * FROM singer a, singer b, singer c, singer d, singer e, singer f, singer g",
         "SELECT count(*) FROM singer; DROP TABLE singer",
         "SELECT 1; SELECT 2",

@@ -62,7 +62,13 @@ def instruct_defaults(arch: str) -> dict:
     1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20} (its pad token is one of its EOS ids).
     """
     if arch == "llama":
-        return dict(bos_token_id=TOK.bos_token_id, do_sample=True, eos_token_id=[3, 4, EOS], temperature=0.6, top_p=0.9)
+        return dict(
+            bos_token_id=TOK.bos_token_id,
+            do_sample=True,
+            eos_token_id=[3, 4, EOS],
+            temperature=0.6,
+            top_p=0.9,
+        )
     return dict(bos_token_id=PAD, pad_token_id=PAD, do_sample=True, eos_token_id=[EOS, PAD],
                 repetition_penalty=1.05, temperature=0.7, top_p=0.8, top_k=20)
 
@@ -70,15 +76,45 @@ def instruct_defaults(arch: str) -> dict:
 #: Every other generation field a checkpoint could set, each set to a value that changes the tokens,
 #: the stopping or the output format (all survive save_pretrained / from_pretrained).
 HOSTILE = dict(
-    repetition_penalty=1.5, min_p=0.05, top_h=0.5, typical_p=0.9, epsilon_cutoff=3e-3, eta_cutoff=3e-3,
-    encoder_repetition_penalty=1.3, no_repeat_ngram_size=2, encoder_no_repeat_ngram_size=2, bad_words_ids=[[7]],
-    suppress_tokens=[8], begin_suppress_tokens=[9], sequence_bias=[[[10], 3.0]], forced_bos_token_id=11,
-    forced_eos_token_id=12, min_new_tokens=3, min_length=30, exponential_decay_length_penalty=(1, 2.0),
-    guidance_scale=2.0, renormalize_logits=True, remove_invalid_values=True,
-    watermarking_config={"greenlist_ratio": 0.5, "bias": 4.0}, stop_strings=["7"], max_time=1e-6, max_new_tokens=2,
-    max_length=3, num_beams=2, length_penalty=0.5, early_stopping=True, num_return_sequences=2,
-    return_dict_in_generate=True, output_scores=True, output_logits=True, use_cache=False, token_healing=True,
-    prompt_lookup_num_tokens=2, penalty_alpha=0.6, dola_layers="low", custom_entry=3,
+    repetition_penalty=1.5,
+    min_p=0.05,
+    top_h=0.5,
+    typical_p=0.9,
+    epsilon_cutoff=3e-3,
+    eta_cutoff=3e-3,
+    encoder_repetition_penalty=1.3,
+    no_repeat_ngram_size=2,
+    encoder_no_repeat_ngram_size=2,
+    bad_words_ids=[[7]],
+    suppress_tokens=[8],
+    begin_suppress_tokens=[9],
+    sequence_bias=[[[10], 3.0]],
+    forced_bos_token_id=11,
+    forced_eos_token_id=12,
+    min_new_tokens=3,
+    min_length=30,
+    exponential_decay_length_penalty=(1, 2.0),
+    guidance_scale=2.0,
+    renormalize_logits=True,
+    remove_invalid_values=True,
+    watermarking_config={"greenlist_ratio": 0.5, "bias": 4.0},
+    stop_strings=["7"],
+    max_time=1e-6,
+    max_new_tokens=2,
+    max_length=3,
+    num_beams=2,
+    length_penalty=0.5,
+    early_stopping=True,
+    num_return_sequences=2,
+    return_dict_in_generate=True,
+    output_scores=True,
+    output_logits=True,
+    use_cache=False,
+    token_healing=True,
+    prompt_lookup_num_tokens=2,
+    penalty_alpha=0.6,
+    dola_layers="low",
+    custom_entry=3,
 )
 
 
@@ -92,7 +128,11 @@ def _checkpoint(directory: Path, arch: str, gen_fields: dict) -> PreTrainedModel
     TOK.save_pretrained(directory)
     loaded = load_model(directory)
     on_disk = loaded.generation_config.to_diff_dict()
-    assert all(on_disk[k] == v for k, v in gen_fields.items() if k not in ("watermarking_config", "exponential_decay_length_penalty"))
+    assert all(
+        on_disk[k] == v
+        for k, v in gen_fields.items()
+        if k not in ("watermarking_config", "exponential_decay_length_penalty")
+    )
     return loaded
 
 
@@ -129,11 +169,15 @@ def _forward_logits(model: PreTrainedModel, gens: list[Generation]) -> tuple[tor
     """(B, T, V) logits predicting each response token, the (B, P + T) packed ids, and P."""
     b = pack([g.prompt_ids for g in gens], [g.response_ids for g in gens], PAD)
     with torch.no_grad():
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits
+        logits = model(
+            input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids
+        ).logits
     return logits[:, b.prompt_len - 1 : -1].float(), b.input_ids, b.prompt_len  # (B, T, V)
 
 
-def requested(logits: torch.Tensor, temperature: float, top_p: float, dist_temperature: float | None = None) -> torch.Tensor:
+def requested(
+    logits: torch.Tensor, temperature: float, top_p: float, dist_temperature: float | None = None
+) -> torch.Tensor:
     """softmax(logits / T) renormalized over its top-p nucleus; (..., V) probabilities.
 
     ``dist_temperature``: the same nucleus, probabilities at another temperature (a wrong sampler with
@@ -152,7 +196,11 @@ def checkpoint_distribution(ids: torch.Tensor, logits: torch.Tensor, fields: dic
     """What ``model.generate(do_sample=True)`` samples from with the checkpoint's defaults: its
     repetition penalty, temperature, top-k and top-p, applied by transformers' own processors in
     transformers' order. ids: (B, L) prefix, logits: (B, V); returns (B, V)."""
-    procs = [RepetitionPenaltyLogitsProcessor(fields["repetition_penalty"])] if "repetition_penalty" in fields else []
+    procs = (
+        [RepetitionPenaltyLogitsProcessor(fields["repetition_penalty"])]
+        if "repetition_penalty" in fields
+        else []
+    )
     procs += [TemperatureLogitsWarper(fields["temperature"]), TopKLogitsWarper(fields.get("top_k", 50)),
               TopPLogitsWarper(fields["top_p"])]
     scores = logits.clone()  # (B, V)
@@ -239,7 +287,10 @@ def test_samples_follow_the_requested_distribution(sampled, arch, temperature, t
         if t == 0:  # power, on the same samples: the checkpoint's distribution and a 25% temperature error
             ck = checkpoint_distribution(s.ids[alive, : s.prompt_len + t], logits, fields)
             assert gof_pvalue(tokens, ck) < ALPHA
-            assert gof_pvalue(tokens, requested(logits, temperature, top_p, dist_temperature=1.25 * temperature)) < ALPHA
+            assert (
+                gof_pvalue(tokens, requested(logits, temperature, top_p, dist_temperature=1.25 * temperature))
+                < ALPHA
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +318,8 @@ def test_recorded_logprobs_equal_the_forward(sampled, arch, temperature, top_p):
 
 
 def _spy_generate(monkeypatch, model: PreTrainedModel) -> dict[str, list]:
-    """Capture the merged config, logits processors and stopping criteria transformers builds for ``model``."""
+    """Capture the merged config, logits processors and stopping criteria transformers builds for
+    ``model``."""
     seen: dict[str, list] = {"config": [], "processors": [], "criteria": []}
     cls = type(model)
     for name, key in (("_prepare_generation_config", "config"), ("_get_logits_processor", "processors"),
@@ -331,7 +383,9 @@ def test_checkpoint_fields_never_reach_generate(monkeypatch, hostile, arch):
 def test_greedy_stays_greedy(monkeypatch, hostile, arch):
     model = hostile[arch]
     seen = _spy_generate(monkeypatch, model)
-    gens = [g for gs in HFEngine(model, TOK).generate(_prompts(), 2, max_new_tokens=10, greedy=True) for g in gs]
+    gens = [
+        g for gs in HFEngine(model, TOK).generate(_prompts(), 2, max_new_tokens=10, greedy=True) for g in gs
+    ]
     assert [[type(p) for p in ps] for ps in seen["processors"]] == [[_ChosenTokenLogprobs]]
     logits, ids, plen = _forward_logits(model, gens)  # (B, T, V)
     for i, g in enumerate(gens):
@@ -339,8 +393,11 @@ def test_greedy_stays_greedy(monkeypatch, hostile, arch):
         assert g.response_ids == logits[i, :T].argmax(-1).tolist()  # every token the forward's argmax
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.log_softmax(logits[i, :T], -1).gather(
             -1, ids[i, plen : plen + T, None]).squeeze(-1), rtol=0, atol=1e-5)
-    want = [g for gs in HFEngine(_neutral_twin(model), TOK).generate(_prompts(), 2, max_new_tokens=10, greedy=True)
-            for g in gs]
+    want = [
+        g
+        for gs in HFEngine(_neutral_twin(model), TOK).generate(_prompts(), 2, max_new_tokens=10, greedy=True)
+        for g in gs
+    ]
     assert [g.response_ids for g in gens] == [g.response_ids for g in want]
     assert any(_repeats_a_bigram(g.prompt_ids + g.response_ids) for g in gens)  # what no_repeat_ngram forbids
 
@@ -356,7 +413,8 @@ def test_lora_wrapped_policy_ignores_checkpoint_defaults(monkeypatch, hostile):
     seen = _spy_generate(monkeypatch, base)
     engine = HFEngine(policy, TOK)
     gens = engine.generate(_prompts(), 4, max_new_tokens=6, temperature=0.7, top_p=0.9, seed=1)
-    assert base.generation_config is on_disk and policy.generation_config is on_disk  # peft reads the inner one
+    # peft reads the inner one
+    assert base.generation_config is on_disk and policy.generation_config is on_disk
     # a config set on the wrapper itself: peft's generate copies it onto the inner model
     on_wrapper = policy.generation_config = GenerationConfig(**{**instruct_defaults("qwen2"), **HOSTILE})
     gens += engine.generate(_prompts(), 4, max_new_tokens=6, temperature=0.7, top_p=0.9, seed=1)

@@ -32,19 +32,21 @@ def _cli(*args: str, cwd: Path) -> tuple[float, str]:
 def test_smollm2_presample_train_eval_on_cpu(tmp_path: Path):
     store, run = tmp_path / "store", tmp_path / "run"
     over = [f"reference_store={store}", f"output_dir={run}", "dataset.limit=8"]
-    t_pre, out = _cli("presample", "--config", str(RECIPE), *over, "presample_n=4", "progress=false", cwd=ROOT)
+    t_pre, out = _cli(
+        "presample", "--config", str(RECIPE), *over, "presample_n=4", "progress=false", cwd=ROOT
+    )
     counts = json.loads(out[out.index("{"):])
     assert counts["prompts"] == 8 and counts["d_pef"] + counts["d_exp"] == 8
-    t_train, out = _cli("train", "--config", str(RECIPE), *over, "presample_n=4", "max_steps=2", "prompts_per_step=2",
-                        "progress=false", cwd=ROOT)
+    t_train, out = _cli("train", "--config", str(RECIPE), *over, "presample_n=4", "max_steps=2",
+                        "prompts_per_step=2", "progress=false", cwd=ROOT)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]
     assert all(0.0 <= x["reward/mean"] <= 1.0 and x["grad_norm"] >= 0 for x in lines)
     assert (run / "final" / "config.json").is_file()
     t_eval, out = _cli("eval", "--model", str(run / "final"), "--data",
                        "arith={type: jsonl, path: recipes/data/arith1d_test.jsonl, id_field: id, task: math}",
-                       "--n", "2", "--limit", "4", "--temperature", "0.7", "--max-new-tokens", "12", "--reward",
-                       "number", "--out", str(tmp_path / "eval"), cwd=ROOT)
+                       "--n", "2", "--limit", "4", "--temperature", "0.7", "--max-new-tokens", "12",
+                       "--reward", "number", "--out", str(tmp_path / "eval"), cwd=ROOT)
     res = json.loads((tmp_path / "eval" / "results.json").read_text())["datasets"]["arith"]
     assert 0.0 <= res["pass@k"]["1"] <= res["pass@k"]["2"] <= 1.0
     steps = ", ".join(f"{x['time/step']:.1f} s" for x in lines)

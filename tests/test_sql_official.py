@@ -31,7 +31,9 @@ except ImportError:
     from tests._shared import require_shared
     from tests._sql_bombs import BOMBS, STOPPED_BY, can_measure_peak, make_bomb_db, probe
 
-SLOW = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r WHERE x < 2000000) SELECT count(*) FROM r"
+SLOW = (
+    "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r WHERE x < 2000000) SELECT count(*) FROM r"
+)
 
 
 def _make_db(path: Path, extra: str = "") -> str:
@@ -85,7 +87,12 @@ def _all(pred: str, gold: str, db: str) -> dict[str, float]:
     ],
 )
 def test_modes_agree(db, pred, gold, spider, bird):
-    assert _all(pred, gold, db) == {"spider": spider, "spider-official": spider, "bird": bird, "bird-official": bird}
+    assert _all(pred, gold, db) == {
+        "spider": spider,
+        "spider-official": spider,
+        "bird": bird,
+        "bird-official": bird,
+    }
 
 
 def test_duplicates_set_vs_multiset_same_in_ours_and_official(db):
@@ -99,7 +106,12 @@ def test_column_permutation_same_in_ours_and_official(db):
     pred, gold = "SELECT name, id FROM t", "SELECT id, name FROM t"
     assert _all(pred, gold, db) == {"spider": 1.0, "spider-official": 1.0, "bird": 0.0, "bird-official": 0.0}
     # ordered gold: row i must match row i under some column permutation
-    assert so.score_spider_official("SELECT name, id FROM t ORDER BY id", "SELECT id, name FROM t ORDER BY id", db) == 1
+    assert (
+        so.score_spider_official(
+            "SELECT name, id FROM t ORDER BY id", "SELECT id, name FROM t ORDER BY id", db
+        )
+        == 1
+    )
     assert so.score_spider_official("SELECT name, id FROM t ORDER BY id DESC",
                                     "SELECT id, name FROM t ORDER BY id", db) == 0
 
@@ -141,7 +153,10 @@ def test_distinct_is_removed_by_official_spider(db):
 
 def test_remove_distinct_only_touches_the_keyword():
     q = "SELECT Distinct a, 'distinct', \"distinct\", [distinct], distinct_col FROM t -- distinct\n"
-    assert so.remove_distinct(q) == "SELECT  a, 'distinct', \"distinct\", [distinct], distinct_col FROM t -- distinct\n"
+    assert (
+        so.remove_distinct(q)
+        == "SELECT  a, 'distinct', \"distinct\", [distinct], distinct_col FROM t -- distinct\n"
+    )
     assert so.remove_distinct("SELECT count(DISTINCT(x)) FROM t") == "SELECT count((x)) FROM t"
 
 
@@ -182,7 +197,9 @@ def test_spider_result_eq_matches_brute_force_on_exact_values():
             i, j = rng.randrange(nrow), rng.randrange(ncol)
             pred[i] = pred[i][:j] + (rng.choice([0, 1, "x", None]),) + pred[i][j + 1 :]
         for ordered in (False, True):
-            assert so.spider_official_result_eq(gold, pred, order_matters=ordered) == brute(gold, pred, ordered)
+            assert so.spider_official_result_eq(gold, pred, order_matters=ordered) == brute(
+                gold, pred, ordered
+            )
 
 
 def test_time_outs(db):
@@ -294,7 +311,12 @@ def test_mode_lookup_and_names(db):
 def _select_golds(exs: list[tuple[dict, str]]) -> list[tuple[str, str]]:
     """About 40 distinct gold queries, rich in the constructs where the modes differ."""
     seen: set[str] = set()
-    picked: dict[str, list[tuple[str, str]]] = {"distinct": [], "order_text": [], "order_top": [], "plain": []}
+    picked: dict[str, list[tuple[str, str]]] = {
+        "distinct": [],
+        "order_text": [],
+        "order_top": [],
+        "plain": [],
+    }
     quota = {"distinct": 15, "order_text": 10, "order_top": 10, "plain": 12}
     for e, p in exs:
         q = e["query"]
@@ -363,7 +385,10 @@ def _explanations(pred: str, gold: str, db: str, official: float) -> set[str]:
     if p_rows is None or g_rows is None:
         return found
     ours_order, official_order = has_top_level_order_by(gold), so.spider_official_order_matters(gold)
-    if official_order != ours_order and float(results_match(p_rows, g_rows, ordered=official_order)) == official:
+    if (
+        official_order != ours_order
+        and float(results_match(p_rows, g_rows, ordered=official_order)) == official
+    ):
         found.add("order")  # our rules with the official row-order decision
     if float(so.spider_official_result_eq(g_rows, p_rows, order_matters=ours_order)) == official:
         found.add("exact")  # our rules on raw values: no float rounding, type-sensitive pre-check
@@ -419,7 +444,10 @@ def test_copy_of_shared_db_unchanged(tmp_path):
     shutil.copyfile(src, dbp)
     before = dbp.read_bytes()
     for mode in so.OFFICIAL_REWARDS:
-        assert so.score_official("SELECT count(*) FROM singer", "SELECT count(*) FROM singer", str(dbp), mode) == 1
+        assert (
+            so.score_official("SELECT count(*) FROM singer", "SELECT count(*) FROM singer", str(dbp), mode)
+            == 1
+        )
         assert so.score_official("DROP TABLE singer", "SELECT count(*) FROM singer", str(dbp), mode) == 0
     assert dbp.read_bytes() == before and os.listdir(d) == ["concert_singer.sqlite"]
 
@@ -455,5 +483,7 @@ def test_memory_bombs_in_official_modes(tmp_path):
     for mode in so.OFFICIAL_REWARDS:
         assert so.score_official_with_reason(gold, gold, db, mode) == (1.0, "match")
         assert so.score_official(gold, gold, db, mode, max_result_bytes=2**20) == 1.0
-        value, reason = so.score_official_with_reason(BOMBS["zeroblob_rows"], gold, db, mode, max_result_bytes=2**20)
+        value, reason = so.score_official_with_reason(
+            BOMBS["zeroblob_rows"], gold, db, mode, max_result_bytes=2**20
+        )
         assert value == 0.0 and "larger than 1 MiB" in reason, reason

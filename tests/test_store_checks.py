@@ -108,7 +108,9 @@ def test_plausible_but_wrong_logprobs_are_caught_by_rescoring(fresh_store, tmp_p
     with pytest.raises(StoreMismatchError, match=r"mean \|delta\| 0\.2.*tolerance 0\.001"):
         Trainer(_dph(tmp_path, path), model=_model(tok), tokenizer=tok, examples=exs)
     # the tolerance is a config key, and 0 tokens skips the check
-    t = Trainer(_dph(tmp_path, path, store_check_tolerance=0.3), model=_model(tok), tokenizer=tok, examples=exs)
+    t = Trainer(
+        _dph(tmp_path, path, store_check_tolerance=0.3), model=_model(tok), tokenizer=tok, examples=exs
+    )
     assert t.store_check["store_check/mean_abs_diff"] == pytest.approx(0.2, abs=1e-5)
     t = Trainer(_dph(tmp_path, path, store_check_tokens=0), model=_model(tok), tokenizer=tok, examples=exs)
     assert t.store_check == {}
@@ -128,10 +130,14 @@ def test_a_top_p_store_is_rescored_over_the_nucleus(tmp_path, tok):
               progress=False)
     t = Trainer(_dph(tmp_path, path, top_p=0.7), model=_model(tok), tokenizer=tok, examples=exs)
     assert t.store_check["store_check/mean_abs_diff"] < 1e-5
-    t = Trainer(_dph(tmp_path, path, top_p=0.7, store_check_tokens=0), model=_model(tok), tokenizer=tok, examples=exs)
+    t = Trainer(
+        _dph(tmp_path, path, top_p=0.7, store_check_tokens=0), model=_model(tok), tokenizer=tok, examples=exs
+    )
     samples = t.store.rescoring_sample(64)
-    full = t.updater.no_grad_logprobs(t.model, [type("S", (), {"prompt_ids": s.prompt_ids, "response_ids": s.response_ids})
-                                         for s in samples])
+    full = t.updater.no_grad_logprobs(
+        t.model,
+        [type("S", (), {"prompt_ids": s.prompt_ids, "response_ids": s.response_ids}) for s in samples],
+    )
     gap = max(abs(a - b) for s, f in zip(samples, full) for a, b in zip(s.ref_logprobs, f))
     assert gap > 1e-3  # without the nucleus the stored values would not match: the check has teeth
 

@@ -1,4 +1,5 @@
-"""Tasks as one entry: every dataset type is a TASKS entry; a task from outside the package trains and evaluates."""
+"""Tasks as one entry: every dataset type is a TASKS entry; a task from outside the package trains and
+evaluates."""
 
 from __future__ import annotations
 
@@ -15,7 +16,18 @@ from dphrl.data.loaders import LOADERS, DatasetSpecError, check_dataset_spec, lo
 from dphrl.rewards.registry import REWARDS
 from dphrl.tasks import TASKS, TaskSpec, eval_hooks, find_task, task_of_examples
 
-BUILTIN = ["bird", "gsm8k", "hf", "jsonl", "math", "parquet", "spider", "styles", "synthetic_arith", "synthetic_sql"]
+BUILTIN = [
+    "bird",
+    "gsm8k",
+    "hf",
+    "jsonl",
+    "math",
+    "parquet",
+    "spider",
+    "styles",
+    "synthetic_arith",
+    "synthetic_sql",
+]
 
 
 def _db(path) -> None:
@@ -38,7 +50,9 @@ def _sample_specs(tmp_path) -> dict[str, dict]:
     (spider / "dev.json").write_text(json.dumps([{"db_id": "zoo", "question": "n?", "query": "SELECT 1"}]))
     bird = tmp_path / "bird"
     _db(bird / "dev_databases" / "zoo" / "zoo.sqlite")
-    (bird / "dev.json").write_text(json.dumps([{"db_id": "zoo", "question": "n?", "SQL": "SELECT 1", "evidence": ""}]))
+    (bird / "dev.json").write_text(
+        json.dumps([{"db_id": "zoo", "question": "n?", "SQL": "SELECT 1", "evidence": ""}])
+    )
     return {
         "gsm8k": {"type": "gsm8k", "path": str(gsm)},
         "math": {"type": "math", "path": str(math)},
@@ -71,7 +85,10 @@ def test_eval_hooks_come_from_the_task():
     from dphrl.tasks import styles
 
     assert eval_hooks("styles") == (styles.style_of, styles.final_answer)
-    assert eval_hooks(load_dataset_spec({"type": "styles", "limit": 2})) == (styles.style_of, styles.final_answer)
+    assert eval_hooks(load_dataset_spec({"type": "styles", "limit": 2})) == (
+        styles.style_of,
+        styles.final_answer,
+    )
     assert eval_hooks(styles.make_examples("add", "test", limit=2)) == (styles.style_of, styles.final_answer)
     assert eval_hooks("gsm8k") == (None, None) and eval_hooks(toy_examples(2)) == (None, None)
     assert eval_hooks("no_such_type") == (None, None) and eval_hooks(None) == (None, None)
@@ -99,8 +116,8 @@ USER_TASK = '''
 
 
     def load(n: int = 8, start: int = 0):
-        return [Example(id=f"dbl{i}", prompt=[{"role": "user", "content": f"{i}+{i}"}], answer=str(2 * i % 10),
-                        task=__name__ + ":reward") for i in range(start, start + n)]
+        return [Example(id=f"dbl{i}", prompt=[{"role": "user", "content": f"{i}+{i}"}],
+                        answer=str(2 * i % 10), task=__name__ + ":reward") for i in range(start, start + n)]
 
 
     def load_file(path, n: int = 2):
@@ -132,7 +149,10 @@ def test_a_user_task_or_loader_is_a_dataset_type(tmp_path, user_task):
     # a plain loader function is a task without hooks; its 'path' parameter (if any) takes the spec's path
     bare = load_dataset_spec({"type": f"{user_task}:load", "n": 2})
     assert len(bare) == 2 and eval_hooks(bare) == (None, None)
-    assert find_task(f"{user_task}:load").path_arg is None and find_task(f"{user_task}:load_file").path_arg == "path"
+    assert (
+        find_task(f"{user_task}:load").path_arg is None
+        and find_task(f"{user_task}:load_file").path_arg == "path"
+    )
     assert len(load_dataset_spec({"type": f"{user_task}:load_file", "path": "x.txt"})) == 2
     with pytest.raises(DatasetSpecError, match="takes no 'path'"):
         check_dataset_spec({"type": f"{user_task}:load", "path": "x.txt"})
@@ -146,7 +166,9 @@ def test_a_user_task_or_loader_is_a_dataset_type(tmp_path, user_task):
         check_dataset_spec({"type": f"{user_task}:__name__"})
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: m\ndataset: {type: no_such_user_module:TASK}\n")
-    with pytest.raises(ConfigError, match=r"config key 'dataset\.type'.*cannot import module 'no_such_user_module'"):
+    with pytest.raises(
+        ConfigError, match=r"config key 'dataset\.type'.*cannot import module 'no_such_user_module'"
+    ):
         load_config(bad)
 
 
@@ -157,10 +179,22 @@ def test_a_user_task_trains_and_evaluates_with_its_hooks(tmp_path, user_task, to
     from dphrl.trainer import Trainer
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {TOY_MODEL_NAME}\nalgorithm: grpo\ndataset: {{type: {user_task}:TASK, n: 8}}\n")
+    recipe.write_text(
+        f"model: {TOY_MODEL_NAME}\nalgorithm: grpo\ndataset: {{type: {user_task}:TASK, n: 8}}\n"
+    )
     out = tmp_path / "run"
-    cfg = load_config(recipe, prompts_per_step=4, rollout_n=4, max_new_tokens=3, max_steps=1, micro_batch_size=8,
-                      generation_batch_size=64, reward_workers=0, progress=False, output_dir=str(out))
+    cfg = load_config(
+        recipe,
+        prompts_per_step=4,
+        rollout_n=4,
+        max_new_tokens=3,
+        max_steps=1,
+        micro_batch_size=8,
+        generation_batch_size=64,
+        reward_workers=0,
+        progress=False,
+        output_dir=str(out),
+    )
     assert cfg.dataset == {"type": f"{user_task}:TASK", "n": 8} and cfg.reward == ""
     trainer = Trainer(cfg, model=make_model(), tokenizer=tok)
     assert trainer.reward_fn is sys.modules[user_task].reward  # the examples' task: the module's reward
@@ -168,11 +202,15 @@ def test_a_user_task_trains_and_evaluates_with_its_hooks(tmp_path, user_task, to
     assert (out / "final" / "config.json").is_file()
 
     rows = tmp_path / "plain.jsonl"  # a hook-less dataset beside it, scored with the same reward
-    rows.write_text("".join(json.dumps({"prompt": f"{i}+{i}", "answer": str(2 * i % 10)}) + "\n" for i in range(3)))
+    rows.write_text(
+        "".join(json.dumps({"prompt": f"{i}+{i}", "answer": str(2 * i % 10)}) + "\n" for i in range(3))
+    )
     res_dir = tmp_path / "eval"
-    rc = main(["eval", "--model", str(out / "final"), "--data", f"mine={{type: {user_task}:TASK, n: 3, start: 2}}",
-               "--data", "plain=" + json.dumps({"type": "jsonl", "path": str(rows), "task": f"{user_task}:reward"}),
-               "--n", "2", "--max-new-tokens", "3", "--reward-workers", "0", "--out", str(res_dir), "--engine", "hf"])
+    rc = main([
+        "eval", "--model", str(out / "final"), "--data", f"mine={{type: {user_task}:TASK, n: 3, start: 2}}",
+        "--data", "plain=" + json.dumps({"type": "jsonl", "path": str(rows), "task": f"{user_task}:reward"}),
+        "--n", "2", "--max-new-tokens", "3", "--reward-workers", "0", "--out", str(res_dir), "--engine", "hf",
+    ])
     assert rc == 0
     res = json.loads((res_dir / "results.json").read_text())
     assert res["config"]["style_fn"] == {"mine": f"{user_task}:parity", "plain": None}

@@ -143,7 +143,13 @@ def test_dph_learns_without_reference_model(tmp_path, saved_model_dir, monkeypat
         step_rewards.append(out[1].clone())
         return out
 
-    t.updater.rollout_loss, t.updater.reference_loss, t.collect_rollouts, t.reference_batch, t.rollouts.generate_and_score = (
+    (
+        t.updater.rollout_loss,
+        t.updater.reference_loss,
+        t.collect_rollouts,
+        t.reference_batch,
+        t.rollouts.generate_and_score,
+    ) = (
         roll_loss,
         ref_loss,
         collect,
@@ -510,7 +516,9 @@ def test_prompts_longer_than_max_prompt_tokens_are_dropped_with_a_count(tmp_path
     assert t.dropped_long_prompts == 2
     assert [ex.id for ex in t.rollout_examples] == [f"p{i}" for i in range(10)]
     with pytest.raises(ValueError, match="max_prompt_tokens"):
-        Trainer(base_cfg(tmp_path, "grpo", max_prompt_tokens=2), model=make_model(), tokenizer=tok, examples=exs)
+        Trainer(
+            base_cfg(tmp_path, "grpo", max_prompt_tokens=2), model=make_model(), tokenizer=tok, examples=exs
+        )
 
 
 def test_recomputed_old_logprobs_equal_the_engine_logprobs(tmp_path, tok, make_model):

@@ -23,18 +23,31 @@ def _toy_jsonl(path: Path, n: int = 6) -> dict:
 def _batch(tok):
     prompts = [tok(f"<|user|>{i}+{i}<|assistant|>", add_special_tokens=False)["input_ids"] for i in range(4)]
     g = torch.Generator().manual_seed(0)
-    rolls = [Seq(p, torch.randint(6, len(tok), (3,), generator=g).tolist() + [tok.eos_token_id],
-                 old_logp=[-2.0] * 4, advantage=float(torch.randn(1, generator=g))) for p in prompts for _ in range(2)]
+    rolls = [
+        Seq(
+            p,
+            torch.randint(6, len(tok), (3,), generator=g).tolist() + [tok.eos_token_id],
+            old_logp=[-2.0] * 4,
+            advantage=float(torch.randn(1, generator=g)),
+        )
+        for p in prompts
+        for _ in range(2)
+    ]
     return rolls
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tok, make_model):
     grads = {}
     for gc in (False, True):
-        cfg = base_cfg(tmp_path / str(gc), "grpo", gradient_checkpointing=gc, micro_batch_size=3, max_grad_norm=0.0)
+        cfg = base_cfg(
+            tmp_path / str(gc), "grpo", gradient_checkpointing=gc, micro_batch_size=3, max_grad_norm=0.0
+        )
         t = Trainer(cfg, model=make_model(), tokenizer=tok, examples=toy_examples(4))
         m = t._unwrapped()
-        assert getattr(m, "is_activation_checkpointing", None) in (gc, None) and m.model.gradient_checkpointing == gc
+        assert (
+            getattr(m, "is_activation_checkpointing", None) in (gc, None)
+            and m.model.gradient_checkpointing == gc
+        )
         t.optimizer_step(_batch(tok), [])
         grads[gc] = {n: p.grad.clone() for n, p in t._unwrapped().named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 5
@@ -60,9 +73,18 @@ def test_evaluation_during_training_logs_pass_at_k_over_steps(tmp_path, tok, mak
     from dphrl.rewards import get_reward
     from dphrl.trainer import load_examples
 
-    res = evaluate(t.engine, tok, {"toy set": load_examples(spec)}, get_reward("toy_first_char"), n=4,
-                   max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 7_919 + 3 * 104_729 + 17, progress=False,
-                   show_table=False, prompts_per_call=max(1, cfg.generation_batch_size // 4))
+    res = evaluate(
+        t.engine,
+        tok,
+        {"toy set": load_examples(spec)},
+        get_reward("toy_first_char"),
+        n=4,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed * 7_919 + 3 * 104_729 + 17,
+        progress=False,
+        show_table=False,
+        prompts_per_call=max(1, cfg.generation_batch_size // 4),
+    )
     assert res["datasets"]["toy set"]["pass@k"]["4"] == pytest.approx(evals[-1]["eval/toy set/pass@4"])
     # the report draws the curves
     from dphrl.evaluation.report import eval_curves
@@ -109,8 +131,12 @@ def test_model_card_and_push_are_exactly_the_final_folder(tmp_path, tok, make_mo
     ref = tmp_path / "ref"
     AutoModelForCausalLM.from_pretrained(final).save_pretrained(ref)
     tok.save_pretrained(ref)
-    expected = {p.name for p in ref.iterdir()} | {"dphrl_config.yaml", "dphrl_run_info.json", "dphrl_totals.json",
-                                                   "README.md"}
+    expected = {p.name for p in ref.iterdir()} | {
+        "dphrl_config.yaml",
+        "dphrl_run_info.json",
+        "dphrl_totals.json",
+        "README.md",
+    }
     assert set(on_disk) == expected
     card = on_disk["README.md"].decode()
     assert card.startswith("---\n") and "library_name: transformers" in card and "- grpo" in card

@@ -56,18 +56,43 @@ def store_dir(tmp_path_factory) -> Path:
 
 
 def grpo_args(tmp: Path, **kw) -> GRPOConfig:
-    base = dict(output_dir=str(tmp), per_device_train_batch_size=16, gradient_accumulation_steps=1, num_generations=8,
-                max_completion_length=3, max_steps=1, learning_rate=1e-2, lr_scheduler_type="constant", use_cpu=True,
-                bf16=False, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, top_k=0, seed=0,
-                gradient_checkpointing=False, log_level="error")
+    base = dict(
+        output_dir=str(tmp),
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=1,
+        num_generations=8,
+        max_completion_length=3,
+        max_steps=1,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        top_k=0,
+        seed=0,
+        gradient_checkpointing=False,
+        log_level="error",
+    )
     base.update(kw)
     return GRPOConfig(**base)
 
 
-def make_trainer(store, tmp: Path, net=None, args: GRPOConfig | None = None, tok=None, **kw) -> DPHGRPOTrainer:
+def make_trainer(
+    store, tmp: Path, net=None, args: GRPOConfig | None = None, tok=None, **kw
+) -> DPHGRPOTrainer:
     tok = tok or w.tokenizer()
-    return DPHGRPOTrainer(net if net is not None else w.model(tok), trl_reward("trl_toy"), args or grpo_args(tmp),
-                          trl_dataset(w.examples(), store), processing_class=tok, reference_store=store, **kw)
+    return DPHGRPOTrainer(
+        net if net is not None else w.model(tok),
+        trl_reward("trl_toy"),
+        args or grpo_args(tmp),
+        trl_dataset(w.examples(), store),
+        processing_class=tok,
+        reference_store=store,
+        **kw,
+    )
 
 
 def dphrl_reference_term(store_dir: Path, samples, net, divergence: str, params: dict, eta: float):
@@ -128,7 +153,8 @@ def test_reference_stream_is_dphrl_prompt_sampler():
 
 @pytest.mark.parametrize("n", range(0, 10))
 def test_plan_reference_slices_even_and_complete(n):
-    """Every sample weighted 1 exactly once; every rank runs equally many sequences on the same micro-steps."""
+    """Every sample weighted 1 exactly once; every rank runs equally many sequences on the same
+    micro-steps."""
     samples = [SimpleNamespace(i=i) for i in range(n)]
     for world, micro, batch in itertools.product((1, 2, 3), (1, 2, 4), (None, 1, 3)):
         case = (world, micro, batch)
@@ -149,12 +175,15 @@ def test_plan_reference_slices_even_and_complete(n):
 @pytest.mark.parametrize("ga,loss_type,ref_batch,sizes", [
     (1, "grpo", None, [13]), (3, "dapo", None, [5, 5, 5]), (3, "bnpo", 8, [8, 8]),
 ])
-def test_optimizer_step_gradient_is_exactly_the_global_token_mean(store_dir, tmp_path, ga, loss_type, ref_batch,
-                                                                  sizes):
-    """A real TRL step (zero reward: TRL's own gradient is 0) accumulates exactly dphrl's term on the batch."""
+def test_optimizer_step_gradient_is_exactly_the_global_token_mean(
+    store_dir, tmp_path, ga, loss_type, ref_batch, sizes
+):
+    """A real TRL step (zero reward: TRL's own gradient is 0) accumulates exactly dphrl's term on the
+    batch."""
     res = w.one_step(store_dir, tmp_path / "run", ga, loss_type=loss_type, ref_batch_size=ref_batch)
     assert res["world"] == 1 and res["micro_steps"] == ga
-    assert [len(f) for f in res["forwards"]] == sizes  # 13 samples (+ zero-weight padding) over the micro-steps
+    # 13 samples (+ zero-weight padding) over the micro-steps
+    assert [len(f) for f in res["forwards"]] == sizes
     assert sum(wt for f in res["forwards"] for wt in f) == 13.0
     store = w.trimmed_store(store_dir)
     samples = [s for pid in store.pef_ids for s in store.samples[pid]]
@@ -174,7 +203,9 @@ def test_two_processes_give_the_one_process_gradient(store_dir, tmp_path):
 
     out = tmp_path / "ddp"
     out.mkdir()
-    run_two_processes(ROOT / "tests" / "_trl_worker.py", [str(store_dir), str(out)], out, "started_rank*", timeout=240)
+    run_two_processes(
+        ROOT / "tests" / "_trl_worker.py", [str(store_dir), str(out)], out, "started_rank*", timeout=240
+    )
     store = w.trimmed_store(store_dir)
     samples = [s for pid in store.pef_ids for s in store.samples[pid]]
     net = w.model(w.tokenizer())
@@ -207,9 +238,12 @@ def _p_first_seven(net, tok) -> float:
 
 
 def test_toy_run_raises_reward(store_dir, tmp_path):
-    """20 steps of DPH-JS (eta 0.2) on the toy task: P(correct) and the logged reward rise; the term is logged."""
+    """20 steps of DPH-JS (eta 0.2) on the toy task: P(correct) and the logged reward rise;
+    the term is logged."""
     tok = w.tokenizer()
-    trainer = make_trainer(store_dir, tmp_path, tok=tok, args=grpo_args(tmp_path, max_steps=20), divergence="js")
+    trainer = make_trainer(
+        store_dir, tmp_path, tok=tok, args=grpo_args(tmp_path, max_steps=20), divergence="js"
+    )
     before = _p_first_seven(trainer.model, tok)
     trainer.train()
     after = _p_first_seven(trainer.model, tok)
@@ -224,8 +258,13 @@ def test_rehearsal_keeps_policy_near_reference(store_dir, tmp_path):
     """The added term works: with eta = 1 the divergence on D_pef samples stays far below eta = 0's."""
     final = {}
     for eta in (0.0, 1.0):
-        trainer = make_trainer(store_dir, tmp_path / str(eta), args=grpo_args(tmp_path / str(eta), max_steps=20),
-                               divergence="js", eta=eta)
+        trainer = make_trainer(
+            store_dir,
+            tmp_path / str(eta),
+            args=grpo_args(tmp_path / str(eta), max_steps=20),
+            divergence="js",
+            eta=eta,
+        )
         trainer.train()
         divs = [h["dph/div"] for h in trainer.state.log_history if "dph/div" in h]
         final[eta] = sum(divs[-5:]) / 5
@@ -241,13 +280,16 @@ def _other_copies(policy: torch.nn.Module) -> list[torch.nn.Module]:
     for o in gc.get_objects():
         if issubclass(type(o), PreTrainedModel) and o is not policy:
             theirs = dict(o.named_parameters())
-            if theirs.keys() == mine.keys() and all(torch.equal(theirs[k].detach(), v) for k, v in mine.items()):
+            if theirs.keys() == mine.keys() and all(
+                torch.equal(theirs[k].detach(), v) for k, v in mine.items()
+            ):
                 out.append(o)
     return out
 
 
 def test_no_reference_model_is_ever_loaded(store_dir, tmp_path, monkeypatch):
-    """TRL only builds ref_model when beta != 0: nothing calls its model loader, no copy of the weights lives."""
+    """TRL only builds ref_model when beta != 0: nothing calls its model loader,
+    no copy of the weights lives."""
     import trl.trainer.grpo_trainer as grpo_mod
 
     def no_loading(*a, **k):
@@ -278,7 +320,9 @@ def test_lora_trains_with_the_term_and_no_reference(store_dir, tmp_path):
 def test_refuses_beta(store_dir, tmp_path, monkeypatch):
     import trl.trainer.grpo_trainer as grpo_mod
 
-    monkeypatch.setattr(grpo_mod, "create_model_from_path", lambda *a, **k: pytest.fail("reference model loaded"))
+    monkeypatch.setattr(
+        grpo_mod, "create_model_from_path", lambda *a, **k: pytest.fail("reference model loaded")
+    )
     with pytest.raises(UnsupportedTRLSetupError, match=r"beta=0\.0.*beta=0\.04|beta=0\.04.*beta=0\.0"):
         make_trainer(store_dir, tmp_path, args=grpo_args(tmp_path, beta=0.04))
 

@@ -8,11 +8,11 @@ private copy of the model. The double mirrors what the real releases do (checked
 checked release has; ``LLM.generate`` takes one ``SamplingParams`` or a list, one per prompt; the
 engine core is in-process (``llm_engine.model_executor`` exists) only when
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` or ``external_launcher``; ``driver_worker`` forwards attributes to
-its ``worker`` (``WorkerWrapperBase``); ``apply_model`` goes through ``llm_engine.model_executor``. What they check is ours: sampling parameters passed through, vLLM outputs
-turned into ``Generation`` (EOS kept, finished flag, text), weights pushed before every rollout under
-plain Hugging Face names (LoRA merged), pi_old recomputed, and log pi_ref recomputed at presample.
-The real engine's numbers (rewards vs the HF engine, speed) are measured on a GPU:
-``benchmarks/vllm_vs_hf.py``.
+its ``worker`` (``WorkerWrapperBase``); ``apply_model`` goes through ``llm_engine.model_executor``. What they
+check is ours: sampling parameters passed through, vLLM outputs turned into ``Generation`` (EOS kept, finished
+flag, text), weights pushed before every rollout under plain Hugging Face names (LoRA merged), pi_old
+recomputed, and log pi_ref recomputed at presample. The real engine's numbers (rewards vs the HF engine,
+speed) are measured on a GPU: ``benchmarks/vllm_vs_hf.py``.
 """
 
 from __future__ import annotations
@@ -79,12 +79,35 @@ class _Runner:
 
 #: SamplingParams fields present in every checked release (0.8.5.post1, 0.10.2, 0.26.0, 0.32.0, 0.34.0)
 #: that a caller may set; an unknown keyword is a TypeError, as for the real msgspec struct.
-SAMPLING_FIELDS = frozenset({
-    "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "top_k", "min_p",
-    "seed", "stop", "stop_token_ids", "bad_words", "ignore_eos", "max_tokens", "min_tokens", "logprobs",
-    "prompt_logprobs", "detokenize", "skip_special_tokens", "spaces_between_special_tokens",
-    "include_stop_str_in_output", "output_kind", "logit_bias", "allowed_token_ids", "extra_args",
-})
+SAMPLING_FIELDS = frozenset(
+    {
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "bad_words",
+        "ignore_eos",
+        "max_tokens",
+        "min_tokens",
+        "logprobs",
+        "prompt_logprobs",
+        "detokenize",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "include_stop_str_in_output",
+        "output_kind",
+        "logit_bias",
+        "allowed_token_ids",
+        "extra_args",
+    }
+)
 
 
 class _WorkerWrapper:
@@ -122,12 +145,15 @@ def fake_vllm(drop_eos: bool = False) -> types.ModuleType:
             hf = load_model(model)
             self.tok = load_tokenizer(model)
             self.runner = _Runner(hf)
-            if kw.get("distributed_executor_backend") == "external_launcher":  # vLLM's ParallelConfig does this
+            # vLLM's ParallelConfig does this
+            if kw.get("distributed_executor_backend") == "external_launcher":
                 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             self.in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") == "0"
             if self.in_process:  # only then does LLMEngine keep model_executor (v1/engine/llm_engine.py)
                 worker = _WorkerWrapper(types.SimpleNamespace(model_runner=self.runner))
-                self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=worker))
+                self.llm_engine = types.SimpleNamespace(
+                    model_executor=types.SimpleNamespace(driver_worker=worker)
+                )
             else:  # the engine core in a subprocess: nothing to reach from here
                 self.llm_engine = types.SimpleNamespace()
             self.calls: list = []
@@ -161,7 +187,8 @@ def fake_vllm(drop_eos: bool = False) -> types.ModuleType:
             return out
 
         def apply_model(self, func):
-            return self.llm_engine.model_executor.apply_model(func)  # 0.8.5 / 0.10.2: AttributeError out of process
+            # 0.8.5 / 0.10.2: AttributeError out of process
+            return self.llm_engine.model_executor.apply_model(func)
 
         def reset_prefix_cache(self) -> bool:
             self.prefix_resets += 1
@@ -211,7 +238,9 @@ def test_engine_auto_picks_vllm_only_when_it_can_run(monkeypatch):
     assert (resolve_engine("auto"), c.old_logprob_for(resolve_engine("auto"))) == ("hf", "rollout")
     monkeypatch.setattr(vllm_engine, "vllm_available", lambda: True)
     assert (resolve_engine("auto"), c.old_logprob_for(resolve_engine("auto"))) == ("vllm", "recompute")
-    assert resolve_engine("hf") == "hf" and TrainConfig(model="m", algorithm="grpo", engine="hf").engine == "hf"
+    assert (
+        resolve_engine("hf") == "hf" and TrainConfig(model="m", algorithm="grpo", engine="hf").engine == "hf"
+    )
 
 
 def test_old_logprob_rollout_is_refused_with_vllm(tmp_path):
@@ -226,7 +255,10 @@ def test_outputs_become_generations(with_fake_vllm, model_dir, tok, drop_eos):
     mod = with_fake_vllm(drop_eos)
     eng = VLLMEngine(model_dir, tok, seed=3)
     assert eng.exact_logprobs and mod.LLM.instances[-1].kwargs["logprobs_mode"] == "processed_logprobs"
-    prompts = [[tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("+")], [tok.convert_tokens_to_ids("2")]]
+    prompts = [
+        [tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("+")],
+        [tok.convert_tokens_to_ids("2")],
+    ]
     gens = eng.generate(prompts, 6, max_new_tokens=5, temperature=0.7, top_p=0.9, seed=11)
     per_prompt = mod.LLM.instances[-1].calls[-1]
     params = per_prompt[0]
@@ -303,7 +335,9 @@ def test_optional_llm_arguments_fall_back_on_older_vllm(with_fake_vllm, model_di
     eng = VLLMEngine(model_dir, tok)
     kw = base.instances[-1].kwargs
     dropped = {"logprobs_mode", "generation_config"} if "unnamed" in rejected else set(rejected)
-    assert set(kw) & {"logprobs_mode", "generation_config"} == {"logprobs_mode", "generation_config"} - dropped
+    assert (
+        set(kw) & {"logprobs_mode", "generation_config"} == {"logprobs_mode", "generation_config"} - dropped
+    )
     assert eng.exact_logprobs == ("logprobs_mode" not in dropped)
     assert kw["skip_tokenizer_init"] is True and kw["seed"] == 0  # the required ones always passed
 
@@ -364,13 +398,18 @@ def _full_weights(policy, lora: bool) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("lora", [False, True])
 def test_trainer_pushes_current_weights_before_every_rollout(with_fake_vllm, tmp_path, model_dir, lora):
     mod = with_fake_vllm()
-    cfg = base_cfg(tmp_path, "grpo", model=model_dir, engine="vllm", max_steps=3, lora=lora, lora_r=4, lr=5e-2)
+    cfg = base_cfg(
+        tmp_path, "grpo", model=model_dir, engine="vllm", max_steps=3, lora=lora, lora_r=4, lr=5e-2
+    )
     trainer = Trainer(cfg, examples=toy_examples(8))
     assert trainer.cfg.old_logprob == "recompute"
     llm = mod.LLM.instances[-1]
     pushed: list[dict[str, torch.Tensor]] = []
     load = llm.runner.load_weights
-    llm.runner.load_weights = lambda w: (load(w), pushed.append({k: v.clone() for k, v in llm.runner.hf.state_dict().items()}))
+    llm.runner.load_weights = lambda w: (
+        load(w),
+        pushed.append({k: v.clone() for k, v in llm.runner.hf.state_dict().items()}),
+    )
     policy_before_step = [_full_weights(trainer._unwrapped(), lora)]
     update = trainer.update
 
@@ -416,7 +455,8 @@ def test_presample_recomputes_reference_logprobs(tmp_path, tok, make_model, with
                   tokenizer_hash=tokenizer_hash(tok), n=4, max_new_tokens=3, temperature=0.8, progress=False,
                   logprob_model=model)
     ref_dir = tmp_path / "ref"
-    want_m = make_store(ref_dir, model, tok, exs, n=4, temperature=0.8)  # HF engine, exact log-probs, same seed
+    # HF engine, exact log-probs, same seed
+    want_m = make_store(ref_dir, model, tok, exs, n=4, temperature=0.8)
     assert m["ref_logprobs_source"] == "recomputed" and want_m["ref_logprobs_source"] == "engine"
     assert m["counts"] == want_m["counts"] and m["counts"]["stored_samples"] >= 12
     got, want = ReferenceStore(out), ReferenceStore(ref_dir)
