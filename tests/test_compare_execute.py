@@ -93,3 +93,43 @@ def test_backend_runs_every_job(tmp_path: Path, tiny_experiment: Path, backend: 
         assert len(list((out / "submitit").glob("*_log.out"))) == 4  # submitit ran each of them
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert set(summary["table"]) == {"base", "grpo"}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # the field after the state: the parent's pid
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_local_workers_exit_when_the_runner_is_killed(tmp_path: Path, tiny_experiment: Path):
+    """No orphan keeps training after its runner died (even by SIGKILL): a resumed runner reuses the dirs."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "dphrl.cli", "compare", "--config", str(tiny_experiment), "--out",
+                             str(out), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not any(
+                s.get("state") == "running" for s in ex.load_status(out).values() if (out / ex.STATUS_FILE).is_file()):
+            time.sleep(0.2)
+        workers = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert workers, "no worker process found"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.5)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists()]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived their runner"

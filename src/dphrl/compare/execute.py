@@ -180,17 +180,35 @@ def _schedule(todo: list[Job], book: _Book, capacity: int, submit: Callable[[Job
                     book.finish(job, None, e)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Pool worker initializer: exit when the runner that started it is gone (killed, even by SIGKILL), so
+    no orphan keeps training into a directory that a resumed runner will use."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
 def _local(todo: list[Job], book: _Book, workers: int, prepare_threads: int) -> None:
     """A pool of ``workers`` spawned processes, each job single-threaded: for small models two processes
     use two cores far better than one process with two threads."""
     ctx = multiprocessing.get_context("spawn")
-    pool = [ProcessPoolExecutor(max_workers=workers, mp_context=ctx)]
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_die_with_parent,
+                                   initargs=(os.getpid(),))
+
+    pool = [new_pool()]
 
     def submit(job: Job) -> Future:
         try:
             return pool[0].submit(run_job, job.to_dict(), threads=prepare_threads if job.kind == "prepare" else 1)
         except BrokenProcessPool:
-            pool[0] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            pool[0] = new_pool()
             return pool[0].submit(run_job, job.to_dict(), threads=prepare_threads if job.kind == "prepare" else 1)
 
     def wait_any(handles: list[Future]) -> list[Future]:
