@@ -8,7 +8,9 @@ run that then fails to start:
 * a directory holding a finished or partial run is refused unless the caller resumes it
   (``--resume``) or replaces it (``--overwrite``); the error names the directory, what is in it
   and both options;
-* ``--overwrite`` moves the old contents aside and deletes them (rename first: never half-deleted);
+* ``--overwrite`` moves the old contents aside and deletes them (rename first: never half-deleted),
+  only in a directory dphrl wrote (:data:`RUN_MARKERS`): a directory of other files is refused;
+* a refused claim changes nothing, lock file included;
 * a lock (``.dphrl.lock``, ``flock``) refuses a second concurrent run in the same directory; the
   kernel releases it when the process dies, so a crash never leaves a stale lock.
 
@@ -29,7 +31,8 @@ from typing import Any
 
 from dphrl.fsutil import remove_dir
 
-__all__ = ["LOCK_NAME", "RunDirError", "RunLock", "StopSignals", "claim_dir", "dir_contents"]
+__all__ = ["LOCK_NAME", "RUN_MARKERS", "RunDirError", "RunLock", "StopSignals", "claim_dir", "dir_contents",
+           "is_dphrl_dir"]
 
 LOCK_NAME = ".dphrl.lock"
 
@@ -54,18 +57,34 @@ class RunLock:
         self.path = Path(path)
         self._fd: int | None = None
 
+    def _busy(self, fd: int, what: str) -> RunDirError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        return RunDirError(
+            f"{what}: {self.path} is in use by {holder}; wait for it to finish or use another "
+            "output directory"
+        )
+
+    def check_free(self, what: str) -> None:
+        """Refuse a directory whose lock another process holds, creating and writing nothing."""
+        try:
+            fd = os.open(self.path / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            return  # no lock file: nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._busy(fd, what) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
     def acquire(self, what: str) -> RunLock:
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunDirError(
-                f"{what}: {self.path} is in use by {holder}; wait for it to finish or use another "
-                "output directory"
-            ) from None
+            raise self._busy(fd, what) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd
@@ -78,24 +97,58 @@ class RunLock:
             self._fd = None
 
 
+#: Names that mark a directory as written by dphrl (a run, a store, an evaluation, an experiment):
+#: ``--overwrite`` replaces only such a directory, never one holding other files.
+RUN_MARKERS = (LOCK_NAME, "metrics.jsonl", "run_info.json", "checkpoints", "final", "manifest.json",
+               "results.json", "jobs.json", "jobs_status.json", "demo_size.json", "sft_log.json", "report.md")
+
+
+def is_dphrl_dir(path: Path) -> bool:
+    """Whether ``path`` holds something dphrl wrote (one of :data:`RUN_MARKERS`)."""
+    return any((Path(path) / name).exists() for name in RUN_MARKERS)
+
+
+def _refusal(path: Path, what: str, old: list[str], *, resume: bool, overwrite: bool) -> RunDirError | None:
+    """Why ``path`` cannot be claimed as asked, or None."""
+    shown = ", ".join(old[:6]) + (", ..." if len(old) > 6 else "")
+    if not old or resume:
+        return None
+    if not overwrite:
+        return RunDirError(
+            f"{what}: {path} already holds a run ({shown}). Nothing was changed. Pass --resume to "
+            "continue it, --overwrite to replace it, or choose another output directory."
+        )
+    if not is_dphrl_dir(path):
+        return RunDirError(
+            f"{what}: {path} holds files that are not a dphrl run ({shown}); --overwrite only replaces a "
+            "directory dphrl wrote. Nothing was changed: move those files away or choose another output "
+            "directory."
+        )
+    return None
+
+
 def claim_dir(path: str | Path, *, what: str, resume: bool = False, overwrite: bool = False,
               lock: bool = True) -> RunLock | None:
     """Claim ``path`` for a new run (see the module docstring); returns the held lock (or None).
 
     ``what`` names the command in messages (e.g. ``"dphrl train"``). ``resume`` accepts a directory
-    holding a run (the caller continues it); ``overwrite`` replaces it.
+    holding a run (the caller continues it); ``overwrite`` replaces it, but only a directory that
+    dphrl wrote (:func:`is_dphrl_dir`). A refused claim changes nothing, lock file included: the
+    contents are checked before the lock is taken, and again under it.
     """
     path = Path(path)
+    if lock:
+        RunLock(path).check_free(what)  # a running run is reported as such (read only)
+    err = _refusal(path, what, dir_contents(path), resume=resume, overwrite=overwrite)
+    if err is not None:
+        raise err
     held = RunLock(path).acquire(what) if lock else None
     try:
-        old = dir_contents(path)
+        old = dir_contents(path)  # again, under the lock: another process may have written meanwhile
+        err = _refusal(path, what, old, resume=resume, overwrite=overwrite)
+        if err is not None:
+            raise err
         if old and not resume:
-            if not overwrite:
-                shown = ", ".join(old[:6]) + (", ..." if len(old) > 6 else "")
-                raise RunDirError(
-                    f"{what}: {path} already holds a run ({shown}). Nothing was changed. Pass --resume to "
-                    "continue it, --overwrite to replace it, or choose another output directory."
-                )
             aside = path / f".deleting-overwritten-{uuid.uuid4().hex[:8]}"
             aside.mkdir()
             for name in old:
