@@ -96,7 +96,12 @@ def check_claim(claim: Claim, exp: Experiment, res: SeedResults) -> tuple[bool |
                 return None, f"not checked: {missing} has no {claim.metric} results"
             target = claim.scale * rs[0] + claim.offset
             holds = {"<": ls[0] < target, "<=": ls[0] <= target, ">": ls[0] > target, ">=": ls[0] >= target}[claim.op]
-            text = f"{lrun} {ls[0]:.3f} vs {target:.3f}"
+            rhs = f"{r:g}" if isinstance(r, float) else f"{r} {rs[0]:.3f}"
+            if claim.scale != 1 or claim.offset:
+                rhs = (f"{claim.scale:g} x " if claim.scale != 1 else "") + rhs
+                rhs += (f" {'+' if claim.offset > 0 else '-'} {abs(claim.offset):g}" if claim.offset else "")
+                rhs += f" = {target:.3f}"
+            text = f"{lrun} {ls[0]:.3f} {claim.op} {rhs}"
             if claim.beyond_std and isinstance(r, str):
                 gap, std = ls[0] - claim.scale * rs[0], max(ls[1], rs[1])
                 holds = holds and abs(gap) > std
