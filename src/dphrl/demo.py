@@ -98,9 +98,9 @@ QUICK = replace(
            "dph-f-topk": ("eta", [1.0])},
     ablation={"dph-f+dapo-loss": FULL.ablation["dph-f+dapo-loss"]},
 )
-#: The uneven variant (benchmarks/divergence_optimum.py): validity A/B/C 0.6/0.5/0.2 and an SFT prior
-#: 0.05/0.05/0.90 (most mass on the weakest style) predict reverse-KL ahead of forward-KL at matched
-#: Pass@1 by up to 10.8 Pass@16 points. Its families, 3 coefficients each: rkl (k2: the reverse-KL
+#: The uneven variant (benchmarks/divergence_optimum.py): validity A/B/C 0.6/0.5/0.2 and a style prior
+#: 0.05/0.05/0.90 (most mass on the weakest style; the base is SFT'd evenly, then 300 steps on that
+#: mixture) predict reverse-KL ahead of forward-KL at matched Pass@1 by up to 10.8 Pass@16 points. Its families, 3 coefficients each: rkl (k2: the reverse-KL
 #: gradient, to the whole base), rkl-k3 (the forward-KL gradient, to the whole base, on rollouts) and
 #: dph-f (forward KL to the base's correct samples of D_pef prompts); grpo is the unregularized end.
 UNEVEN = replace(
@@ -116,9 +116,12 @@ def _say(msg: str) -> None:
 
 
 def build_base_model(out: Path, steps: int = 1500, seed: int = 0, hidden: int = 128, layers: int = 4, batch: int = 64,
-                     prior: dict | None = None, hi: int = 39, progress: bool = False, heartbeat: bool = False) -> Path:
-    """Tokenizer + tiny Llama + SFT on a mixture of styles (``prior``: weights of A/B/C, even when None) for
-    a+b and a-b with operands up to ``hi``; save_pretrained."""
+                     prior: dict | None = None, prior_steps: int = 300, hi: int = 39, progress: bool = False,
+                     heartbeat: bool = False) -> Path:
+    """Tokenizer + tiny Llama + SFT on an even mixture of styles for a+b and a-b with operands up to ``hi``;
+    save_pretrained. With ``prior`` (weights of A/B/C) ``prior_steps`` more SFT steps on that uneven mixture
+    shift the model's style prior: it learns every style's procedure first, then prefers some (SFT on the
+    uneven mixture alone leaves its rare styles' answers mostly wrong, so RL could not move to them)."""
     from dphrl.data.tokenizer import build_char_tokenizer
     from dphrl.sft import save_model, sft_train
     from dphrl.testing import tiny_causal_lm
@@ -127,14 +130,18 @@ def build_base_model(out: Path, steps: int = 1500, seed: int = 0, hidden: int = 
     tok = build_char_tokenizer(styles.CHARS)
     model = tiny_causal_lm(tok, hidden=hidden, layers=layers, heads=4, max_positions=64, seed=seed)
     problems = styles.make_examples("add", "all", hi=hi) + styles.make_examples("sub", "all", hi=hi)
-    pairs = styles.sft_pairs(problems, random.Random(seed), weights=prior)
+    pairs = styles.sft_pairs(problems, random.Random(seed))
 
     def beat(r: dict) -> None:
         if heartbeat and r["step"]:
-            _say(f"seed {seed}: SFT step {r['step'] + 1}/{steps}, loss {r['loss']:.3f} ({r['seconds']:.0f} s)")
+            _say(f"seed {seed}: SFT step {r['step'] + 1}, loss {r['loss']:.3f} ({r['seconds']:.0f} s)")
 
     log = sft_train(model, tok, pairs, steps=steps, batch_size=batch, lr=3e-3, seed=seed, progress=progress,
                     log_every=max(1, steps // 4), on_log=beat)
+    if prior is not None:
+        uneven = styles.sft_pairs(problems, random.Random(seed + 1), weights=prior)
+        log += sft_train(model, tok, uneven, steps=prior_steps, batch_size=batch, lr=1e-3, seed=seed + 1,
+                         progress=progress, log_every=max(1, prior_steps // 2), on_log=beat)
     save_model(model, tok, out)
     (out / "sft_log.json").write_text(json.dumps(log))
     return out
@@ -174,8 +181,8 @@ def _description(size: DemoSize) -> str:
         "70% (A), 50% (B) and 40% (C)", ", ".join(f"{100 * acc[s]:.0f}% ({s})" for s in styles.STYLES))
     if size.prior is not None:
         validity = validity.replace("by supervised fine-tuning on an even mixture",
-                                    "by supervised fine-tuning on an uneven mixture (A/B/C "
-                                    + "/".join(f"{prior[s]:g}" for s in styles.STYLES) + ")")
+                                    "by supervised fine-tuning on an even mixture, then 300 steps on an uneven one "
+                                    "(A/B/C " + "/".join(f"{prior[s]:g}" for s in styles.STYLES) + ")")
     return ("In domain = a+b (RL task), out of domain = a-b.\n\nHow style validity arises: " + validity + "\n\n"
             "grpo, rkl (k2: the reverse-KL gradient), rkl-k3 (the paper's RKL baseline: a forward-KL gradient on "
             "rollouts), dph-f, dph-js and dph-f-topk (forward-KL over the reference's stored top-8 + tail) share one "
@@ -199,7 +206,8 @@ def demo_experiment(size: DemoSize = FULL, seeds: int = 1, sweep: bool = False, 
         title=title, description=_description(size), seeds=seeds,
         base_model={"build": "dphrl.demo:build_base_model",
                     "args": {"steps": size.sft_steps, "hidden": size.hidden, "layers": size.layers,
-                             "batch": size.sft_batch, "prior": size.prior, "heartbeat": True}},
+                             "batch": size.sft_batch, "heartbeat": True,
+                             **({"prior": size.prior, "prior_steps": 300} if size.prior else {})}},
         base={"dataset": data("add", "train", size.train_prompts), "reward": "styles",
               "prompts_per_step": size.prompts_per_step, "rollout_n": size.rollout_n,
               "max_new_tokens": size.max_new_tokens, "lr": size.lr, "max_steps": size.rl_steps,
