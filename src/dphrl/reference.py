@@ -31,11 +31,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
 from dphrl.engines.base import Engine
+from dphrl.progress import progress_bar
 from dphrl.rewards.registry import CORRECT_THRESHOLD, RewardFn, score_batch
 
 STORE_VERSION = 2
@@ -137,7 +137,7 @@ def presample(
     prompt_rows: list[dict] = []
     sample_rows: list[dict] = []
     failures = timeouts = 0
-    bar = tqdm(total=len(examples), desc="presample", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(examples), desc="presample", unit="prompt", disable=not progress)
     for start in range(0, len(examples), prompts_per_call):
         chunk = examples[start : start + prompts_per_call]
         ids = [encode_prompt(tokenizer, ex.prompt) for ex in chunk]

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dphrl.batching import pack, pad_token_id, response_logprobs
 from dphrl.data.chat import encode_prompt
+from dphrl.progress import progress_bar
 
 
 def sft_train(
@@ -46,7 +46,7 @@ def sft_train(
     sched = get_scheduler("cosine", opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
     model.train()
     log, t0 = [], time.time()
-    bar = tqdm(range(steps), desc="sft", unit="step", disable=not progress)
+    bar = progress_bar(range(steps), desc="sft", unit="step", disable=not progress)
     for step in bar:
         batch = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
         packed = pack([p for p, _ in batch], [r for _, r in batch], pad)

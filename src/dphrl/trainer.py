@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from dphrl import checkpoint, divergences, sharding
@@ -57,6 +56,7 @@ from dphrl.launch import Launch, check_launch
 from dphrl.models import weights_fingerprint
 from dphrl.monitor import Monitor, peak_memory_mb
 from dphrl.prefix import can_share_prefix
+from dphrl.progress import progress_bar
 from dphrl.reference import ReferenceStore, StoreMismatchError, verify_store
 from dphrl.rehearsal import needs_store, plan_rehearsal
 from dphrl.rewards.registry import get_reward
@@ -313,8 +313,8 @@ class Trainer:
     def _loop(self, stop: StopSignals) -> dict:
         cfg = self.cfg
         self._write_run_header()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.algorithm}", unit="step",
-                   disable=not (cfg.progress and self.acc.is_main_process))
+        bar = progress_bar(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.algorithm}", unit="step",
+                           disable=not (cfg.progress and self.acc.is_main_process))
         last: dict = {}
         if self.monitor.eval_sets and self.step == 0:  # the starting point of the Pass@k-over-steps curves
             self.log({"step": 0, **self.evaluate()})
@@ -327,8 +327,8 @@ class Trainer:
             self.step += 1
             last = self._step_metrics(roll_metrics, upd_metrics, refs, t0, t1, time.time())
             self._report(last, rollouts)
-            bar.update(1)
             bar.set_postfix(reward=f"{last.get('reward/mean', 0):.3f}", s_per_step=f"{last['time/step']:.2f}")
+            bar.update(1)
             stopping = self.coll.agreed_signal(stop.requested)
             if stopping and self.step < cfg.max_steps:  # every rank agrees: checkpoint, then stop cleanly
                 path = self.save_checkpoint()
