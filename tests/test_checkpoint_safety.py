@@ -145,3 +145,19 @@ def test_overwrite_replaces_only_a_directory_dphrl_wrote_and_a_refusal_changes_n
     assert (run / LOCK_NAME).read_bytes() == lock_before and (run / LOCK_NAME).stat().st_mtime == 1
     claim_dir(run, what="t", overwrite=True).release()  # ours: replaced
     assert [p.name for p in run.iterdir()] == [LOCK_NAME]
+
+
+def test_presample_refuses_a_reward_that_fails_and_writes_nothing(tmp_path, tok, make_model):
+    from dphrl.engines.hf import HFEngine
+    from dphrl.models import tokenizer_hash
+    from dphrl.reference import presample
+    from dphrl.rewards.registry import RewardFailureError
+
+    def broken(response, example):
+        raise ValueError("no answer field")
+
+    out = tmp_path / "store"
+    with pytest.raises(RewardFailureError, match=r"16 of 16 reward evaluations failed.*nothing was written"):
+        presample(HFEngine(make_model(), tok), tok, toy_examples(4), broken, out, model_name="toy",
+                  tokenizer_hash=tokenizer_hash(tok), n=4, max_new_tokens=3, progress=False, reward_workers=0)
+    assert not out.exists() or not any(out.iterdir())

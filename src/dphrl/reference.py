@@ -36,7 +36,7 @@ from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
 from dphrl.engines.base import Engine
 from dphrl.progress import progress_bar
-from dphrl.rewards.registry import CORRECT_THRESHOLD, RewardFn, score_batch
+from dphrl.rewards.registry import CORRECT_THRESHOLD, RewardFailureError, RewardFn, score_batch
 
 STORE_VERSION = 2
 LOGPROB_SLACK = 1e-4  # stored log-probs may exceed 0 by float rounding only
@@ -98,8 +98,13 @@ def presample(
     weights_fingerprint: str | None = None,
     dtype: str | None = None,
     topk: int = 0,
+    max_failure_frac: float = 0.2,
 ) -> dict:
     """Sample, score, split and store. Returns the manifest (also written to ``manifest.json``).
+
+    More than ``max_failure_frac`` of the rewards failing or timing out raises
+    :class:`~dphrl.rewards.registry.RewardFailureError` before anything is written (a store whose
+    split rests on failed rewards would rehearse the wrong prompts).
 
     ``logprob_model``: when given (engine vllm), the stored log pi_ref are recomputed by this model
     (one no-grad forward at ``temperature``, the computation the trainer uses for log pi_theta) instead
@@ -181,6 +186,13 @@ def presample(
         bar.update(len(chunk))
         bar.set_postfix(pef=sum(r["split"] == "pef" for r in prompt_rows))
     bar.close()
+    scored_n = len(examples) * n
+    if scored_n and (failures + timeouts) / scored_n > max_failure_frac:
+        raise RewardFailureError(
+            f"presample: {failures} of {scored_n} reward evaluations failed and {timeouts} timed out (> "
+            f"max_reward_failure_frac={max_failure_frac}); nothing was written to {out_dir}. Check the reward "
+            f"{getattr(reward_fn, '__name__', reward_fn)!r} on a few samples (`dphrl eval` shows them)."
+        )
     if logprob_model is not None and sample_rows:  # one no-grad forward, the trainer's own computation
         from dphrl.batching import pad_token_id
         from dphrl.prefix import sequence_logprobs

@@ -23,13 +23,9 @@ from dphrl.dist import Collectives
 from dphrl.engines.sync import EngineWeights
 from dphrl.reference import ReferenceStore
 from dphrl.registry import kwargs_from_config
-from dphrl.rewards.registry import CORRECT_THRESHOLD, score_batch
+from dphrl.rewards.registry import CORRECT_THRESHOLD, RewardFailureError, score_batch
 
 __all__ = ["ReferenceBatches", "RewardFailureError", "RolloutCollector", "Seq"]
-
-
-class RewardFailureError(RuntimeError):
-    """Too many reward evaluations failed in one step (see ``max_reward_failure_frac``)."""
 
 
 @dataclass

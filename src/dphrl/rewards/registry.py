@@ -58,6 +58,11 @@ def list_rewards() -> list[str]:
     return REWARDS.names()
 
 
+class RewardFailureError(RuntimeError):
+    """Too many reward evaluations failed (a training step's, or presample's): see
+    ``max_reward_failure_frac``. The message names the reward, the counts and the first error."""
+
+
 @dataclass
 class BatchScores:
     """Scores of a batch; failed or timed-out items score 0 and are counted here."""
