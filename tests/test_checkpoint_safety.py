@@ -161,3 +161,15 @@ def test_presample_refuses_a_reward_that_fails_and_writes_nothing(tmp_path, tok,
         presample(HFEngine(make_model(), tok), tok, toy_examples(4), broken, out, model_name="toy",
                   tokenizer_hash=tokenizer_hash(tok), n=4, max_new_tokens=3, progress=False, reward_workers=0)
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_with_both_lines(tmp_path):
+    from dphrl.config import ConfigError, load_config
+
+    f = tmp_path / "cfg.yaml"
+    f.write_text("model: m\nalgorithm: grpo\nlr: 1.0e-5\ndataset: {type: gsm8k, limit: 4}\nlr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: key 'lr' is given twice, on lines 3 and 5"):
+        load_config(f)
+    f.write_text("model: m\nalgorithm: grpo\ndataset:\n  type: gsm8k\n  limit: 4\n  limit: 8\n")
+    with pytest.raises(ConfigError, match=r"key 'dataset.limit' is given twice, on lines 5 and 6"):
+        load_config(f)

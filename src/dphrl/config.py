@@ -697,12 +697,19 @@ def _yaml_lines(text: str) -> dict[str, int]:
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 if isinstance(k, yaml.ScalarNode):
-                    # a repeated key: the last wins, as in loading
-                    lines[prefix + str(k.value)] = k.start_mark.line + 1
-                    walk(v, f"{prefix}{k.value}.")
+                    key = prefix + str(k.value)
+                    if key in lines:  # YAML would keep the last one silently: a typo or a paste
+                        raise DuplicateKeyError(f"key '{key}' is given twice, on lines {lines[key]} and "
+                                                f"{k.start_mark.line + 1}; keep one")
+                    lines[key] = k.start_mark.line + 1
+                    walk(v, f"{key}.")
 
     walk(yaml.compose(text), "")
     return lines
+
+
+class DuplicateKeyError(ValueError):
+    """A YAML mapping repeats a key (``yaml.safe_load`` would keep the last one silently)."""
 
 
 def _locate(key: str | None, origin: dict[str, str], path: str | Path | None) -> str | None:
@@ -749,6 +756,8 @@ def load_config(
             lines = _yaml_lines(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        except DuplicateKeyError as e:
+            raise ConfigError(f"{path}: {e}.") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys")
         for k, v in data.items():
