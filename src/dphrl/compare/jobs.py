@@ -200,6 +200,7 @@ def _presample_spec(exp: Experiment, configs: dict[str, TrainConfig], seed: int,
             "topk": max(c.rehearsal_topk for c in rehearsing.values()), "prompts_per_call": exp.prompts_per_call,
             "batch_size": first.generation_batch_size, "reward_workers": first.reward_workers,
             "reward_timeout_s": first.reward_timeout_s, "dtype": first.dtype, "engine": first.engine,
+            "gpu_memory_utilization": first.vllm_gpu_memory_utilization,
             "max_prompt_tokens": first.max_prompt_tokens, "out": str(sd / "store")}
 
 

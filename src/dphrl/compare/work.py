@@ -110,7 +110,8 @@ def _presample(ps: dict[str, Any], seed: int, log: Log) -> None:
     name = resolve_engine(ps["engine"])
     exact = engine_capabilities(name).exact_logprobs
     engine = build_engine(name, model, tok, batch_size=ps["batch_size"], model_name=ps["model"], dtype=ps["dtype"],
-                          seed=seed, max_model_len=ps["max_prompt_tokens"] + ps["max_new_tokens"])
+                          seed=seed, max_model_len=ps["max_prompt_tokens"] + ps["max_new_tokens"],
+                          gpu_memory_utilization=ps["gpu_memory_utilization"])
     log(f"seed {seed}: presample {ps['n']} x {len(examples)} prompts from the base model")
     presample(engine, tok, examples, get_reward(ps["reward"] or examples[0].task), ps["out"], model_name=ps["model"],
               tokenizer_hash=tokenizer_hash(tok), n=ps["n"], temperature=ps["temperature"], top_p=ps["top_p"],
@@ -165,18 +166,21 @@ def answer_accuracy(records: list[dict[str, Any]], gold: dict[str, str]) -> floa
 
 def _evaluate(job: Job, log: Log) -> str:
     from dphrl.data import load_examples
-    from dphrl.engines import build_engine
+    from dphrl.engines import build_engine, engine_capabilities, resolve_engine
     from dphrl.evaluation.runner import evaluate, write_results
+    from dphrl.models import load_tokenizer
     from dphrl.rewards import get_reward
     from dphrl.tasks import eval_hooks
 
     spec = job.spec
     sets = {name: load_examples(s) for name, s in spec["sets"].items()}
-    tok, model = load_for_generation(spec["model"], spec["dtype"])
-    hooks = {name: eval_hooks(exs) for name, exs in sets.items()}
+    name = resolve_engine(spec["engine"])
+    needs_model = engine_capabilities(name).needs_model  # else (vllm) the engine reads the weights itself
+    tok, model = load_for_generation(spec["model"], spec["dtype"]) if needs_model else (load_tokenizer(spec["model"]), None)
+    hooks = {n: eval_hooks(exs) for n, exs in sets.items()}
     records: list[dict[str, Any]] = []
-    engine = build_engine(spec["engine"], model, tok, batch_size=spec["batch_size"], model_name=spec["model"],
-                          dtype=spec["dtype"], seed=spec["seed"])
+    engine = build_engine(name, model, tok, batch_size=spec["batch_size"], model_name=spec["model"],
+                          dtype=spec["dtype"], seed=spec["seed"], gpu_memory_utilization=0.85)
     res = evaluate(
         engine, tok, sets, {n: get_reward(spec["reward"] or exs[0].task) for n, exs in sets.items()}, n=spec["n"],
         temperature=spec["temperature"], top_p=spec["top_p"], max_new_tokens=spec["max_new_tokens"],
@@ -184,13 +188,16 @@ def _evaluate(job: Job, log: Log) -> str:
         model_name=spec["model"], prompts_per_call=spec["prompts_per_call"], show_table=False, progress=False,
         records_out=records,
     )
-    for name, exs in sets.items():
-        acc = answer_accuracy([r for r in records if r["dataset"] == name], {ex.id: ex.answer for ex in exs})
+    for n, exs in sets.items():
+        acc = answer_accuracy([r for r in records if r["dataset"] == n], {ex.id: ex.answer for ex in exs})
         if acc is not None:
-            res["datasets"][name]["answer_accuracy"] = acc
+            res["datasets"][n]["answer_accuracy"] = acc
     if spec.get("forgetting_set"):
         from dphrl.evaluation.forgetting import forgetting, load_forgetting_set
 
+        if model is None:  # the forgetting forward needs the HF model: free the engine's memory first
+            del engine
+            tok, model = load_for_generation(spec["model"], spec["dtype"])
         res["forgetting"] = forgetting(model, tok, load_forgetting_set(spec["forgetting_set"]))
     write_results(Path(job.out) / "eval", res, records)
     first = next(iter(res["datasets"].values()))
