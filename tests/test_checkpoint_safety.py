@@ -173,3 +173,13 @@ def test_a_key_given_twice_in_a_config_file_is_refused_with_both_lines(tmp_path)
     f.write_text("model: m\nalgorithm: grpo\ndataset:\n  type: gsm8k\n  limit: 4\n  limit: 8\n")
     with pytest.raises(ConfigError, match=r"key 'dataset.limit' is given twice, on lines 5 and 6"):
         load_config(f)
+
+
+def test_duplicate_example_ids_are_refused(tmp_path):
+    from dphrl.data.loaders import load_dataset_spec
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"id": "a", "question": "1+1", "answer": "2"}\n{"id": "b", "question": "2+2", "answer": "4"}\n'
+                 '{"id": "a", "question": "3+3", "answer": "6"}\n')
+    with pytest.raises(ValueError, match=r"example id 'a' is used twice \(examples 1 and 3"):
+        load_dataset_spec({"type": "jsonl", "path": str(f), "prompt_field": "question", "id_field": "id"})

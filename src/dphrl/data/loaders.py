@@ -737,6 +737,14 @@ def load_dataset_spec(spec: dict[str, Any] | str, *, base_dir: PathLike | None =
         raise ValueError(
             f"dataset {_describe_spec(spec)} gave no examples: {why}. Check its path and filters."
         )
+    first: dict[str, int] = {}
+    for i, ex in enumerate(items):  # the store, the evaluation and the report key examples by id
+        if ex.id in first:
+            raise ValueError(
+                f"dataset {_describe_spec(spec)}: example id {ex.id!r} is used twice (examples {first[ex.id] + 1} "
+                f"and {i + 1} in file order); ids must be unique: fix the data or name another id_field."
+            )
+        first[ex.id] = i
     if r.seed is not None:
         random.Random(r.seed).shuffle(items)
     return Examples(_take(items, r.limit), skipped=skipped, skip_reasons=reasons, dataset_type=r.kind)
