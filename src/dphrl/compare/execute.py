@@ -70,9 +70,10 @@ class _Book:
         else:
             tb = "".join(traceback.format_exception(type(error), error, error.__traceback__)) if error else ""
             cause = getattr(error, "__cause__", None)  # a worker's traceback travels as the cause
-            rec.update(state="failed", error=f"{type(error).__name__}: {error}",
-                       traceback=(str(cause) if cause is not None else tb)[-4000:])
-            self.log(f"FAILED {job.id}: {type(error).__name__}: {error}")
+            lines = str(error).strip().splitlines()  # a scheduler's error carries the job's whole stderr:
+            rec.update(state="failed", error=f"{type(error).__name__}: {(lines[-1] if lines else '')[:300]}",
+                       traceback=(str(cause) if cause is not None else tb)[-4000:])  # its last line says why
+            self.log(f"FAILED {job.id}: {rec['error']}")
         self.status[job.id] = rec
         self.save()
 
