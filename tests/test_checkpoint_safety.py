@@ -179,7 +179,8 @@ def test_duplicate_example_ids_are_refused(tmp_path):
     from dphrl.data.loaders import load_dataset_spec
 
     f = tmp_path / "d.jsonl"
-    f.write_text('{"id": "a", "question": "1+1", "answer": "2"}\n{"id": "b", "question": "2+2", "answer": "4"}\n'
+    f.write_text('{"id": "a", "question": "1+1", "answer": "2"}\n'
+                 '{"id": "b", "question": "2+2", "answer": "4"}\n'
                  '{"id": "a", "question": "3+3", "answer": "6"}\n')
     with pytest.raises(ValueError, match=r"example id 'a' is used twice \(examples 1 and 3"):
         load_dataset_spec({"type": "jsonl", "path": str(f), "prompt_field": "question", "id_field": "id"})

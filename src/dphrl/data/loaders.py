@@ -741,8 +741,9 @@ def load_dataset_spec(spec: dict[str, Any] | str, *, base_dir: PathLike | None =
     for i, ex in enumerate(items):  # the store, the evaluation and the report key examples by id
         if ex.id in first:
             raise ValueError(
-                f"dataset {_describe_spec(spec)}: example id {ex.id!r} is used twice (examples {first[ex.id] + 1} "
-                f"and {i + 1} in file order); ids must be unique: fix the data or name another id_field."
+                f"dataset {_describe_spec(spec)}: example id {ex.id!r} is used twice (examples "
+                f"{first[ex.id] + 1} and {i + 1} in file order); ids must be unique: fix the data or name "
+                "another id_field."
             )
         first[ex.id] = i
     if r.seed is not None:
