@@ -1,0 +1,57 @@
+"""Claims on compare results: the formula, seed means and stds, '*' and lists, runs without results."""
+
+from __future__ import annotations
+
+import pytest
+
+from dphrl.compare import Experiment
+from dphrl.compare.summary import check_claim
+
+IN, OOD = "add", "sub"
+
+
+def _exp(claims: list[dict]) -> Experiment:
+    spec = {"type": "styles", "op": "add", "split": "test", "limit": 4}
+    return Experiment(base={"model": "m", "dataset": spec}, methods={"a": {"algorithm": "grpo"}, "b": {"algorithm": "grpo"}},
+                      evaluation={"in_domain": {IN: spec}, "out_of_domain": {OOD: {**spec, "op": "sub"}}, "n": 4},
+                      claims=claims)
+
+
+def _res(p4: float, ood4: float = 0.5, styles: float = 2.0) -> dict:
+    return {"datasets": {IN: {"pass@k": {"1": 0.5, "4": p4}, "styles": {"effective_styles": styles}},
+                         OOD: {"pass@k": {"1": 0.4, "4": ood4}}}}
+
+
+SEEDS = [{"base": _res(0.90, styles=3.0), "a": _res(0.80, 0.6, 1.4), "b": _res(0.88, 0.7)},
+         {"base": _res(0.90, styles=3.0), "a": _res(0.84, 0.6, 1.6), "b": _res(0.86, 0.8)}]
+
+
+@pytest.mark.parametrize("claim,ok", [
+    ({"metric": "pass@4", "left": "a", "op": "<=", "right": "base", "offset": -0.03}, True),  # 0.82 <= 0.87
+    ({"metric": "pass@4", "left": "a", "op": "<=", "right": "base", "offset": -0.09}, False),  # 0.82 > 0.81
+    ({"metric": "styles", "left": "a", "op": "<=", "right": "base", "scale": 0.5}, True),  # 1.5 <= 1.5
+    ({"metric": "styles", "left": "a", "op": "<", "right": "base", "scale": 0.5}, False),
+    ({"metric": "pass@4", "set": "ood", "left": "b", "op": ">", "right": ["a", "base"]}, True),  # 0.75 > 0.6, 0.5
+    ({"metric": "pass@4", "left": "*", "op": ">", "right": 0.85}, False),  # a: 0.82
+    ({"metric": "pass@4", "left": "b", "op": ">=", "right": "a", "offset": 0.03}, True),  # 0.87 >= 0.85
+    ({"metric": "pass@4", "left": "b", "op": ">", "right": "a", "beyond_std": True}, True),  # gap 0.05 > std 0.028
+    ({"metric": "pass@4", "set": "ood", "left": "b", "op": ">", "right": "a", "beyond_std": True}, True),  # 0.15 > 0.07
+])
+def test_claim_on_seed_means(claim: dict, ok: bool):
+    exp = _exp([claim])
+    assert check_claim(exp.claim_specs[0], exp, SEEDS)[0] is ok
+
+
+def test_beyond_std_needs_a_gap_larger_than_the_seed_std():
+    seeds = [{"a": _res(0.80), "b": _res(0.90)}, {"a": _res(0.84), "b": _res(0.78)}]  # b ahead by 0.02, std 0.085
+    exp = _exp([{"metric": "pass@4", "left": "b", "op": ">", "right": "a"},
+                {"metric": "pass@4", "left": "b", "op": ">", "right": "a", "beyond_std": True}])
+    plain, strict = (check_claim(c, exp, seeds) for c in exp.claim_specs)
+    assert plain[0] is True and strict[0] is False and "std 0.085" in strict[1]
+    assert check_claim(exp.claim_specs[1], exp, seeds[1:])[0] is False  # seed 1 alone: b is behind
+
+
+def test_a_run_without_results_leaves_the_claim_unchecked():
+    exp = _exp([{"metric": "pass@4", "left": "*", "op": ">", "right": "base"}])
+    ok, detail = check_claim(exp.claim_specs[0], exp, [{"base": _res(0.9), "a": _res(0.95)}])
+    assert ok is None and detail == "not checked: b has no pass@4 results"
