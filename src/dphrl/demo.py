@@ -154,10 +154,10 @@ def demo_claims(size: DemoSize) -> list[dict[str, Any]]:
     Two were restated after a run on a fresh machine passed 10 of the then 12 on seed 0 (another CPU's
     kernels move an RL run like another seed): "GRPO effective styles <= half of base" (it kept 1.62 of
     2.99) became "loses at least one effective style", and "loses less out of domain than GRPO and
-    rkl/rkl-k3" became "less than GRPO" and "no more than rkl/rkl-k3, within 2 points": on one seed the
-    gap to rkl is 0-2 points on some seeds (0.5 point is one problem of 200; the standard error of a
-    difference of two models' OOD Pass@16 here is about 4 points); over seeds DPH loses 3-4 points
-    fewer (docs/demo)."""
+    rkl/rkl-k3" became "less than GRPO" and "no more than rkl/rkl-k3, within 2 points": one seed's
+    gap to rkl is 0-2 points on some seeds, below the evaluation's noise (one problem of 200 is 0.5 point;
+    the standard error of one model's OOD Pass@16 is about 3 points); over seeds DPH loses 3-4 points
+    fewer than rkl (docs/demo)."""
     K, m = size.eval_n, size.methods
     claims: list[dict[str, Any]] = [
         {"metric": "pass@1", "left": "*", "op": ">", "right": "base",
