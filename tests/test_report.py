@@ -399,3 +399,15 @@ def test_html_renders_in_headless_browser(e2e_runs, tmp_path):
     img = mpimg.imread(shot)
     assert img.shape[0] >= 1000 and img.shape[1] >= 1000
     assert float(img[..., :3].std()) > 0.05  # not a uniform page
+
+
+def test_findings_name_widened_coverage():
+    from dphrl.evaluation.findings import findings
+    from dphrl.evaluation.report_data import Run
+
+    def run(name: str, p1: float, p16: float) -> Run:
+        return Run(name, [], [{"datasets": {"d": {"pass@k": {"1": p1, "16": p16}}}}])
+
+    notes = findings([run("base", 0.24, 0.58), run("rkl", 0.55, 0.84), run("grpo", 0.60, 0.57)])
+    assert notes[0].endswith("coverage at large k widened.") and "**rkl**" in notes[0]
+    assert notes[1].endswith("coverage at large k kept (within 1 pt).")

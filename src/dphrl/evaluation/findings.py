@@ -1,5 +1,5 @@
 """Findings in plain language: where a method beats the base at pass@1 but loses coverage at large k
-(Pass@k collapse), loses everywhere (forgetting) or keeps its large-k coverage."""
+(Pass@k collapse), loses everywhere (forgetting), keeps its large-k coverage or widens it."""
 
 from __future__ import annotations
 
@@ -59,6 +59,8 @@ def notes(
                 )
             elif dk[0] < -tol:
                 tail = "worse at small and large k (forgetting)."
+            elif dk[0] > tol:
+                tail = "coverage at large k widened."
             else:
                 tail = f"coverage at large k kept (within {100 * tol:.0f} pt)."
             out.append(head + text(vs + tail))
