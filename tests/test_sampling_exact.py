@@ -36,6 +36,7 @@ from dphrl.batching import pack
 from dphrl.data.chat import encode_prompt
 from dphrl.data.tokenizer import build_char_tokenizer
 from dphrl.engines.base import Generation
+from dphrl.engines.compact import CompactHFEngine
 from dphrl.engines.hf import (
     HFEngine,
     _ChosenTokenLogprobs,
@@ -248,15 +249,15 @@ def sampled(instruct):
     """(arch, T, top_p) -> N responses of STEPS tokens to one prompt, sampled once per module."""
     cache: dict[tuple, Sampled] = {}
 
-    def get(arch: str, temperature: float, top_p: float) -> Sampled:
-        key = (arch, temperature, top_p)
+    def get(arch: str, temperature: float, top_p: float, engine: str = "hf") -> Sampled:
+        key = (arch, temperature, top_p, engine)
         if key not in cache:
             model = instruct[arch]
-            engine = HFEngine(model, TOK, batch_size=N)
+            eng = {"hf": HFEngine, "hf-compact": CompactHFEngine}[engine](model, TOK, batch_size=N)
             prefills: list = []
-            shared = engine._prefill_shared
-            engine._prefill_shared = lambda *a: prefills.append(shared(*a)) or prefills[-1]
-            gens = engine.generate(
+            shared = eng._prefill_shared
+            eng._prefill_shared = lambda *a: prefills.append(shared(*a)) or prefills[-1]
+            gens = eng.generate(
                 _prompts()[:1], N, max_new_tokens=STEPS, temperature=temperature, top_p=top_p, seed=0)[0]
             assert len(prefills) == 1 and prefills[0] is not None  # the shared-prefill path is the one tested
             cache[key] = Sampled(gens, *_forward_logits(model, gens))
@@ -274,8 +275,9 @@ SETTINGS = [(1.0, 1.0), (0.7, 0.9)]
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize(("temperature", "top_p"), SETTINGS)
-def test_samples_follow_the_requested_distribution(sampled, arch, temperature, top_p):
-    s = sampled(arch, temperature, top_p)
+@pytest.mark.parametrize("engine", ["hf", "hf-compact"])
+def test_samples_follow_the_requested_distribution(sampled, arch, temperature, top_p, engine):
+    s = sampled(arch, temperature, top_p, engine)
     fields = instruct_defaults(arch)
     for t in range(STEPS):
         alive = torch.tensor([len(g.response_ids) > t for g in s.gens])  # (B,) not ended by EOS before t
@@ -299,8 +301,9 @@ def test_samples_follow_the_requested_distribution(sampled, arch, temperature, t
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize(("temperature", "top_p"), SETTINGS)
-def test_recorded_logprobs_equal_the_forward(sampled, arch, temperature, top_p):
-    s = sampled(arch, temperature, top_p)
+@pytest.mark.parametrize("engine", ["hf", "hf-compact"])
+def test_recorded_logprobs_equal_the_forward(sampled, arch, temperature, top_p, engine):
+    s = sampled(arch, temperature, top_p, engine)
     ref = requested(s.logits, temperature, top_p).log()  # (B, T, V)
     resp = s.ids[:, s.prompt_len :]  # (B, T)
     want = ref.gather(-1, resp.unsqueeze(-1)).squeeze(-1)  # (B, T)

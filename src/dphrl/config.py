@@ -198,8 +198,10 @@ class TrainConfig:
     engine: str = _f(
         "auto",
         'Generation engine: auto (resolved at run time, recorded in run_info.json: vllm when it is installed'
-        ' and a CUDA GPU is present, else hf) | hf (transformers generate) | vllm (pip install '
-        "'dphrl[vllm]', a CUDA GPU; colocated, weights pushed after every update, pi_old recomputed) | "
+        ' and a CUDA GPU is present, else hf) | hf (transformers generate) | hf-compact (hf whose decoding'
+        ' drops ended rows: faster when response lengths vary; same distribution, another random stream)'
+        " | vllm (pip install 'dphrl[vllm]', a CUDA GPU;"
+        " colocated, weights pushed after every update, pi_old recomputed) | "
         'package.module:factory.',
         check=Name("dphrl.engines:ENGINES", "an engine", extra=("auto",)),
     )

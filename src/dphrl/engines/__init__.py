@@ -55,6 +55,21 @@ def _hf_engine(model: Any, tokenizer: Any, *, batch_size: int = 64, synced_gpus:
     )
 
 
+@ENGINES.register("hf-compact")
+@with_capabilities(uses_policy_module=True, exact_logprobs=True, needs_model=True)
+def _hf_compact_engine(model: Any, tokenizer: Any, *, batch_size: int = 64, synced_gpus: bool = False,
+                       share_prefix: bool = True, **_: Any) -> Engine:
+    """``hf`` whose decoding drops the rows that have ended (faster when response lengths vary; same
+    distribution, another random stream than ``hf`` for the same seed)."""
+    from dphrl.engines.compact import CompactHFEngine
+
+    if model is None:
+        raise ValueError("engine 'hf-compact' needs the model object")
+    return CompactHFEngine(
+        model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus, share_prefix=share_prefix
+    )
+
+
 @ENGINES.register("vllm")
 @with_capabilities(uses_policy_module=False, exact_logprobs=False, needs_model=False)
 def _vllm_engine(

@@ -392,15 +392,26 @@ class HFEngine:
             max_new_tokens=max_new_tokens, greedy=greedy, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
             bos_token_id=getattr(self.tokenizer, "bos_token_id", None),
         )
+        seqs, logps = self._decode(input_ids, attn, cache, procs, recorder, gen_cfg, greedy, share)
+        return self._generations(prompts, seqs, logps)
+
+    def _decode(self, input_ids: torch.Tensor, attn: torch.Tensor, cache: Any | None,
+                procs: list[LogitsProcessor], recorder: _ChosenTokenLogprobs, gen_cfg: GenerationConfig,
+                greedy: bool, share: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model.generate`` over the left-padded batch: (B, T) response tokens and their log-probs (CPU),
+        rows finished early padded after their EOS."""
         extra = {CACHE_KW: cache} if cache is not None else {}
         with checkpoint_defaults_off(self.model, gen_cfg):
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attn, generation_config=gen_cfg,
                 logits_processor=LogitsProcessorList(procs), synced_gpus=self.synced_gpus, **extra,
             )  # (B, P + T)
-        seqs_dev = out[:, plen:]  # (B, T)
+        seqs_dev = out[:, input_ids.shape[1]:]  # (B, T)
         logps = recorder.finish(seqs_dev[:, -1]).cpu()  # (B, T); greedy: log-probs at temperature 1
-        seqs = seqs_dev.cpu()  # (B, T)
+        return seqs_dev.cpu(), logps
+
+    def _generations(self, prompts: list[list[int]], seqs: torch.Tensor, logps: torch.Tensor) -> list[Generation]:
+        """One :class:`Generation` per row: the response up to and including its first EOS."""
         is_eos = seqs == self.eos_id  # (B, T)
         any_eos = is_eos.any(dim=1)  # (B,)
         first_eos = torch.where(
