@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from dphrl import sharding
 from dphrl.config import ConfigError, TrainConfig
 from dphrl.dist import Collectives
+from dphrl.errors import UserError
 from dphrl.fsutil import atomic_write_text, remove_dir, replace_dir, sha256_file
 
 __all__ = [
@@ -62,7 +63,7 @@ class TrainingStopped(RuntimeError):
         )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be resumed (missing, damaged, from another base model or dphrl version);
     the message names the file and says what to do."""
 

@@ -15,8 +15,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from dphrl.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names it and says how to fix it.
 
     ``key`` is the config key at fault (``dataset.limit`` for a sub-key) and ``where`` the place it

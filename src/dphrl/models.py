@@ -34,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dphrl.errors import PathNotFoundError, UserError, UserValueError
+
 logger = logging.getLogger(__name__)
 
 #: Bump when the layout or content of a GGUF cache entry changes, to invalidate old entries.
@@ -91,8 +93,13 @@ class ResolvedModel:
         return self.gguf_file is not None
 
 
-class BuiltinModelNotInstalled(ImportError):
+class BuiltinModelNotInstalled(UserError, ImportError):
     """Raised when a built-in model's package is not installed."""
+
+
+class ModelNotFoundError(PathNotFoundError):
+    """A model (or its tokenizer) named by the user cannot be found: a missing local path, a directory
+    without the files a model needs, or a hub id the Hugging Face Hub could not load."""
 
 
 def _builtin_gguf_path(spec: BuiltinModel) -> Path:
@@ -129,10 +136,11 @@ def _builtin_gguf_path(spec: BuiltinModel) -> Path:
 
 
 def _looks_like_local_path(name: str) -> bool:
-    """A name that can only mean a local path (never sent to the hub): absolute, ./ ../ ~, a .gguf
-    file, more than one '/', or 'dir/x' whose 'dir' exists here (runs/final, not org/model)."""
+    """A name that can only mean a local path (never sent to the hub): absolute, starting with '.' or
+    '~', a .gguf file, more than one '/', or 'dir/x' whose 'dir' exists here (runs/final, not org/model).
+    (A hub id never starts with '.'.)"""
     return (
-        name.startswith(("/", "./", "../", "~"))
+        name.startswith(("/", ".", "~"))
         or name.endswith(".gguf")
         or name.count("/") > 1
         or (os.sep != "/" and os.sep in name)
@@ -158,24 +166,77 @@ def resolve_model(name_or_path: str | os.PathLike[str]) -> ResolvedModel:
             if len(ggufs) == 1:
                 g = str(ggufs[0].resolve())
                 return ResolvedModel(path=g, gguf_file=g, display_name=ggufs[0].name, source="gguf")
-            raise FileNotFoundError(
-                f"{name!r} is a directory without config.json (not a save_pretrained output)"
-                + (f" and holds {len(ggufs)} .gguf files; pass one of them" if ggufs else "")
+            raise ModelNotFoundError(
+                f"model path {name} is a directory without config.json (not a save_pretrained output)"
+                + (f" and holds {len(ggufs)} .gguf files; pass one of them" if ggufs else
+                   "; pass the directory a training run wrote (e.g. <output_dir>/final) or a .gguf file")
             )
         return ResolvedModel(path=str(p.resolve()), gguf_file=None, display_name=p.name, source="local")
     if p.is_file():
         if p.suffix.lower() != ".gguf":
-            raise ValueError(
-                f"{name!r} is a file but not a .gguf file; pass a model directory or a .gguf file"
+            raise UserValueError(
+                f"model path {name} is a file but not a .gguf file; pass a model directory or a .gguf file"
             )
         g = str(p.resolve())
         return ResolvedModel(path=g, gguf_file=g, display_name=p.name, source="gguf")
     if _looks_like_local_path(name):
-        raise FileNotFoundError(
-            f"Model path {name!r} does not exist (built-in names: {sorted(BUILTIN_MODELS)})"
+        raise ModelNotFoundError(
+            f"model path {name} does not exist (resolved: {p.absolute()}); a name like this is a local path "
+            f"and is never looked up on the Hugging Face Hub. Check the path (a training run's model is "
+            f"<output_dir>/final), or give a hub id (org/name) or a built-in name "
+            f"({', '.join(BUILTIN_MODELS)})."
         )
     # A hub id ("org/name"): passed through; transformers loads it if cached or reachable.
     return ResolvedModel(path=name, gguf_file=None, display_name=name, source="hub")
+
+
+def check_model_available(name: str, *, timeout_s: float = 10.0) -> None:
+    """Refuse at once a model name that cannot be loaded, before any data or weights are read.
+
+    A name that can only be a local path and does not exist is refused without asking the hub
+    (:func:`resolve_model`). A hub id (``org/name``) not in the local Hugging Face cache costs one
+    request with a short time-out instead of the download's minute of retries: an unknown id, an
+    invalid one, an unreachable hub or ``HF_HUB_OFFLINE`` is refused with the path it would have been
+    here. A gated repository or another hub answer is left for the loader to report. Built-in names
+    are checked when loaded (their package's file).
+    """
+    if name in BUILTIN_MODELS:
+        return
+    if resolve_model(name).source != "hub":
+        return
+    try:
+        from huggingface_hub import HfApi, constants, try_to_load_from_cache
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            HFValidationError,
+            RepositoryNotFoundError,
+        )
+    except ImportError:  # another huggingface_hub: the loader reports what it finds
+        return
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return  # cached: loads offline
+    except HFValidationError as e:
+        raise ModelNotFoundError(f"model {name}: no such local path here ({Path.cwd()}), and not a valid "
+                                 f"Hugging Face Hub id ({e}). Check the path.") from e
+    here = f"model {name}: no file or directory {name} here ({Path.cwd()}), and not in the Hugging Face cache"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"{here} (HF_HUB_OFFLINE is set). Check the path, or download the model "
+                                 "first (without HF_HUB_OFFLINE).")
+    try:
+        HfApi().model_info(name, timeout=timeout_s)
+    except GatedRepoError:
+        return  # the loader says what access it needs
+    except RepositoryNotFoundError as e:
+        raise ModelNotFoundError(f"{here}, and the Hugging Face Hub has no model {name} (or it is private: "
+                                 "set HF_TOKEN). Check the path or the id.") from e
+    except HfHubHTTPError:
+        return  # some other hub answer: the loader reports it
+    except Exception as e:  # noqa: BLE001 - no connection, DNS, time-out: a hub that cannot be reached
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ModelNotFoundError(f"{here}, and the Hugging Face Hub cannot be reached ({why}). Check the "
+                                 "path, or your network (a hub model is downloaded on first use).") from e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,10 +401,13 @@ def load_model(
     default ``~/.cache/dphrl/gguf``), then loaded from there. ``dtype="auto"`` keeps the checkpoint's
     dtype (float32 for GGUF caches). Extra kwargs go to ``from_pretrained``.
     """
+    from dphrl.progress import quiet_library_bars
+
+    quiet_library_bars()
     resolved = resolve_model(name_or_path)
     path = ensure_gguf_model_cache(resolved.gguf_file, cache_dir) if resolved.is_gguf else resolved.path
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=_torch_dtype(dtype), **from_pretrained_kwargs
+    model = _from_pretrained(
+        AutoModelForCausalLM, resolved, path, "weights", dtype=_torch_dtype(dtype), **from_pretrained_kwargs
     )
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None:
@@ -393,12 +457,34 @@ def load_tokenizer(
     resolved = resolve_model(name_or_path)
     path = ensure_gguf_tokenizer_cache(resolved.gguf_file, cache_dir) if resolved.is_gguf else resolved.path
     if resolved.source == "local" and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"model directory {path} has no tokenizer files (none of {list(_TOKENIZER_FILES)}); save the "
             "tokenizer there too (tokenizer.save_pretrained(dir)), as dphrl's final/ and checkpoints do"
         )
-    tok = AutoTokenizer.from_pretrained(str(path), **from_pretrained_kwargs)
+    tok = _from_pretrained(AutoTokenizer, resolved, path, "tokenizer", **from_pretrained_kwargs)
     return _prepare_tokenizer(tok)
+
+
+def _from_pretrained(cls: Any, resolved: ResolvedModel, path: str | Path, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path)``; a hub id the hub cannot give, or a local directory whose files
+    cannot be read, becomes a :class:`ModelNotFoundError` naming the model and the fix."""
+    try:
+        return cls.from_pretrained(str(path), **kwargs)
+    except OSError as e:
+        why = " ".join(str(e).split())
+        why = why if len(why) <= 400 else why[:400] + " ..."
+        if resolved.source == "hub":
+            raise ModelNotFoundError(
+                f"model {resolved.path}: not a local path, and its {what} could not be loaded from the "
+                f"Hugging Face Hub or its cache ({why}). Check the id (org/name), your network and HF_TOKEN, "
+                "or pass a local model directory (e.g. <output_dir>/final)."
+            ) from e
+        if resolved.source == "local":
+            raise ModelNotFoundError(
+                f"model directory {path}: its {what} could not be loaded ({why}). Pass a directory written "
+                "by save_pretrained (a training run's <output_dir>/final or a checkpoint)."
+            ) from e
+        raise
 
 
 _TOKENIZER_FILES = (
@@ -500,8 +586,10 @@ __all__ = [
     "BUILTIN_MODELS",
     "BuiltinModel",
     "BuiltinModelNotInstalled",
+    "ModelNotFoundError",
     "ResolvedModel",
     "apply_lora",
+    "check_model_available",
     "ensure_gguf_model_cache",
     "ensure_gguf_tokenizer_cache",
     "gguf_cache_dir",

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-__all__ = ["LineProgress", "progress_bar"]
+__all__ = ["LineProgress", "progress_bar", "quiet_library_bars"]
 
 
 class LineProgress:
@@ -65,11 +65,24 @@ class LineProgress:
         self._closed = True
 
 
-def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",
-                 initial: int = 0, disable: bool = False, stream: TextIO | None = None) -> Any:
+def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
+                 unit: str = "it", initial: int = 0, disable: bool = False,
+                 stream: TextIO | None = None) -> Any:
     """A tqdm bar on a terminal, a :class:`LineProgress` (a line every 10 %) otherwise; silent when
     ``disable``."""
     out = stream if stream is not None else sys.stderr
     if disable or out.isatty():
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=disable, file=out)
     return LineProgress(iterable, total=total, desc=desc, unit=unit, initial=initial, stream=out)
+
+
+def quiet_library_bars(stream: TextIO | None = None) -> None:
+    """Turn off transformers' and huggingface_hub's own tqdm bars ("Loading weights", "Writing model
+    shards", downloads) when ``stream`` (default stderr) is not a terminal: in a redirected log each is
+    a run of carriage-return redraws. On a terminal they are left as they are."""
+    out = stream if stream is not None else sys.stderr
+    if out.isatty():
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

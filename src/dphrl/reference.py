@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
 from dphrl.engines.base import Engine
+from dphrl.errors import UserError
 from dphrl.progress import progress_bar
 from dphrl.rewards.registry import CORRECT_THRESHOLD, RewardFailureError, RewardFn, score_batch
 
@@ -43,11 +44,11 @@ LOGPROB_SLACK = 1e-4  # stored log-probs may exceed 0 by float rounding only
 LOGPROB_FLOOR = -1e5  # below this a stored log-prob is corruption (fp32 logits/temperature never get there)
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(UserError, ValueError):
     """The reference store was made with another model, tokenizer or sampling setting."""
 
 
-class StoreCorruptError(ValueError):
+class StoreCorruptError(UserError, ValueError):
     """A store file is missing, truncated, altered or holds impossible values; the message names the
     file and how to rebuild it."""
 
@@ -190,8 +191,8 @@ def presample(
     if scored_n and (failures + timeouts) / scored_n > max_failure_frac:
         raise RewardFailureError(
             f"presample: {failures} of {scored_n} reward evaluations failed and {timeouts} timed out (> "
-            f"max_reward_failure_frac={max_failure_frac}); nothing was written to {out_dir}. Check the reward "
-            f"{getattr(reward_fn, '__name__', reward_fn)!r} on a few samples (`dphrl eval` shows them)."
+            f"max_reward_failure_frac={max_failure_frac}); nothing was written to {out_dir}. Check the "
+            f"reward {getattr(reward_fn, '__name__', reward_fn)!r} on a few samples (`dphrl eval` shows them)."
         )
     if logprob_model is not None and sample_rows:  # one no-grad forward, the trainer's own computation
         from dphrl.batching import pad_token_id

@@ -1,8 +1,8 @@
 """Output directories are never clobbered: one claim per run, a lock, and clean signal handling.
 
-Every command that writes a directory (``train``, ``presample``, ``eval``, ``sft``, ``demo``) claims it
-with :func:`claim_dir` after it has validated its inputs, so nothing of an old run is touched by a
-run that then fails to start:
+Every command that writes a directory (``train``, ``presample``, ``eval``, ``report``, ``sft``,
+``demo``) claims it with :func:`claim_dir` after it has validated its inputs, so nothing of an old
+run is touched by a run that then fails to start:
 
 * an empty or absent directory is claimed as is;
 * a directory holding a finished or partial run is refused unless the caller resumes it
@@ -26,18 +26,21 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from dphrl.errors import UserError
 from dphrl.fsutil import remove_dir
 
-__all__ = ["LOCK_NAME", "RUN_MARKERS", "RunDirError", "RunLock", "StopSignals", "claim_dir", "dir_contents",
-           "is_dphrl_dir"]
+__all__ = ["LOCK_NAME", "RUN_MARKERS", "RunDirError", "RunLock", "StopSignals", "check_claim", "claim_dir",
+           "claimed_dir", "dir_contents", "is_dphrl_dir"]
 
 LOCK_NAME = ".dphrl.lock"
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """The output directory holds another run (or is in use); the message says how to proceed."""
 
 
@@ -108,15 +111,18 @@ def is_dphrl_dir(path: Path) -> bool:
     return any((Path(path) / name).exists() for name in RUN_MARKERS)
 
 
-def _refusal(path: Path, what: str, old: list[str], *, resume: bool, overwrite: bool) -> RunDirError | None:
+def _refusal(path: Path, what: str, old: list[str], *, resume: bool, overwrite: bool,
+             resumable: bool = True, noun: str = "a run") -> RunDirError | None:
     """Why ``path`` cannot be claimed as asked, or None."""
     shown = ", ".join(old[:6]) + (", ..." if len(old) > 6 else "")
     if not old or resume:
         return None
     if not overwrite:
+        how = "--overwrite to replace it"
+        how = f"--resume to continue it, {how}" if resumable else how
         return RunDirError(
-            f"{what}: {path} already holds a run ({shown}). Nothing was changed. Pass --resume to "
-            "continue it, --overwrite to replace it, or choose another output directory."
+            f"{what}: {path} already holds {noun} ({shown}). Nothing was changed. Pass {how}, or choose "
+            "another output directory."
         )
     if not is_dphrl_dir(path):
         return RunDirError(
@@ -127,28 +133,42 @@ def _refusal(path: Path, what: str, old: list[str], *, resume: bool, overwrite: 
     return None
 
 
+def check_claim(path: str | Path, *, what: str, resume: bool = False, overwrite: bool = False,
+                lock: bool = True, resumable: bool = True, noun: str = "a run") -> None:
+    """Refuse, reading only, what :func:`claim_dir` with the same arguments would refuse now: a
+    command checks its output directory this way before its slow work, and claims it after."""
+    path = Path(path)
+    if lock:
+        RunLock(path).check_free(what)  # a running run is reported as such (read only)
+    err = _refusal(path, what, dir_contents(path), resume=resume, overwrite=overwrite, resumable=resumable,
+                   noun=noun)
+    if err is not None:
+        raise err
+
+
 def claim_dir(path: str | Path, *, what: str, resume: bool = False, overwrite: bool = False,
-              lock: bool = True) -> RunLock | None:
+              lock: bool = True, clear: bool = True, resumable: bool = True,
+              noun: str = "a run") -> RunLock | None:
     """Claim ``path`` for a new run (see the module docstring); returns the held lock (or None).
 
     ``what`` names the command in messages (e.g. ``"dphrl train"``). ``resume`` accepts a directory
     holding a run (the caller continues it); ``overwrite`` replaces it, but only a directory that
     dphrl wrote (:func:`is_dphrl_dir`). A refused claim changes nothing, lock file included: the
-    contents are checked before the lock is taken, and again under it.
+    contents are checked before the lock is taken, and again under it. With ``clear=False`` an
+    accepted ``overwrite`` leaves the old contents for the caller to replace file by file (``eval``,
+    ``presample``, ``report``: a command that then fails keeps the old result). ``resumable`` and
+    ``noun`` only shape the refusal (whether ``--resume`` is offered; what the directory holds).
     """
     path = Path(path)
-    if lock:
-        RunLock(path).check_free(what)  # a running run is reported as such (read only)
-    err = _refusal(path, what, dir_contents(path), resume=resume, overwrite=overwrite)
-    if err is not None:
-        raise err
+    check_claim(path, what=what, resume=resume, overwrite=overwrite, lock=lock, resumable=resumable,
+                noun=noun)
     held = RunLock(path).acquire(what) if lock else None
     try:
         old = dir_contents(path)  # again, under the lock: another process may have written meanwhile
-        err = _refusal(path, what, old, resume=resume, overwrite=overwrite)
+        err = _refusal(path, what, old, resume=resume, overwrite=overwrite, resumable=resumable, noun=noun)
         if err is not None:
             raise err
-        if old and not resume:
+        if old and not resume and clear:
             aside = path / f".deleting-overwritten-{uuid.uuid4().hex[:8]}"
             aside.mkdir()
             for name in old:
@@ -159,6 +179,28 @@ def claim_dir(path: str | Path, *, what: str, resume: bool = False, overwrite: b
             held.release()
         raise
     return held
+
+
+@contextmanager
+def claimed_dir(path: str | Path, *, what: str, overwrite: bool = False, clear: bool = False,
+                noun: str = "a previous result") -> Iterator[RunLock | None]:
+    """:func:`claim_dir` (no ``--resume``) for the life of a ``with`` block; the lock is released at
+    its end. A block that raises leaves no trace of a directory it created: if the directory did not
+    exist and holds nothing but the lock, both go."""
+    path = Path(path)
+    existed = path.exists()
+    held = claim_dir(path, what=what, overwrite=overwrite, clear=clear, resumable=False, noun=noun)
+    ok = False
+    try:
+        yield held
+        ok = True
+    finally:
+        if not ok and not existed and path.is_dir() and not dir_contents(path):
+            (path / LOCK_NAME).unlink(missing_ok=True)  # under the lock: nobody else can hold it
+        if held is not None:
+            held.release()
+        if not ok and not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 class StopSignals:

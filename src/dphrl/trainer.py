@@ -228,14 +228,20 @@ class Trainer:
         from dphrl.data.chat import encode_prompt
 
         n_before = len(plan.rollout_examples)
-        self.rollout_examples = [ex for ex in plan.rollout_examples
-                                 if len(encode_prompt(self.tokenizer, ex.prompt)) <= cfg.max_prompt_tokens]
+        lens = [len(encode_prompt(self.tokenizer, ex.prompt)) for ex in plan.rollout_examples]
+        self.rollout_examples = [
+            ex for ex, n in zip(plan.rollout_examples, lens) if n <= cfg.max_prompt_tokens
+        ]
         self.dropped_long_prompts = n_before - len(self.rollout_examples)
         if self.dropped_long_prompts and main:
             print(f"dphrl: dropped {self.dropped_long_prompts} of {n_before} prompts longer than "
                   f"max_prompt_tokens={cfg.max_prompt_tokens}")
         if not self.rollout_examples:
-            raise ValueError(f"no training prompt fits max_prompt_tokens={cfg.max_prompt_tokens}; raise it")
+            shortest = min(lens, default=0)
+            raise ConfigError(
+                f"config key 'max_prompt_tokens': no training prompt fits in max_prompt_tokens="
+                f"{cfg.max_prompt_tokens} (the shortest of {n_before} has {shortest} tokens with the chat "
+                f"template); raise it to at least {shortest}", key="max_prompt_tokens")
 
     def _setup_optimization(self, model: torch.nn.Module) -> None:
         """AdamW and the LR schedule; model and optimizer prepared together (FSDP / DeepSpeed need both);

@@ -28,6 +28,7 @@ from typing import Any
 
 from dphrl.data.example import Example
 from dphrl.data.templates import math_messages, sql_messages
+from dphrl.errors import UserError
 from dphrl.tasks import TASKS, TaskSpec
 
 log = logging.getLogger(__name__)
@@ -526,7 +527,7 @@ _SPEC_ALIASES = {
 }
 
 
-class DatasetSpecError(ValueError):
+class DatasetSpecError(UserError, ValueError):
     """A dataset spec is wrong (found before any data is read); ``key`` is the spec key at fault, or None."""
 
     def __init__(self, message: str, key: str | None = None) -> None:

@@ -53,13 +53,14 @@ from typing import Any
 import torch
 
 from dphrl.engines.base import Generation
+from dphrl.errors import UserError
 
 INSTALL_HINT = (
     "pip install 'dphrl[vllm]' (or pip install vllm) on a machine with a CUDA GPU, or set engine: hf"
 )
 
 
-class VLLMUnavailableError(RuntimeError):
+class VLLMUnavailableError(UserError, RuntimeError):
     """vLLM is not installed or there is no GPU for it; the message says what to do."""
 
 

@@ -36,13 +36,34 @@ class Run:
 # ----------------------------------------------------------------------------------------------- loading
 def find_results(run_dir: str | Path) -> Path:
     """``run_dir/eval/results.json``, else ``run_dir/results.json`` (or ``run_dir`` if it is a file)."""
+    from dphrl.errors import PathNotFoundError
+
     d = Path(run_dir)
     if d.is_file():
         return d
+    if not d.exists():
+        raise PathNotFoundError(f"report: {d} does not exist; give a run directory (holding "
+                                "eval/results.json or results.json, as `dphrl eval --out` writes) or a "
+                                "results.json file")
     for cand in (d / "eval" / "results.json", d / "results.json"):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(f"no eval/results.json or results.json in {d}")
+    raise PathNotFoundError(f"report: {d} holds no eval/results.json or results.json; evaluate it first "
+                            f"(`dphrl eval --model ... --out {d}`) or give the directory `dphrl eval` wrote")
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    """A results.json as a mapping; an unreadable one is refused by name."""
+    from dphrl.errors import UserError
+
+    try:
+        res = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"report: {path} is not valid JSON ({e}); re-run the evaluation that wrote it") from e
+    if not isinstance(res, dict):
+        raise UserError(f"report: {path} holds a {type(res).__name__}, not an evaluation's results (a "
+                        "mapping); re-run the evaluation that wrote it")
+    return res
 
 
 def load_training_log(path: str | Path) -> list[dict[str, Any]]:
@@ -94,7 +115,7 @@ def load_runs(run_dirs: RunDirs) -> list[Run]:
         if not dirs:
             raise ValueError(f"run {name!r} has no directories")
         paths = [Path(d) for d in dirs]
-        results = [json.loads(find_results(p).read_text()) for p in paths]
+        results = [_read_results(find_results(p)) for p in paths]
         training = []
         for p in paths:
             log = _run_root(p) / "metrics.jsonl"

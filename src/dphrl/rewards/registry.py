@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dphrl.data.example import Example
+from dphrl.errors import UserError
 from dphrl.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def list_rewards() -> list[str]:
     return REWARDS.names()
 
 
-class RewardFailureError(RuntimeError):
+class RewardFailureError(UserError, RuntimeError):
     """Too many reward evaluations failed (a training step's, or presample's): see
     ``max_reward_failure_frac``. The message names the reward, the counts and the first error."""
 
