@@ -360,6 +360,19 @@ def test_apply_lora() -> None:
     torch.testing.assert_close(_logits(peft_model, ids), ref)  # LoRA B starts at zero
 
 
+def test_apply_lora_prints_no_deprecation_warning() -> None:
+    """peft reads transformers' deprecated ``is_gradient_checkpointing``: filtered at our call, by message."""
+    import warnings
+
+    tok = build_char_tokenizer()
+    base = tiny_causal_lm(tok)
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        apply_lora(base, r=4, alpha=8)
+
+
 def test_tokenizer_hash_stable_and_discriminating(tmp_path: Path) -> None:
     tok = build_char_tokenizer()
     h = tokenizer_hash(tok)

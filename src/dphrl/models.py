@@ -505,6 +505,8 @@ def apply_lora(
     target_modules: str | list[str] = "all-linear",
 ) -> Any:
     """Wrap ``model`` in a peft LoRA adapter (``all-linear`` = every linear layer except the LM head)."""
+    import warnings
+
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
@@ -515,7 +517,10 @@ def apply_lora(
         task_type=TaskType.CAUSAL_LM,
         bias="none",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft reads the attribute transformers 5 renamed (is_activation_...)
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 # --------------------------------------------------------------------------------------------------

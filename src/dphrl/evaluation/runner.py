@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,11 +43,12 @@ SAMPLES_FILE = "samples.jsonl"
 
 
 def _progress(iterable: Any, *, enabled: bool, desc: str, total: int | None = None) -> Any:
+    """A bar on a terminal, a line every 10 % in a redirected log (:func:`dphrl.progress.progress_bar`)."""
     if not enabled:
         return iterable
-    from tqdm import tqdm
+    from dphrl.progress import progress_bar
 
-    return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True)
+    return progress_bar(iterable, desc=desc, total=total, unit="batch")
 
 
 def _model_name(engine: Any, model_name: str | None) -> str | None:
@@ -332,7 +332,9 @@ def evaluate(
             "answer_fn": _label_names(answer_fn),
             "style_fn": _label_names(style_fn),
             "num_problems": {name: len(exs) for name, exs in datasets.items()},
-            "rewards": {name: _fn_name(_reward_for(reward_fns, name, list(exs))) for name, exs in datasets.items()},
+            "rewards": {
+                name: _fn_name(_reward_for(reward_fns, name, list(exs))) for name, exs in datasets.items()
+            },
             "reward_failures": {},
             "reward_timeouts": {},
         },
@@ -433,7 +435,8 @@ def write_results(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if records is not None:  # samples first: a results.json always has its samples beside it
-        atomic_write_text(out / SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        atomic_write_text(out / SAMPLES_FILE, text)
     atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2, allow_nan=True) + "\n")
     return out / RESULTS_FILE
 
