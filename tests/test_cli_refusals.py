@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,7 +132,13 @@ def test_train_refusals_name_the_key_or_file(tmp_path, model_dir, capsys):
     raw[-1] ^= 0xFF
     weights.write_bytes(bytes(raw))
     _refused(capsys, ["train", "--config", str(cfg), "--resume", str(ck)], "model.safetensors")
-    assert out  # the run's summary
+    run, lines = tmp_path / "run", out.splitlines()  # the run ends with a short human summary, no JSON dump
+    head = rf"dphrl train: grpo on {re.escape(str(model_dir))}: 2 steps done \(2 in this run, \d+ s\)"
+    assert re.fullmatch(head, lines[-4]), lines
+    assert re.fullmatch(r"  last step: reward \d\.\d{3}, pass rate \d\.\d{3}, \d+\.\d\d s/step", lines[-3])
+    assert lines[-2:] == [f"  final model: {run / 'final'}",
+                          f"  metrics: {run / 'metrics.jsonl'} (one JSON line per step)"]
+    assert "{" not in out
 
 
 def test_store_refusals_name_the_store_file_or_field(tmp_path, model_dir, capsys):

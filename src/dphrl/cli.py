@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,12 +140,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise UserError("train: --resume and --overwrite contradict each other; pass one")
     _check_model(cfg.model)
+    t0 = time.time()
     trainer = Trainer(cfg, overwrite=args.overwrite)  # validates everything before touching output_dir
     if args.resume:
         trainer.resume(args.resume)
+    first = trainer.step
     last = trainer.train()
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}, indent=1))
+    if trainer.acc.is_main_process:
+        print(train_summary(cfg, last, steps_run=trainer.step - first, seconds=time.time() - t0,
+                            last_eval=trainer.monitor.last_eval))
     return 0
+
+
+def train_summary(cfg: TrainConfig, last: dict, *, steps_run: int, seconds: float,
+                  last_eval: dict | None = None) -> str:
+    """What ``dphrl train`` prints at the end: steps, wall time, the last step's reward and pass rate, the
+    last evaluation's pass@1 / greedy accuracy, and where the final model and the metrics are (every
+    step's numbers are in metrics.jsonl)."""
+    out = Path(cfg.output_dir)
+    wall = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    lines = [f"dphrl train: {cfg.algorithm} on {cfg.model}: {cfg.max_steps} steps done "
+             f"({steps_run} in this run, {wall})"]
+    if last:
+        nan = float("nan")
+        lines.append(f"  last step: reward {last.get('reward/mean', nan):.3f}, pass rate "
+                     f"{last.get('reward/pass_rate', nan):.3f}, {last.get('time/step', 0):.2f} s/step")
+    evals = {k.removeprefix("eval/"): v for k, v in (last_eval or {}).items()
+             if k.endswith(("/pass@1", "/greedy_acc"))}
+    if evals:
+        lines.append("  last evaluation: " + ", ".join(f"{k} {v:.3f}" for k, v in evals.items()))
+    lines += [f"  final model: {out / 'final'}",
+              f"  metrics: {out / 'metrics.jsonl'} (one JSON line per step)"]
+    return "\n".join(lines)
 
 
 def _check_eval_options(args: argparse.Namespace) -> None:
