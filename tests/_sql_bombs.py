@@ -26,6 +26,10 @@ BOMBS: dict[str, str] = {
     # a cartesian product of 3.7 M rows of 16 columns (~5 GB of Python objects): the result size cap
     # stops it long before either row cap
     "cartesian": "SELECT * FROM singer a, singer b, singer c, singer d",
+    # an ORDER BY over 2 M generated rows of 300 random bytes: ~700 MB of sorter data, which SQLite's
+    # default temp_store writes to temporary files (disk); in memory the heap limit stops it
+    "disk_sort": _R.format(n=2_000_000)
+    + "SELECT count(*) FROM (SELECT x, randomblob(300) AS b FROM r ORDER BY b)",
     # 200,000 rows of 2 KB text (400 MB)
     "wide_rows": _R.format(n=200_000) + "SELECT x, printf('%.2000c', 'x') FROM r",
 }

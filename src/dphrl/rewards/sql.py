@@ -32,6 +32,9 @@ Memory (every query, both in this module and in :mod:`dphrl.rewards.sql_official
   copies them), so a query holds at most about ``2 x heap limit + max_result_bytes``.
 * Both raise :class:`SQLMemoryLimit`: the prediction scores 0 (:func:`score_with_reason` says why), a
   gold query raises :class:`GoldQueryError`. Gold results are cached up to :data:`GOLD_CACHE_BYTES`.
+* Sorts, ``DISTINCT``, temporary tables and indexes stay in memory (``PRAGMA temp_store = MEMORY``),
+  so they count against the heap limit instead of spilling to temporary files: disk use is bounded too
+  (an ORDER BY over 2 M generated 300-byte rows wrote ~700 MB of temp files in 5.7 s before).
 * Reward worker processes add ``RLIMIT_DATA`` as a backstop (:mod:`dphrl.rewards.sandbox`).
 
 A failing prediction scores 0. A failing *gold* query raises :class:`GoldQueryError` (so that batch
@@ -319,6 +322,7 @@ def _memdb() -> sqlite3.Connection:
     if db is None:
         db = _local.memdb = sqlite3.connect(":memory:", check_same_thread=False)
         apply_heap_limit(db)
+        db.execute("PRAGMA temp_store = MEMORY")  # temporary b-trees under the heap limit, not on disk
         db.text_factory = lambda b: b.decode("utf-8", errors="replace")
         if hasattr(db, "setlimit"):
             db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000_000)
@@ -332,6 +336,9 @@ class _Conn:
         uri = f"file:{quote(db_path)}?mode=ro&immutable=1"
         self.conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         apply_heap_limit(self.conn)  # before the authorizer, which denies PRAGMA writes
+        # sorts and temporary tables in memory, under the heap limit: SQLite's default spills them to
+        # temp files, so an ORDER BY over generated rows could write gigabytes to disk within the time-out
+        self.conn.execute("PRAGMA temp_store = MEMORY")
         if hasattr(self.conn, "enable_load_extension"):
             self.conn.enable_load_extension(False)
         if hasattr(self.conn, "setlimit"):  # Python >= 3.11
