@@ -308,3 +308,47 @@ def test_report_out_is_a_report_directory_unless_overwrite(tmp_path, model_dir, 
     _refused(capsys, ["report", str(ev), "--out", str(ev)], str(ev))
     assert main(["report", str(ev), "--out", str(ev), "--overwrite"]) == 0  # into a dphrl directory: added
     assert (ev / "report.md").is_file() and (ev / "results.json").read_bytes() == ev_before
+
+
+# ------------------------------------------------------------------ 6. eval selects problems by id or filter
+ALL = "add={type: styles, op: add, split: test}"
+
+
+def test_eval_selects_problems_by_id_and_by_field(tmp_path, model_dir, capsys):
+    from dphrl.data import load_examples
+
+    exs = load_examples({"type": "styles", "op": "add", "split": "test"})
+    ids = [exs[5].id, exs[2].id]
+    (tmp_path / "ids.txt").write_text(f"# two problems\n{exs[7].id}\n\n")
+    out = tmp_path / "by_id"
+    argv = _eval(model_dir, out, "--ids", ",".join(ids), "--ids-file", str(tmp_path / "ids.txt"))
+    argv[argv.index(DATA)] = ALL
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["datasets"]["add"]["num_problems"] == 3
+    assert res["config"]["selection"] == {"ids": [*ids, exs[7].id], "where": []}
+    got = [json.loads(x)["id"] for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert list(dict.fromkeys(got)) == [ex.id for ex in exs if ex.id in {*ids, exs[7].id}]  # in dataset order
+
+    b = exs[0].meta["b"]
+    want = [ex for ex in exs if ex.meta["b"] == b]
+    out = tmp_path / "where"
+    argv = _eval(model_dir, out, "--where", f"b={b}", "--where", "op=add", "--limit", "2")
+    argv[argv.index(DATA)] = ALL
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["datasets"]["add"]["num_problems"] == min(2, len(want))
+    assert res["config"]["selection"]["where"] == [f"b={b}", "op=add"]
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--ids", "add-999-999"], "'add-999-999'"),
+    (["--where", "bb=3"], "has no field 'bb'. Did you mean 'b'?"),
+    (["--where", "b=999"], "--where b=999 matches no problem of --data add"),
+    (["--ids-file", "no_such_ids.txt"], "--ids-file no_such_ids.txt does not exist"),
+])
+def test_eval_selection_that_matches_nothing_is_refused(tmp_path, model_dir, capsys, extra, named):
+    argv = _eval(model_dir, tmp_path / "out", *extra)
+    argv[argv.index(DATA)] = ALL
+    _refused(capsys, argv, named)
+    assert not (tmp_path / "out").exists()

@@ -50,6 +50,14 @@ def _data_arg(s: str) -> tuple[str, dict]:
     return name, d
 
 
+def _where_arg(s: str) -> tuple[str, str]:
+    """``FIELD=VALUE`` of ``--where``."""
+    field, eq, value = s.partition("=")
+    if not eq or not field.strip():
+        raise argparse.ArgumentTypeError(f"--where {s!r}: expected FIELD=VALUE, e.g. level=Level 5")
+    return field.strip(), value.strip()
+
+
 def _load_for_generation(name: str, dtype: str = "float32"):
     """Tokenizer + model on the GPU when there is one (in ``dtype``), else on the CPU in fp32."""
     import torch
@@ -208,17 +216,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _check_eval_options(args)
     _check_model(args.model)
-    datasets_in = {}
+    ids = [i.strip() for i in (args.ids or "").split(",") if i.strip()]
+    if args.ids_file:
+        from dphrl.data.select import read_ids_file
+
+        ids += read_ids_file(args.ids_file)
+    selecting = bool(ids or args.where)
+    datasets_in, limits = {}, {}
     for name, spec in args.data:  # load and check every dataset before any model is loaded
         spec = dict(spec)
-        limit = spec.pop("limit", None) if args.limit is None else args.limit
+        spec_limit = spec.pop("limit", None)
+        limits[name] = args.limit if args.limit is not None else spec_limit
+        if limits[name] and not selecting:  # the loader stops early; a selection needs every problem
+            spec["limit"] = limits[name]
         try:  # a wrong spec, a malformed or empty file: the message names the file and line
-            exs = load_examples({**spec, **({"limit": limit} if limit else {})})
+            exs = load_examples(spec)
         except (ValueError, FileNotFoundError) as e:
             raise UserError(f"eval: --data {name}: {e}") from e
         if not exs:
             raise UserError(f"eval: --data {name}={spec} gave no examples; check its path and filters")
         datasets_in[name] = exs
+    if selecting:  # --ids / --ids-file / --where, then --limit: the first N of the selection
+        from dphrl.data.select import select_examples
+
+        datasets_in = select_examples(datasets_in, ids=ids, where=args.where or ())
+        datasets_in = {n: exs[: limits[n]] if limits[n] else exs for n, exs in datasets_in.items()}
+        print("selected: " + ", ".join(f"{n} {len(exs)}" for n, exs in datasets_in.items()) + " problem(s)")
     fset = None
     if args.forgetting_set:  # checked before any model is loaded
         from dphrl.evaluation.forgetting import load_forgetting_set
@@ -237,17 +260,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         tok, model = load_tokenizer(args.model), None
     with claimed_dir(args.out, **claim):  # a second eval into --out is refused while this one runs
-        n_sets = _evaluate(args, engine_name, tok, model, datasets_in, fset)
+        selection = {"ids": ids, "where": [f"{k}={v}" for k, v in args.where or ()]} if selecting else None
+        n_sets = _evaluate(args, engine_name, tok, model, datasets_in, fset, selection)
     print(f"results: {Path(args.out) / 'results.json'} ({n_sets} datasets)")
     return 0
 
 
 def _evaluate(args: argparse.Namespace, engine_name: str, tok: Any, model: Any, datasets_in: dict[str, list],
-              fset: Any) -> int:
-    """Generate, score and write ``--out``/results.json (with forgetting when ``fset``); returns the
-    number of datasets."""
+              fset: Any, selection: dict | None) -> int:
+    """Generate, score and write ``--out``/results.json (with forgetting when ``fset``, and the
+    ``--ids`` / ``--where`` selection in its config); returns the number of datasets."""
     from dphrl.engines import build_engine
-    from dphrl.evaluation.runner import evaluate
+    from dphrl.evaluation.runner import evaluate, write_results
     from dphrl.rewards import get_reward
     from dphrl.tasks import eval_hooks
 
@@ -276,22 +300,23 @@ def _evaluate(args: argparse.Namespace, engine_name: str, tok: Any, model: Any, 
     res = evaluate(
         engine, tok, datasets, rewards, n=args.n,
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-        out_dir=None if fset else args.out, style_fn=style_fns, answer_fn=answer_fns,
+        out_dir=None, style_fn=style_fns, answer_fn=answer_fns,
         num_workers=args.reward_workers,
         model_name=args.model, timeout_s=timeout_s, records_out=records,
     )  # prints the table
     if fset is not None:  # forward KL(base || this model) per token on the base's samples of held-out prompts
         from dphrl.evaluation.forgetting import forgetting
-        from dphrl.evaluation.runner import write_results
 
         if model is None:  # the engine read the weights itself: the forgetting forward needs the HF model
             tok, model = _load_for_generation(args.model, args.dtype)
         res["forgetting"] = forgetting(model, tok, fset)
-        write_results(args.out, res, records)
         f = res["forgetting"]
         print(f"forgetting: KL(base || model) {f['forgetting/kl_per_token']:.4f} ± "
               f"{f['forgetting/stderr_per_token']:.4f} per token ({int(f['forgetting/sequences'])} base "
               "samples)")
+    if selection is not None:
+        res["config"]["selection"] = selection
+    write_results(args.out, res, records)
     return len(res["datasets"])
 
 
@@ -462,7 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--top-p", type=float, default=1.0)
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--limit", type=int, default=None, help="Evaluate the first N problems of each dataset.")
+    e.add_argument("--limit", type=int, default=None,
+                   help="Evaluate the first N problems of each dataset (of the selection, with --ids / "
+                        "--where).")
+    e.add_argument("--ids", default=None,
+                   help="Evaluate only these problems: comma-separated example ids (of any --data set).")
+    e.add_argument("--ids-file", default=None, help="Like --ids, one id per line ('#' comments allowed).")
+    e.add_argument("--where", type=_where_arg, action="append", default=None, metavar="FIELD=VALUE",
+                   help="Evaluate only problems whose FIELD (id, answer, task or a metadata key such as "
+                        "level, difficulty, db_id) equals VALUE; repeat to require several.")
     e.add_argument("--reward", default="", help="Reward name or module:function (default: the task's own).")
     e.add_argument("--reward-workers", type=int, default=-1,
                    help="Reward scoring: -1 = auto pool of killable workers, N = N workers, 0 = in process.")
