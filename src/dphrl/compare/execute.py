@@ -207,10 +207,12 @@ def _local(todo: list[Job], book: _Book, workers: int, prepare_threads: int) -> 
 
     def submit(job: Job) -> Future:
         try:
-            return pool[0].submit(run_job, job.to_dict(), threads=prepare_threads if job.kind == "prepare" else 1)
+            return pool[0].submit(run_job, job.to_dict(),
+                                  threads=prepare_threads if job.kind == "prepare" else 1)
         except BrokenProcessPool:
             pool[0] = new_pool()
-            return pool[0].submit(run_job, job.to_dict(), threads=prepare_threads if job.kind == "prepare" else 1)
+            return pool[0].submit(run_job, job.to_dict(),
+                                  threads=prepare_threads if job.kind == "prepare" else 1)
 
     def wait_any(handles: list[Future]) -> list[Future]:
         return list(wait(handles, return_when=FIRST_COMPLETED)[0])
@@ -228,7 +230,9 @@ def _submitit(todo: list[Job], book: _Book, out: Path, workers: int, params: dic
     try:
         import submitit
     except ImportError as e:
-        raise RuntimeError("--backend submitit needs submitit: pip install 'dphrl[compare]' (or submitit)") from e
+        raise RuntimeError(
+            "--backend submitit needs submitit: pip install 'dphrl[compare]' (or submitit)"
+        ) from e
     cluster = params.pop("cluster", None)
     executor = submitit.AutoExecutor(folder=out / "submitit", cluster=cluster)
     threads = int(params.get("cpus_per_task", 1))

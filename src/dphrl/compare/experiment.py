@@ -51,17 +51,53 @@ class Experiment:
 
     title: str = field_doc("dphrl compare", "Report title.", Text(nonempty=True))
     description: str = field_doc("", "Text at the top of the summary: what is compared, and why.", Text())
-    base_config: str = field_doc("", "A dphrl train YAML (relative to the experiment file) every method starts from.", Text())
-    base: dict = field_doc({}, "Training config keys on top of base_config (model, dataset, reward, budget, ...; `dphrl config` lists them).")
-    methods: dict = field_doc({}, "{name: {training config keys}}: each method is the base config with these keys, e.g. {grpo: {algorithm: grpo}, dph-f: {algorithm: dph, divergence: forward_kl, eta: 0.3}}.")
-    seeds: list | int = field_doc([0], "Seeds: a list, or N for 0..N-1. Per seed: its own base model (when built), presample store, forgetting set and every training.", Seeds())
-    sweeps: dict = field_doc({}, "{method: {key: [values]}}: more coefficients of a method's family (eta, kl_coef, ...); each value is a run named method@key=value. A family's points give its Pass@1-Pass@K curve: families are compared at matched in-domain Pass@1.")
-    ablations: dict = field_doc({}, "{name: {training config keys}}: more methods, reported beside the sweep (not in the main table, not in a claim's '*').")
-    evaluation: dict = field_doc({}, "How every model and the base are evaluated (keys: Evaluation below). Required.")
+    base_config: str = field_doc(
+        "", "A dphrl train YAML (relative to the experiment file) every method starts from.", Text()
+    )
+    base: dict = field_doc(
+        {},
+        "Training config keys on top of base_config (model, "
+        "dataset, reward, budget, ...; `dphrl config` lists them).",
+    )
+    methods: dict = field_doc(
+        {},
+        "{name: {training config keys}}: each method is the base config with these keys, e.g. "
+        "{grpo: {algorithm: grpo}, dph-f: {algorithm: dph, divergence: forward_kl, eta: 0.3}}.",
+    )
+    seeds: list | int = field_doc(
+        [0],
+        "Seeds: a list, or N for 0..N-1. Per seed: its own base model "
+        "(when built), presample store, forgetting set and every training.",
+        Seeds(),
+    )
+    sweeps: dict = field_doc(
+        {},
+        "{method: {key: [values]}}: more coefficients of a method's family (eta, kl_coef, "
+        "...); each value is a run named method@key=value. A family's points give its "
+        "Pass@1-Pass@K curve: families are compared at matched in-domain Pass@1.",
+    )
+    ablations: dict = field_doc(
+        {},
+        "{name: {training config keys}}: more methods, reported beside "
+        "the sweep (not in the main table, not in a claim's '*').",
+    )
+    evaluation: dict = field_doc(
+        {}, "How every model and the base are evaluated (keys: Evaluation below). Required."
+    )
     forgetting: dict = field_doc({}, "Optional forgetting set (keys: Forgetting below).")
     claims: list = field_doc([], "Claims checked on the results (each: Claim below).")
-    base_model: dict = field_doc({}, "Build the base model per seed instead of taking base.model: {build: package.module:function, args: {...}}, called as function(out_dir, seed=seed, **args) (torch threads already set by the runner); it must save a transformers checkpoint in out_dir (the demo trains one from scratch).")
-    prompts_per_call: int = field_doc(16, "Prompts per generation call in presample, evaluation and the forgetting set (each call's sampling seed follows its first prompt, so the samples depend on it).", Range(ge=1))
+    base_model: dict = field_doc(
+        {},
+        "Build the base model per seed instead of taking base.model: {build: package.module:function, "
+        "args: {...}}, called as function(out_dir, seed=seed, **args) (torch threads already set by the "
+        "runner); it must save a transformers checkpoint in out_dir (the demo trains one from scratch).",
+    )
+    prompts_per_call: int = field_doc(
+        16,
+        "Prompts per generation call in presample, evaluation and the forgetting set (each "
+        "call's sampling seed follows its first prompt, so the samples depend on it).",
+        Range(ge=1),
+    )
     #: where the file came from (None: built in code) and the line of every key in it
     source: Path | None = field(default=None, repr=False, metadata={"internal": True})
     lines: dict = field(default_factory=dict, repr=False, metadata={"internal": True})
@@ -69,7 +105,8 @@ class Experiment:
     def __post_init__(self) -> None:
         if isinstance(self.seeds, int) and not isinstance(self.seeds, bool):
             if self.seeds < 1:
-                raise ConfigError(f"config key 'seeds': got {self.seeds}, expected N >= 1 or a list", key="seeds")
+                raise ConfigError(f"config key 'seeds': got {self.seeds}, expected N >= 1 or a list",
+                                  key="seeds")
             self.seeds = list(range(self.seeds))
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -77,7 +114,8 @@ class Experiment:
                 continue
             value = getattr(self, f.name)
             if not type_ok(value, hints[f.name]):
-                raise ConfigError(f"config key '{f.name}': got {value!r}, expected {hints[f.name]}", key=f.name)
+                raise ConfigError(f"config key '{f.name}': got {value!r}, expected {hints[f.name]}",
+                                  key=f.name)
             if f.metadata.get("check") is not None:
                 f.metadata["check"](f.name, value, "a value")
         self._check_runs()
@@ -88,8 +126,8 @@ class Experiment:
     @cached_property
     def eval_spec(self) -> Evaluation:
         if not self.evaluation:
-            raise ConfigError("config key 'evaluation': required, e.g. {in_domain: {gsm8k: {type: gsm8k, path: ..., "
-                              "limit: 200}}, n: 16}", key="evaluation")
+            raise ConfigError("config key 'evaluation': required, e.g. {in_domain: {gsm8k: {type: gsm8k, "
+                              "path: ..., limit: 200}}, n: 16}", key="evaluation")
         spec = Evaluation.parse(self.evaluation, "evaluation")
         for i, m in enumerate(spec.during_methods):
             if m not in self.methods:
@@ -140,18 +178,20 @@ class Experiment:
 
     def _check_runs(self) -> None:
         if not self.methods:
-            raise ConfigError("config key 'methods': give at least one, e.g. {grpo: {algorithm: grpo}}", key="methods")
+            raise ConfigError("config key 'methods': give at least one, e.g. {grpo: {algorithm: grpo}}",
+                              key="methods")
         fields_ = [f.name for f in dataclasses.fields(TrainConfig)]
         for group in ("methods", "ablations"):
             for name, kw in getattr(self, group).items():
                 key = f"{group}.{name}"
                 if not isinstance(name, str) or not _NAME.match(name) or name == "base":
-                    raise ConfigError(f"config key '{key}': a run name is letters, digits and . _ + - (not 'base', "
-                                      "no '@': it marks sweep points)", key=key)
+                    raise ConfigError(f"config key '{key}': a run name is letters, digits and . _ + - "
+                                      "(not 'base', no '@': it marks sweep points)", key=key)
                 if kw is None:
                     kw = getattr(self, group)[name] = {}
                 if not isinstance(kw, dict):
-                    raise ConfigError(f"config key '{key}': a mapping of training config keys, got {kw!r}", key=key)
+                    raise ConfigError(f"config key '{key}': a mapping of training config keys, got {kw!r}",
+                                      key=key)
                 self._check_train_keys(kw, key, fields_)
         clash = set(self.methods) & set(self.ablations)
         if clash:
@@ -164,18 +204,21 @@ class Experiment:
                                   f"{did_you_mean(str(fam), list(self.methods), 'methods')}",
                                   key=key)
             if not isinstance(spec, dict) or len(spec) != 1:
-                raise ConfigError(f"config key '{key}': one {{key: [values]}} per family, e.g. {{eta: [0.1, 1.0]}}", key=key)
+                raise ConfigError(f"config key '{key}': one {{key: [values]}} per family, e.g. "
+                                  "{eta: [0.1, 1.0]}", key=key)
             (k, values), = spec.items()
             self._check_train_keys({k: None}, key, fields_)
             if not isinstance(values, list) or not values:
-                raise ConfigError(f"config key '{key}.{k}': a non-empty list of values, got {values!r}", key=f"{key}.{k}")
+                raise ConfigError(f"config key '{key}.{k}': a non-empty list of values, got {values!r}",
+                                  key=f"{key}.{k}")
             own = self.methods[fam].get(k)
             if own in values or len(set(map(str, values))) != len(values):
-                raise ConfigError(f"config key '{key}.{k}': {values} repeats a value (the method's own {k} is {own})",
-                                  key=f"{key}.{k}")
-        if self.base_model and (set(self.base_model) - {"build", "args"} or not isinstance(self.base_model.get("build"), str)):
-            raise ConfigError(f"config key 'base_model': {{build: package.module:function, args: {{...}}}}, got "
-                              f"{self.base_model!r}", key="base_model")
+                raise ConfigError(f"config key '{key}.{k}': {values} repeats a value "
+                                  f"(the method's own {k} is {own})", key=f"{key}.{k}")
+        if self.base_model and (set(self.base_model) - {"build", "args"}
+                                or not isinstance(self.base_model.get("build"), str)):
+            raise ConfigError("config key 'base_model': {build: package.module:function, args: {...}}, "
+                              f"got {self.base_model!r}", key="base_model")
 
     @staticmethod
     def _check_train_keys(kw: dict, prefix: str, fields_: list[str]) -> None:
@@ -184,11 +227,12 @@ class Experiment:
         for k in kw:
             key = f"{prefix}.{k}"
             if k not in fields_:
-                raise ConfigError(f"config key '{key}': not a training config key.{suggest_key(str(k), fields_)}",
-                                  key=key)
+                raise ConfigError(f"config key '{key}': not a training config key."
+                                  f"{suggest_key(str(k), fields_)}", key=key)
             if k in RUNNER_KEYS:
-                raise ConfigError(f"config key '{key}': set by dphrl compare for every job (seeds: the experiment's "
-                                  "'seeds'; output_dir and reference_store: under --out)", key=key)
+                raise ConfigError(f"config key '{key}': set by dphrl compare for every job (seeds: the "
+                                  "experiment's 'seeds'; output_dir and reference_store: under --out)",
+                                  key=key)
 
     def _check_claims(self) -> None:
         runs = set(self.main_runs()) | set(self.run_overrides())
@@ -199,13 +243,15 @@ class Experiment:
                 for name in c.names(side):
                     if name not in runs and not (side == "left" and name == "*"):
                         raise ConfigError(f"config key 'claims.{i}.{side}': {name!r} is not a run."
-                                          f"{did_you_mean(name, sorted(runs), 'runs')}", key=f"claims.{i}.{side}")
+                                          f"{did_you_mean(name, sorted(runs), 'runs')}",
+                                          key=f"claims.{i}.{side}")
             m = METRIC.match(c.metric)
             if m and m.group(2) and not 1 <= int(m.group(2)) <= k_max:
-                raise ConfigError(f"config key 'claims.{i}.metric': {c.metric} needs 1 <= K <= evaluation.n ({k_max})",
-                                  key=f"claims.{i}.metric")
+                raise ConfigError(f"config key 'claims.{i}.metric': {c.metric} needs "
+                                  f"1 <= K <= evaluation.n ({k_max})", key=f"claims.{i}.metric")
             if c.metric == "forgetting" and self.forgetting_spec is None:
-                raise ConfigError(f"config key 'claims.{i}.metric': forgetting needs a 'forgetting' set", key=f"claims.{i}.metric")
+                raise ConfigError(f"config key 'claims.{i}.metric': forgetting needs a 'forgetting' set",
+                                  key=f"claims.{i}.metric")
             if c.metric != "forgetting" and c.set not in labels and c.set not in labels.values():
                 raise ConfigError(f"config key 'claims.{i}.set': {c.set!r} is not an evaluation set; use "
                                   f"{sorted(set(labels.values()) | set(labels))}", key=f"claims.{i}.set")
@@ -217,7 +263,8 @@ class Experiment:
 
     def to_dict(self) -> dict[str, Any]:
         """The experiment as its file's keys (what ``out/experiment.yaml`` holds)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if not f.metadata.get("internal")}
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -32,8 +32,8 @@ __all__ = ["JOBS_FILE", "Job", "SpecChanged", "check_unchanged", "load_jobs", "p
 
 JOBS_FILE = "jobs.json"
 #: presample settings every rehearsing method of a seed must share (they share one store)
-_STORE_KEYS = ("model", "dataset", "reward", "presample_n", "split_threshold", "keep_per_prompt", "temperature",
-               "top_p", "max_new_tokens", "max_prompt_tokens", "dtype", "engine")
+_STORE_KEYS = ("model", "dataset", "reward", "presample_n", "split_threshold", "keep_per_prompt",
+               "temperature", "top_p", "max_new_tokens", "max_prompt_tokens", "dtype", "engine")
 
 
 @dataclass
@@ -78,7 +78,8 @@ def _base_values(exp: Experiment) -> tuple[dict[str, Any], dict[str, str]]:
             text = path.read_text(encoding="utf-8")
             data, lines = yaml.safe_load(text) or {}, yaml_lines(text)
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ConfigError(f"config key 'base_config' ({exp.where('base_config')}): cannot read {path}: {e}",
+            raise ConfigError(f"config key 'base_config' ({exp.where('base_config')}): "
+                              f"cannot read {path}: {e}",
                               key="base_config", where=exp.where("base_config")) from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of training config keys")
@@ -105,7 +106,8 @@ def _resolve(values: dict[str, Any], origin: dict[str, str], paths: dict[str, st
     except ConfigError as e:
         key = e.key or ""
         parts = key.split(".")
-        found = next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in origin), None)
+        found = next((".".join(parts[:n]) for n in range(len(parts), 0, -1)
+                      if ".".join(parts[:n]) in origin), None)
         where = origin[found] if found else "not set (a training config default)"
         shown = paths[found] + key[len(found):] if found in paths else key
         msg = re.sub(r" Fix it in the YAML file or with `[^`]*`\.$", "", str(e))
@@ -139,7 +141,8 @@ def plan(exp: Experiment, out: str | Path) -> list[Job]:
         model = str(sd / "base_model") if exp.base_model else base_vals.get("model", "")
         configs: dict[str, TrainConfig] = {}
         for name, (kw, kw_paths) in exp.run_overrides().items():
-            values = {**base_vals, **kw, "seed": seed, "output_dir": str(sd / "runs" / name), "progress": False}
+            values = {**base_vals, **kw, "seed": seed, "output_dir": str(sd / "runs" / name),
+                      "progress": False}
             paths = {**base_paths, **kw_paths}
             origin = {**base_origin, **{k: exp.where(p) for k, p in kw_paths.items()}}
             if exp.base_model:
@@ -151,7 +154,8 @@ def plan(exp: Experiment, out: str | Path) -> list[Job]:
                 values.update(eval_every=ev.during_every, eval_n=ev.during_n,
                               eval_data={n: {**s, **lim} for n, s in ev.sets().items()})
             configs[name] = _resolve(values, origin, paths, f"run {name}")
-        base_cfg = _resolve({**base_vals, "algorithm": "grpo", "seed": seed, "output_dir": str(sd / "runs" / "base"),
+        base_cfg = _resolve({**base_vals, "algorithm": "grpo", "seed": seed,
+                             "output_dir": str(sd / "runs" / "base"),
                              **({"model": model} if exp.base_model else {})}, base_origin, base_paths, "base")
         prep = Job(f"seed{seed}/prepare", "prepare", seed, "", str(sd), spec={
             "build": exp.base_model or None, "model": base_cfg.model,
@@ -159,7 +163,8 @@ def plan(exp: Experiment, out: str | Path) -> list[Job]:
             "forgetting": None if fg is None else {
                 "data": fg.data, "n": fg.n, "temperature": fg.temperature, "seed": seed,
                 "max_new_tokens": fg.max_new_tokens or ev.max_new_tokens or base_cfg.max_new_tokens,
-                "micro_batch_size": fg.micro_batch_size, "batch_size": ev.batch_size, "out": str(sd / "forgetting_set")},
+                "micro_batch_size": fg.micro_batch_size, "batch_size": ev.batch_size,
+                "out": str(sd / "forgetting_set")},
         })
         jobs.append(prep)
         eval_spec = {"sets": ev.sets(), "n": ev.n, "temperature": ev.temperature, "top_p": ev.top_p,
@@ -190,14 +195,16 @@ def _presample_spec(exp: Experiment, configs: dict[str, TrainConfig], seed: int,
     for name, cfg in rehearsing.items():
         for key in _STORE_KEYS:
             if getattr(cfg, key) != getattr(first, key):
-                path = exp.run_overrides()[name][1].get(key) or exp.run_overrides()[first_name][1].get(key, key)
-                raise ConfigError(f"config key '{path}' ({exp.where(path)}): the rehearsing runs share one presample "
-                                  f"store per seed, so they must agree on {key}: {name} has {getattr(cfg, key)!r}, "
-                                  f"{first_name} {getattr(first, key)!r}", key=path)
+                path = (exp.run_overrides()[name][1].get(key)
+                        or exp.run_overrides()[first_name][1].get(key, key))
+                raise ConfigError(f"config key '{path}' ({exp.where(path)}): the rehearsing runs share one "
+                                  f"presample store per seed, so they must agree on {key}: {name} has "
+                                  f"{getattr(cfg, key)!r}, {first_name} {getattr(first, key)!r}", key=path)
     return {"model": first.model, "dataset": first.dataset, "reward": first.reward, "n": first.presample_n,
             "temperature": first.temperature, "top_p": first.top_p, "max_new_tokens": first.max_new_tokens,
             "threshold": first.split_threshold, "keep_per_prompt": first.keep_per_prompt, "seed": seed,
-            "topk": max(c.rehearsal_topk for c in rehearsing.values()), "prompts_per_call": exp.prompts_per_call,
+            "topk": max(c.rehearsal_topk for c in rehearsing.values()),
+            "prompts_per_call": exp.prompts_per_call,
             "batch_size": first.generation_batch_size, "reward_workers": first.reward_workers,
             "reward_timeout_s": first.reward_timeout_s, "dtype": first.dtype, "engine": first.engine,
             "gpu_memory_utilization": first.vllm_gpu_memory_utilization,
@@ -209,8 +216,8 @@ def write_jobs(out: str | Path, jobs: list[Job], experiment: dict[str, Any]) -> 
     from dphrl.fsutil import atomic_write_text
 
     path = Path(out) / JOBS_FILE
-    atomic_write_text(path, json.dumps({"experiment": experiment, "jobs": [j.to_dict() for j in jobs]}, indent=1,
-                                       default=str))
+    atomic_write_text(path, json.dumps({"experiment": experiment, "jobs": [j.to_dict() for j in jobs]},
+                                       indent=1, default=str))
     return path
 
 
@@ -235,9 +242,9 @@ def check_unchanged(out: str | Path, jobs: list[Job]) -> None:
         now = json.loads(json.dumps(job.spec, default=str))
         if before != now:
             diff = _diff(before, now)
-            raise SpecChanged(f"{out}: job {job.id} is finished but was made with another spec ({diff}); resuming "
-                              "would mix its old results into the new experiment. Use another --out, or "
-                              "--overwrite to start over.", key=None)
+            raise SpecChanged(f"{out}: job {job.id} is finished but was made with another spec ({diff}); "
+                              "resuming would mix its old results into the new experiment. Use another "
+                              "--out, or --overwrite to start over.", key=None)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> str:

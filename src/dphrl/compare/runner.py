@@ -39,10 +39,11 @@ def _main_process(backend: str) -> Any:
     return PartialState()
 
 
-def run_experiment(exp: Experiment, out: str | Path, *, workers: int = 2, backend: str = "local", resume: bool = False,
-                   overwrite: bool = False, plan_only: bool = False, submitit_params: dict[str, Any] | None = None,
-                   log: Any = say) -> dict[str, Any]:
-    """Run (or resume) the whole experiment into ``out``; returns the summary (also ``report/summary.json``)."""
+def run_experiment(exp: Experiment, out: str | Path, *, workers: int = 2, backend: str = "local",
+                   resume: bool = False, overwrite: bool = False, plan_only: bool = False,
+                   submitit_params: dict[str, Any] | None = None, log: Any = say) -> dict[str, Any]:
+    """Run (or resume) the whole experiment into ``out``; returns the summary (also
+    ``report/summary.json``)."""
     from dphrl.rundir import claim_dir
 
     out = Path(out)
@@ -57,13 +58,16 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int = 2, backen
         write_jobs(out, jobs, exp.to_dict())
     try:
         if plan_only:
-            log(f"{len(jobs)} jobs written to {out / 'jobs.json'}; run each with its cmd, e.g. {' '.join(jobs[0].cmd)}")
+            log(f"{len(jobs)} jobs written to {out / 'jobs.json'}; run each with its cmd, "
+                f"e.g. {' '.join(jobs[0].cmd)}")
             return {}
         t0 = time.time()
         seeds, runs = len(exp.seeds), len(exp.run_overrides())
-        log(f"{seeds} seed(s) x ({runs} trainings + evaluations, base evaluation, prepare) = {len(jobs)} jobs, "
-            f"backend {backend}" + (f", {workers} worker(s)" if backend != "sequential" else ""))
-        status = execute(jobs, out, backend=backend, workers=workers, prepare_threads=_prepare_threads(seeds, workers),
+        log(f"{seeds} seed(s) x ({runs} trainings + evaluations, base evaluation, prepare) = "
+            f"{len(jobs)} jobs, backend {backend}"
+            + (f", {workers} worker(s)" if backend != "sequential" else ""))
+        status = execute(jobs, out, backend=backend, workers=workers,
+                         prepare_threads=_prepare_threads(seeds, workers),
                          log=log, submitit_params=submitit_params)
         if state is not None:
             state.wait_for_everyone()
@@ -101,7 +105,8 @@ def write_compare_report(exp: Experiment, out: str | Path, jobs: list[Job] | Non
     rep.mkdir(parents=True)
     every = ["base", *exp.run_overrides()]
     per_seed = [{n: out / f"seed{s}" / "runs" / n for n in every} for s in exp.seeds]
-    mapping = {n: [r[n] for r in per_seed if (r[n] / "eval" / "results.json").is_file()] for n in exp.main_runs()}
+    mapping = {n: [r[n] for r in per_seed if (r[n] / "eval" / "results.json").is_file()]
+               for n in exp.main_runs()}
     mapping = {n: dirs for n, dirs in mapping.items() if dirs}
     paths = write_report(mapping, rep, title=exp.title) if mapping else {}
     summary = summarize(exp, per_seed, status, [j.to_dict() for j in jobs])
@@ -111,8 +116,8 @@ def write_compare_report(exp: Experiment, out: str | Path, jobs: list[Job] | Non
     (rep / "summary.json").write_text(json.dumps({**summary, **(extra or {}), "experiment": exp.to_dict(),
                                                   "seconds": seconds}, indent=1, default=str))
     (rep / "summary.md").write_text(summary_markdown(summary, title=exp.title, k=exp.eval_spec.n,
-                                                     description=exp.description, seconds=seconds, frontier=frontier,
-                                                     experiment=exp.to_dict()))
+                                                     description=exp.description, seconds=seconds,
+                                                     frontier=frontier, experiment=exp.to_dict()))
     if mapping:
         print_table(mapping)
     word = {True: "PASS", False: "FAIL", None: "NOT CHECKED"}

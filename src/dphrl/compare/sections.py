@@ -15,14 +15,16 @@ import yaml
 
 from dphrl.config import Check, ConfigError, DatasetSpec, Flag, Items, OneOf, Range, Text
 
-__all__ = ["Claim", "Evaluation", "Forgetting", "METRIC", "Seeds", "did_you_mean", "field_doc", "type_ok", "yaml_lines"]
+__all__ = ["Claim", "Evaluation", "Forgetting", "METRIC", "Seeds", "did_you_mean", "field_doc", "type_ok",
+           "yaml_lines"]
 
 METRIC = re.compile(r"^(pass@(\d+)|greedy|styles|answer acc|forgetting)$")
 
 
 @dataclass(frozen=True)
 class Seeds(Check):
-    """``seeds``: distinct integers in [0, 2**32) (an integer N >= 1 is turned into 0..N-1 before this check)."""
+    """``seeds``: distinct integers in [0, 2**32) (an integer N >= 1 is turned into 0..N-1 before this
+    check)."""
 
     def describe(self, noun: str) -> str:
         return "a list of distinct integers in [0, 2**32), or N >= 1 for 0..N-1"
@@ -30,7 +32,8 @@ class Seeds(Check):
     def __call__(self, key: str, value: Any, noun: str) -> None:
         for i, s in enumerate(value):
             if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**32:
-                raise ConfigError(f"config key '{key}.{i}': got {s!r}, expected an integer in [0, 2**32)", key=f"{key}.{i}")
+                raise ConfigError(f"config key '{key}.{i}': got {s!r}, expected an integer in [0, 2**32)",
+                                  key=f"{key}.{i}")
         if not value or len(set(value)) != len(value):
             raise ConfigError(f"config key '{key}': got {value}, expected {self.describe(noun)}", key=key)
 
@@ -66,7 +69,8 @@ def yaml_lines(text: str) -> dict[str, int]:
 
 def did_you_mean(key: str, names: list[str], what: str = "keys") -> str:
     close = difflib.get_close_matches(key, names, n=2)
-    return (" Did you mean " + " or ".join(map(repr, close)) + "?") if close else f" Valid {what}: {sorted(names)}."
+    return ((" Did you mean " + " or ".join(map(repr, close)) + "?") if close
+            else f" Valid {what}: {sorted(names)}.")
 
 
 def type_ok(value: Any, typ: Any) -> bool:
@@ -90,10 +94,12 @@ class _Section:
     def parse(cls, data: Any, prefix: str) -> Any:
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         if not isinstance(data, dict):
-            raise ConfigError(f"config key '{prefix}': got {data!r}, expected a mapping with keys {names}", key=prefix)
+            raise ConfigError(f"config key '{prefix}': got {data!r}, expected a mapping with keys {names}",
+                              key=prefix)
         for k in data:
             if k not in names:
-                raise ConfigError(f"unknown key '{prefix}.{k}'.{did_you_mean(str(k), names)}", key=f"{prefix}.{k}")
+                raise ConfigError(f"unknown key '{prefix}.{k}'.{did_you_mean(str(k), names)}",
+                                  key=f"{prefix}.{k}")
         obj = cls(**data)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -111,26 +117,52 @@ class _Section:
 class Evaluation(_Section):
     """``evaluation:`` every trained model and the base, on every seed."""
 
-    in_domain: dict = field_doc({}, "{name: dataset spec}: the task trained on (exactly one set, held out from training); its Pass@1 is the x axis of the matched-Pass@1 frontier.", DatasetSpec(many=True))
-    out_of_domain: dict = field_doc({}, "{name: dataset spec, ...}: other domains (never trained on); with one set its columns are named 'ood'.", DatasetSpec(many=True))
-    n: int = field_doc(16, "Samples per problem: unbiased Pass@k for k = 1, 2, 4, ..., n (plus one greedy response).", Range(ge=1))
+    in_domain: dict = field_doc(
+        {},
+        "{name: dataset spec}: the task trained on (exactly one set, held out "
+        "from training); its Pass@1 is the x axis of the matched-Pass@1 frontier.",
+        DatasetSpec(many=True),
+    )
+    out_of_domain: dict = field_doc(
+        {},
+        "{name: dataset spec, ...}: other domains (never "
+        "trained on); with one set its columns are named 'ood'.",
+        DatasetSpec(many=True),
+    )
+    n: int = field_doc(
+        16,
+        "Samples per problem: unbiased Pass@k for k = 1, 2, 4, ..., n (plus one greedy response).",
+        Range(ge=1),
+    )
     temperature: float = field_doc(1.0, "Sampling temperature of the evaluation.", Range(gt=0))
     top_p: float = field_doc(1.0, "Nucleus sampling of the evaluation.", Range(gt=0, le=1))
-    max_new_tokens: int | None = field_doc(None, "Response length limit; null: the base config's max_new_tokens.", Range(ge=1))
+    max_new_tokens: int | None = field_doc(
+        None, "Response length limit; null: the base config's max_new_tokens.", Range(ge=1)
+    )
     batch_size: int = field_doc(64, "Sequences per generation call chunk of the engine.", Range(ge=1))
-    during_every: int = field_doc(0, "Also evaluate during training every N steps (Pass@k over training steps in the report); 0 = off.", Range(ge=0))
+    during_every: int = field_doc(
+        0,
+        "Also evaluate during training every N steps (Pass@k over training steps in the report); 0 = off.",
+        Range(ge=0),
+    )
     during_n: int = field_doc(8, "Samples per problem during training.", Range(ge=1))
-    during_limit: int = field_doc(0, "Problems per set during training (the first ones; 0 = all).", Range(ge=0))
-    during_methods: list = field_doc([], "Methods evaluated during training (empty: every method; never the sweep points or ablations).", Items(Text(nonempty=True), "a method name"))
+    during_limit: int = field_doc(
+        0, "Problems per set during training (the first ones; 0 = all).", Range(ge=0)
+    )
+    during_methods: list = field_doc(
+        [],
+        "Methods evaluated during training (empty: every method; never the sweep points or ablations).",
+        Items(Text(nonempty=True), "a method name"),
+    )
 
     def validate(self, prefix: str) -> None:
         if len(self.in_domain) != 1:
-            raise ConfigError(f"config key '{prefix}.in_domain': give exactly one set {{name: dataset spec}}, got "
-                              f"{len(self.in_domain)}", key=f"{prefix}.in_domain")
+            raise ConfigError(f"config key '{prefix}.in_domain': give exactly one set "
+                              f"{{name: dataset spec}}, got {len(self.in_domain)}", key=f"{prefix}.in_domain")
         both = set(self.in_domain) & set(self.out_of_domain)
         if both:
-            raise ConfigError(f"config key '{prefix}.out_of_domain': {sorted(both)} is also the in-domain set's name",
-                              key=f"{prefix}.out_of_domain")
+            raise ConfigError(f"config key '{prefix}.out_of_domain': {sorted(both)} is also the in-domain "
+                              "set's name", key=f"{prefix}.out_of_domain")
 
     @property
     def in_name(self) -> str:
@@ -152,10 +184,16 @@ class Forgetting(_Section):
     sampled once per seed on these prompts, and every model's forward KL(base || model) per token on
     those samples is reported."""
 
-    data: dict = field_doc({}, "Dataset spec of the prompts (another domain; only the prompts are used, no reward).", DatasetSpec())
+    data: dict = field_doc(
+        {},
+        "Dataset spec of the prompts (another domain; only the prompts are used, no reward).",
+        DatasetSpec(),
+    )
     n: int = field_doc(4, "Base-model samples per prompt.", Range(ge=1))
     temperature: float = field_doc(1.0, "Sampling temperature (the KL is measured at it).", Range(gt=0))
-    max_new_tokens: int | None = field_doc(None, "Response length limit; null: the evaluation's.", Range(ge=1))
+    max_new_tokens: int | None = field_doc(
+        None, "Response length limit; null: the evaluation's.", Range(ge=1)
+    )
     micro_batch_size: int = field_doc(16, "Sequences per forward when scoring.", Range(ge=1))
 
     def validate(self, prefix: str) -> None:
@@ -169,24 +207,40 @@ class Claim(_Section):
     """``claims:`` a list; each is checked on the mean over seeds and on every seed alone:
     for every ``l`` in ``left`` and ``r`` in ``right``: ``metric(l) op scale * metric(r) + offset``."""
 
-    metric: str = field_doc("", "pass@K | greedy | styles (effective number) | answer acc (right final answer, any style) | forgetting (KL per token from the base).", Text(nonempty=True))
-    left: str | list = field_doc("", "A run name (method, ablation, method@key=value, base), a list of them, or '*' = every method.")
+    metric: str = field_doc(
+        "",
+        "pass@K | greedy | styles (effective number) | answer acc (right "
+        "final answer, any style) | forgetting (KL per token from the base).",
+        Text(nonempty=True),
+    )
+    left: str | list = field_doc(
+        "", "A run name (method, ablation, method@key=value, base), a list of them, or '*' = every method."
+    )
     op: str = field_doc(">", "Comparison.", OneOf(("<", "<=", ">", ">=")))
     right: str | list | float = field_doc("base", "A run name, a list (each must hold), or a number.")
-    set: str = field_doc("in", "The evaluation set: in | ood (the one out-of-domain set) | a set's name. Ignored by forgetting.", Text(nonempty=True))
+    set: str = field_doc(
+        "in",
+        "The evaluation set: in | ood (the one out-of-domain set) | a set's name. Ignored by forgetting.",
+        Text(nonempty=True),
+    )
     scale: float = field_doc(1.0, "The right side is multiplied by this ...", Range())
     offset: float = field_doc(0.0, "... and this is added (e.g. -0.03: at least 3 points below).", Range())
-    beyond_std: bool = field_doc(False, "Also require |left - right| to exceed the larger seed std of the two (several seeds only).", Flag())
+    beyond_std: bool = field_doc(
+        False,
+        "Also require |left - right| to exceed the larger seed std of the two (several seeds only).",
+        Flag(),
+    )
     text: str = field_doc("", "What the claim says, in words (default: the formula).")
 
     def validate(self, prefix: str) -> None:
         if not METRIC.match(self.metric):
-            raise ConfigError(f"config key '{prefix}.metric': got {self.metric!r}, expected pass@K, greedy, styles, "
-                              "answer acc or forgetting", key=f"{prefix}.metric")
+            raise ConfigError(f"config key '{prefix}.metric': got {self.metric!r}, expected pass@K, greedy, "
+                              "styles, answer acc or forgetting", key=f"{prefix}.metric")
         for side in ("left", "right"):
             v = getattr(self, side)
             if isinstance(v, list) and (not v or not all(isinstance(x, str) for x in v)):
-                raise ConfigError(f"config key '{prefix}.{side}': a list of run names, got {v!r}", key=f"{prefix}.{side}")
+                raise ConfigError(f"config key '{prefix}.{side}': a list of run names, got {v!r}",
+                                  key=f"{prefix}.{side}")
 
     def names(self, side: str) -> list[str]:
         v = getattr(self, side)

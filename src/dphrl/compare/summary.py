@@ -80,7 +80,8 @@ def check_claim(claim: Claim, exp: Experiment, res: SeedResults) -> tuple[bool |
     needs each gap to exceed the larger seed std). None when a run it names has no results."""
     set_name = exp.set_of(claim.set) if claim.metric != "forgetting" else ""
     left = list(exp.methods) if claim.names("left") == ["*"] else claim.names("left")
-    rights: list[str | float] = [float(claim.right)] if isinstance(claim.right, int | float) else claim.names("right")
+    rights: list[str | float] = ([float(claim.right)] if isinstance(claim.right, int | float)
+                                 else claim.names("right"))
 
     def stat(run: str) -> MS | None:
         vals = _values(res, run, set_name, claim.metric)
@@ -95,7 +96,8 @@ def check_claim(claim: Claim, exp: Experiment, res: SeedResults) -> tuple[bool |
                 missing = lrun if ls is None else r
                 return None, f"not checked: {missing} has no {claim.metric} results"
             target = claim.scale * rs[0] + claim.offset
-            holds = {"<": ls[0] < target, "<=": ls[0] <= target, ">": ls[0] > target, ">=": ls[0] >= target}[claim.op]
+            holds = {"<": ls[0] < target, "<=": ls[0] <= target,
+                     ">": ls[0] > target, ">=": ls[0] >= target}[claim.op]
             rhs = f"{r:g}" if isinstance(r, float) else f"{r} {rs[0]:.3f}"
             if claim.scale != 1 or claim.offset:
                 rhs = (f"{claim.scale:g} x " if claim.scale != 1 else "") + rhs
@@ -178,7 +180,8 @@ def _timing(status: dict[str, dict[str, Any]], jobs: list[dict[str, Any]]) -> di
             "total_job_seconds": sum(s.get("seconds") or 0 for s in status.values())}
 
 
-def summarize(exp: Experiment, per_seed: Sequence[dict[str, Path]], status: dict[str, dict[str, Any]] | None = None,
+def summarize(exp: Experiment, per_seed: Sequence[dict[str, Path]],
+              status: dict[str, dict[str, Any]] | None = None,
               jobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything the summary shows: main table, sweep/ablation table, claims (on the mean and per seed),
     the matched-Pass@1 frontier, forgetting, wall time and the jobs that failed."""

@@ -60,7 +60,8 @@ def _matched(matched: dict[str, Any], k: int) -> list[str]:
              f"([{matched['overlap'][0]:.3f}, {matched['overlap'][1]:.3f}]).", ""]
     for lab, set_name in (matched.get("sets") or {"in": "in domain", "ood": "out of domain"}).items():
         lines += [f"**{set_name}**: " + top_sentence(matched["points"], lab), "",
-                  "| Pass@1 | " + " | ".join(fams) + " | on top (lead over 2nd) |", "|---|" + "---|" * (len(fams) + 1)]
+                  "| Pass@1 | " + " | ".join(fams) + " | on top (lead over 2nd) |",
+                  "|---|" + "---|" * (len(fams) + 1)]
         for row in matched["points"]:
             cells = [f"{row[lab][f][0]:.3f} ± {row[lab][f][1]:.3f}" for f in fams]
             lead = f"{row[f'top_{lab}']} (+{row[f'margin_{lab}']:.3f} over {row[f'second_{lab}']}" + (
@@ -79,8 +80,9 @@ def _claims(summary: dict[str, Any]) -> list[str]:
     lines += [f"- {word[c['ok']]}: {c['claim']} ({c['detail']})" for c in claims]
     if summary["seeds"] > 1:
         seeds = summary.get("seed_ids") or list(range(summary["seeds"]))
-        lines += ["", "Each claim on every seed alone:", "", "| claim | " + " | ".join(f"seed {s}" for s in seeds)
-                  + " | holds on |", "|---|" + "---|" * (len(seeds) + 1)]
+        lines += ["", "Each claim on every seed alone:", "",
+                  "| claim | " + " | ".join(f"seed {s}" for s in seeds) + " | holds on |",
+                  "|---|" + "---|" * (len(seeds) + 1)]
         for c in claims:
             held = sum(1 for x in c["per_seed"] if x)
             lines.append(f"| {c['claim']} | " + " | ".join(word[x] for x in c["per_seed"])
@@ -95,42 +97,47 @@ def _timing(summary: dict[str, Any]) -> list[str]:
     lines = ["", "## Wall time per job (seconds, mean ± std over seeds)", "",
              "| run | prepare | train | eval |", "|---|---|---|---|"]
     for run, kinds in t["runs"].items():
-        lines.append(f"| {run} | " + " | ".join(f"{kinds[k][0]:.0f} ± {kinds[k][1]:.0f}" if k in kinds else "-"
-                                               for k in ("prepare", "train", "eval")) + " |")
+        lines.append(f"| {run} | "
+                     + " | ".join(f"{kinds[k][0]:.0f} ± {kinds[k][1]:.0f}" if k in kinds else "-"
+                                  for k in ("prepare", "train", "eval")) + " |")
     return lines + ["", f"Sum over the jobs run: {t['total_job_seconds'] / 60:.1f} min."]
 
 
-def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description: str = "", seconds: float = 0.0,
-                     frontier: Path | None = None, experiment: dict[str, Any] | None = None) -> str:
+def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description: str = "",
+                     seconds: float = 0.0, frontier: Path | None = None,
+                     experiment: dict[str, Any] | None = None) -> str:
     """The whole ``summary.md``: tables, claims, matched frontier, forgetting, wall time, failures."""
     lines = [f"# {title}", "",
-             f"{summary['seeds']} seed(s); mean ± std over seeds. Wall time of this invocation {seconds / 60:.1f} min "
-             "(a resumed experiment skips finished jobs)."]
+             f"{summary['seeds']} seed(s); mean ± std over seeds. Wall time of this invocation "
+             f"{seconds / 60:.1f} min (a resumed experiment skips finished jobs)."]
     if description:
         lines += ["", description.strip()]
     lines += ["", *_table(summary["table"], "method"), "",
-              "Pass@k tables and curves per set, Pass@k over training steps, training curves and style shares of "
-              "the base and the methods: [report.md](report.md), self-contained [report.html](report.html)."]
+              "Pass@k tables and curves per set, Pass@k over training steps, training curves and style "
+              "shares of the base and the methods: [report.md](report.md), self-contained "
+              "[report.html](report.html)."]
     lines += _claims(summary)
     lines += _matched(summary.get("matched") or {}, k)
     if summary.get("forgetting"):
-        lines += ["", "## Forgetting (forward KL from the base per token, on the base's samples of held-out prompts)",
-                  "", "| run | KL per token |", "|---|---|"]
+        lines += ["", "## Forgetting (forward KL from the base per token, on the base's samples of "
+                  "held-out prompts)", "", "| run | KL per token |", "|---|---|"]
         lines += [f"| {n} | {m:.4f} ± {s:.4f} |" for n, (m, s) in summary["forgetting"].items()]
     if summary["sweep"]:
         lines += ["", "## Sweep and ablations", "", *_table(summary["sweep"], "run")]
     if frontier:
         lines += ["", f"![trade-off]({frontier.name})"]
     if summary.get("failed"):
-        lines += ["", "## Jobs that did not finish", ""] + [f"- {i}: {e}" for i, e in summary["failed"].items()]
+        lines += (["", "## Jobs that did not finish", ""]
+                  + [f"- {i}: {e}" for i, e in summary["failed"].items()])
     lines += _timing(summary)
     if experiment is not None:
-        lines += ["", "## Experiment", "", "```yaml", yaml.safe_dump(experiment, sort_keys=False).strip(), "```"]
+        lines += ["", "## Experiment", "", "```yaml", yaml.safe_dump(experiment, sort_keys=False).strip(),
+                  "```"]
     return "\n".join(lines + [""])
 
 
-def plot_frontier(summary: dict[str, Any], sweeps: dict[str, list[tuple[Any, str]]], sets: dict[str, str], k: int,
-                  path: Path, markers: tuple[str, ...] = ("grpo", "dapo", "base")) -> Path | None:
+def plot_frontier(summary: dict[str, Any], sweeps: dict[str, list[tuple[Any, str]]], sets: dict[str, str],
+                  k: int, path: Path, markers: tuple[str, ...] = ("grpo", "dapo", "base")) -> Path | None:
     """In-domain Pass@1 against Pass@K on every set: each swept family's runs as a curve (mean ± std over
     seeds, points labelled with their coefficient), the ``markers`` runs as single points."""
     import matplotlib
@@ -146,9 +153,11 @@ def plot_frontier(summary: dict[str, Any], sweeps: dict[str, list[tuple[Any, str
     fig, axes = plt.subplots(1, len(ykeys), figsize=(6 * len(ykeys), 5), squeeze=False)
     for ax, (ykey, name) in zip(axes[0], ykeys):
         for fam, pts in fams.items():
-            have = sorted(((rows[n]["pass@1"][0], v, rows[n]) for v, n in pts if n in rows), key=lambda t: t[0])
+            have = sorted(((rows[n]["pass@1"][0], v, rows[n]) for v, n in pts if n in rows),
+                          key=lambda t: t[0])
             line = ax.errorbar([x for x, _, _ in have], [p[ykey][0] for _, _, p in have],
-                               xerr=[p["pass@1"][1] for _, _, p in have], yerr=[p[ykey][1] for _, _, p in have],
+                               xerr=[p["pass@1"][1] for _, _, p in have],
+                               yerr=[p[ykey][1] for _, _, p in have],
                                fmt="o-", capsize=2, label=fam)
             for x, v, p in have:
                 ax.annotate("default" if v is None else f"{v:g}" if isinstance(v, float) else str(v),

@@ -75,7 +75,8 @@ def _prepare(job: Job, log: Log, threads: int | None) -> str:
                                                                   **spec["build"].get("args", {}))
         made.append("base model")
     if threads is not None:
-        torch.set_num_threads(1)  # only the build takes idle cores: the samples stay bitwise those of any pool
+        # only the build takes idle cores: the samples stay bitwise those of any pool
+        torch.set_num_threads(1)
     if spec["presample"] and not (Path(spec["presample"]["out"]) / "manifest.json").is_file():
         _presample(spec["presample"], job.seed, log)
         made.append("store")
@@ -94,8 +95,9 @@ def _prepare(job: Job, log: Log, threads: int | None) -> str:
     if "store" not in info:
         return f"seed {job.seed}: prepared ({', '.join(made) or 'nothing to make'})"
     c = info["store"]["counts"]
-    return (f"seed {job.seed}: prepared ({', '.join(made) or 'already there'}): D_pef {c['d_pef']} prompts, D_exp "
-            f"{c['d_exp']}, {c['stored_samples']} stored samples, base pass rate {info['store']['mean_pass_rate']:.3f}")
+    return (f"seed {job.seed}: prepared ({', '.join(made) or 'already there'}): D_pef {c['d_pef']} prompts, "
+            f"D_exp {c['d_exp']}, {c['stored_samples']} stored samples, "
+            f"base pass rate {info['store']['mean_pass_rate']:.3f}")
 
 
 def _presample(ps: dict[str, Any], seed: int, log: Log) -> None:
@@ -109,13 +111,15 @@ def _presample(ps: dict[str, Any], seed: int, log: Log) -> None:
     tok, model = load_for_generation(ps["model"], ps["dtype"])
     name = resolve_engine(ps["engine"])
     exact = engine_capabilities(name).exact_logprobs
-    engine = build_engine(name, model, tok, batch_size=ps["batch_size"], model_name=ps["model"], dtype=ps["dtype"],
-                          seed=seed, max_model_len=ps["max_prompt_tokens"] + ps["max_new_tokens"],
+    engine = build_engine(name, model, tok, batch_size=ps["batch_size"], model_name=ps["model"],
+                          dtype=ps["dtype"], seed=seed,
+                          max_model_len=ps["max_prompt_tokens"] + ps["max_new_tokens"],
                           gpu_memory_utilization=ps["gpu_memory_utilization"])
     log(f"seed {seed}: presample {ps['n']} x {len(examples)} prompts from the base model")
-    presample(engine, tok, examples, get_reward(ps["reward"] or examples[0].task), ps["out"], model_name=ps["model"],
-              tokenizer_hash=tokenizer_hash(tok), n=ps["n"], temperature=ps["temperature"], top_p=ps["top_p"],
-              max_new_tokens=ps["max_new_tokens"], threshold=ps["threshold"], keep_per_prompt=ps["keep_per_prompt"],
+    presample(engine, tok, examples, get_reward(ps["reward"] or examples[0].task), ps["out"],
+              model_name=ps["model"], tokenizer_hash=tokenizer_hash(tok), n=ps["n"],
+              temperature=ps["temperature"], top_p=ps["top_p"], max_new_tokens=ps["max_new_tokens"],
+              threshold=ps["threshold"], keep_per_prompt=ps["keep_per_prompt"],
               seed=seed, prompts_per_call=ps["prompts_per_call"], reward_timeout_s=ps["reward_timeout_s"],
               reward_workers=ps["reward_workers"], progress=False, logprob_model=None if exact else model,
               topk=ps["topk"])
@@ -148,7 +152,8 @@ def _train(job: Job, log: Log) -> str:
             log(f"{label}: step {trainer.step}/{trainer.cfg.max_steps}, rollout pass rate "
                 f"{metrics.get('reward/pass_rate', 0):.2f}, {metrics['time/step']:.1f} s/step")
 
-    trainer = Trainer(cfg, callbacks=[progress], overwrite=True)  # an unfinished training restarts from scratch
+    # an unfinished training restarts from scratch
+    trainer = Trainer(cfg, callbacks=[progress], overwrite=True)
     trainer.train()
     return f"{label}: trained {cfg.max_steps} steps"
 
@@ -161,7 +166,8 @@ def answer_accuracy(records: list[dict[str, Any]], gold: dict[str, str]) -> floa
     sampled = [r for r in records if r["index"] >= 0]
     if not sampled or not any("answer" in r for r in sampled):
         return None
-    return sum(r.get("answer") is not None and r.get("answer") == gold.get(r["id"]) for r in sampled) / len(sampled)
+    return sum(r.get("answer") is not None and r.get("answer") == gold.get(r["id"])
+               for r in sampled) / len(sampled)
 
 
 def _evaluate(job: Job, log: Log) -> str:
@@ -176,15 +182,17 @@ def _evaluate(job: Job, log: Log) -> str:
     sets = {name: load_examples(s) for name, s in spec["sets"].items()}
     name = resolve_engine(spec["engine"])
     needs_model = engine_capabilities(name).needs_model  # else (vllm) the engine reads the weights itself
-    tok, model = load_for_generation(spec["model"], spec["dtype"]) if needs_model else (load_tokenizer(spec["model"]), None)
+    tok, model = (load_for_generation(spec["model"], spec["dtype"]) if needs_model
+                  else (load_tokenizer(spec["model"]), None))
     hooks = {n: eval_hooks(exs) for n, exs in sets.items()}
     records: list[dict[str, Any]] = []
     engine = build_engine(name, model, tok, batch_size=spec["batch_size"], model_name=spec["model"],
                           dtype=spec["dtype"], seed=spec["seed"], gpu_memory_utilization=0.85)
     res = evaluate(
-        engine, tok, sets, {n: get_reward(spec["reward"] or exs[0].task) for n, exs in sets.items()}, n=spec["n"],
-        temperature=spec["temperature"], top_p=spec["top_p"], max_new_tokens=spec["max_new_tokens"],
-        seed=spec["seed"], style_fn={n: h[0] for n, h in hooks.items()}, answer_fn={n: h[1] for n, h in hooks.items()},
+        engine, tok, sets, {n: get_reward(spec["reward"] or exs[0].task) for n, exs in sets.items()},
+        n=spec["n"], temperature=spec["temperature"], top_p=spec["top_p"],
+        max_new_tokens=spec["max_new_tokens"], seed=spec["seed"],
+        style_fn={n: h[0] for n, h in hooks.items()}, answer_fn={n: h[1] for n, h in hooks.items()},
         model_name=spec["model"], prompts_per_call=spec["prompts_per_call"], show_table=False, progress=False,
         records_out=records,
     )
