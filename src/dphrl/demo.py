@@ -66,8 +66,8 @@ class DemoSize:
             "rkl-k3": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k3", **SHARED_LOSS},
             "dph-f": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, **SHARED_LOSS},
             "dph-js": {"algorithm": "dph", "divergence": "js", "eta": 1.0, **SHARED_LOSS},
-            "dph-f-topk": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, "rehearsal_form": "topk",
-                           "rehearsal_topk": 8, **SHARED_LOSS},
+            "dph-f-topk": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3,
+                           "rehearsal_form": "topk", "rehearsal_topk": 8, **SHARED_LOSS},
         }
     )
     #: every family at 4 coefficients (its main value + these 3)
@@ -84,8 +84,10 @@ class DemoSize:
     ablation: dict = field(
         default_factory=lambda: {
             "grpo+dapo-loss": {"algorithm": "grpo", **DAPO_STYLE_LOSS},
-            "rkl-k3+dapo-loss": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k3", **DAPO_STYLE_LOSS},
-            "dph-f+dapo-loss": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3, **DAPO_STYLE_LOSS},
+            "rkl-k3+dapo-loss": {"algorithm": "rkl", "kl_coef": 0.05, "kl_estimator": "k3",
+                                 **DAPO_STYLE_LOSS},
+            "dph-f+dapo-loss": {"algorithm": "dph", "divergence": "forward_kl", "eta": 0.3,
+                                **DAPO_STYLE_LOSS},
         }
     )
 
@@ -94,19 +96,21 @@ FULL = DemoSize()
 QUICK = replace(
     FULL, sft_steps=400, train_prompts=96, eval_problems=40, rl_steps=12, prompts_per_step=16,
     eval_every=6, eval_during_problems=16, split_threshold=0.5,  # the quick base model solves few prompts 8/8
-    sweep={"rkl": ("kl_coef", [0.2]), "rkl-k3": ("kl_coef", [0.2]), "dph-f": ("eta", [1.0]), "dph-js": ("eta", [3.0]),
-           "dph-f-topk": ("eta", [1.0])},
+    sweep={"rkl": ("kl_coef", [0.2]), "rkl-k3": ("kl_coef", [0.2]), "dph-f": ("eta", [1.0]),
+           "dph-js": ("eta", [3.0]), "dph-f-topk": ("eta", [1.0])},
     ablation={"dph-f+dapo-loss": FULL.ablation["dph-f+dapo-loss"]},
 )
 #: The uneven variant (benchmarks/divergence_optimum.py): validity A/B/C 0.6/0.5/0.2 and a style prior
 #: 0.05/0.05/0.90 (most mass on the weakest style; the base is SFT'd evenly, then 300 steps on that
-#: mixture) predict reverse-KL ahead of forward-KL at matched Pass@1 by up to 10.8 Pass@16 points. Its families, 3 coefficients each: rkl (k2: the reverse-KL
-#: gradient, to the whole base), rkl-k3 (the forward-KL gradient, to the whole base, on rollouts) and
-#: dph-f (forward KL to the base's correct samples of D_pef prompts); grpo is the unregularized end.
+#: mixture) predict reverse-KL ahead of forward-KL at matched Pass@1 by up to 10.8 Pass@16 points. Its
+#: families, 3 coefficients each: rkl (k2: the reverse-KL gradient, to the whole base), rkl-k3 (the
+#: forward-KL gradient, to the whole base, on rollouts) and dph-f (forward KL to the base's correct
+#: samples of D_pef prompts); grpo is the unregularized end.
 UNEVEN = replace(
     FULL, prior={"A": 0.05, "B": 0.05, "C": 0.90}, accept={"A": 0.6, "B": 0.5, "C": 0.2},
     methods={m: FULL.methods[m] for m in ("grpo", "rkl", "rkl-k3", "dph-f")},
-    sweep={"rkl": ("kl_coef", [0.01, 0.3]), "rkl-k3": ("kl_coef", [0.01, 0.3]), "dph-f": ("eta", [0.05, 1.0])},
+    sweep={"rkl": ("kl_coef", [0.01, 0.3]), "rkl-k3": ("kl_coef", [0.01, 0.3]),
+           "dph-f": ("eta", [0.05, 1.0])},
     ablation={},
 )
 
@@ -115,9 +119,9 @@ def _say(msg: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build_base_model(out: Path, steps: int = 1500, seed: int = 0, hidden: int = 128, layers: int = 4, batch: int = 64,
-                     prior: dict | None = None, prior_steps: int = 300, hi: int = 39, progress: bool = False,
-                     heartbeat: bool = False) -> Path:
+def build_base_model(out: Path, steps: int = 1500, seed: int = 0, hidden: int = 128, layers: int = 4,
+                     batch: int = 64, prior: dict | None = None, prior_steps: int = 300, hi: int = 39,
+                     progress: bool = False, heartbeat: bool = False) -> Path:
     """Tokenizer + tiny Llama + SFT on an even mixture of styles for a+b and a-b with operands up to ``hi``;
     save_pretrained. With ``prior`` (weights of A/B/C) ``prior_steps`` more SFT steps on that uneven mixture
     shift the model's style prior: it learns every style's procedure first, then prefers some (SFT on the
@@ -162,8 +166,10 @@ def demo_claims(size: DemoSize) -> list[dict[str, Any]]:
     claims: list[dict[str, Any]] = [
         {"metric": "pass@1", "left": "*", "op": ">", "right": "base",
          "text": "RL works: pass@1 of every trained method > base"}]
-    if "grpo" not in m or size.prior is not None:  # the claims below compare with GRPO (and RKL); an uneven
-        return claims  # base is already narrowed onto a weak style: its question is the matched-Pass@1 frontier
+    # the claims below compare with GRPO (and RKL); an uneven base is already narrowed onto a weak style:
+    # its question is the matched-Pass@1 frontier
+    if "grpo" not in m or size.prior is not None:
+        return claims
     claims += [
         {"metric": f"pass@{K}", "left": "grpo", "op": "<=", "right": "base", "offset": -0.03,
          "text": f"collapse: GRPO pass@{K} >= 3 points below base"},
@@ -173,13 +179,15 @@ def demo_claims(size: DemoSize) -> list[dict[str, Any]]:
     rkls = [r for r in ("rkl", "rkl-k3") if r in m]
     for d in [d for d in DPH_VARIANTS if d in m and rkls]:
         claims += [
-            {"metric": f"pass@{K}", "left": d, "op": ">=", "right": "grpo", "offset": 0.03, "beyond_std": True,
-             "text": f"cure: {d} pass@{K} >= GRPO + 3 points"},
-            {"metric": "styles", "left": d, "op": ">", "right": "grpo", "text": f"cure: {d} keeps more styles than GRPO"},
+            {"metric": f"pass@{K}", "left": d, "op": ">=", "right": "grpo", "offset": 0.03,
+             "beyond_std": True, "text": f"cure: {d} pass@{K} >= GRPO + 3 points"},
+            {"metric": "styles", "left": d, "op": ">", "right": "grpo",
+             "text": f"cure: {d} keeps more styles than GRPO"},
             {"metric": f"pass@{K}", "set": "ood", "left": d, "op": ">", "right": "grpo",
              "text": f"cure: {d} loses less out of domain (pass@{K}) than GRPO"},
             {"metric": f"pass@{K}", "set": "ood", "left": d, "op": ">=", "right": rkls, "offset": -0.02,
-             "text": f"cure: {d} loses no more out of domain (pass@{K}) than {' and '.join(rkls)}, within 2 points"},
+             "text": f"cure: {d} loses no more out of domain (pass@{K}) than {' and '.join(rkls)}, "
+                     "within 2 points"},
         ]
     return claims
 
@@ -199,16 +207,18 @@ def _description(size: DemoSize) -> str:
         "70% (A), 50% (B) and 40% (C)", ", ".join(f"{100 * acc[s]:.0f}% ({s})" for s in styles.STYLES))
     if size.prior is not None:
         validity = validity.replace("by supervised fine-tuning on an even mixture",
-                                    "by supervised fine-tuning on an even mixture, then 300 steps on an uneven one "
-                                    "(A/B/C " + "/".join(f"{prior[s]:g}" for s in styles.STYLES) + ")")
+                                    "by supervised fine-tuning on an even mixture, then 300 steps on an "
+                                    "uneven one (A/B/C " + "/".join(f"{prior[s]:g}" for s in styles.STYLES)
+                                    + ")")
     shared = [_METHOD_NOTES[m] for m in size.methods if m in _METHOD_NOTES]
-    text = ("In domain = a+b (RL task), out of domain = a-b.\n\nHow style validity arises: " + validity + "\n\n"
-            + ", ".join(shared) + " share one policy loss (clip 0.2/0.2, no dual clip, seq-mean-token-mean): the "
-            "divergence term is the only difference.")
+    text = ("In domain = a+b (RL task), out of domain = a-b.\n\nHow style validity arises: "
+            + validity + "\n\n"
+            + ", ".join(shared) + " share one policy loss (clip 0.2/0.2, no dual clip, seq-mean-token-mean): "
+            "the divergence term is the only difference.")
     if "dapo" in size.methods:
         text += " dapo uses its own recipe (clip-higher, token-mean, dynamic sampling, overlong shaping)."
-    return text + (" OOD answer acc.: share of sampled a-b responses whose final number is right whatever the "
-                   "style (low = the skill itself was lost, not only the style mix).")
+    return text + (" OOD answer acc.: share of sampled a-b responses whose final number is right "
+                   "whatever the style (low = the skill itself was lost, not only the style mix).")
 
 
 def demo_experiment(size: DemoSize = FULL, seeds: int = 1, sweep: bool = False, ablation: bool = False):
@@ -250,7 +260,8 @@ class DemoBudgetError(ValueError):
 
 
 def demo_size(quick: bool = False, rl_steps: int | None = None, lr: float | None = None,
-              methods: list[str] | None = None, train_prompts: int | None = None, uneven: bool = False) -> DemoSize:
+              methods: list[str] | None = None, train_prompts: int | None = None,
+              uneven: bool = False) -> DemoSize:
     """The budget of a demo run: FULL, QUICK or UNEVEN, with optional RL steps / learning rate / method subset
     / number of training prompts (at most the 1,400 a+b training problems)."""
     size = UNEVEN if uneven else QUICK if quick else FULL
@@ -259,7 +270,8 @@ def demo_size(quick: bool = False, rl_steps: int | None = None, lr: float | None
                        sweep={f: (k, v[:1]) for f, (k, v) in UNEVEN.sweep.items()}, ablation={})
     if train_prompts is not None:
         if not 1 <= train_prompts <= 1400:
-            raise DemoBudgetError(f"--train-prompts must be in 1..1400 (the a+b training problems), got {train_prompts}")
+            raise DemoBudgetError(f"--train-prompts must be in 1..1400 (the a+b training problems), "
+                                  f"got {train_prompts}")
         size = replace(size, train_prompts=train_prompts)
     if rl_steps is not None:
         size = replace(size, rl_steps=rl_steps)
@@ -282,10 +294,12 @@ def _check_budget(out: Path, size: DemoSize) -> None:
         old = json.loads(f.read_text())
         scalars = [k for k in now if k not in ("methods", "sweep", "ablation")]
         diff = [k for k in scalars if old.get(k) != now[k]]
-        diff += [f"methods.{m}" for m in now["methods"] if m in old.get("methods", {}) and old["methods"][m] != now["methods"][m]]
+        diff += [f"methods.{m}" for m in now["methods"]
+                 if m in old.get("methods", {}) and old["methods"][m] != now["methods"][m]]
         if diff:
-            raise DemoBudgetError(f"{out} holds a demo run with another budget ({', '.join(diff)} differ); its finished "
-                                  "jobs would be reused. Pass another --out (or delete that directory).")
+            raise DemoBudgetError(f"{out} holds a demo run with another budget ({', '.join(diff)} differ); "
+                                  "its finished jobs would be reused. Pass another --out (or delete that "
+                                  "directory).")
         now = {**old, **now, "methods": {**old.get("methods", {}), **now["methods"]}}
     out.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(now, indent=1))

@@ -74,9 +74,9 @@ _EVAL_INTRO = (
 )
 _DIVERSITY_INTRO = "Means over problems (similarity: Jaccard over word bigrams of correct solutions)."
 _FORGETTING_INTRO = (
-    "Forward KL(base || model) per token on the base model's own samples of held-out prompts of another domain "
-    "(label-free forgetting, RL's Razor: dphrl.evaluation.forgetting); 0 for the base. Mean ± std over seeds; "
-    "the std. error is the sampling error of one seed's estimate."
+    "Forward KL(base || model) per token on the base model's own samples of held-out prompts of another "
+    "domain (label-free forgetting, RL's Razor: dphrl.evaluation.forgetting); 0 for the base. Mean ± std "
+    "over seeds; the std. error is the sampling error of one seed's estimate."
 )
 
 

@@ -180,7 +180,8 @@ def forgetting_table(runs: Sequence[Run]) -> Table | None:
             for run in runs if any(v is not None for v in values(run, "kl_per_token"))]
     if not rows:
         return None
-    return Table(["method", "seeds", "KL per token", "its std. error", "KL per sequence", "base samples"], rows)
+    return Table(["method", "seeds", "KL per token", "its std. error", "KL per sequence", "base samples"],
+                 rows)
 
 
 def _step_str(x: float) -> str:

@@ -74,7 +74,8 @@ def solve(a: int, b: int, op: str, style: str) -> str:
     raise ValueError(f"unknown op {op!r} or style {style!r}")
 
 
-def accepted(a: int, b: int, op: str, style: str, accept: dict[str, float] | None = None, salt: str = "") -> bool:
+def accepted(a: int, b: int, op: str, style: str, accept: dict[str, float] | None = None,
+             salt: str = "") -> bool:
     """Whether the grader accepts ``style`` on this problem (fixed pseudo-random subset)."""
     p = (accept or DEFAULT_ACCEPT)[style]
     h = hashlib.sha256(f"{op}|{a}|{b}|{style}|{salt}".encode()).digest()
@@ -96,7 +97,8 @@ def final_answer(response: str) -> str | None:
 def styles_reward(response: str, example: Example) -> float:
     """1.0 iff the final answer is right and the response's style is accepted on this problem."""
     st = style_of(response)
-    return float(st is not None and st in example.meta["valid_styles"] and final_answer(response) == example.answer)
+    return float(st is not None and st in example.meta["valid_styles"]
+                 and final_answer(response) == example.answer)
 
 
 def make_examples(
