@@ -16,7 +16,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "experiments" / "ti
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dphrl.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "dphrl.cli", *args], capture_output=True, text=True,
+                          timeout=600)
 
 
 def _status(out: Path) -> dict:
@@ -25,7 +26,8 @@ def _status(out: Path) -> dict:
 
 def test_example_end_to_end_with_a_failing_job_then_resumed(tmp_path: Path):
     exp = yaml.safe_load(EXAMPLE.read_text())
-    exp["methods"]["broken"] = {"algorithm": "grpo", "max_prompt_tokens": 1}  # every prompt dropped: fails at start
+    # every prompt dropped: fails at start
+    exp["methods"]["broken"] = {"algorithm": "grpo", "max_prompt_tokens": 1}
     cfg = tmp_path / "exp.yaml"
     cfg.write_text(yaml.safe_dump(exp, sort_keys=False))
     out = tmp_path / "out"
@@ -37,13 +39,15 @@ def test_example_end_to_end_with_a_failing_job_then_resumed(tmp_path: Path):
     for seed in (0, 1):
         assert status[f"seed{seed}/train/broken"]["state"] == "failed", log
         assert "max_prompt_tokens" in status[f"seed{seed}/train/broken"]["error"]
-        assert status[f"seed{seed}/eval/broken"] == {"state": "skipped",
-                                                      "error": f"needs seed{seed}/train/broken, which did not finish"}
+        assert status[f"seed{seed}/eval/broken"] == {
+            "state": "skipped", "error": f"needs seed{seed}/train/broken, which did not finish"}
     others = {i: s for i, s in status.items() if "broken" not in i}
-    assert len(others) == 2 * (1 + 1 + 2 * 3) and all(s["state"] == "done" and s["seconds"] > 0 for s in others.values())
+    assert len(others) == 2 * (1 + 1 + 2 * 3) and all(s["state"] == "done" and s["seconds"] > 0
+                                                      for s in others.values())
 
     rep = out / "report"
-    for name in ("report.md", "report.html", "passk.png", "passk_steps.png", "frontier.png", "summary.md", "summary.json"):
+    for name in ("report.md", "report.html", "passk.png", "passk_steps.png", "frontier.png", "summary.md",
+                 "summary.json"):
         assert (rep / name).is_file() and (rep / name).stat().st_size > 0, name
     summary = json.loads((rep / "summary.json").read_text())
     assert summary["seeds"] == 2 and set(summary["table"]) == {"base", "grpo", "dph-f"}
@@ -68,7 +72,8 @@ def test_example_end_to_end_with_a_failing_job_then_resumed(tmp_path: Path):
     train = next(j for j in jobs if j["id"] == "seed1/train/dph-f@eta=1.0")
     assert (train["spec"]["config"]["eta"], train["spec"]["config"]["seed"]) == (1.0, 1)
     assert train["spec"]["config"]["reference_store"] == str(out / "seed1" / "store")
-    steps = [json.loads(x) for x in (out / "seed0" / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)
+             for x in (out / "seed0" / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in steps if "eval/add/pass@8" in x] == [0, 4, 8]  # Pass@k over training steps
     res = json.loads((out / "seed0" / "runs" / "dph-f" / "eval" / "results.json").read_text())
     assert set(res["datasets"]) == {"add", "sub"} and 0 <= res["datasets"]["sub"]["answer_accuracy"] <= 1
@@ -76,7 +81,8 @@ def test_example_end_to_end_with_a_failing_job_then_resumed(tmp_path: Path):
 
     # resume: only what is missing runs again (and the broken job fails again)
     shutil.rmtree(out / "seed1" / "runs" / "grpo" / "eval")
-    assert _cli("compare", "--config", str(cfg), "--out", str(out)).returncode == 2  # neither --resume nor --overwrite
+    # neither --resume nor --overwrite
+    assert _cli("compare", "--config", str(cfg), "--out", str(out)).returncode == 2
     proc = _cli("compare", "--config", str(cfg), "--out", str(out), "--resume")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = _status(out)

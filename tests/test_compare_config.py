@@ -34,15 +34,16 @@ CASES = {
     # edit, the key named, a text on the line named, a phrase of the message
     "unknown top key": (lambda d: d.update(seed=[0, 1]), "seed", "seed:", "put it under 'base:'"),
     "misspelt top key": (lambda d: d.update(method={}), "method", "method:", "Did you mean 'methods'"),
-    "training key alias": (lambda d: d["methods"]["grpo"].update(learning_rate=1e-4), "methods.grpo.learning_rate",
-                           "learning_rate", "Did you mean 'lr'"),
+    "training key alias": (lambda d: d["methods"]["grpo"].update(learning_rate=1e-4),
+                           "methods.grpo.learning_rate", "learning_rate", "Did you mean 'lr'"),
     "bad value in a method": (lambda d: d["methods"]["dph-f"].update(eta=-1), "methods.dph-f.eta", "eta: -1",
                               ">= 0"),
     "bad value in base": (lambda d: d["base"].update(prompts_per_step=0), "base.prompts_per_step",
                           "prompts_per_step: 0", ">= 1"),
-    "runner key": (lambda d: d["methods"]["grpo"].update(output_dir="x"), "methods.grpo.output_dir", "output_dir",
-                   "set by dphrl compare"),
-    "bad sweep value": (lambda d: d["sweeps"]["dph-f"].update(eta=[-1.0]), "sweeps.dph-f.eta.0", "- -1.0", ">= 0"),
+    "runner key": (lambda d: d["methods"]["grpo"].update(output_dir="x"), "methods.grpo.output_dir",
+                   "output_dir", "set by dphrl compare"),
+    "bad sweep value": (lambda d: d["sweeps"]["dph-f"].update(eta=[-1.0]), "sweeps.dph-f.eta.0", "- -1.0",
+                        ">= 0"),
     "sweep of no method": (lambda d: d["sweeps"].update(rkl={"kl_coef": [0.1]}), "sweeps.rkl", "rkl:",
                            "not a method"),
     "evaluation key": (lambda d: d["evaluation"].update(samples=3), "evaluation.samples", "samples: 3",
@@ -53,7 +54,8 @@ CASES = {
                      "K <= evaluation.n"),
     "claim run": (lambda d: d["claims"][1].update(right="grp"), "claims.1.right", "right: grp",
                   "Did you mean 'grpo'"),
-    "claim set": (lambda d: d["claims"][0].update(set="test"), "claims.0.set", "set: test", "not an evaluation set"),
+    "claim set": (lambda d: d["claims"][0].update(set="test"), "claims.0.set", "set: test",
+                  "not an evaluation set"),
 }
 
 
@@ -85,10 +87,13 @@ def test_plan_resolves_every_run_and_shares_one_store_per_seed(tmp_path: Path):
         "seed0/eval/dph-f", "seed0/train/dph-f@eta=1.0", "seed0/eval/dph-f@eta=1.0"]
     cfgs = {j.run: j.spec["config"] for j in jobs if j.kind == "train" and j.seed == 1}
     assert cfgs["grpo"]["reference_store"] == "" and cfgs["grpo"]["clip_high"] == 0.2  # grpo's preset filled
-    assert cfgs["dph-f"]["reference_store"] == cfgs["dph-f@eta=1.0"]["reference_store"] == str(tmp_path / "seed1/store")
-    assert cfgs["dph-f@eta=1.0"]["eval_every"] == 0 and cfgs["dph-f"]["eval_every"] == 4  # sweep points: no curves
+    assert (cfgs["dph-f"]["reference_store"] == cfgs["dph-f@eta=1.0"]["reference_store"]
+            == str(tmp_path / "seed1/store"))
+    # sweep points: no curves
+    assert cfgs["dph-f@eta=1.0"]["eval_every"] == 0 and cfgs["dph-f"]["eval_every"] == 4
     prep = next(j for j in jobs if j.id == "seed1/prepare").spec
-    assert prep["presample"]["seed"] == 1 and prep["presample"]["threshold"] == 0.5 and prep["forgetting"]["n"] == 2
+    assert (prep["presample"]["seed"] == 1 and prep["presample"]["threshold"] == 0.5
+            and prep["forgetting"]["n"] == 2)
     assert next(j for j in jobs if j.id == "seed1/eval/dph-f").deps == ["seed1/train/dph-f"]
 
 
@@ -104,4 +109,5 @@ def test_docs_list_every_experiment_key():
     from dphrl.compare import experiment_help
 
     doc = (EXAMPLE.parents[2] / "docs" / "config.md").read_text()
-    assert experiment_help() in doc, "docs/config.md is stale: regenerate its 'Experiment keys' with experiment_help()"
+    assert experiment_help() in doc, ("docs/config.md is stale: regenerate its 'Experiment keys' with "
+                                      "experiment_help()")

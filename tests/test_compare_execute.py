@@ -19,8 +19,10 @@ from dphrl.compare.jobs import Job
 
 def _jobs(root: Path) -> list[Job]:
     return [Job("p", "prepare", 0, "", str(root / "p")),
-            Job("t1", "train", 0, "a", str(root / "a"), ["p"]), Job("e1", "eval", 0, "a", str(root / "a"), ["t1"]),
-            Job("t2", "train", 0, "b", str(root / "b"), ["p"]), Job("e2", "eval", 0, "b", str(root / "b"), ["t2"])]
+            Job("t1", "train", 0, "a", str(root / "a"), ["p"]),
+            Job("e1", "eval", 0, "a", str(root / "a"), ["t1"]),
+            Job("t2", "train", 0, "b", str(root / "b"), ["p"]),
+            Job("e2", "eval", 0, "b", str(root / "b"), ["t2"])]
 
 
 def test_a_failing_job_is_recorded_and_the_others_run_then_resume_runs_only_it(tmp_path: Path, monkeypatch):
@@ -66,15 +68,18 @@ def tiny_experiment(tmp_path_factory) -> Path:
                     "max_steps": 1, "prompts_per_step": 2, "rollout_n": 2, "max_new_tokens": 8,
                     "reward_workers": 0, "micro_batch_size": 8},
            "methods": {"grpo": {"algorithm": "grpo"}},
-           "evaluation": {"in_domain": {"add": styles("add")}, "out_of_domain": {"sub": styles("sub")}, "n": 2}}
+           "evaluation": {"in_domain": {"add": styles("add")}, "out_of_domain": {"sub": styles("sub")},
+                          "n": 2}}
     (root / "exp.yaml").write_text(yaml.safe_dump(exp))
     return root / "exp.yaml"
 
 
 BACKENDS = [
-    ("sequential", []),  # what `accelerate launch -m dphrl.cli compare --backend sequential` runs, on one process
+    # what `accelerate launch -m dphrl.cli compare --backend sequential` runs, on one process
+    ("sequential", []),
     pytest.param("submitit", ["--cluster", "local"], marks=pytest.mark.skipif(
-        importlib.util.find_spec("submitit") is None, reason="submitit is not installed (pip install 'dphrl[compare]')")),
+        importlib.util.find_spec("submitit") is None,
+        reason="submitit is not installed (pip install 'dphrl[compare]')")),
 ]
 
 
@@ -82,8 +87,8 @@ BACKENDS = [
 def test_backend_runs_every_job(tmp_path: Path, tiny_experiment: Path, backend: str, extra: list[str]):
     """sequential: in this process; submitit (local mode): each job one `dphrl compare --job` command."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "dphrl.cli", "compare", "--config", str(tiny_experiment), "--out",
-                           str(out), "--backend", backend, *extra, "--workers", "2"],
+    proc = subprocess.run([sys.executable, "-m", "dphrl.cli", "compare", "--config", str(tiny_experiment),
+                           "--out", str(out), "--backend", backend, *extra, "--workers", "2"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = json.loads((out / ex.STATUS_FILE).read_text())
@@ -114,12 +119,14 @@ def test_local_workers_exit_when_the_runner_is_killed(tmp_path: Path, tiny_exper
     import time
 
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "dphrl.cli", "compare", "--config", str(tiny_experiment), "--out",
-                             str(out), "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "dphrl.cli", "compare", "--config", str(tiny_experiment),
+                             "--out", str(out), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not any(
-                s.get("state") == "running" for s in ex.load_status(out).values() if (out / ex.STATUS_FILE).is_file()):
+                s.get("state") == "running" for s in ex.load_status(out).values()
+                if (out / ex.STATUS_FILE).is_file()):
             time.sleep(0.2)
         workers = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
         assert workers, "no worker process found"

@@ -12,8 +12,10 @@ IN, OOD = "add", "sub"
 
 def _exp(claims: list[dict]) -> Experiment:
     spec = {"type": "styles", "op": "add", "split": "test", "limit": 4}
-    return Experiment(base={"model": "m", "dataset": spec}, methods={"a": {"algorithm": "grpo"}, "b": {"algorithm": "grpo"}},
-                      evaluation={"in_domain": {IN: spec}, "out_of_domain": {OOD: {**spec, "op": "sub"}}, "n": 4},
+    return Experiment(base={"model": "m", "dataset": spec},
+                      methods={"a": {"algorithm": "grpo"}, "b": {"algorithm": "grpo"}},
+                      evaluation={"in_domain": {IN: spec}, "out_of_domain": {OOD: {**spec, "op": "sub"}},
+                                  "n": 4},
                       claims=claims)
 
 
@@ -31,11 +33,14 @@ SEEDS = [{"base": _res(0.90, styles=3.0), "a": _res(0.80, 0.6, 1.4), "b": _res(0
     ({"metric": "pass@4", "left": "a", "op": "<=", "right": "base", "offset": -0.09}, False),  # 0.82 > 0.81
     ({"metric": "styles", "left": "a", "op": "<=", "right": "base", "scale": 0.5}, True),  # 1.5 <= 1.5
     ({"metric": "styles", "left": "a", "op": "<", "right": "base", "scale": 0.5}, False),
-    ({"metric": "pass@4", "set": "ood", "left": "b", "op": ">", "right": ["a", "base"]}, True),  # 0.75 > 0.6, 0.5
+    # 0.75 > 0.6, 0.5
+    ({"metric": "pass@4", "set": "ood", "left": "b", "op": ">", "right": ["a", "base"]}, True),
     ({"metric": "pass@4", "left": "*", "op": ">", "right": 0.85}, False),  # a: 0.82
     ({"metric": "pass@4", "left": "b", "op": ">=", "right": "a", "offset": 0.03}, True),  # 0.87 >= 0.85
-    ({"metric": "pass@4", "left": "b", "op": ">", "right": "a", "beyond_std": True}, True),  # gap 0.05 > std 0.028
-    ({"metric": "pass@4", "set": "ood", "left": "b", "op": ">", "right": "a", "beyond_std": True}, True),  # 0.15 > 0.07
+    # gap 0.05 > std 0.028
+    ({"metric": "pass@4", "left": "b", "op": ">", "right": "a", "beyond_std": True}, True),
+    # 0.15 > 0.07
+    ({"metric": "pass@4", "set": "ood", "left": "b", "op": ">", "right": "a", "beyond_std": True}, True),
 ])
 def test_claim_on_seed_means(claim: dict, ok: bool):
     exp = _exp([claim])
@@ -43,7 +48,8 @@ def test_claim_on_seed_means(claim: dict, ok: bool):
 
 
 def test_beyond_std_needs_a_gap_larger_than_the_seed_std():
-    seeds = [{"a": _res(0.80), "b": _res(0.90)}, {"a": _res(0.84), "b": _res(0.78)}]  # b ahead by 0.02, std 0.085
+    # b ahead by 0.02, std 0.085
+    seeds = [{"a": _res(0.80), "b": _res(0.90)}, {"a": _res(0.84), "b": _res(0.78)}]
     exp = _exp([{"metric": "pass@4", "left": "b", "op": ">", "right": "a"},
                 {"metric": "pass@4", "left": "b", "op": ">", "right": "a", "beyond_std": True}])
     plain, strict = (check_claim(c, exp, seeds) for c in exp.claim_specs)

@@ -18,22 +18,24 @@ def test_demo_quick_end_to_end(tmp_path: Path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = out / "report"
-    for name in ("report.md", "report.html", "passk.png", "training.png", "styles.png", "summary.json", "summary.md",
-                 "frontier.png", "passk_steps.png"):
+    for name in ("report.md", "report.html", "passk.png", "training.png", "styles.png", "summary.json",
+                 "summary.md", "frontier.png", "passk_steps.png"):
         assert (rep / name).is_file() and (rep / name).stat().st_size > 0, name
     summary = json.loads((rep / "summary.json").read_text())
     methods = set(summary["table"])
     assert methods == {"base", "grpo", "dapo", "rkl", "rkl-k3", "dph-f", "dph-js", "dph-f-topk"}
     # the quick sweep: one more weight per family, and the policy-loss ablation
-    assert set(summary["sweep"]) == {"dph-f@eta=1.0", "dph-js@eta=3.0", "rkl@kl_coef=0.2", "rkl-k3@kl_coef=0.2",
-                                     "dph-f-topk@eta=1.0", "dph-f+dapo-loss"}
+    assert set(summary["sweep"]) == {"dph-f@eta=1.0", "dph-js@eta=3.0", "rkl@kl_coef=0.2",
+                                     "rkl-k3@kl_coef=0.2", "dph-f-topk@eta=1.0", "dph-f+dapo-loss"}
     # the families compared at matched Pass@1 (when their ranges overlap)
     assert summary["matched"]["families"] == ["rkl", "rkl-k3", "dph-f", "dph-js", "dph-f-topk"]
     # Pass@k over training steps for the main methods
-    lines = [json.loads(x) for x in (out / "seed0" / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x)
+             for x in (out / "seed0" / "runs" / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "eval/add (in-domain)/pass@8" in x] == [0, 6, 12]
     run_cfg = (out / "seed0" / "runs" / "rkl" / "config.yaml").read_text()
-    assert "kl_estimator: k2" in run_cfg and "kl_estimator: k3" in (out / "seed0" / "runs" / "rkl-k3" / "config.yaml").read_text()
+    assert "kl_estimator: k2" in run_cfg and "kl_estimator: k3" in (
+        out / "seed0" / "runs" / "rkl-k3" / "config.yaml").read_text()
     for method, row in {**summary["table"], **summary["sweep"]}.items():
         assert set(row) == {"pass@1", "pass@16", "styles", "ood pass@1", "ood pass@16", "ood answer acc"}
         for key, (mean, std) in row.items():
@@ -66,9 +68,11 @@ def test_answer_accuracy_counts_right_results_whatever_the_style():
     from dphrl.compare.work import answer_accuracy
 
     rows = [
-        {"dataset": "sub", "id": "sub-9-4", "index": 0, "answer": "5", "correct": False},  # right, style refused
+        # right, style refused
+        {"dataset": "sub", "id": "sub-9-4", "index": 0, "answer": "5", "correct": False},
         {"dataset": "sub", "id": "sub-9-4", "index": 1, "answer": "6", "correct": False},  # wrong result
-        {"dataset": "sub", "id": "sub-9-4", "index": -1, "answer": "5", "correct": True},  # greedy: not counted
+        # greedy: not counted
+        {"dataset": "sub", "id": "sub-9-4", "index": -1, "answer": "5", "correct": True},
         {"dataset": "sub", "id": "sub-30-1", "index": 0, "answer": None, "correct": False},  # no number
         {"dataset": "add", "id": "add-2-2", "index": 0, "answer": "4", "correct": True},  # other dataset
         {"dataset": "sub", "id": "sub-30-1", "index": 1, "answer": "29", "correct": True},

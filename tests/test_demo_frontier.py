@@ -1,4 +1,5 @@
-"""The demo's matched-Pass@1 comparison: interpolation, mean ± std over seeds, who is on top and by how much."""
+"""The demo's matched-Pass@1 comparison: interpolation, mean ± std over seeds, who is on top and by how
+much."""
 
 from __future__ import annotations
 
@@ -43,11 +44,14 @@ def test_interp():
 
 def test_matched_frontier_by_hand(tmp_path):
     seeds = []
-    for s, shift in enumerate((0.0, 0.02)):  # two seeds; family a's Pass@16 is 0.1 higher, b's OOD 0.01 higher
+    # two seeds; family a's Pass@16 is 0.1 higher, b's OOD 0.01 higher
+    for s, shift in enumerate((0.0, 0.02)):
         d = tmp_path / f"seed{s}"
         seeds.append({
-            "a": _run(d, "a", 0.5, 0.8 + shift, 0.70), "a@eta=1.0": _run(d, "a@eta=1.0", 0.7, 0.6 + shift, 0.50),
-            "b": _run(d, "b", 0.5, 0.7 + shift, 0.71), "b@eta=1.0": _run(d, "b@eta=1.0", 0.7, 0.5 + shift, 0.51),
+            "a": _run(d, "a", 0.5, 0.8 + shift, 0.70),
+            "a@eta=1.0": _run(d, "a@eta=1.0", 0.7, 0.6 + shift, 0.50),
+            "b": _run(d, "b", 0.5, 0.7 + shift, 0.71),
+            "b@eta=1.0": _run(d, "b@eta=1.0", 0.7, 0.5 + shift, 0.51),
         })
     m = matched_frontier(seeds, grid=3)
     assert m["families"] == ["a", "b"] and m["overlap"] == pytest.approx([0.5, 0.7])

@@ -17,7 +17,8 @@ def test_a_file_gets_one_line_per_tenth_and_no_carriage_returns():
     bar.close()
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue() and len(lines) == 10
-    assert lines[0].startswith("train grpo:  10% 5/50 step") and lines[-1].startswith("train grpo: 100% 50/50 step")
+    assert (lines[0].startswith("train grpo:  10% 5/50 step")
+            and lines[-1].startswith("train grpo: 100% 50/50 step"))
     assert "reward=0.98" in lines[-1]
 
 
