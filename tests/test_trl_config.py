@@ -39,6 +39,15 @@ def test_the_recipe_values_reach_grpoconfig_and_trl_defaults_do_not(tmp_path):
     assert grpo_config_kwargs(_cfg(loss_agg="seq-mean-token-mean"))["loss_type"] == "grpo"
     assert grpo_config_kwargs(_cfg(loss_agg="seq-mean-token-sum-norm"))["loss_type"] == "dr_grpo"
     assert grpo_config_kwargs(_cfg(dual_clip=0))["delta"] is None
+    # GRPOConfig checkpoints by default; the recipe's gradient_checkpointing decides (either field name)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated name is not passed
+        on = GRPOConfig(**grpo_config_kwargs(_cfg(gradient_checkpointing=True), output_dir=str(tmp_path),
+                                             use_cpu=True))
+        off = GRPOConfig(**grpo_config_kwargs(_cfg(), output_dir=str(tmp_path), use_cpu=True))
+    assert on.gradient_checkpointing is True and off.gradient_checkpointing is False
 
 
 def test_dph_keywords_and_lora():

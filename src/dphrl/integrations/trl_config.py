@@ -71,9 +71,21 @@ def grpo_config_kwargs(cfg: TrainConfig, **overrides: Any) -> dict[str, Any]:
         "bf16": cfg.dtype == "bfloat16",
         "scale_rewards": "group",
         "logging_steps": cfg.log_every,
+        # GRPOConfig turns it on by default; transformers >= 5 renamed it (the old name warns)
+        _checkpointing_field(): cfg.gradient_checkpointing,
     }
     kw.update(overrides)
     return kw
+
+
+def _checkpointing_field() -> str:
+    """``activation_checkpointing`` where the installed ``TrainingArguments`` has it, else the old name."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def dph_trainer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
