@@ -84,6 +84,9 @@ def _eval(model: Path | str, out: Path, *extra: str) -> list[str]:
     (["--top-p", "0"], "--top-p 0.0"),
     (["--max-new-tokens", "0"], "--max-new-tokens 0"),
     (["--limit", "0"], "--limit 0"),
+    (["--reward", "nosuch"], "config key 'reward': unknown reward 'nosuch'"),
+    (["--reward", "nosuch:fn"], "cannot import module 'nosuch'"),
+    (["--engine", "nosuch"], "config key 'engine': unknown engine 'nosuch'"),
 ])
 def test_eval_options_out_of_range_are_refused(tmp_path, model_dir, capsys, extra, named):
     _refused(capsys, _eval(model_dir, tmp_path / "out", *extra), named)
@@ -146,6 +149,8 @@ def test_store_refusals_name_the_store_file_or_field(tmp_path, model_dir, capsys
     cfg = _cfg(tmp_path, model_dir, algorithm="dph", reference_store=str(store), presample_n=2)
     assert main(["presample", "--config", str(cfg)]) == 0, capsys.readouterr().err
     capsys.readouterr()
+    _refused(capsys, ["train", "--config", str(cfg), f"reference_store={tmp_path / 'none'}"],
+             str(tmp_path / "none"), "no manifest.json", "dphrl presample")
     _refused(capsys, ["train", "--config", str(cfg), "temperature=0.5"], str(store), "temperature")
     samples = store / "samples.parquet"
     samples.write_bytes(samples.read_bytes()[:-8] + b"damaged!")

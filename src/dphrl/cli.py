@@ -242,6 +242,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         datasets_in = select_examples(datasets_in, ids=ids, where=args.where or ())
         datasets_in = {n: exs[: limits[n]] if limits[n] else exs for n, exs in datasets_in.items()}
         print("selected: " + ", ".join(f"{n} {len(exs)}" for n, exs in datasets_in.items()) + " problem(s)")
+    if args.reward:  # a wrong name is refused before any model is loaded
+        from dphrl.rewards import get_reward
+
+        get_reward(args.reward)
     fset = None
     if args.forgetting_set:  # checked before any model is loaded
         from dphrl.evaluation.forgetting import load_forgetting_set

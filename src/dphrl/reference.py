@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from dphrl.data.chat import encode_prompt
 from dphrl.data.example import Example
 from dphrl.engines.base import Engine
-from dphrl.errors import UserError
+from dphrl.errors import PathNotFoundError, UserError, UserValueError
 from dphrl.progress import progress_bar
 from dphrl.rewards.registry import CORRECT_THRESHOLD, RewardFailureError, RewardFn, score_batch
 
@@ -132,11 +132,11 @@ def presample(
         )
     out_dir = Path(out_dir)
     if topk and top_p < 1.0:
-        raise ValueError(
+        raise UserValueError(
             "presample: rehearsal_topk > 0 needs top_p 1.0 (the stored top-k are of the full softmax)"
         )
     if logprob_model is not None and top_p < 1.0:
-        raise ValueError(
+        raise UserValueError(
             "presample: recomputing log pi_ref (engine vllm) needs top_p 1.0; use engine hf for top_p < 1"
         )
     t0 = time.time()
@@ -336,7 +336,7 @@ class ReferenceStore:
         recover_dir(self.path)  # an interrupted swap left the old store aside: put it back
         mf = self.path / "manifest.json"
         if not mf.exists():
-            raise FileNotFoundError(
+            raise PathNotFoundError(
                 f"reference store {self.path}: no manifest.json. Create it with `dphrl presample --config "
                 "<your config>` (it writes to the config's reference_store directory)."
             )

@@ -17,26 +17,35 @@ import importlib
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, Generic, TypeVar
 
+from dphrl.errors import UserError
+
 T = TypeVar("T")
 _MISSING = object()
 
-__all__ = ["Registry", "config_params", "import_object", "kwargs_from_config"]
+__all__ = ["Registry", "RegistryError", "config_params", "import_object", "kwargs_from_config"]
+
+
+class RegistryError(UserError, ValueError):
+    """An unknown name, or a ``package.module:attr`` that cannot be imported or is the wrong kind of
+    object; the message names the config key and the valid names."""
 
 
 def import_object(spec: str, what: str = "object") -> Any:
     """``package.module:attr`` -> the attribute (dotted attributes allowed), or ValueError saying why."""
     mod, _, attr = spec.partition(":")
     if not mod or not attr:
-        raise ValueError(f"{what} {spec!r}: expected 'package.module:attr'")
+        raise RegistryError(f"{what} {spec!r}: expected 'package.module:attr'")
     try:
         obj: Any = importlib.import_module(mod)
     except ImportError as e:
-        raise ValueError(f"{what} {spec!r}: cannot import module {mod!r} ({e}); is it on PYTHONPATH?") from e
+        raise RegistryError(
+            f"{what} {spec!r}: cannot import module {mod!r} ({e}); is it on PYTHONPATH?"
+        ) from e
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError as e:
-            raise ValueError(
+            raise RegistryError(
                 f"{what} {spec!r}: cannot import {attr!r} from module {mod!r} (no such attribute)"
             ) from e
     return obj
@@ -129,17 +138,17 @@ class Registry(MutableMapping, Generic[T]):
             self._load()
             return self._items.get(name, default)
         if not isinstance(name, str):
-            raise ValueError(self._unknown(name))
+            raise RegistryError(self._unknown(name))
         if ":" in name:
             where = f"config key '{self.config_key}': " if self.config_key else ""
             try:
                 obj = import_object(name, self.kind)
                 return self._adapt(obj) if self._adapt is not None else obj
             except ValueError as e:
-                raise ValueError(f"{where}{e}") from e
+                raise RegistryError(f"{where}{e}") from e
         self._load()
         if name not in self._items:
-            raise ValueError(self._unknown(name))
+            raise RegistryError(self._unknown(name))
         return self._items[name]
 
     def _unknown(self, name: object) -> str:
