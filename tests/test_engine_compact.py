@@ -1,6 +1,8 @@
 """hf-compact: decoding that drops ended rows samples what ``hf`` samples, with exact log-probs, and
 forwards only the rows still decoding."""
 
+from pathlib import Path
+
 import torch
 from test_engine import _reference_logprobs
 
@@ -116,3 +118,24 @@ def test_same_seed_same_samples_and_first_steps_as_hf():
     finally:
         for h_ in hooks:
             h_.remove()
+
+
+
+def test_training_with_hf_compact_uses_its_exact_logprobs_as_pi_old(tmp_path, tok, make_model):
+    """``engine: hf-compact`` trains like ``hf``: the policy module itself generates (no copy, no weight
+    push), its log-probs are pi_old (no recompute forward), and the run records the engine."""
+    import json
+
+    from conftest import base_cfg, toy_examples
+
+    from dphrl.trainer import Trainer
+
+    cfg = base_cfg(tmp_path, "grpo", engine="hf-compact", max_steps=2, max_new_tokens=6)
+    assert cfg.old_logprob == "rollout"
+    t = Trainer(cfg, model=make_model(), tokenizer=tok, examples=toy_examples(8))
+    assert isinstance(t.engine, CompactHFEngine) and t.engine.model is t._unwrapped()
+    t.train()
+    out = Path(cfg.output_dir)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2]
+    assert "hf-compact" in (out / "run_info.json").read_text()
