@@ -192,7 +192,8 @@ def presample(
         raise RewardFailureError(
             f"presample: {failures} of {scored_n} reward evaluations failed and {timeouts} timed out (> "
             f"max_reward_failure_frac={max_failure_frac}); nothing was written to {out_dir}. Check the "
-            f"reward {getattr(reward_fn, '__name__', reward_fn)!r} on a few samples (`dphrl eval` shows them)."
+            f"reward {getattr(reward_fn, '__name__', reward_fn)!r} on a few samples (`dphrl eval` shows "
+            "them)."
         )
     if logprob_model is not None and sample_rows:  # one no-grad forward, the trainer's own computation
         from dphrl.batching import pad_token_id
