@@ -11,11 +11,14 @@ from transformers.cache_utils import DynamicLayer
 from dphrl.batching import pack, response_logprobs
 from dphrl.data.tokenizer import build_char_tokenizer
 from dphrl.prefix import (
+    _by_length_plan,
+    _whole_group_plan,
     can_share_prefix,
     group_by_prompt,
     micro_batch_cost,
     micro_batch_order,
     pack_groups,
+    plan_cost,
     plan_micro_batches,
     prefix_response_logprobs,
 )
@@ -261,6 +264,33 @@ def test_micro_batch_cost_counts_each_prompt_once():
     assert micro_batch_cost([100, 50], [10, 40]) == 2 * 100 + 2 * 40
 
 
+def test_plan_by_length_when_lengths_spread_within_groups():
+    """A real model's groups (SmolLM2, 128 new tokens): 1-2 responses per group cut at 128, the rest
+    short. Whole groups make every micro-batch 128 wide; sorting by length pads far less."""
+    rng = random.Random(1)
+    groups = [(37, [128] * rng.randint(1, 2) + [rng.randint(5, 60) for _ in range(6)]) for _ in range(8)]
+    plan = plan_micro_batches(groups, max_seqs=16)
+    _check_plan(groups, plan, max_seqs=16)
+    whole, by_length = _whole_group_plan(groups, 16), _by_length_plan(groups, 16)
+    assert plan == by_length and plan_cost(groups, by_length) < 0.75 * plan_cost(groups, whole)
+    assert len(plan) == 4  # 64 sequences: as many micro-batches as before
+    widths = [max(groups[g][1][i] for g, ix in mb for i in ix) for mb in plan]
+    assert widths[0] == 128 and widths == sorted(widths, reverse=True) and widths[-1] < 40
+    for mb in plan:  # a group appears once per micro-batch
+        assert len({g for g, _ in mb}) == len(mb)
+
+
+def test_plan_is_never_costlier_than_whole_groups():
+    rng = random.Random(2)
+    for _ in range(50):
+        groups = [(rng.randint(1, 50), [rng.randint(1, 30) for _ in range(rng.randint(1, 9))])
+                  for _ in range(rng.randint(1, 12))]
+        k = rng.choice([1, 3, 8, 16])
+        plan = plan_micro_batches(groups, max_seqs=k)
+        assert plan_cost(groups, plan) <= plan_cost(groups, _whole_group_plan(groups, k))
+        assert plan_cost(groups, plan) <= plan_cost(groups, _by_length_plan(groups, k))
+
+
 def test_plan_random_invariants_and_less_padding_than_sequential_chunks():
     rng = random.Random(0)
     for _ in range(30):
@@ -290,7 +320,9 @@ def test_micro_batch_order_groups_scattered_prompts():
     responses = [[1], [1, 2, 3], [1, 2], [1], [1], [1, 2, 3, 4]]
     assert group_by_prompt(prompts) == [[0, 2, 5], [1, 4], [3]]
     order = micro_batch_order(prompts, responses, max_seqs=3)
-    assert order == [[5, 2, 0], [1, 4, 3]]
+    # by length (cost 16 + 12) beats whole groups ([[5, 2, 0], [1, 4, 3]]: 14 + 15); a group's
+    # sequences stay contiguous inside a micro-batch
+    assert order == [[5, 2, 1], [3, 0, 4]]
     with pytest.raises(ValueError, match="max_seqs must be >= 1"):
         micro_batch_order(prompts, responses, max_seqs=0)
 

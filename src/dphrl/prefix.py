@@ -274,20 +274,56 @@ def micro_batch_cost(prompt_lens: Sequence[int], resp_lens: Sequence[int]) -> in
     return len(prompt_lens) * max(prompt_lens, default=0) + len(resp_lens) * max(max(resp_lens), 1)
 
 
-def plan_micro_batches(
-    groups: Sequence[tuple[int, Sequence[int]]], *, max_seqs: int
-) -> list[list[tuple[int, list[int]]]]:
-    """Micro-batches of whole groups where possible, sorted by length.
+Plan = list[list[tuple[int, list[int]]]]
+
+
+def plan_cost(groups: Sequence[tuple[int, Sequence[int]]], plan: Plan) -> int:
+    """Padded tokens a plan forwards: the sum of :func:`micro_batch_cost` over its micro-batches."""
+    return sum(micro_batch_cost([groups[g][0] for g, _ in mb], [groups[g][1][i] for g, ix in mb for i in ix])
+               for mb in plan)
+
+
+def plan_micro_batches(groups: Sequence[tuple[int, Sequence[int]]], *, max_seqs: int) -> Plan:
+    """Micro-batches of at most ``max_seqs`` sequences that forward the fewest padded tokens of two plans.
 
     ``groups[g] = (prompt_len, response lengths)``. Returns micro-batches, each a list of
-    ``(g, indices into groups[g]'s responses)``, of at most ``max_seqs`` sequences; every sequence
-    appears exactly once. Groups go longest response first (so a micro-batch holds similar lengths and
-    pads little), each whole into the current micro-batch if it fits, else into a new one; a group
-    larger than ``max_seqs`` is split (its longest sequences first), which forwards its prompt once
-    per piece.
+    ``(g, indices into groups[g]'s responses)``; every sequence appears exactly once. The two plans:
+
+    * whole groups (:func:`_whole_group_plan`): each prompt forwarded once, but a micro-batch is as
+      wide as its longest response, so groups whose lengths spread widely pad a lot;
+    * by length (:func:`_by_length_plan`): all sequences sorted longest first and cut into
+      consecutive micro-batches, each prompt forwarded once per micro-batch that holds some of its
+      sequences. With a real model's responses (SmolLM2 at 128 new tokens: lengths 3-128, 1 in 5 cut
+      in most groups) this forwards far fewer padded tokens.
+
+    The cheaper by :func:`plan_cost` wins (whole groups on a tie). Gradients do not depend on the plan
+    (every loss is normalized by global counts), only the time and the padding do.
     """
     if max_seqs < 1:
         raise ValueError(f"plan_micro_batches: max_seqs must be >= 1, got {max_seqs}")
+    whole = _whole_group_plan(groups, max_seqs)
+    by_length = _by_length_plan(groups, max_seqs)
+    return by_length if plan_cost(groups, by_length) < plan_cost(groups, whole) else whole
+
+
+def _by_length_plan(groups: Sequence[tuple[int, Sequence[int]]], max_seqs: int) -> Plan:
+    """All sequences longest response first (ties: longer prompt, then group), cut into consecutive
+    micro-batches of ``max_seqs``; inside one, each group's sequences are contiguous."""
+    seqs = sorted(((g, i) for g, (_, rl) in enumerate(groups) for i in range(len(rl))),
+                  key=lambda gi: (-groups[gi[0]][1][gi[1]], -groups[gi[0]][0], gi[0], gi[1]))
+    plan: Plan = []
+    for k in range(0, len(seqs), max_seqs):
+        mb: dict[int, list[int]] = {}
+        for g, i in seqs[k : k + max_seqs]:
+            mb.setdefault(g, []).append(i)
+        plan.append(list(mb.items()))
+    return plan
+
+
+def _whole_group_plan(groups: Sequence[tuple[int, Sequence[int]]], max_seqs: int) -> Plan:
+    """Whole groups where possible: groups go longest response first (so a micro-batch holds similar
+    lengths), each whole into the current micro-batch if it fits, else into a new one; a group larger
+    than ``max_seqs`` is split (its longest sequences first), which forwards its prompt once per piece."""
 
     def fits(items: list[tuple[int, list[int]]]) -> bool:
         return sum(len(ix) for _, ix in items) <= max_seqs
