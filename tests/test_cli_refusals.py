@@ -357,3 +357,40 @@ def test_eval_selection_that_matches_nothing_is_refused(tmp_path, model_dir, cap
     argv[argv.index(DATA)] = ALL
     _refused(capsys, argv, named)
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# SIGTERM outside the training loop (start-up, evaluation, after the final save)
+
+
+def test_sigterm_outside_the_training_loop_exits_143_with_a_message(monkeypatch, capsys):
+    import signal
+
+    import dphrl.cli as cli
+
+    def slow_command(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the command works, e.g. loading a model
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(cli, "cmd_config", slow_command)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["config"]) == 143
+    err = capsys.readouterr().err
+    assert err.startswith("dphrl: config: stopped by SIGTERM") and "--resume latest" in err
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
+
+
+def test_sigterm_during_start_up_of_a_real_process(tmp_path):
+    import signal
+
+    code = ("import sys, time, dphrl.cli as c\n"
+            "def wait(args):\n    print('ready', flush=True)\n    time.sleep(30)\n"
+            "c.cmd_config = wait\nsys.exit(c.main(['config']))\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 143 and time.monotonic() - t0 < 10
+    assert "dphrl: config: stopped by SIGTERM" in err and "Traceback" not in err

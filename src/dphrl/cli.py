@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from dphrl.errors import UserError
+from dphrl.errors import Interrupted, UserError
 
 if TYPE_CHECKING:
     from dphrl.config import TrainConfig
@@ -559,8 +559,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    previous = _stop_on_sigterm()
     try:
         return args.fn(args)
+    except (Interrupted, KeyboardInterrupt) as e:  # outside the training loop, which checkpoints itself
+        name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
+        print(f"dphrl: {args.cmd}: stopped by {name}. Files are written atomically, so each one is complete "
+              "or absent; a training run resumes from its last checkpoint with --resume latest.", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
     except UserError as e:
         if debug:
             raise
@@ -573,6 +579,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dphrl: {e}", file=sys.stderr)
             return 143 if e.signal_name == "SIGTERM" else 130
         raise
+    finally:
+        _restore_sigterm(previous)
+
+
+def _stop_on_sigterm() -> Any:
+    """SIGTERM raises :class:`Interrupted` (a clean exit 143 with a message instead of a silent -15)
+    until the training loop installs its own handler (a checkpoint at the next step boundary)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handle(signum: int, _frame: Any) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    return signal.signal(signal.SIGTERM, handle)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

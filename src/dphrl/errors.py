@@ -12,7 +12,7 @@ The existing error classes (``ConfigError``, ``RunDirError``, ``CheckpointError`
 
 from __future__ import annotations
 
-__all__ = ["PathNotFoundError", "UserError", "UserValueError"]
+__all__ = ["Interrupted", "PathNotFoundError", "UserError", "UserValueError"]
 
 
 class UserError(Exception):
@@ -25,3 +25,13 @@ class PathNotFoundError(UserError, FileNotFoundError):
 
 class UserValueError(UserError, ValueError):
     """A value the user gave (an option, a key) is out of range or inconsistent."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM arrived outside the training loop (start-up, evaluation, after the final save): the
+    command stops where it is. A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except
+    Exception`` on the way swallows it; files are written atomically, so each is complete or absent."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
