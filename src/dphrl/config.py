@@ -118,7 +118,10 @@ class TrainConfig:
     store_check_tokens: int = _f(
         256,
         'dph: stored tokens re-scored with the training forward at start-up; the store is refused if their '
-        'mean |delta log pi| exceeds store_check_tolerance (0 = skip the check).',
+        'mean |delta log pi| exceeds store_check_tolerance (0 = skip the check). A spot check against '
+        'accidents (another model, tokenizer, dtype or temperature: every token differs), not a proof that '
+        'every stored token is right: 256 tokens are a few percent of a typical store; raise it (one '
+        'no-grad forward per 256 tokens) for a stricter check.',
         check=Range(ge=0),
     )
     store_check_tolerance: float | None = _f(
