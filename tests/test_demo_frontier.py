@@ -97,3 +97,24 @@ def test_without_sweep_there_is_no_matched_comparison(tmp_path):
     assert matched_frontier([runs]) == {}
     md = _summary_md({"seeds": 1, "table": {}, "checks": {}, "sweep": {}, "matched": {}})
     assert "matched Pass@1" not in md
+
+
+def test_more_families_join_the_sweep_at_three_coefficients(tmp_path):
+    """``dphrl demo --more-families --sweep``: passk, pkpo, w-reinforce, kl-cov and clip-cov train under
+    the shared policy loss at 3 coefficients each, beside the divergence families (same seeds, same
+    frontier); every run's config is valid."""
+    from dphrl.compare.jobs import plan
+    from dphrl.config import TrainConfig
+    from dphrl.demo import MORE_METHODS, SHARED_LOSS, demo_experiment, demo_size
+
+    exp = demo_experiment(demo_size(more_families=True), seeds=2, sweep=True)
+    families = exp.sweep_runs()
+    for fam in MORE_METHODS:
+        assert fam in exp.main_runs() and len(families[fam]) >= 3, fam
+        assert all(MORE_METHODS[fam][k] == v for k, v in SHARED_LOSS.items())
+    assert {"rkl", "rkl-k3", "dph-f", "dph-js", "dph-f-topk"} <= set(families)
+    trains = [j for j in plan(exp, tmp_path) if j.kind == "train"]
+    assert len(trains) == 2 * len(exp.run_overrides())
+    for j in trains:
+        TrainConfig(**j.spec["config"])  # validates
+    assert "passk" not in demo_experiment(demo_size(), seeds=1, sweep=True).run_overrides()

@@ -355,7 +355,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     try:
-        size = demo_size(args.quick, args.rl_steps, args.lr, methods, args.train_prompts, uneven=args.uneven)
+        size = demo_size(args.quick, args.rl_steps, args.lr, methods, args.train_prompts, uneven=args.uneven,
+                         more_families=args.more_families)
         if args.resume and args.overwrite:
             raise UserError("demo: --resume and --overwrite contradict each other; pass one")
         from dphrl.rundir import claim_dir
@@ -409,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--sweep", action="store_true",
                    help="Also sweep every divergence family's coefficient (eta for dph-*, kl_coef for rkl, "
                         "rkl-k3).")
+    d.add_argument("--more-families", action="store_true",
+                   help="Also train the other diversity methods under the shared loss: passk, pkpo, w-reinforce, "
+                        "kl-cov, clip-cov (with --sweep: 3 coefficients each, on the same matched-Pass@1 "
+                        "frontier).")
     d.add_argument("--ablation", action="store_true",
                    help="Also train grpo, rkl-k3 and dph-f with the DAPO-style policy loss (clip-higher, "
                         "token-mean).")

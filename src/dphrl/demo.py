@@ -100,6 +100,26 @@ QUICK = replace(
            "dph-js": ("eta", [3.0]), "dph-f-topk": ("eta", [1.0])},
     ablation={"dph-f+dapo-loss": FULL.ablation["dph-f+dapo-loss"]},
 )
+#: ``--more-families``: the other diversity-preserving methods, each one registry entry, under the shared
+#: policy loss (the advantage or the loss is the only difference to grpo), at their paper's default and,
+#: with ``--sweep``, 2 more values (3 points on the matched-Pass@1 frontier): Pass@k training
+#: advantage (Chen et al. 2025, k), PKPO (Walder and Karkhanis 2025, k), W-REINFORCE (Zhu et al. 2025,
+#: weight of the correct samples), KL-Cov and Clip-Cov (Cui et al. 2025, share of tokens).
+MORE_METHODS: dict[str, dict[str, Any]] = {
+    "passk": {"algorithm": "grpo", "advantage": "passk", "passk_k": 4, **SHARED_LOSS},
+    "pkpo": {"algorithm": "grpo", "advantage": "pkpo", "passk_k": 4, **SHARED_LOSS},
+    "w-reinforce": {"algorithm": "grpo", "advantage": "w_reinforce", "w_reinforce_lambda": 0.1, **SHARED_LOSS},
+    "kl-cov": {"algorithm": "grpo", "policy_loss": "kl_cov", "kl_cov_ratio": 0.002, **SHARED_LOSS},
+    "clip-cov": {"algorithm": "grpo", "policy_loss": "clip_cov", "clip_cov_ratio": 0.0002, **SHARED_LOSS},
+}
+MORE_SWEEP: dict[str, tuple[str, list[float]]] = {
+    "passk": ("passk_k", [2, 8]),
+    "pkpo": ("passk_k", [2, 8]),
+    "w-reinforce": ("w_reinforce_lambda", [0.03, 0.3]),
+    "kl-cov": ("kl_cov_ratio", [0.0005, 0.01]),
+    "clip-cov": ("clip_cov_ratio", [0.00005, 0.001]),
+}
+
 #: The uneven variant (benchmarks/divergence_optimum.py): validity A/B/C 0.6/0.5/0.2 and a style prior
 #: 0.05/0.05/0.90 (most mass on the weakest style; the base is SFT'd evenly, then 300 steps on that
 #: mixture) predict reverse-KL ahead of forward-KL at matched Pass@1 by up to 10.8 Pass@16 points. Its
@@ -261,10 +281,14 @@ class DemoBudgetError(ValueError):
 
 def demo_size(quick: bool = False, rl_steps: int | None = None, lr: float | None = None,
               methods: list[str] | None = None, train_prompts: int | None = None,
-              uneven: bool = False) -> DemoSize:
+              uneven: bool = False, more_families: bool = False) -> DemoSize:
     """The budget of a demo run: FULL, QUICK or UNEVEN, with optional RL steps / learning rate / method subset
-    / number of training prompts (at most the 1,400 a+b training problems)."""
+    / number of training prompts (at most the 1,400 a+b training problems) / the other diversity families
+    (:data:`MORE_METHODS`)."""
     size = UNEVEN if uneven else QUICK if quick else FULL
+    if more_families:
+        more_sweep = {f: (k, v[:1] if quick else v) for f, (k, v) in MORE_SWEEP.items()}
+        size = replace(size, methods={**size.methods, **MORE_METHODS}, sweep={**size.sweep, **more_sweep})
     if uneven and quick:
         size = replace(QUICK, prior=UNEVEN.prior, accept=UNEVEN.accept, methods=UNEVEN.methods,
                        sweep={f: (k, v[:1]) for f, (k, v) in UNEVEN.sweep.items()}, ablation={})
