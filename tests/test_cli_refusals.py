@@ -387,7 +387,8 @@ def test_sigterm_during_start_up_of_a_real_process(tmp_path):
     code = ("import sys, time, dphrl.cli as c\n"
             "def wait(args):\n    print('ready', flush=True)\n    time.sleep(30)\n"
             "c.cmd_config = wait\nsys.exit(c.main(['config']))\n")
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     assert p.stdout.readline().strip() == "ready"
     t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)

@@ -77,7 +77,8 @@ def test_sampled_logprobs_are_those_of_the_full_forward_and_only_live_rows_are_f
     hooks = _eos_after(model, "7", 4.0)
     rows_forwarded: list[int] = []
     spy = model.register_forward_pre_hook(
-        lambda m, a, kw: rows_forwarded.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] == 1 else None,
+        lambda m, a, kw: (rows_forwarded.append(kw["input_ids"].shape[0])
+                          if kw["input_ids"].shape[1] == 1 else None),
         with_kwargs=True)
     try:
         for share, (temperature, top_p) in [(True, (1.0, 1.0)), (False, (0.7, 0.9)), (True, (1.3, 0.8))]:

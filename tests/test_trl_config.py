@@ -28,14 +28,17 @@ def test_the_recipe_values_reach_grpoconfig_and_trl_defaults_do_not(tmp_path):
     kw = grpo_config_kwargs(_cfg(), output_dir=str(tmp_path), use_cpu=True, report_to="none")
     args = GRPOConfig(**kw)
     assert (args.temperature, args.top_p, args.top_k) == (0.7, 0.95, 0)
-    assert (args.num_generations, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (8, 8, 4)
+    shape = (args.num_generations, args.per_device_train_batch_size, args.gradient_accumulation_steps)
+    assert shape == (8, 8, 4)
     assert args.max_completion_length == 48 and args.beta == 0.0
     assert (args.loss_type, args.epsilon, args.epsilon_high, args.delta) == ("dapo", 0.2, 0.28, 3.0)
     assert args.learning_rate == 3e-5 and args.max_steps == 12 and args.seed == 7
     # TRL's defaults are linear decay, lr 1e-6, seed 42: dphrl's constant schedule is passed explicitly
-    assert getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "constant" and GRPOConfig.__dataclass_fields__["seed"].default == 42
+    assert getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type) == "constant"
+    assert GRPOConfig.__dataclass_fields__["seed"].default == 42
     warm = GRPOConfig(**grpo_config_kwargs(_cfg(warmup_steps=3), output_dir=str(tmp_path), use_cpu=True))
-    assert getattr(warm.lr_scheduler_type, "value", warm.lr_scheduler_type) == "constant_with_warmup" and warm.warmup_steps == 3
+    assert getattr(warm.lr_scheduler_type, "value", warm.lr_scheduler_type) == "constant_with_warmup"
+    assert warm.warmup_steps == 3
     assert grpo_config_kwargs(_cfg(loss_agg="seq-mean-token-mean"))["loss_type"] == "grpo"
     assert grpo_config_kwargs(_cfg(loss_agg="seq-mean-token-sum-norm"))["loss_type"] == "dr_grpo"
     assert grpo_config_kwargs(_cfg(dual_clip=0))["delta"] is None

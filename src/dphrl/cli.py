@@ -411,9 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Also sweep every divergence family's coefficient (eta for dph-*, kl_coef for rkl, "
                         "rkl-k3).")
     d.add_argument("--more-families", action="store_true",
-                   help="Also train the other diversity methods under the shared loss: passk, pkpo, w-reinforce, "
-                        "kl-cov, clip-cov (with --sweep: 3 coefficients each, on the same matched-Pass@1 "
-                        "frontier).")
+                   help="Also train the other diversity methods under the shared loss: passk, pkpo, "
+                        "w-reinforce, kl-cov, clip-cov (with --sweep: 3 coefficients each, on the same "
+                        "matched-Pass@1 frontier).")
     d.add_argument("--ablation", action="store_true",
                    help="Also train grpo, rkl-k3 and dph-f with the DAPO-style policy loss (clip-higher, "
                         "token-mean).")
@@ -570,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     except (Interrupted, KeyboardInterrupt) as e:  # outside the training loop, which checkpoints itself
         name = e.signal_name if isinstance(e, Interrupted) else "SIGINT"
         print(f"dphrl: {args.cmd}: stopped by {name}. Files are written atomically, so each one is complete "
-              "or absent; a training run resumes from its last checkpoint with --resume latest.", file=sys.stderr)
+              "or absent; a training run resumes from its last checkpoint with --resume latest.",
+              file=sys.stderr)
         return 143 if name == "SIGTERM" else 130
     except UserError as e:
         if debug:

@@ -108,7 +108,8 @@ QUICK = replace(
 MORE_METHODS: dict[str, dict[str, Any]] = {
     "passk": {"algorithm": "grpo", "advantage": "passk", "passk_k": 4, **SHARED_LOSS},
     "pkpo": {"algorithm": "grpo", "advantage": "pkpo", "passk_k": 4, **SHARED_LOSS},
-    "w-reinforce": {"algorithm": "grpo", "advantage": "w_reinforce", "w_reinforce_lambda": 0.1, **SHARED_LOSS},
+    "w-reinforce": {"algorithm": "grpo", "advantage": "w_reinforce", "w_reinforce_lambda": 0.1,
+                    **SHARED_LOSS},
     "kl-cov": {"algorithm": "grpo", "policy_loss": "kl_cov", "kl_cov_ratio": 0.002, **SHARED_LOSS},
     "clip-cov": {"algorithm": "grpo", "policy_loss": "clip_cov", "clip_cov_ratio": 0.0002, **SHARED_LOSS},
 }

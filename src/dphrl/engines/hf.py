@@ -410,7 +410,8 @@ class HFEngine:
         logps = recorder.finish(seqs_dev[:, -1]).cpu()  # (B, T); greedy: log-probs at temperature 1
         return seqs_dev.cpu(), logps
 
-    def _generations(self, prompts: list[list[int]], seqs: torch.Tensor, logps: torch.Tensor) -> list[Generation]:
+    def _generations(self, prompts: list[list[int]], seqs: torch.Tensor, logps: torch.Tensor
+                     ) -> list[Generation]:
         """One :class:`Generation` per row: the response up to and including its first EOS."""
         is_eos = seqs == self.eos_id  # (B, T)
         any_eos = is_eos.any(dim=1)  # (B,)

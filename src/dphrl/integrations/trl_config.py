@@ -52,7 +52,8 @@ def grpo_config_kwargs(cfg: TrainConfig, **overrides: Any) -> dict[str, Any]:
     if cfg.mini_batches != 1:
         _refuse("mini_batches", cfg.mini_batches, "(several optimizer steps per rollout batch) is not mapped",
                 "use mini_batches 1")
-    schedule = cfg.lr_schedule if cfg.lr_schedule != "constant" or not cfg.warmup_steps else "constant_with_warmup"
+    warm_constant = cfg.lr_schedule == "constant" and cfg.warmup_steps
+    schedule = "constant_with_warmup" if warm_constant else cfg.lr_schedule
     kw: dict[str, Any] = {
         "beta": 0.0,  # no TRL KL term and no reference model
         "temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": 0,
