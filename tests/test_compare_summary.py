@@ -61,3 +61,40 @@ def test_a_run_without_results_leaves_the_claim_unchecked():
     exp = _exp([{"metric": "pass@4", "left": "*", "op": ">", "right": "base"}])
     ok, detail = check_claim(exp.claim_specs[0], exp, [{"base": _res(0.9), "a": _res(0.95)}])
     assert ok is None and detail == "not checked: b has no pass@4 results"
+
+
+# --------------------------------------------------------------------------------------------------
+# resume: finished jobs against the spec planned now
+
+
+def _finished_job(tmp_path, spec):
+    from dphrl.compare.jobs import Job
+
+    job = Job(id="seed0/eval/base", kind="eval", seed=0, run="base", out=str(tmp_path / "base"), spec=spec)
+    job.marker().parent.mkdir(parents=True)
+    job.marker().write_text("{}")
+    return job
+
+
+def test_resume_refuses_a_changed_spec_and_ignores_settings_added_since(tmp_path):
+    import pytest
+
+    from dphrl.compare.jobs import SpecChanged, check_unchanged, write_jobs
+
+    made = {"n": 8, "sets": {"add": {"path": "a.jsonl", "limit": 100}}}
+    write_jobs(tmp_path, [_finished_job(tmp_path, made)], {})
+    # a setting dphrl gained since (at its default): not compared, reported
+    grown = {"n": 8, "gpu_memory_utilization": 0.3,
+             "sets": {"add": {"path": "a.jsonl", "limit": 100, "x": 1}}}
+    job = _finished_job(tmp_path / "again", grown)
+    job.out = str(tmp_path / "base")
+    assert check_unchanged(tmp_path, [job]) == ["seed0/eval/base: gpu_memory_utilization",
+                                                "seed0/eval/base: sets.add.x"]
+    for changed in ({**made, "n": 4}, {"sets": made["sets"]},  # a value changed; a key removed
+                    {**made, "sets": {"add": {"path": "b.jsonl", "limit": 100}}}):
+        job.spec = changed
+        with pytest.raises(SpecChanged, match="seed0/eval/base is finished but was made with another spec"):
+            check_unchanged(tmp_path, [job])
+    job.spec = {**made, "n": 4}
+    job.marker().unlink()  # an unfinished job may change freely
+    assert check_unchanged(tmp_path, [job]) == []

@@ -229,22 +229,45 @@ def load_jobs(out: str | Path) -> list[Job]:
     return [Job(**j) for j in json.loads(path.read_text())["jobs"]]
 
 
-def check_unchanged(out: str | Path, jobs: list[Job]) -> None:
-    """Refuse to resume when a finished job of ``out`` was made with another spec than now planned."""
+def check_unchanged(out: str | Path, jobs: list[Job]) -> list[str]:
+    """Refuse to resume when a finished job of ``out`` was made with another spec than now planned.
+
+    Keys that did not exist when the job was made (a setting added to dphrl since, e.g. a new config
+    field) are not compared: that run could not have set them, and new settings default to the old
+    behaviour. Returns them (``job: key``) so the runner can say so; every other difference refuses.
+    """
     path = Path(out) / JOBS_FILE
     if not path.is_file():
-        return
+        return []
     old = {j["id"]: j["spec"] for j in json.loads(path.read_text())["jobs"]}
+    added: list[str] = []
     for job in jobs:
         before = old.get(job.id)
         if before is None or not job.done():
             continue
         now = json.loads(json.dumps(job.spec, default=str))
+        new_keys: list[str] = []
+        now = _only_known(before, now, new_keys)
+        added += [f"{job.id}: {k}" for k in new_keys]
         if before != now:
             diff = _diff(before, now)
             raise SpecChanged(f"{out}: job {job.id} is finished but was made with another spec ({diff}); "
                               "resuming would mix its old results into the new experiment. Use another "
                               "--out, or --overwrite to start over.", key=None)
+    return added
+
+
+def _only_known(before: Any, now: Any, added: list[str], prefix: str = "") -> Any:
+    """``now`` without the dict keys ``before`` lacks (recorded in ``added``), recursively."""
+    if not (isinstance(before, dict) and isinstance(now, dict)):
+        return now
+    out = {}
+    for k, v in now.items():
+        if k in before:
+            out[k] = _only_known(before[k], v, added, f"{prefix}{k}.")
+        else:
+            added.append(f"{prefix}{k}")
+    return out
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> str:

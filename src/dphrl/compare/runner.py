@@ -53,7 +53,11 @@ def run_experiment(exp: Experiment, out: str | Path, *, workers: int = 2, backen
     lock = None
     if main:
         lock = claim_dir(out, what="dphrl compare", resume=resume, overwrite=overwrite)
-        check_unchanged(out, jobs)
+        added = check_unchanged(out, jobs)
+        if added:
+            keys = ", ".join(sorted({a.split(": ")[1] for a in added}))
+            log(f"resuming: settings added to dphrl since finished jobs were made are not compared (their "
+                f"defaults keep the old behaviour): {keys}")
         (out / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
         write_jobs(out, jobs, exp.to_dict())
     try:
