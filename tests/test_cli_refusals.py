@@ -87,6 +87,7 @@ def _eval(model: Path | str, out: Path, *extra: str) -> list[str]:
     (["--reward", "nosuch"], "config key 'reward': unknown reward 'nosuch'"),
     (["--reward", "nosuch:fn"], "cannot import module 'nosuch'"),
     (["--engine", "nosuch"], "config key 'engine': unknown engine 'nosuch'"),
+    (["--kv-budget-mb", "-1"], "--kv-budget-mb -1"),
 ])
 def test_eval_options_out_of_range_are_refused(tmp_path, model_dir, capsys, extra, named):
     _refused(capsys, _eval(model_dir, tmp_path / "out", *extra), named)
@@ -395,3 +396,10 @@ def test_sigterm_during_start_up_of_a_real_process(tmp_path):
     out, err = p.communicate(timeout=20)
     assert p.returncode == 143 and time.monotonic() - t0 < 10
     assert "dphrl: config: stopped by SIGTERM" in err and "Traceback" not in err
+
+
+def test_eval_says_when_the_kv_budget_makes_batches_smaller(tmp_path, model_dir, capsys):
+    assert main(_eval(model_dir, tmp_path / "out", "--kv-budget-mb", "0.01", "--batch-size", "64")) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"batches of \d+ sequences, not 64: .* --kv-budget-mb 0.01", err), err
+    assert json.loads((tmp_path / "out" / "results.json").read_text())

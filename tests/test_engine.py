@@ -213,3 +213,23 @@ def test_preallocated_cache_decodes_in_place_and_samples_the_same(share):
         torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), rtol=0, atol=1e-6)
     for g, r in zip(got, _reference_logprobs(model, tok, got, 0.8, 0.95)):
         torch.testing.assert_close(torch.tensor(g.logprobs), r, rtol=0, atol=1e-5)
+
+
+def test_kv_budget_bounds_the_rows_of_a_batch():
+    """``kv_budget_mb``: a batch holds at most budget / (KV bytes per position x positions) rows, counted
+    from the model's config (layers x 2 x KV heads x head dim x element size)."""
+    tok, model, prompts = _setup()
+    cfg = model.config
+    per_pos = cfg.num_hidden_layers * 2 * (cfg.num_key_value_heads or cfg.num_attention_heads) \
+        * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    e = HFEngine(model, tok, batch_size=64)
+    assert e.kv_bytes_per_position() == per_pos and e.rows_per_batch(10_000) == 64  # no budget: no bound
+    positions = max(len(p) for p in prompts) + 6
+    budget_mb = 5 * per_pos * positions / 2**20  # room for exactly 5 rows
+    bounded = HFEngine(model, tok, batch_size=64, kv_budget_mb=budget_mb)
+    assert bounded.rows_per_batch(positions) == 5 and bounded.rows_per_batch(10**9) == 1
+    sizes: list[int] = []
+    inner = bounded._generate_batch
+    bounded._generate_batch = lambda batch, *a: sizes.append(len(batch)) or inner(batch, *a)
+    gens = bounded.generate(prompts, 6, max_new_tokens=6, seed=0)
+    assert sizes == [5, 5, 2] and sum(len(g) for g in gens) == 12

@@ -197,6 +197,7 @@ def _check_eval_options(args: argparse.Namespace) -> None:
         (not 0 < args.top_p <= 1, f"--top-p {args.top_p}: give a value in (0, 1] (1 = no nucleus cut)"),
         (args.max_new_tokens < 1, f"--max-new-tokens {args.max_new_tokens}: give at least 1"),
         (args.batch_size < 1, f"--batch-size {args.batch_size}: give at least 1"),
+        (args.kv_budget_mb < 0, f"--kv-budget-mb {args.kv_budget_mb}: give a size in MB, or 0 for no bound"),
         (not args.reward_timeout > 0,
          f"--reward-timeout {args.reward_timeout}: give a positive number of seconds"),
         (args.reward_workers < -1,
@@ -280,7 +281,17 @@ def _evaluate(args: argparse.Namespace, engine_name: str, tok: Any, model: Any, 
     from dphrl.tasks import eval_hooks
 
     engine = build_engine(engine_name, model, tok, batch_size=args.batch_size, model_name=args.model,
-                          dtype=args.dtype, seed=args.seed, gpu_memory_utilization=0.85)
+                          dtype=args.dtype, seed=args.seed, gpu_memory_utilization=0.85,
+                          kv_budget_mb=args.kv_budget_mb or None)
+    if hasattr(engine, "rows_per_batch"):
+        from dphrl.data.chat import encode_prompt
+
+        longest = max(len(encode_prompt(tok, ex.prompt)) for exs in datasets_in.values() for ex in exs)
+        rows = engine.rows_per_batch(longest + args.max_new_tokens)
+        if rows < args.batch_size:
+            print(f"dphrl eval: batches of {rows} sequences, not {args.batch_size}: {args.batch_size} rows "
+                  f"of {longest} + {args.max_new_tokens} positions would need more KV cache than "
+                  f"--kv-budget-mb {args.kv_budget_mb:g}", file=sys.stderr)
     datasets, rewards, style_fns, answer_fns = {}, {}, {}, {}
     timeout_s = args.reward_timeout
     for name, exs in datasets_in.items():
@@ -513,7 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQL datasets: sandbox = the training reward's semantics; official = Spider "
                         "test-suite / BIRD official execution match with their time-outs (named in "
                         "results.json).")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=64,
+                   help="Sequences generated together (at most; see --kv-budget-mb).")
+    e.add_argument("--kv-budget-mb", type=float, default=2048.0,
+                   help="Bound on one batch's KV cache (hf engines): batches hold fewer rows than "
+                        "--batch-size when rows x (longest prompt + max new tokens) would need more; 0 = no "
+                        "bound. A 1,000-token prompt on SmolLM2-135M in fp32 needs ~52 MB per row.")
     e.add_argument("--engine", default="auto",
                    help="Generation engine: auto (vllm when installed and a CUDA GPU is present, else hf) | "
                         "hf | vllm | package.module:factory.")

@@ -43,31 +43,29 @@ def with_capabilities(**caps: bool) -> Callable[[Callable[..., Engine]], Callabl
 @ENGINES.register("hf")
 @with_capabilities(uses_policy_module=True, exact_logprobs=True, needs_model=True)
 def _hf_engine(model: Any, tokenizer: Any, *, batch_size: int = 64, synced_gpus: bool = False,
-               share_prefix: bool = True, **_: Any) -> Engine:
+               share_prefix: bool = True, kv_budget_mb: float | None = None, **_: Any) -> Engine:
     """Hugging Face ``generate`` on ``model`` (the policy itself during training: no copy); ``share_prefix``
     prefills each distinct prompt of a batch once."""
     from dphrl.engines.hf import HFEngine
 
     if model is None:
         raise ValueError("engine 'hf' needs the model object")
-    return HFEngine(
-        model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus, share_prefix=share_prefix
-    )
+    return HFEngine(model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus,
+                    share_prefix=share_prefix, kv_budget_mb=kv_budget_mb)
 
 
 @ENGINES.register("hf-compact")
 @with_capabilities(uses_policy_module=True, exact_logprobs=True, needs_model=True)
 def _hf_compact_engine(model: Any, tokenizer: Any, *, batch_size: int = 64, synced_gpus: bool = False,
-                       share_prefix: bool = True, **_: Any) -> Engine:
+                       share_prefix: bool = True, kv_budget_mb: float | None = None, **_: Any) -> Engine:
     """``hf`` whose decoding drops the rows that have ended (faster when response lengths vary; same
     distribution, another random stream than ``hf`` for the same seed)."""
     from dphrl.engines.compact import CompactHFEngine
 
     if model is None:
         raise ValueError("engine 'hf-compact' needs the model object")
-    return CompactHFEngine(
-        model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus, share_prefix=share_prefix
-    )
+    return CompactHFEngine(model, tokenizer, batch_size=batch_size, synced_gpus=synced_gpus,
+                           share_prefix=share_prefix, kv_budget_mb=kv_budget_mb)
 
 
 @ENGINES.register("vllm")
@@ -114,7 +112,8 @@ def engine_capabilities(name: str) -> EngineCapabilities:
 def build_engine(name: str, model: Any, tokenizer: Any, **opts: Any) -> Engine:
     """The engine ``name`` (``auto`` resolved here) for ``model`` / ``tokenizer``.
 
-    ``opts``: ``batch_size``, ``synced_gpus``, ``share_prefix`` (hf); ``model_name``, ``dtype``, ``seed``,
+    ``opts``: ``batch_size``, ``synced_gpus``, ``share_prefix``, ``kv_budget_mb`` (hf, hf-compact);
+    ``model_name``, ``dtype``, ``seed``,
     ``gpu_memory_utilization``, ``max_model_len``, ``distributed`` (vllm).
     """
     return ENGINES.get(resolve_engine(name))(model, tokenizer, **opts)

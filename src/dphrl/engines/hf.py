@@ -280,8 +280,10 @@ class HFEngine:
         synced_gpus: bool = False,
         share_prefix: bool = True,
         preallocate_cache: bool = True,
+        kv_budget_mb: float | None = None,
     ):
         self.model = model
+        self.kv_budget_mb = kv_budget_mb  # bounds a batch's KV cache: fewer rows per batch when needed
         self.synced_gpus = synced_gpus
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -305,21 +307,38 @@ class HFEngine:
         if seed is not None:
             torch.manual_seed(seed)
         flat = [p for p in prompts for _ in range(n)]  # each prompt repeated n times, in order
+        rows = self.rows_per_batch(max((len(p) for p in prompts), default=1) + max_new_tokens)
         # data-independent (same on every rank): a batch can hold copies of a prompt only when n > 1
-        share = self.share_prefix and n > 1 and self.batch_size > 1
+        share = self.share_prefix and n > 1 and rows > 1
         out: list[Generation] = []
         was_training = self.model.training
         self.model.eval()
         try:
-            for i in range(0, len(flat), self.batch_size):
-                out.extend(
-                    self._generate_batch(
-                        flat[i : i + self.batch_size], max_new_tokens, temperature, top_p, greedy, share
-                    )
-                )
+            for i in range(0, len(flat), rows):
+                batch = flat[i : i + rows]
+                out.extend(self._generate_batch(batch, max_new_tokens, temperature, top_p, greedy, share))
         finally:
             self.model.train(was_training)
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def kv_bytes_per_position(self) -> int:
+        """Bytes of KV cache one row needs per position: layers x 2 (keys, values) x KV heads x head dim x
+        the element size of the model's dtype."""
+        cfg = getattr(self.model, "config", None)
+        layers = getattr(cfg, "num_hidden_layers", 0)
+        heads = getattr(cfg, "num_attention_heads", 1) or 1
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "hidden_size", 0) // heads
+        elem = next(self.model.parameters()).element_size()
+        return int(layers * 2 * kv_heads * head_dim * elem)
+
+    def rows_per_batch(self, positions: int) -> int:
+        """``batch_size``, or fewer rows when ``kv_budget_mb`` is set and ``batch_size`` rows of
+        ``positions`` (longest prompt + new tokens) would need more KV cache than that (at least 1)."""
+        if not self.kv_budget_mb or self.synced_gpus:  # sharded: every rank must batch alike (no data)
+            return self.batch_size
+        per_row = self.kv_bytes_per_position() * max(1, positions)
+        return max(1, min(self.batch_size, int(self.kv_budget_mb * 2**20 // max(1, per_row))))
 
     def _new_cache(self, capacity: int) -> Any | None:
         """An empty full-attention cache (preallocated for ``capacity`` positions when enabled and large
