@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-budget-mb", type=float, default=2048.0,
                    help="Bound on one batch's KV cache (hf engines): batches hold fewer rows than "
                         "--batch-size when rows x (longest prompt + max new tokens) would need more; 0 = no "
-                        "bound. A 1,000-token prompt on SmolLM2-135M in fp32 needs ~52 MB per row.")
+                        "bound. 1,000 prompt + 128 new tokens on SmolLM2-135M in fp32 need ~50 MiB per row.")
     e.add_argument("--engine", default="auto",
                    help="Generation engine: auto (vllm when installed and a CUDA GPU is present, else hf) | "
                         "hf | vllm | package.module:factory.")
