@@ -51,7 +51,8 @@ class Updater:
     # ---------------------------------------------------------------------------------- layout
     def micro_batches(self, seqs: list[Seq]) -> list[list[int]]:
         """Indices of each micro-batch of at most ``micro_batch_size`` sequences: with the shared-prefix
-        update, whole groups sorted by length (each prompt forwarded once per micro-batch), else in order."""
+        update, the cheaper of whole groups and all sequences by length (each prompt forwarded once per
+        micro-batch; :func:`dphrl.prefix.plan_micro_batches`), else in order."""
         k = self.cfg.micro_batch_size
         if not self.share_prefix:
             return [list(range(i, min(i + k, len(seqs)))) for i in range(0, len(seqs), k)]
