@@ -413,8 +413,9 @@ class TrainConfig:
     share_prefix: bool = _f(
         True,
         "Forward each group's prompt once: in generation (hf engine: one prefill per distinct prompt, its KV"
-        ' cache shared by the rollouts) and in the update (micro-batches of whole groups sorted by length; '
-        'the prompt forward runs once, its rollouts attend to its cache). Same log-probs and gradients as '
+        ' cache shared by the rollouts) and in the update (micro-batches of whole groups, or of all '
+        'sequences sorted by response length when that pads less; each micro-batch forwards its prompts '
+        'once and their rollouts attend to the cache). Same log-probs and gradients as '
         'without it up to float summation order (tests: 1e-5 fp32). The update shares only where the model '
         'allows it (every layer full attention, no gradient checkpointing, not FSDP-sharded: run_info.json '
         "records share_prefix_update); its peak memory holds one extra gradient-sized buffer (a parameter's "
