@@ -86,6 +86,7 @@ def test_plan_resolves_every_run_and_shares_one_store_per_seed(tmp_path: Path):
         "seed0/prepare", "seed0/eval/base", "seed0/train/grpo", "seed0/eval/grpo", "seed0/train/dph-f",
         "seed0/eval/dph-f", "seed0/train/dph-f@eta=1.0", "seed0/eval/dph-f@eta=1.0"]
     cfgs = {j.run: j.spec["config"] for j in jobs if j.kind == "train" and j.seed == 1}
+    assert "seed1/eval/base" in [j.id for j in jobs]  # a base model built per seed: evaluated per seed
     assert cfgs["grpo"]["reference_store"] == "" and cfgs["grpo"]["clip_high"] == 0.2  # grpo's preset filled
     assert (cfgs["dph-f"]["reference_store"] == cfgs["dph-f@eta=1.0"]["reference_store"]
             == str(tmp_path / "seed1/store"))
@@ -111,3 +112,26 @@ def test_docs_list_every_experiment_key():
     doc = (EXAMPLE.parents[2] / "docs" / "config.md").read_text()
     assert experiment_help() in doc, ("docs/config.md is stale: regenerate its 'Experiment keys' with "
                                       "experiment_help()")
+
+
+def test_a_fixed_base_model_is_evaluated_once(tmp_path: Path):
+    """Without ``base_model`` (the same model for every seed) the base is evaluated once, under the first
+    seed, and every seed's summary reads that evaluation; a built base model is evaluated per seed."""
+    import yaml as _yaml
+
+    from dphrl.compare.experiment import Experiment
+    from dphrl.compare.jobs import base_dir
+
+    raw = _yaml.safe_load(EXAMPLE.read_text())
+    raw.pop("base_model")
+    raw["base"]["model"] = "some/model"
+    raw["seeds"] = 3
+    f = tmp_path / "fixed.yaml"
+    f.write_text(_yaml.safe_dump(raw))
+    exp = load_experiment(f)
+    assert isinstance(exp, Experiment) and not exp.base_model
+    ids = [j.id for j in plan(exp, tmp_path / "out")]
+    assert [i for i in ids if i.endswith("/eval/base")] == ["seed0/eval/base"]
+    assert {base_dir(exp, tmp_path, s) for s in (0, 1, 2)} == {tmp_path / "seed0" / "runs" / "base"}
+    built = load_experiment(EXAMPLE)
+    assert base_dir(built, tmp_path, 1) == tmp_path / "seed1" / "runs" / "base"

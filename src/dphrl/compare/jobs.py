@@ -6,7 +6,8 @@ Per seed ``s`` (under ``OUT/seed<s>/``):
   once (when a method rehearses: every rehearsing method of the seed shares it) and sample the
   forgetting set (when configured);
 * ``train`` per run (method, sweep point, ablation): ``runs/<name>/`` (metrics.jsonl, final/);
-* ``eval`` per run and for the base: ``runs/<name>/eval/results.json``.
+* ``eval`` per run and for the base: ``runs/<name>/eval/results.json`` (a fixed base model, one not
+  built per seed, is evaluated once, under the first seed).
 
 A :class:`Job` is JSON (``OUT/jobs.json``): id, kind, seed, run, output dir, what it depends on, its
 ``spec`` (for a training the fully resolved training config) and ``cmd``, one ``dphrl`` command that
@@ -128,6 +129,13 @@ def _cmd(out: Path, job_id: str) -> list[str]:
     return ["dphrl", "compare", "--out", str(out), "--job", job_id]
 
 
+def base_dir(exp: Experiment, out: str | Path, seed: int) -> Path:
+    """Where seed ``seed``'s base-model evaluation lives: its own when the experiment builds a base model
+    per seed, else the first seed's (a fixed model is evaluated once: the other seeds would only draw
+    other samples from the same model)."""
+    return Path(out) / f"seed{seed if exp.base_model else exp.seeds[0]}" / "runs" / "base"
+
+
 def plan(exp: Experiment, out: str | Path) -> list[Job]:
     """Every job of the experiment, each training config resolved and validated (nothing is run)."""
     out = Path(out)
@@ -172,8 +180,9 @@ def plan(exp: Experiment, out: str | Path) -> list[Job]:
                      "batch_size": ev.batch_size, "prompts_per_call": exp.prompts_per_call,
                      "reward": base_cfg.eval_reward, "engine": base_cfg.engine, "dtype": base_cfg.dtype,
                      "forgetting_set": None if fg is None else str(sd / "forgetting_set")}
-        jobs.append(Job(f"seed{seed}/eval/base", "eval", seed, "base", str(sd / "runs" / "base"), [prep.id],
-                        spec={**eval_spec, "model": base_cfg.model}))
+        if exp.base_model or seed == exp.seeds[0]:  # a fixed base model is evaluated once (first seed)
+            jobs.append(Job(f"seed{seed}/eval/base", "eval", seed, "base", str(sd / "runs" / "base"),
+                            [prep.id], spec={**eval_spec, "model": base_cfg.model}))
         for name, cfg in configs.items():
             train = Job(f"seed{seed}/train/{name}", "train", seed, name, cfg.output_dir, [prep.id],
                         spec={"config": cfg.to_dict()})

@@ -22,7 +22,7 @@ import yaml
 
 from dphrl.compare.execute import execute, load_status
 from dphrl.compare.experiment import Experiment
-from dphrl.compare.jobs import Job, check_unchanged, plan, write_jobs
+from dphrl.compare.jobs import Job, base_dir, check_unchanged, plan, write_jobs
 from dphrl.compare.summary import summarize
 from dphrl.compare.summary_md import plot_frontier, summary_markdown
 from dphrl.compare.work import say
@@ -108,8 +108,10 @@ def write_compare_report(exp: Experiment, out: str | Path, jobs: list[Job] | Non
         shutil.rmtree(rep)
     rep.mkdir(parents=True)
     every = ["base", *exp.run_overrides()]
-    per_seed = [{n: out / f"seed{s}" / "runs" / n for n in every} for s in exp.seeds]
-    mapping = {n: [r[n] for r in per_seed if (r[n] / "eval" / "results.json").is_file()]
+    per_seed = [{n: base_dir(exp, out, s) if n == "base" else out / f"seed{s}" / "runs" / n for n in every}
+                for s in exp.seeds]
+    # a fixed base model's one evaluation is listed once (not once per seed)
+    mapping = {n: list(dict.fromkeys(r[n] for r in per_seed if (r[n] / "eval" / "results.json").is_file()))
                for n in exp.main_runs()}
     mapping = {n: dirs for n, dirs in mapping.items() if dirs}
     paths = write_report(mapping, rep, title=exp.title) if mapping else {}

@@ -112,8 +112,11 @@ def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description
              f"{seconds / 60:.1f} min (a resumed experiment skips finished jobs)."]
     if description:
         lines += ["", description.strip()]
-    lines += ["", *_table(summary["table"], "method"), "",
-              "Pass@k tables and curves per set, Pass@k over training steps, training curves and style "
+    lines += ["", *_table(summary["table"], "method"), ""]
+    if experiment is not None and not experiment.get("base_model") and summary["seeds"] > 1:
+        lines += ["The base model does not depend on the seed: it is evaluated once (the first seed's "
+                  "samples), so its ± is 0 by construction.", ""]
+    lines += ["Pass@k tables and curves per set, Pass@k over training steps, training curves and style "
               "shares of the base and the methods: [report.md](report.md), self-contained "
               "[report.html](report.html)."]
     lines += _claims(summary)
