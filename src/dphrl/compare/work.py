@@ -188,6 +188,8 @@ def _evaluate(job: Job, log: Log) -> str:
     records: list[dict[str, Any]] = []
     engine = build_engine(name, model, tok, batch_size=spec["batch_size"], model_name=spec["model"],
                           dtype=spec["dtype"], seed=spec["seed"], gpu_memory_utilization=0.85)
+    sizes = ", ".join(f"{n} {len(exs)}" for n, exs in sets.items())
+    log(f"seed {job.seed}: {job.run}: evaluating {spec['n']} samples + greedy per problem ({sizes} problems)")
     res = evaluate(
         engine, tok, sets, {n: get_reward(spec["reward"] or exs[0].task) for n, exs in sets.items()},
         n=spec["n"], temperature=spec["temperature"], top_p=spec["top_p"],
