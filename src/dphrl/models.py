@@ -496,6 +496,17 @@ _TOKENIZER_FILES = (
 )
 
 
+def lora_config(
+    *, r: int = 16, alpha: int = 32, dropout: float = 0.0, target_modules: str | list[str] = "all-linear"
+) -> Any:
+    """The ``peft.LoraConfig`` dphrl trains with (causal LM, no bias; ``all-linear`` = every linear layer
+    except the LM head); also what the TRL integration hands to ``GRPOTrainer(peft_config=...)``."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type=TaskType.CAUSAL_LM, bias="none")
+
+
 def apply_lora(
     model: PreTrainedModel,
     *,
@@ -504,19 +515,12 @@ def apply_lora(
     dropout: float = 0.0,
     target_modules: str | list[str] = "all-linear",
 ) -> Any:
-    """Wrap ``model`` in a peft LoRA adapter (``all-linear`` = every linear layer except the LM head)."""
+    """Wrap ``model`` in a peft LoRA adapter (:func:`lora_config`)."""
     import warnings
 
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        task_type=TaskType.CAUSAL_LM,
-        bias="none",
-    )
+    config = lora_config(r=r, alpha=alpha, dropout=dropout, target_modules=target_modules)
     with warnings.catch_warnings():  # peft reads the attribute transformers 5 renamed (is_activation_...)
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
                                 category=FutureWarning)

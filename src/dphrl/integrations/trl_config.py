@@ -104,11 +104,11 @@ def dph_trainer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def lora_config(cfg: TrainConfig) -> Any:
-    """The ``peft.LoraConfig`` of ``cfg`` (``None`` without LoRA)."""
+    """The ``peft.LoraConfig`` ``dphrl train`` would use for ``cfg`` (``None`` without LoRA)."""
     if not cfg.lora:
         return None
-    from peft import LoraConfig
+    from dphrl.models import lora_config as make
 
     targets = cfg.lora_target_modules
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
-                      target_modules=targets if isinstance(targets, str) else list(targets))
+    return make(r=cfg.lora_r, alpha=cfg.lora_alpha,
+                target_modules=targets if isinstance(targets, str) else list(targets))
