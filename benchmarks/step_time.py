@@ -78,11 +78,25 @@ VARIANTS = ("+packed", "+noshare")
 WORKLOADS: dict[str, dict] = {
     "default": dict(algorithms=",".join(OURS + ("grpo+packed",)), steps=5, warmup=1, prompts=16, rollouts=8,
                     max_new_tokens=32, micro_batch=16, hidden=128, layers=4, intermediate=512, heads=4,
-                    prompt_tokens=0, component_reps=5),
+                    prompt_tokens=0, component_reps=5, temperature=1.0, lr=1e-6, examples=64),
     "long": dict(algorithms="grpo,grpo+packed", steps=2, warmup=1, prompts=2, rollouts=8, max_new_tokens=128,
                  micro_batch=8, hidden=512, layers=6, intermediate=2048, heads=8, prompt_tokens=1024,
-                 component_reps=1),
+                 component_reps=1, temperature=1.0, lr=1e-6, examples=64),
+    # a real model as users run it on a laptop: the arithmetic recipe's shapes (examples/experiments/
+    # smollm2_arith.yaml: LoRA r 16, lr 2e-4, T 0.5, <= 128 new tokens, 4 prompts x 8, micro-batch 16,
+    # engine hf-compact) on its real prompts ...
+    "smollm2": dict(algorithms="grpo,dph-forward_kl", steps=2, warmup=1, prompts=4, rollouts=8,
+                    max_new_tokens=128, micro_batch=16, prompt_tokens=0, component_reps=0, temperature=0.5,
+                    lr=2e-4, examples=16, model="smollm2-135m-instruct", engine="hf-compact"),
+    # ... and text-to-SQL-shaped: one schema prompt of ~1,000 tokens per step, 8 rollouts of <= 128 tokens
+    "smollm2-sql": dict(algorithms="grpo,dph-forward_kl", steps=2, warmup=1, prompts=1, rollouts=8,
+                        max_new_tokens=128, micro_batch=8, prompt_tokens=1000, component_reps=0,
+                        temperature=0.5, lr=2e-4, examples=8, model="smollm2-135m-instruct",
+                        engine="hf-compact"),
 }
+#: LoRA of the real-model workloads (the recipe's)
+LORA = dict(r=16, alpha=32)
+ARITH_PROMPTS = Path(__file__).resolve().parent.parent / "recipes" / "data" / "arith_add1d_train.jsonl"
 MODEL_NAME = "bench-tiny-llama"
 # 58 characters + 6 chat special tokens = a 64-token vocabulary (as in docs/measurements)
 CHARS = string.digits + string.ascii_lowercase + " +-*/=?.,:;()" + "ABCDEFGHI"
@@ -127,23 +141,43 @@ def sql_prompt(i: int, question: str, length: int) -> str:
     return ("schema: " + "".join(tables))[: length - len(tail)] + tail
 
 
-def build_examples(n_examples: int, pef_frac: float, prompt_tokens: int = 0, tok=None) -> list:
-    """The synthetic task; ``prompt_tokens`` > 0: SQL-shaped prompts encoding to exactly that many tokens."""
+def _sized_sql_prompt(tok, i: int, question: str, tokens: int, exact: bool = True) -> str:
+    """``sql_prompt`` whose chat encoding is ``tokens`` long: exactly with the character tokenizer (one
+    token per character), within 1 % (``exact=False``, a real BPE tokenizer), by rescaling the length."""
     from dphrl.data.chat import encode_prompt
+
+    def n_tokens(content: str) -> int:
+        return len(encode_prompt(tok, [{"role": "user", "content": content}]))
+
+    overhead = n_tokens("x") - 1  # chat template tokens
+    length = tokens - overhead
+    for _ in range(12):
+        content = sql_prompt(i, question, length)
+        got = n_tokens(content)
+        if got == tokens or (not exact and abs(got - tokens) <= tokens // 100):
+            return content
+        length = max(len(question) + 32, round(length * tokens / got) + (1 if got < tokens else -1))
+    raise RuntimeError(f"sql prompt encodes to {got} tokens, not {tokens}")
+
+
+def build_examples(n_examples: int, pef_frac: float, prompt_tokens: int = 0, tok=None,
+                   real_prompts: bool = False) -> list:
+    """The synthetic task; ``prompt_tokens`` > 0: SQL-shaped prompts encoding to that many tokens;
+    ``real_prompts``: the arithmetic recipe's questions (recipes/data) instead of "what is a+b?"."""
     from dphrl.data.example import Example
 
     n_easy = round(n_examples * pef_frac)
+    arith = []
+    if real_prompts and not prompt_tokens:
+        with open(ARITH_PROMPTS) as f:
+            arith = [json.loads(line)["prompt"] for line, _ in zip(f, range(n_examples))]
     out = []
     for i in range(n_examples):
         a, b = (7 * i + 3) % 50, (13 * i + 5) % 50
         answer = "easy" if i < n_easy else str(a + b)
-        content = f"what is {a}+{b}?"
+        content = arith[i] if arith else f"what is {a}+{b}?"
         if prompt_tokens:
-            overhead = len(encode_prompt(tok, [{"role": "user", "content": "x"}])) - 1  # chat template tokens
-            content = sql_prompt(i, content, prompt_tokens - overhead)
-            got = len(encode_prompt(tok, [{"role": "user", "content": content}]))
-            if got != prompt_tokens:
-                raise RuntimeError(f"sql prompt encodes to {got} tokens, not {prompt_tokens}")
+            content = _sized_sql_prompt(tok, i, content, prompt_tokens, exact=not real_prompts)
         out.append(Example(id=f"q{i:04d}", prompt=[{"role": "user", "content": content}],
                            answer=answer, task=REWARD_NAME))
     return out
@@ -170,10 +204,20 @@ def build_model(
 
 
 def _setup(spec: dict):
+    """(tokenizer, examples, model) of the workload: a real model (``spec['model']``, e.g. the built-in
+    SmolLM2-135M-Instruct, loaded from its safetensors cache) or the random tiny Llama."""
     import torch
 
     torch.set_num_threads(spec["threads"])
     _register_reward()
+    if spec.get("model"):
+        from dphrl.models import load_model, load_tokenizer
+
+        tok = load_tokenizer(spec["model"])
+        examples = build_examples(spec["examples"], spec["pef_frac"], spec.get("prompt_tokens", 0), tok,
+                                  real_prompts=True)
+        torch.manual_seed(spec["seed"])
+        return tok, examples, load_model(spec["model"])
     tok = build_tokenizer()
     examples = build_examples(spec["examples"], spec["pef_frac"], spec.get("prompt_tokens", 0), tok)
     model = build_model(
@@ -266,8 +310,10 @@ def run_ours(spec: dict) -> dict:
         if spec.get("ref_prompts"):
             extra["ref_prompts_per_step"] = spec["ref_prompts"]
     n_steps = spec["warmup"] + spec["steps"]
+    real = {"lora": True, "lora_r": LORA["r"], "lora_alpha": LORA["alpha"]} if spec.get("model") else {}
     cfg = TrainConfig(
-        model=MODEL_NAME,
+        model=spec.get("model") or MODEL_NAME,
+        engine=spec.get("engine") or "hf",
         algorithm=algo,
         reward=REWARD_NAME,
         seed=spec["seed"],
@@ -281,8 +327,10 @@ def run_ours(spec: dict) -> dict:
         generation_batch_size=spec["gen_batch"],
         output_dir=str(Path(spec["workdir"]) / f"run-{name}"),
         progress=False,
-        max_prompt_tokens=max(512, spec.get("prompt_tokens", 0)),
+        max_prompt_tokens=max(512, spec.get("prompt_tokens", 0) * 51 // 50 + 8),  # a BPE prompt: +-1 %
         share_prefix="+noshare" not in variants,
+        reward_workers=0,  # bench_reward is instant and lives in __main__ (worker processes cannot import it)
+        **real,
         **extra,
     )
     sync = _sync_fn()
@@ -459,6 +507,109 @@ def run_components(spec: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# worker: generation against the machine's bounds (memory bandwidth, matmul throughput)
+# ----------------------------------------------------------------------------------------------
+def copy_bandwidth_gbs(mb: int = 256, reps: int = 5) -> float:
+    """The best of ``reps`` copies of ``mb`` MiB (fp32 tensor to tensor) in GB/s, reads + writes counted
+    (STREAM's "copy"), at the current torch thread count."""
+    import torch
+
+    a = torch.ones(mb * 2**20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)  # fault the pages in
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def matmul_gflops(rows: int, inner: int, outer: int, seconds: float = 0.5) -> float:
+    """fp32 GFLOP/s of ``(rows, inner) @ (inner, outer)`` (a decoding step's MLP shape) over ~``seconds``."""
+    import torch
+
+    x, w = torch.randn(rows, inner), torch.randn(inner, outer)
+    x @ w
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        x @ w
+        n += 1
+    return 2 * rows * inner * outer * n / (time.perf_counter() - t) / 1e9
+
+
+def generation_bounds(gens: list, seconds: float, prefill_s: float, n_params: int, weight_bytes: int,
+                      kv_bytes_per_position: int, layers: int, attn_width: int, bandwidth_gbs: float,
+                      gflops: float) -> dict:
+    """How far one batch's decoding ran from the two bounds of this machine.
+
+    Every decoding step of a batch reads all weights once (``weight_bytes``), and every active row
+    reads its KV cache (prompt + tokens so far, ``kv_bytes_per_position`` each); every generated token
+    costs ``2 * n_params`` FLOPs of matmuls (tied LM head included) plus ``4 * layers * context *
+    attn_width`` of attention. Bound times: bytes / bandwidth and FLOPs / matmul rate; the fraction of
+    a bound is its time over the measured decoding time (``seconds - prefill_s``)."""
+    steps = max(len(g.response_ids) for g in gens)
+    kv_bytes = flops = 0
+    for g in gens:
+        p, n = len(g.prompt_ids), len(g.response_ids)
+        ctx = n * p + n * (n - 1) // 2  # positions read over the row's decoding steps
+        kv_bytes += ctx * kv_bytes_per_position
+        flops += n * 2 * n_params + 4 * layers * attn_width * ctx
+    decode_s = max(1e-9, seconds - prefill_s)
+    t_bw = (steps * weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9)
+    t_fl = flops / (gflops * 1e9)
+    tokens = sum(len(g.response_ids) for g in gens)
+    return {"decode_steps": steps, "tokens": tokens, "generate_s": seconds, "prefill_s": prefill_s,
+            "decode_s": decode_s, "tokens_per_s": tokens / decode_s, "weight_bytes": weight_bytes,
+            "kv_bytes_read": kv_bytes, "bandwidth_bound_s": t_bw, "compute_bound_s": t_fl,
+            "fraction_of_bandwidth_bound": t_bw / decode_s, "fraction_of_compute_bound": t_fl / decode_s}
+
+
+def run_bound(spec: dict) -> dict:
+    """Generate one step's batch as the trainer does (its engine, the LoRA adapter unmerged) and compare
+    its decoding time with the machine's memory-bandwidth and matmul bounds (:func:`generation_bounds`)."""
+    import torch
+
+    from dphrl.data.chat import encode_prompt
+    from dphrl.engines import build_engine
+
+    tok, examples, model = _setup(spec)
+    if spec.get("model"):
+        from dphrl.models import apply_lora
+
+        model = apply_lora(model, r=LORA["r"], alpha=LORA["alpha"])
+    model.eval()
+    cfg = model.config
+    bandwidth = copy_bandwidth_gbs()
+    rows = spec["prompts"] * spec["rollouts"]
+    gflops = matmul_gflops(rows, cfg.hidden_size, cfg.intermediate_size)
+    engine = build_engine(spec.get("engine") or "hf", model, tok, batch_size=spec["gen_batch"])
+    prompts = [encode_prompt(tok, ex.prompt) for ex in examples[-spec["prompts"]:]]
+    kw = dict(temperature=spec["temperature"])
+
+    def timed(max_new: int, seed: int) -> tuple[list, float]:
+        t = time.perf_counter()
+        out = engine.generate(prompts, spec["rollouts"], seed=seed, max_new_tokens=max_new, **kw)
+        return [g for gs in out for g in gs], time.perf_counter() - t
+
+    timed(spec["max_new_tokens"], 0)  # warm-up
+    prefill = min(timed(1, 1)[1] for _ in range(2))  # prefill + one step: charged to the prompt
+    gens, seconds = timed(spec["max_new_tokens"], 2)
+    params = list(model.parameters())
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    out = generation_bounds(
+        gens, seconds, prefill, n_params=sum(p.numel() for p in params),
+        weight_bytes=sum(p.numel() * p.element_size() for p in params),
+        kv_bytes_per_position=engine.kv_bytes_per_position(), layers=cfg.num_hidden_layers,
+        attn_width=heads * head_dim, bandwidth_gbs=bandwidth, gflops=gflops,
+    )
+    return {"name": "bound", "kind": "bound", "bandwidth_gbs": bandwidth, "matmul_gflops": gflops,
+            "matmul_shape": [rows, cfg.hidden_size, cfg.intermediate_size], "rows": len(gens),
+            "engine": spec.get("engine") or "hf", "threads": torch.get_num_threads(), **out}
+
+
+# ----------------------------------------------------------------------------------------------
 # worker: TRL GRPOTrainer
 # ----------------------------------------------------------------------------------------------
 def run_trl(spec: dict) -> dict:
@@ -517,8 +668,13 @@ def run_trl(spec: dict) -> dict:
 
     # TRL calls the unwrapped model's generate
     timers["generate_s"] = model.generate = Timer(model.generate, sync)
+    peft = {}
+    if spec.get("model"):  # the same LoRA adapter as ours (dphrl.models.lora_config)
+        from dphrl.models import lora_config
+
+        peft["peft_config"] = lora_config(r=LORA["r"], alpha=LORA["alpha"])
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
-                          callbacks=[StepTimes()])
+                          callbacks=[StepTimes()], **peft)
     timers["rollout_s"] = trainer._generate_and_score_completions = Timer(
         trainer._generate_and_score_completions, sync
     )
@@ -553,18 +709,20 @@ def run_trl(spec: dict) -> dict:
 def make_store(spec: dict) -> dict:
     import torch
 
-    from dphrl.engines.hf import HFEngine
+    from dphrl.engines import build_engine
     from dphrl.models import tokenizer_hash
     from dphrl.reference import presample
 
     tok, examples, model = _setup(spec)
     if torch.cuda.is_available():
         model = model.cuda()
+    engine = build_engine(spec.get("engine") or "hf", model, tok, batch_size=spec["gen_batch"])
     return presample(
-        HFEngine(model, tok, batch_size=spec["gen_batch"]), tok, examples, bench_reward, spec["store"],
-        model_name=MODEL_NAME, tokenizer_hash=tokenizer_hash(tok), n=spec["rollouts"],
+        engine, tok, examples, bench_reward, spec["store"],
+        model_name=spec.get("model") or MODEL_NAME, tokenizer_hash=tokenizer_hash(tok), n=spec["rollouts"],
         temperature=spec["temperature"], max_new_tokens=spec["max_new_tokens"], threshold=1.0,
         seed=spec["seed"], prompts_per_call=max(1, spec["gen_batch"] // spec["rollouts"]), progress=False,
+        reward_workers=0,
     )
 
 
@@ -689,7 +847,29 @@ def format_breakdown(rows: list[dict]) -> str:
 
 
 #: Targets per workload: ours / TRL GRPOTrainer (full step, update alone), dph / rkl (full step).
-TARGETS = {"default": {"step": 0.8, "dph_vs_rkl": 1.0}, "long": {"step": 0.5, "update": 0.4}}
+TARGETS = {"default": {"step": 0.8, "dph_vs_rkl": 1.0}, "long": {"step": 0.5, "update": 0.4},
+           "smollm2": {"step": 0.25}, "smollm2-sql": {"step": 0.25}}
+#: Generation's target: this fraction of the memory-bandwidth bound (issue 23).
+BOUND_TARGET = 0.25
+
+
+def print_bound(b: dict) -> dict:
+    """Print the generation-vs-bounds line; returns the verdict for the JSON."""
+    print(
+        f"generation of one batch ({b['rows']} rows, engine {b['engine']}, {b['threads']} thread(s)): "
+        f"{b['tokens']} tokens in {b['decode_steps']} decoding steps, {b['decode_s']:.2f} s after a "
+        f"{b['prefill_s']:.2f} s prefill = {b['tokens_per_s']:.0f} tokens/s; machine: copy bandwidth "
+        f"{b['bandwidth_gbs']:.1f} GB/s, fp32 matmul {b['matmul_gflops']:.0f} GFLOP/s at "
+        f"{'x'.join(map(str, b['matmul_shape']))}"
+    )
+    print(
+        f"  memory-bandwidth bound (weights {b['weight_bytes'] / 1e6:.0f} MB per step + "
+        f"{b['kv_bytes_read'] / 1e6:.0f} MB KV in all) {b['bandwidth_bound_s']:.2f} s: "
+        f"{b['fraction_of_bandwidth_bound']:.0%} of it (target >= {BOUND_TARGET:.0%}); matmul bound "
+        f"{b['compute_bound_s']:.2f} s: {b['fraction_of_compute_bound']:.0%} of it"
+    )
+    return {k: b[k] for k in ("fraction_of_bandwidth_bound", "fraction_of_compute_bound", "tokens_per_s",
+                              "bandwidth_gbs", "matmul_gflops")} | {"target": BOUND_TARGET}
 
 
 def print_ratios(rows: list[dict], components: dict | None, workload: str) -> dict:
@@ -833,8 +1013,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="[workload]")
     ap.add_argument("--prompt-tokens", type=int, default=None,
                     help="[workload] 0: short arithmetic prompts; N: SQL-shaped prompts of exactly N tokens")
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--temperature", type=float, default=None, help="[workload]")
+    ap.add_argument("--lr", type=float, default=None, help="[workload]")
+    ap.add_argument("--model", default=None,
+                    help="[workload] a real model (built-in name, local dir or .gguf), trained with LoRA r "
+                    f"{LORA['r']} by both trainers; unset: the random tiny Llama of --hidden/--layers")
+    ap.add_argument("--engine", default=None, help="[workload] our generation engine (hf, hf-compact)")
+    ap.add_argument("--bound", action=argparse.BooleanOptionalAction, default=None,
+                    help="[workload] measure one batch's generation against the machine's memory-bandwidth "
+                    "and matmul bounds (on for the real-model workloads)")
     ap.add_argument(
         "--micro-batch",
         type=int,
@@ -844,7 +1031,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument(
         "--gen-batch", type=int, default=0, help="sequences per generate call (0 = the whole batch, as TRL)"
     )
-    ap.add_argument("--examples", type=int, default=64, help="training prompts in the synthetic task")
+    ap.add_argument("--examples", type=int, default=None, help="[workload] training prompts in the task")
     ap.add_argument("--pef-frac", type=float, default=0.25, help="fraction of easy prompts (D_pef for dph)")
     ap.add_argument("--ref-prompts", type=int, default=0,
                     help="dph ref_prompts_per_step (0 = the trainer's default prompts*|D_pef|/|D_exp|)")
@@ -870,7 +1057,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--verbose", action="store_true", help="show the workers' output")
     ap.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for k, v in WORKLOADS[args.workload].items():
+    preset = {"model": None, "engine": "hf", "bound": False, "hidden": None, "layers": None,
+              "intermediate": None, "heads": None, **WORKLOADS[args.workload]}
+    if preset["model"]:
+        preset["bound"] = True
+    for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     return args
@@ -880,7 +1071,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args._worker:
         spec = json.loads(Path(args._worker).read_text())
-        run = {"trl": run_trl, "components": run_components}.get(spec["name"], run_ours)
+        run = {"trl": run_trl, "components": run_components, "bound": run_bound}.get(spec["name"], run_ours)
         res = run(spec)
         Path(spec["result"]).write_text(json.dumps(res))
         return 0
@@ -934,6 +1125,8 @@ def main(argv=None) -> int:
         max_positions=max(256, args.prompt_tokens + args.max_new_tokens + 8),
         component_reps=args.component_reps,
         workload=args.workload,
+        model=args.model,
+        engine=args.engine,
     )
     machine_before = _machine()
     try:
@@ -960,7 +1153,7 @@ def main(argv=None) -> int:
                       f"(process {time.time() - t:.1f}s, load {load:.2f})", flush=True)
         rows = [summarize(n, results[n]) for n in order]
         components = None
-        if not args.no_components:
+        if not args.no_components and args.component_reps > 0:  # the real-model workloads: 0 (too slow)
             t = time.time()
             components = run_worker({**spec, "name": "components", "round": 0}, tmp, args.verbose)
             print(
@@ -968,6 +1161,11 @@ def main(argv=None) -> int:
                 f"{time.time() - t:.1f}s",
                 flush=True,
             )
+        bound = None
+        if args.bound:
+            t = time.time()
+            bound = run_worker({**spec, "name": "bound", "round": 0}, tmp, args.verbose)
+            print(f"  generation vs the machine's bounds, process {time.time() - t:.1f}s", flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -979,9 +1177,14 @@ def main(argv=None) -> int:
         if args.prompt_tokens
         else "short arithmetic prompts"
     )
+    model = (
+        f"{args.model} with LoRA r {LORA['r']}, {rows[0]['n_params'] / 1e6:.1f}M params (adapter included)"
+        if args.model
+        else f"tiny Llama hidden {args.hidden}, {args.layers} layers, MLP {args.intermediate}, vocab "
+        f"{len(CHARS) + 6}, {rows[0]['n_params'] / 1e6:.2f}M params"
+    )
     print(
-        f"workload {args.workload}: tiny Llama hidden {args.hidden}, {args.layers} layers, MLP "
-        f"{args.intermediate}, vocab {len(CHARS) + 6}, {rows[0]['n_params'] / 1e6:.2f}M params; batch "
+        f"workload {args.workload}: {model}; T {args.temperature}, lr {args.lr}, engine {args.engine}; batch "
         f"{args.prompts} prompts x {args.rollouts} rollouts, {shape}, <= {args.max_new_tokens} new tokens, "
         f"micro-batch {args.micro_batch}; device {rows[0]['device']}, {threads} threads; median of "
         f"{args.steps} steps x {args.rounds} round(s) after {args.warmup} warm-up"
@@ -1003,6 +1206,8 @@ def main(argv=None) -> int:
                 f"{int(m.get('rollout_seqs') or 0)} rollouts"
             )
     verdicts = print_ratios(rows, components, args.workload)
+    if bound:
+        verdicts["bound"] = print_bound(bound)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -1014,6 +1219,7 @@ def main(argv=None) -> int:
             "summary": rows,
             "verdicts": verdicts,
             "components": components,
+            "bound": bound,
             "runs": results,
         }
         Path(args.out).write_text(json.dumps(payload, indent=1))
