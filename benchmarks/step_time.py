@@ -94,12 +94,12 @@ WORKLOADS: dict[str, dict] = {
     # engine hf-compact) on its real prompts ...
     "smollm2": dict(algorithms="grpo,dph-forward_kl", steps=2, warmup=1, prompts=4, rollouts=8,
                     max_new_tokens=128, micro_batch=16, prompt_tokens=0, component_reps=0, temperature=0.5,
-                    lr=2e-4, examples=16, model="smollm2-135m-instruct", engine="hf-compact"),
+                    lr=2e-4, examples=16, model="smollm2-135m-instruct", engine="hf-compact", ref_prompts=1),
     # ... and text-to-SQL-shaped: one schema prompt of ~1,000 tokens per step, 8 rollouts of <= 128 tokens
     "smollm2-sql": dict(algorithms="grpo,dph-forward_kl", steps=2, warmup=1, prompts=1, rollouts=8,
                         max_new_tokens=128, micro_batch=8, prompt_tokens=1000, component_reps=0,
                         temperature=0.5, lr=2e-4, examples=8, model="smollm2-135m-instruct",
-                        engine="hf-compact"),
+                        engine="hf-compact", ref_prompts=1),
 }
 #: LoRA of the real-model workloads (the recipe's)
 LORA = dict(r=16, alpha=32)
@@ -1040,8 +1040,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--examples", type=int, default=None, help="[workload] training prompts in the task")
     ap.add_argument("--pef-frac", type=float, default=0.25, help="fraction of easy prompts (D_pef for dph)")
-    ap.add_argument("--ref-prompts", type=int, default=0,
-                    help="dph ref_prompts_per_step (0 = the trainer's default prompts*|D_pef|/|D_exp|)")
+    ap.add_argument("--ref-prompts", type=int, default=None,
+                    help="[workload] dph ref_prompts_per_step (0 = the trainer's default "
+                    "prompts*|D_pef|/|D_exp|; the real-model workloads: 1, the recipe's round(4 x 27 / 133))")
     ap.add_argument("--hidden", type=int, default=None, help="[workload]")
     ap.add_argument("--layers", type=int, default=None, help="[workload]")
     ap.add_argument("--intermediate", type=int, default=None, help="[workload]")
@@ -1064,7 +1065,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--verbose", action="store_true", help="show the workers' output")
     ap.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    preset = {"model": None, "engine": "hf", "bound": False, "hidden": None, "layers": None,
+    preset = {"model": None, "engine": "hf", "bound": False, "ref_prompts": 0, "hidden": None, "layers": None,
               "intermediate": None, "heads": None, **WORKLOADS[args.workload]}
     if preset["model"]:
         preset["bound"] = True
