@@ -733,6 +733,15 @@ def make_store(spec: dict) -> dict:
     )
 
 
+def worker_failure(message: str, seconds: float) -> str:
+    """One line for a worker that died: its exit status (-9 = SIGKILL, on Linux most often the kernel's
+    out-of-memory killer) and the last line of its error output."""
+    head = message.split("\n", 1)[0]
+    tail = [ln for ln in message.splitlines()[1:] if ln.strip()]
+    why = " (SIGKILL: most likely the out-of-memory killer; see dmesg)" if "exit -9" in head else ""
+    return f"{head.rstrip(':')}{why} after {seconds:.0f} s" + (f"; {tail[-1].strip()}" if tail else "")
+
+
 def _worker_cmd(spec: dict, path: Path, script: str) -> list[str]:
     path.write_text(json.dumps(spec))
     return [sys.executable, os.path.abspath(script), "--_worker", str(path)]
@@ -1150,15 +1159,26 @@ def main(argv=None) -> int:
             )
         order = names + (["trl"] if want_trl else [])
         results: dict[str, list[dict]] = {n: [] for n in order}
+        failed: dict[str, str] = {}  # a worker that died (e.g. killed for memory) is reported, not fatal
         for r in range(args.rounds):
             for n in order:
+                if n in failed:
+                    continue
                 t = time.time()
-                res = run_worker({**spec, "name": n, "round": r}, tmp, args.verbose)
+                try:
+                    res = run_worker({**spec, "name": n, "round": r}, tmp, args.verbose)
+                except RuntimeError as e:
+                    failed[n] = worker_failure(str(e), time.time() - t)
+                    print(f"  round {r + 1}/{args.rounds} {n:15s} FAILED: {failed[n]}", flush=True)
+                    continue
                 results[n].append(res)
                 meas = [s["step_s"] for s in res["steps"] if not s["warmup"]]
                 load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
                 print(f"  round {r + 1}/{args.rounds} {n:15s} median step {_med(meas) or float('nan'):.3f}s "
                       f"(process {time.time() - t:.1f}s, load {load:.2f})", flush=True)
+        order = [n for n in order if results[n]]
+        if not order:
+            raise SystemExit("every worker failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
         rows = [summarize(n, results[n]) for n in order]
         components = None
         if not args.no_components and args.component_reps > 0:  # the real-model workloads: 0 (too slow)
@@ -1199,6 +1219,8 @@ def main(argv=None) -> int:
     )
     print(f"load average before {machine_before.get('load_avg')}, after {machine_after.get('load_avg')}")
     print(format_table(rows))
+    for n, why in failed.items():
+        print(f"{n}: not measured: {why}")
     print("noise: per-round median step s: " + "; ".join(
         f"{r['name']} " + "/".join(f"{x:.2f}" for x in r["round_medians"]) for r in rows))
     print()
@@ -1228,6 +1250,7 @@ def main(argv=None) -> int:
             "verdicts": verdicts,
             "components": components,
             "bound": bound,
+            "failed": failed,
             "runs": results,
         }
         Path(args.out).write_text(json.dumps(payload, indent=1))

@@ -5,7 +5,9 @@ log-prob head of :func:`dphrl.batching.token_logprobs`, a GRPO-shaped loss, back
 SmolLM2-135M-Instruct with LoRA r 16, fp32 on CPU, each setting in its own process (peak RSS is per
 process and never lowered):
 
-* ``default``: as the trainer runs it (entropy as a detached diagnostic, no checkpointing);
+* ``default``: as the trainer runs it (entropy as a detached diagnostic, no checkpointing, the log-probs
+  from the LM head in row chunks: ``chunked_head: true``, :mod:`dphrl.head`);
+* ``materialized``: ``chunked_head: false``, the (B, T, V) fp32 logits held for backward;
 * ``packed``: every sequence forwards its own prompt (``share_prefix: false``);
 * ``checkpointing``: ``gradient_checkpointing: true`` (activations recomputed in backward; packed, as the
   trainer then runs: a checkpointed forward keeps no KV cache to share);
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import time
 
-MODES = ("default", "packed", "checkpointing", "no-entropy", "profile")
+MODES = ("default", "materialized", "packed", "checkpointing", "no-entropy", "profile")
 
 
 def _peak_mb() -> float:
@@ -87,7 +89,8 @@ def one(mode: str, a: argparse.Namespace) -> dict:
     rss_start = _rss_mb()
 
     def step() -> float:
-        logp, ent = batch_logprobs(model, batch, 1.0, with_entropy=mode != "no-entropy")
+        logp, ent = batch_logprobs(model, batch, a.temperature, with_entropy=mode != "no-entropy",
+                                   chunked=mode != "materialized")
         mask = batch.resp_mask  # (B, T)
         loss = -(logp * mask * adv.unsqueeze(1)).sum() / mask.sum()
         loss.backward()
@@ -131,6 +134,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=48, help="prompt tokens")
     p.add_argument("--resp", type=int, default=128, help="response tokens (every row full: the worst case)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.5, help="the recipe's")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {list(MODES)}")
     p.add_argument("--top", type=int, default=12, help="operators listed by the profile")
     p.add_argument("--out", default="", help="write the results as JSON here")
@@ -147,7 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for mode in a.modes.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--one", mode, "--model", a.model, "--seqs",
                str(a.seqs), "--groups", str(a.groups), "--prompt", str(a.prompt), "--resp", str(a.resp),
-               "--threads", str(a.threads), "--top", str(a.top)]
+               "--threads", str(a.threads), "--top", str(a.top), "--temperature", str(a.temperature)]
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "PYTHONWARNINGS": "ignore"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode:

@@ -89,3 +89,11 @@ def test_update_memory_script_tiny():
     assert min(norms) > 0 and max(norms) - min(norms) < 1e-5 * max(norms)
     assert rows["default"]["prompt_rows"] == 2 and rows["packed"]["prompt_rows"] == 4
     assert rows["profile"]["top"] and all(t["mb"] > 0 for t in rows["profile"]["top"])
+
+
+def test_a_dead_worker_is_reported_not_fatal():
+    st = _load("step_time")
+    line = st.worker_failure("worker trl failed (exit -9):\n", 612.4)
+    assert line.startswith("worker trl failed (exit -9)") and "out-of-memory" in line and "612 s" in line
+    line = st.worker_failure("worker grpo failed (exit 1):\nTraceback\n  x\nValueError: bad\n", 3)
+    assert line.endswith("after 3 s; ValueError: bad") and "memory" not in line

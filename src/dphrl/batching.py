@@ -74,9 +74,10 @@ def pad_values(rows: list[list[float]], T: int, value: float = 0.0) -> torch.Ten
     return out
 
 
-def response_logits(model: torch.nn.Module, batch: Packed, temperature: float = 1.0) -> torch.Tensor:
-    """The policy's fp32 logits / temperature at the response positions, (B, T, V): one forward with
-    ``logits_to_keep = T + 1`` (the LM head never runs on prompt positions)."""
+def response_head_outputs(model: torch.nn.Module, batch: Packed) -> torch.Tensor:
+    """The model's head outputs at the response positions, in the model's dtype, (B, T, V): one forward
+    with ``logits_to_keep = T + 1`` (the LM head never runs on prompt positions). Under
+    :func:`dphrl.head.hidden_outputs` they are the head's inputs, (B, T, H)."""
     T = batch.resp_ids.shape[1]
     out = model(
         input_ids=batch.input_ids,
@@ -85,7 +86,12 @@ def response_logits(model: torch.nn.Module, batch: Packed, temperature: float = 
         logits_to_keep=T + 1,
         use_cache=False,
     )
-    logits = out.logits[:, :-1, :].float()  # (B, T, V): position P-1+t predicts response token t
+    return out.logits[:, :-1, :]  # (B, T, V): position P-1+t predicts response token t
+
+
+def response_logits(model: torch.nn.Module, batch: Packed, temperature: float = 1.0) -> torch.Tensor:
+    """The policy's fp32 logits / temperature at the response positions, (B, T, V)."""
+    logits = response_head_outputs(model, batch).float()  # (B, T, V)
     return logits / temperature if temperature != 1.0 else logits
 
 

@@ -423,6 +423,15 @@ class TrainConfig:
         'instead of once per rollout.',
         check=Flag(),
     )
+    chunked_head: bool = _f(
+        True,
+        'Compute response log-probs from the LM head in row chunks (dphrl.head), recomputed in backward, '
+        'so the (micro-batch x tokens x vocabulary) fp32 logits are never held: SmolLM2-135M with 16 x 128 '
+        'response tokens holds ~400 MB per copy and autograd 3-4 copies. Same values and gradients up to '
+        'float summation order. Used only where exact (a plain dense nn.Linear head, autocast off, no '
+        'non-linear transform of the logits, top_p 1, entropy_coef 0); false: always the materialized path.',
+        check=Flag(),
+    )
     gradient_checkpointing: bool = _f(
         False,
         'Recompute activations in the backward pass (less memory, ~30% more compute); gradients are '

@@ -32,7 +32,15 @@ from typing import Any
 
 import torch
 
-from dphrl.batching import Packed, pack, response_logits, response_logprobs, token_logprobs
+from dphrl.batching import (
+    Packed,
+    pack,
+    response_head_outputs,
+    response_logits,
+    response_logprobs,
+    token_logprobs,
+)
+from dphrl.head import chunked_head, head_logprobs, hidden_outputs
 
 try:  # transformers >= 5.2x names the cache argument ``cache`` (``past_key_values`` before)
     from transformers import DynamicCache
@@ -157,6 +165,13 @@ def prefix_response_logits(
 ) -> torch.Tensor:
     """``batching.response_logits`` on a :class:`PrefixPacked` batch: fp32 logits / temperature at the
     response positions, (B, T, V), each prompt forwarded once. Two forwards, always."""
+    logits = prefix_head_outputs(model, batch).float()  # (B, T, V)
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def prefix_head_outputs(model: torch.nn.Module, batch: PrefixPacked) -> torch.Tensor:
+    """``batching.response_head_outputs`` on a :class:`PrefixPacked` batch: the head's outputs (B, T, V)
+    in the model's dtype, or its inputs (B, T, H) under :func:`dphrl.head.hidden_outputs`."""
     cache = empty_prefix_cache(model)
     if cache is None:
         raise ValueError(
@@ -176,7 +191,7 @@ def prefix_response_logits(
         raise RuntimeError(
             "prefix sharing: the model did not fill the KV cache during the prompt forward (gradient "
             "checkpointing drops the cache in training); use batching.pack + response_logprobs instead")
-    first = out.logits[:, -1, :]  # (G, V): the last prompt position predicts response token 0
+    first = out.logits[:, -1, :]  # (G, V) (or H): the last prompt position predicts response token 0
     # every layer (B, heads, P, d), gradient summed back per prompt
     cache.batch_select_indices(batch.group_of)
     # tokens 0..T-2 predict tokens 1..T-1; one column even when T == 1 (same collectives)
@@ -195,8 +210,7 @@ def prefix_response_logits(
     # (B, T, V); with T == 1 the response forward's output joins as a 0-width slice: its backward still
     # runs, so every rank's backward has the same collectives (FSDP2 hangs otherwise)
     rest = rest if T > 1 else rest[:, :0]
-    logits = torch.cat([first[batch.group_of].unsqueeze(1), rest.to(first.dtype)], dim=1).float()  # (B, T, V)
-    return logits / temperature if temperature != 1.0 else logits
+    return torch.cat([first[batch.group_of].unsqueeze(1), rest.to(first.dtype)], dim=1)  # (B, T, V)
 
 
 def prefix_response_logprobs(
@@ -236,9 +250,20 @@ def batch_logits(model: torch.nn.Module, batch: Batch, temperature: float = 1.0)
 
 def batch_logprobs(
     model: torch.nn.Module, batch: Batch, temperature: float = 1.0, with_entropy: bool = False,
-    entropy_grad: bool = False, top_p: float = 1.0,
+    entropy_grad: bool = False, top_p: float = 1.0, chunked: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, T) response log-probs (and entropy or None) of either layout."""
+    """(B, T) response log-probs (and entropy or None) of either layout.
+
+    ``chunked`` (the default): through :mod:`dphrl.head`, the (B, T, V) logits never materialized,
+    wherever that is exact (:func:`dphrl.head.chunked_head`) and neither top-p nor an entropy with
+    gradient needs the full distribution; else the materialized path."""
+    use_head = chunked and top_p == 1.0 and not (entropy_grad and torch.is_grad_enabled())
+    head = chunked_head(model) if use_head else None
+    if head is not None:
+        outputs = prefix_head_outputs if isinstance(batch, PrefixPacked) else response_head_outputs
+        with hidden_outputs(head):
+            h = outputs(model, batch)  # (B, T, H) the head's inputs
+        return head_logprobs(h, head, batch.resp_ids, temperature, with_entropy)
     fn = prefix_response_logprobs if isinstance(batch, PrefixPacked) else response_logprobs
     return fn(model, batch, temperature, with_entropy=with_entropy, entropy_grad=entropy_grad, top_p=top_p)
 

@@ -80,7 +80,8 @@ class Updater:
         with torch.no_grad(), self.acc.autocast():
             for ix in plan + [None] * (int(most) - len(plan)):
                 chunk = [seqs[i] for i in ix] if ix is not None else [self.padding_seq()]
-                lp, _ = batch_logprobs(model, self.pack(chunk), self.cfg.temperature, top_p=top_p)  # (B, T)
+                lp, _ = batch_logprobs(model, self.pack(chunk), self.cfg.temperature, top_p=top_p,
+                                      chunked=self.cfg.chunked_head)  # (B, T)
                 for i, s, row in zip(ix or [], chunk, lp.float().cpu()):
                     out[i] = row[: len(s.response_ids)].tolist()
         return out
@@ -208,8 +209,8 @@ class Updater:
         cfg = self.cfg
         T = batch.resp_ids.shape[1]
         mask = batch.resp_mask  # (B, T)
-        logp, ent = batch_logprobs(self.model, batch, cfg.temperature, with_entropy=True,
-                                   entropy_grad=cfg.entropy_coef > 0)  # (B, T), (B, T)
+        logp, ent = batch_logprobs(self.model, batch, cfg.temperature, with_entropy=True,  # (B, T), (B, T)
+                                   entropy_grad=cfg.entropy_coef > 0, chunked=cfg.chunked_head)
         old = pad_values([s.old_logp for s in chunk], T).to(logp.device)  # (B, T) pi_old of every token
         adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=logp.device)  # (B,)
         agg = dict(num_tokens=g_tok, num_seqs=g_seq, max_len=cfg.max_new_tokens)
@@ -249,7 +250,7 @@ class Updater:
         form = divergences.REHEARSAL_FORMS.get(cfg.rehearsal_form)
         kw = dict(agg="token-mean", num_tokens=g_tok, **cfg.divergence_params)
         if not form.topk:  # the paper's sampled form: f(u) on each stored token
-            logp, _ = batch_logprobs(self.model, batch, cfg.temperature)  # (B, T)
+            logp, _ = batch_logprobs(self.model, batch, cfg.temperature, chunked=cfg.chunked_head)  # (B, T)
             ref = pad_values([s.ref_logp for s in chunk], T).to(logp.device)  # (B, T)
             div, m = form.loss(cfg.divergence, logp, ref, batch.resp_mask, **kw)
             return cfg.eta * div, dict(m)
