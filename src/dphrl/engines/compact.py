@@ -9,11 +9,13 @@ instead of batch size x the longest (measured in docs/benchmarks.md).
 
 What stays exactly as in ``hf``: the batch layout (left padding, position ids from the attention mask,
 the shared prompt prefill and the preallocated cache), the distribution sampled from (the same
-temperature and top-p warpers, ``torch.multinomial`` over their softmax, or argmax when greedy), the
+temperature and top-p warpers, sampled from their softmax, or argmax when greedy), the
 recorded log-probs (``log_softmax`` of the warped scores, as the ``hf`` recorder) and EOS handling.
-What differs: once a row has left the batch the random stream is consumed by fewer rows, so for the
-same seed the samples differ from ``hf``'s after the first row ends (same distribution: the chi-square
-tests of tests/test_sampling_exact.py run on both engines); greedy decoding gives the same tokens.
+What differs: the random stream. A token is drawn by inverse CDF (:func:`sample_categorical`: one
+uniform per row; ``torch.multinomial`` draws V exponentials per row, 15x slower for a 49k vocabulary),
+and once a row has left the batch the stream is consumed by fewer rows, so for the same seed the samples
+differ from ``hf``'s (same distribution: the chi-square tests of tests/test_sampling_exact.py run on
+both engines); greedy decoding gives the same tokens.
 Sharded training (``synced_gpus``: every forward is a collective) and models whose cache is not plain
 full attention use ``generate`` as ``hf`` does.
 """
@@ -27,6 +29,16 @@ from transformers import GenerationConfig, LogitsProcessor
 
 from dphrl.engines.hf import HFEngine, _ChosenTokenLogprobs
 from dphrl.prefix import CACHE_KW, empty_prefix_cache
+
+
+def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of (b, V) probabilities, by inverse CDF: u ~ U[0, total), the first index whose
+    float64 cumulative sum exceeds u. The distribution of ``torch.multinomial(probs, 1)`` (zero-probability
+    tokens are never drawn) from one uniform per row instead of V exponentials: 3 ms instead of 49 ms for
+    32 x 49,152 on one CPU thread. Uses the global torch generator, like ``torch.multinomial``."""
+    cdf = probs.double().cumsum(-1)  # (b, V)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]  # (b, 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)  # (b,)
 
 
 class CompactHFEngine(HFEngine):
@@ -60,7 +72,7 @@ class CompactHFEngine(HFEngine):
             if greedy:
                 tok = scores.argmax(-1)  # (b,)
             else:
-                tok = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)  # (b,)
+                tok = sample_categorical(torch.softmax(scores, dim=-1))  # (b,)
             lp = torch.log_softmax(scores, dim=-1).gather(-1, tok.unsqueeze(-1)).squeeze(-1)  # (b,)
             seqs[rows, t] = tok.cpu()
             logps[rows, t] = lp.cpu()
