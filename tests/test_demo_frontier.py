@@ -118,3 +118,20 @@ def test_more_families_join_the_sweep_at_three_coefficients(tmp_path):
     for j in trains:
         TrainConfig(**j.spec["config"])  # validates
     assert "passk" not in demo_experiment(demo_size(), seeds=1, sweep=True).run_overrides()
+
+
+def test_a_partial_report_marks_rows_with_fewer_seeds():
+    """Mid-experiment (seed 1 of 3 finished for one method) the summary must not pass a one-seed row's
+    ± 0 for agreement between seeds."""
+    summary = {"seeds": 3, "runs_per_seed": {"base": 3, "grpo": 3, "dph": 1},
+               "table": {"base": {"pass@1": (0.4, 0.0)}, "grpo": {"pass@1": (0.8, 0.02)},
+                         "dph": {"pass@1": (0.6, 0.0)}},
+               "sweep": {}, "checks": {}, "claims": [], "matched": {}, "forgetting": {},
+               "timing": {"per_run": {}, "total_job_seconds": 0.0}, "failed": {}}
+    md = _summary_md(summary)
+    assert "| dph (1 of 3 seeds) | 0.600 ± 0.000 |" in md
+    assert "| grpo | 0.800 ± 0.020 |" in md and "| base |" in md
+    assert "not comparable in spread" in md
+    summary["runs_per_seed"]["dph"] = 3
+    md = _summary_md(summary)
+    assert "| dph | 0.600" in md and "seeds) |" not in md and "not comparable" not in md

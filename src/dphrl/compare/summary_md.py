@@ -112,7 +112,14 @@ def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description
              f"{seconds / 60:.1f} min (a resumed experiment skips finished jobs)."]
     if description:
         lines += ["", description.strip()]
-    lines += ["", *_table(summary["table"], "method"), ""]
+    n_seeds, have = summary["seeds"], summary.get("runs_per_seed", {})
+    partial = {n for n in summary["table"] if have.get(n, n_seeds) < n_seeds}
+    table = {(f"{n} ({have[n]} of {n_seeds} seeds)" if n in partial else n): r
+             for n, r in summary["table"].items()}
+    lines += ["", *_table(table, "method"), ""]
+    if partial:
+        lines += ["Not every seed has finished: a row marked (k of N seeds) is the mean ± std of its k "
+                  "finished seeds (± 0 for one seed), not comparable in spread with the full rows.", ""]
     if experiment is not None and not experiment.get("base_model") and summary["seeds"] > 1:
         lines += ["The base model does not depend on the seed: it is evaluated once (the first seed's "
                   "samples), so its ± is 0 by construction.", ""]
