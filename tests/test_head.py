@@ -170,3 +170,53 @@ def test_entropy_is_detached_and_inputs_untouched():
     # the Function itself: flat (N, H) rows, an empty entropy when not asked for
     lp2, ent2 = ChunkedHeadLogprob.apply(h.reshape(6, 4), head.weight, head.bias, y.reshape(6), 1.0, False, 2)
     assert torch.allclose(lp2, lp.reshape(6)) and ent2.numel() == 0
+
+
+def test_refusals_found_in_review(tok):
+    """A head with its own instance forward (accelerate's hooks) is never swapped or picked; nesting
+    refused; accelerate's mixed-precision forward and DDP's find_unused_parameters with a trained head
+    fall back; the probe restores every module's own mode."""
+    model = tiny_causal_lm(tok, hidden=16, layers=2)
+    head = output_head(model)
+    calls = []
+
+    def hooked(x):
+        calls.append(1)
+        return torch.nn.Linear.forward(head, x)
+
+    head.forward = hooked  # what accelerate's add_hook_to_module does
+    assert chunked_head(model) is None
+    with pytest.raises(RuntimeError, match="instance-level forward"), hidden_outputs(head):
+        pass
+    model(input_ids=torch.tensor([[4, 5]]))
+    assert vars(head)["forward"] is hooked and calls == [1]
+    del head.forward
+    with hidden_outputs(head), pytest.raises(RuntimeError, match="nested use"), hidden_outputs(head):
+        pass
+    assert "forward" not in vars(head)
+
+    amp = tiny_causal_lm(tok, hidden=16, layers=1)
+    amp._original_forward = amp.forward  # accelerate's mixed precision marks the model so
+    assert chunked_head(amp) is None
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module, self.find_unused_parameters = m, True
+
+    assert chunked_head(FakeDDP(tiny_causal_lm(tok, hidden=16, layers=1))) is None  # tied head: trained
+
+    probe = tiny_causal_lm(tok, hidden=16, layers=2)
+    probe.train()
+    probe.model.layers[0].eval()  # a submodule the user left in eval
+    assert chunked_head(probe) is not None
+    assert probe.training and not probe.model.layers[0].training and probe.model.layers[1].training
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    head = torch.nn.Linear(4, 5)
+    h = torch.randn(1, 3, 4, requires_grad=True)
+    lp, _ = head_logprobs(h, head, torch.randint(0, 5, (1, 3)))
+    (g,) = torch.autograd.grad(lp.sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

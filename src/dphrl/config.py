@@ -428,8 +428,10 @@ class TrainConfig:
         'Compute response log-probs from the LM head in row chunks (dphrl.head), recomputed in backward, '
         'so the (micro-batch x tokens x vocabulary) fp32 logits are never held: SmolLM2-135M with 16 x 128 '
         'response tokens holds ~400 MB per copy and autograd 3-4 copies. Same values and gradients up to '
-        'float summation order. Used only where exact (a plain dense nn.Linear head, autocast off, no '
-        'non-linear transform of the logits, top_p 1, entropy_coef 0); false: always the materialized path.',
+        'float summation order. Used only where exact (a plain dense nn.Linear head, fp32 or pure bf16 '
+        'weights without autocast: not with dtype bfloat16 mixed precision, no non-linear transform of the '
+        'logits, top_p 1, entropy_coef 0); false: the materialized path in training (update, pi_old, '
+        'pi_ref); presample and evaluation scoring keep the chunked head where exact.',
         check=Flag(),
     )
     gradient_checkpointing: bool = _f(

@@ -14,8 +14,11 @@ values and gradients as the materialized path up to float summation order (tests
 top-level module (DDP hooks, peft, accelerate); :func:`chunked_head` says whether that is exact for a
 model: the head must be a plain ``nn.Linear`` (not sharded, not quantized), autocast off, and the
 model must not transform the head's output non-linearly (Gemma-2's soft-capping; a linear logit scale
-commutes with the head and stays exact): checked once per model by comparing one position's logits
-both ways.
+commutes with the head and stays exact): checked once per model, in eval mode, by comparing one
+position's logits both ways (a transform that appears only in training mode or after that check is
+not seen). Not used under accelerate's mixed precision (``dtype: bfloat16``: the head runs in bf16
+inside the forward's autocast, and the chunks would run in fp32), with DDP's
+``find_unused_parameters`` and a trained head, or on a head with accelerate's hooks.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 #: floats of one chunk's (rows, V) logits: 2**25 = 128 MiB fp32
 MAX_CHUNK_ELEMS = 1 << 25
@@ -75,6 +79,7 @@ class ChunkedHeadLogprob(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_logp, _g_ent):
         h, weight, bias, targets, logz, dh = ctx.saved_tensors
         T, rows = ctx.temperature, ctx.rows
@@ -130,8 +135,15 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def hidden_outputs(head: torch.nn.Module) -> Iterator[None]:
-    """Inside, ``head`` returns its input: the model's ``.logits`` are the (.., H) head inputs."""
-    head.forward = _identity  # instance attribute: shadows the class's forward, hooks still run
+    """Inside, ``head`` returns its input: the model's ``.logits`` are the (.., H) head inputs.
+
+    Not re-entrant and not thread-safe (the swap is an instance attribute); a head whose instance
+    already has its own ``forward`` (accelerate's device-map hooks put one there) is refused, never
+    overwritten: :func:`chunked_head` does not pick such a head."""
+    if "forward" in vars(head):
+        raise RuntimeError("hidden_outputs: the head already has an instance-level forward (nested use, or "
+                           "accelerate's hooks); refusing to replace it")
+    head.forward = _identity  # instance attribute: shadows the class's forward, module hooks still run
     try:
         yield
     finally:
@@ -149,6 +161,13 @@ def chunked_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     head = output_head(model)
     if not isinstance(head, torch.nn.Linear) or type(head.weight) is not torch.nn.Parameter:
         return None
+    if "forward" in vars(head) or hasattr(head, "_hf_hook"):  # accelerate hooks, or already swapped
+        return None
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "_original_forward") or hasattr(model, "_original_forward"):
+        return None  # accelerate's mixed precision: the forward runs under autocast, the head in bf16/fp16
+    if getattr(model, "find_unused_parameters", False) and head.weight.requires_grad:
+        return None  # DDP would mark the head's weight unused (it is used after DDP's forward)
     if type(head.weight.data) is not torch.Tensor or torch.is_autocast_enabled(head.weight.device.type):
         return None
     if tuple(head.weight.shape) != (head.out_features, head.in_features):  # FSDP1: a flat shard
@@ -163,7 +182,7 @@ def chunked_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 def _agrees(model: torch.nn.Module, head: torch.nn.Linear) -> bool:
     """One forward of two tokens both ways: do the model's logits equal ``head(its hidden output)``?"""
     ids = torch.tensor([[1, 2]], device=head.weight.device)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored module by module afterwards
     model.eval()
     try:
         ref = model(input_ids=ids, use_cache=False).logits[:, -1].float()  # (1, V)
@@ -176,4 +195,5 @@ def _agrees(model: torch.nn.Module, head: torch.nn.Linear) -> bool:
     except Exception:  # a model whose code after the head needs (.., V) outputs: not chunkable
         return False
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training

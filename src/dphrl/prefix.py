@@ -408,8 +408,10 @@ def sequence_logprobs(
     micro_batch_size: int = 16,
     device: torch.device | str | None = None,
     top_p: float = 1.0,
+    chunked: bool = True,
 ) -> list[list[float]]:
-    """Per-token log pi(response | prompt) at ``temperature`` (fp32) of each pair, no grad.
+    """Per-token log pi(response | prompt) at ``temperature`` (fp32) of each pair, no grad
+    (``chunked``: through :mod:`dphrl.head` where exact, as :func:`batch_logprobs`).
 
     One forward per micro-batch, planned as the trainer plans its update (:func:`micro_batch_order`: a
     prompt's responses together, similar lengths together) and each prompt forwarded once where the
@@ -430,7 +432,7 @@ def sequence_logprobs(
         for ix in micro_batch_order(prompts, responses, max_seqs=micro_batch_size):
             ps, rs = [prompts[i] for i in ix], [responses[i] for i in ix]
             batch = pack_batch(ps, rs, pad_id, shared).to(dev)
-            lp, _ = batch_logprobs(model, batch, temperature, top_p=top_p)  # (B, T)
+            lp, _ = batch_logprobs(model, batch, temperature, top_p=top_p, chunked=chunked)  # (B, T)
             for i, r, row in zip(ix, rs, lp.float().cpu()):
                 out[i] = row[: len(r)].tolist()
     finally:
