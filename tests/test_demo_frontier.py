@@ -126,12 +126,14 @@ def test_a_partial_report_marks_rows_with_fewer_seeds():
     summary = {"seeds": 3, "runs_per_seed": {"base": 3, "grpo": 3, "dph": 1},
                "table": {"base": {"pass@1": (0.4, 0.0)}, "grpo": {"pass@1": (0.8, 0.02)},
                          "dph": {"pass@1": (0.6, 0.0)}},
-               "sweep": {}, "checks": {}, "claims": [], "matched": {}, "forgetting": {},
+               "sweep": {}, "checks": {}, "claims": [], "matched": {},
+               "forgetting": {"grpo": (0.02, 0.005), "dph": (0.006, 0.0)},
                "timing": {"per_run": {}, "total_job_seconds": 0.0}, "failed": {}}
     md = _summary_md(summary)
     assert "| dph (1 of 3 seeds) | 0.600 ± 0.000 |" in md
     assert "| grpo | 0.800 ± 0.020 |" in md and "| base |" in md
     assert "not comparable in spread" in md
+    assert "| dph (1 of 3 seeds) | 0.0060 ± 0.0000 |" in md and "| grpo | 0.0200 ± 0.0050 |" in md
     summary["runs_per_seed"]["dph"] = 3
     md = _summary_md(summary)
     assert "| dph | 0.600" in md and "seeds) |" not in md and "not comparable" not in md

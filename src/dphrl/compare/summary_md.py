@@ -131,7 +131,8 @@ def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description
     if summary.get("forgetting"):
         lines += ["", "## Forgetting (forward KL from the base per token, on the base's samples of "
                   "held-out prompts)", "", "| run | KL per token |", "|---|---|"]
-        lines += [f"| {n} | {m:.4f} ± {s:.4f} |" for n, (m, s) in summary["forgetting"].items()]
+        lines += [f"| {n}{f' ({have[n]} of {n_seeds} seeds)' if have.get(n, n_seeds) < n_seeds else ''} | "
+                  f"{m:.4f} ± {s:.4f} |" for n, (m, s) in summary["forgetting"].items()]
     if summary["sweep"]:
         lines += ["", "## Sweep and ablations", "", *_table(summary["sweep"], "run")]
     if frontier:
