@@ -98,3 +98,46 @@ def test_resume_refuses_a_changed_spec_and_ignores_settings_added_since(tmp_path
     job.spec = {**made, "n": 4}
     job.marker().unlink()  # an unfinished job may change freely
     assert check_unchanged(tmp_path, [job]) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# differences paired by seed
+
+
+def test_paired_differences_by_hand():
+    from dphrl.compare.summary import paired_differences
+    from dphrl.compare.summary_md import summary_markdown
+
+    cols = [("pass@1", IN, "pass@1"), ("pass@4", IN, "pass@4"), ("ood pass@4", OOD, "pass@4")]
+    seeds = [{**s, n: {**s[n], "forgetting": {"forgetting/kl_per_token": f}}}
+             for s, n, f in [(SEEDS[0], "a", 0.02), (SEEDS[1], "a", 0.03)]]
+    seeds = [{**s, "b": {**s["b"], "forgetting": {"forgetting/kl_per_token": f}}}
+             for s, f in zip(seeds, (0.01, 0.005))]
+    out = paired_differences(seeds, ["a", "b"], cols)
+    assert list(out) == ["b - a"]
+    row = out["b - a"]
+    # pass@4: b - a = 0.08 (seed 0), 0.02 (seed 1): mean 0.05, std sqrt(2 * 0.03^2) = 0.0424
+    assert row["pass@4"]["mean"] == pytest.approx(0.05)
+    assert row["pass@4"]["std"] == pytest.approx(0.042426, 1e-4)
+    assert row["pass@4"]["agree"] == 2 and row["pass@4"]["clear"] is True
+    assert row["ood pass@4"]["mean"] == pytest.approx(0.15) and row["ood pass@4"]["clear"] is True
+    # equal Pass@1 on both seeds: a zero difference agrees with nothing, and is not clear
+    assert row["pass@1"]["mean"] == 0 and row["pass@1"]["agree"] == 0 and row["pass@1"]["clear"] is False
+    # forgetting: -0.01, -0.025: mean -0.0175, std 0.0106 < 0.0175, both negative
+    assert row["forgetting"]["mean"] == pytest.approx(-0.0175) and row["forgetting"]["clear"] is True
+    # seeds that disagree in sign: not clear even with a mean gap
+    mixed = paired_differences([{"a": _res(0.80), "b": _res(0.90)}, {"a": _res(0.84), "b": _res(0.78)}],
+                               ["a", "b"], cols)["b - a"]["pass@4"]
+    assert mixed["mean"] == pytest.approx(0.02) and mixed["agree"] == 1 and mixed["clear"] is False
+    # one seed: no spread to compare with; a run missing on a seed leaves that seed out
+    assert paired_differences(SEEDS[:1], ["a", "b"], cols)["b - a"]["pass@4"]["clear"] is None
+    partial = paired_differences([SEEDS[0], {"a": SEEDS[1]["a"]}], ["a", "b"], cols)["b - a"]["pass@4"]
+    assert partial["n"] == 1 and partial["mean"] == pytest.approx(0.08)
+    md = summary_markdown({"seeds": 2, "table": {}, "sweep": {}, "paired": out}, title="t", k=4)
+    assert "| b − a | +0.000 ± 0.000 (0/2) | **+0.050 ± 0.042 (2/2)** |" in md
+
+
+def test_a_failed_claim_shows_the_relation_that_holds():
+    exp = _exp([{"metric": "pass@4", "left": "a", "op": ">", "right": "base"}])
+    ok, detail = check_claim(exp.claim_specs[0], exp, SEEDS)
+    assert ok is False and detail == "a 0.820 <= base 0.900"

@@ -16,7 +16,8 @@ from typing import Any
 
 from dphrl.compare.experiment import Claim, Experiment
 
-__all__ = ["check_claim", "interp", "load_seed_results", "matched_frontier", "metric", "summarize"]
+__all__ = ["check_claim", "interp", "load_seed_results", "matched_frontier", "metric", "paired_differences",
+           "summarize"]
 
 #: run -> results.json content, one dict per seed
 SeedResults = list[dict[str, dict[str, Any]]]
@@ -103,7 +104,9 @@ def check_claim(claim: Claim, exp: Experiment, res: SeedResults) -> tuple[bool |
                 rhs = (f"{claim.scale:g} x " if claim.scale != 1 else "") + rhs
                 rhs += (f" {'+' if claim.offset > 0 else '-'} {abs(claim.offset):g}" if claim.offset else "")
                 rhs += f" = {target:.3f}"
-            text = f"{lrun} {ls[0]:.3f} {claim.op} {rhs}"
+            # the relation as it is: the claim's operator where it holds, its negation where it does not
+            shown = claim.op if holds else {"<": ">=", "<=": ">", ">": "<=", ">=": "<"}[claim.op]
+            text = f"{lrun} {ls[0]:.3f} {shown} {rhs}"
             if claim.beyond_std and isinstance(r, str):
                 gap, std = ls[0] - claim.scale * rs[0], max(ls[1], rs[1])
                 holds = holds and abs(gap) > std
@@ -111,6 +114,37 @@ def check_claim(claim: Claim, exp: Experiment, res: SeedResults) -> tuple[bool |
             ok = ok and holds
             parts.append(text)
     return ok, "; ".join(parts)
+
+
+# ------------------------------------------------------------------------------------ paired differences
+def paired_differences(res: SeedResults, runs: Sequence[str],
+                       cols: Sequence[tuple[str, str, str]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every pair of ``runs`` (later minus earlier), every column of ``cols`` and ``forgetting``: the
+    difference on each seed where both runs have the number, then over those seeds its mean, sample std
+    (0 for one seed), ``n`` and ``agree`` (seeds whose difference has the mean's sign, a zero counting
+    for neither). ``clear``: at least 2 seeds, all agree and |mean| > std; None with one seed.
+
+    Pairing by seed removes what two runs of one seed share (store, data order, first rollouts), so a
+    gap smaller than the spread of either run can still be consistent; ``clear`` asks for both.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    keys = [*cols, ("forgetting", "", "forgetting")]
+    for j, a in enumerate(runs):
+        for b in runs[:j]:
+            row = {}
+            for key, set_name, name in keys:
+                diffs = [va - vb for r in res if a in r and b in r
+                         for va, vb in [(metric(r[a], set_name, name), metric(r[b], set_name, name))]
+                         if va is not None and vb is not None]
+                if not diffs:
+                    continue
+                mean, std = _ms(diffs)
+                agree = sum(1 for d in diffs if d * mean > 0)
+                row[key] = {"mean": mean, "std": std, "n": len(diffs), "agree": agree,
+                            "clear": (agree == len(diffs) and abs(mean) > std) if len(diffs) > 1 else None}
+            if row:
+                out[f"{a} - {b}"] = row
+    return out
 
 
 # -------------------------------------------------------------------------------------- matched frontier
@@ -184,7 +218,8 @@ def summarize(exp: Experiment, per_seed: Sequence[dict[str, Path]],
               status: dict[str, dict[str, Any]] | None = None,
               jobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything the summary shows: main table, sweep/ablation table, claims (on the mean and per seed),
-    the matched-Pass@1 frontier, forgetting, wall time and the jobs that failed."""
+    the methods' differences paired by seed, the matched-Pass@1 frontier, forgetting, wall time and the
+    jobs that failed."""
     res = load_seed_results(per_seed)
     cols = row_keys(exp, res)
     names = exp.main_runs()
@@ -208,6 +243,7 @@ def summarize(exp: Experiment, per_seed: Sequence[dict[str, Path]],
         "sweep": extra,
         "checks": {f"{c['claim']} ({c['detail']})": c["ok"] for c in claims},
         "claims": claims,
+        "paired": paired_differences(res, list(exp.methods), cols),
         "matched": matched_frontier(res, families, {labels[s]: s for s in labels}, exp.eval_spec.n),
         "forgetting": forgetting,
         "timing": _timing(status, jobs or []),

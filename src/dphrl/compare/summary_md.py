@@ -90,6 +90,30 @@ def _claims(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _paired(summary: dict[str, Any]) -> list[str]:
+    paired = summary.get("paired") or {}
+    if not paired:
+        return []
+    keys = list(dict.fromkeys(k for row in paired.values() for k in row))
+    lines = ["", "## Differences between methods, paired by seed", "",
+             "Each cell: the mean ± std over seeds of (first run - second run) on the same seed, and on how "
+             "many seeds the difference has the mean's sign. **Bold**: every seed agrees and |mean| > std "
+             "(needs 2+ seeds). Forgetting is a KL: negative means the first run moved less from the base.",
+             "", "| runs | " + " | ".join("forgetting (KL)" if k == "forgetting" else _header(k)
+                                          for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for pair, row in paired.items():
+        cells = []
+        for k in keys:
+            if k not in row:
+                cells.append("-")
+                continue
+            d, f = row[k], ".4f" if k == "forgetting" else ".3f"
+            cell = f"{d['mean']:+{f}} ± {d['std']:{f}} ({d['agree']}/{d['n']})"
+            cells.append(f"**{cell}**" if d["clear"] else cell)
+        lines.append(f"| {pair.replace(' - ', ' − ')} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _timing(summary: dict[str, Any]) -> list[str]:
     t = summary.get("timing") or {}
     if not t.get("runs"):
@@ -127,6 +151,7 @@ def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description
               "shares of the base and the methods: [report.md](report.md), self-contained "
               "[report.html](report.html)."]
     lines += _claims(summary)
+    lines += _paired(summary)
     lines += _matched(summary.get("matched") or {}, k)
     if summary.get("forgetting"):
         lines += ["", "## Forgetting (forward KL from the base per token, on the base's samples of "
