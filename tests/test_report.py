@@ -411,3 +411,33 @@ def test_findings_name_widened_coverage():
     notes = findings([run("base", 0.24, 0.58), run("rkl", 0.55, 0.84), run("grpo", 0.60, 0.575)])
     assert notes[0].endswith("coverage at large k widened.") and "**rkl**" in notes[0]
     assert notes[1].endswith("coverage at large k kept (within 1 pt).")
+
+
+def test_findings_call_a_large_k_change_within_two_paired_standard_errors_kept():
+    from dphrl.evaluation.findings import findings
+    from dphrl.evaluation.metrics import pass_at_k
+    from dphrl.evaluation.report_data import Run, paired_se
+
+    def run(name: str, correct: list[int]) -> Run:
+        ids = [f"p{i}" for i in range(len(correct))]
+        mean = {k: sum(pass_at_k(4, c, k) for c in correct) / len(correct) for k in (1, 4)}
+        d = {"n": 4, "pass@k": {str(k): v for k, v in mean.items()},
+             "per_problem": {"id": ids, "correct": correct}}
+        return Run(name, [], [{"datasets": {"d": d}}])
+
+    # 4 problems, pass@4 base [1, 1, 1, 0], run [1, 1, 0, 0]: differences [0, 0, -1, 0], mean -0.25,
+    # sample std 0.5, standard error 0.5 / sqrt(4) = 0.25: a one-problem loss is within 2 SE = 50 pts
+    base, rl = run("base", [1, 1, 1, 0]), run("grpo", [4, 4, 0, 0])
+    assert paired_se(rl, base, "d", 4) == pytest.approx((0.25, 4))
+    (note,) = findings([base, rl])
+    assert "pass@4 -25.0 pts" in note
+    assert note.endswith("kept (within ±50.0 pts, 2 standard errors over 4 problems).")
+    # the same run without per-problem counts: the fixed 1-point tolerance calls it a collapse
+    bare = [Run(r.name, [], [{"datasets": {"d": {"pass@k": r.results[0]["datasets"]["d"]["pass@k"]}}}])
+            for r in (base, rl)]
+    assert "collapse" in findings(bare)[0]
+    # 100 problems, half lost at k = 4: -50 pts against 2 SE of ~10 pts is a collapse
+    base, rl = run("base", [1] * 100), run("grpo", [4] * 50 + [0] * 50)
+    se, n = paired_se(rl, base, "d", 4)
+    assert n == 100 and se == pytest.approx(0.5 * (100 / 99) ** 0.5 / 10)
+    assert "Pass@k collapse" in findings([base, rl])[0]

@@ -161,6 +161,38 @@ def delta(run: Run, base: Run, dataset: str, *path: str) -> Stat | None:
     return stats(None if v is None else v - b[0] for v in (lookup(r, dataset, *path) for r in run.results))
 
 
+def per_problem_passk(res: dict[str, Any], dataset: str, k: int) -> dict[str, float] | None:
+    """Problem id -> its unbiased pass@k from the correct count of ``n`` samples (results.json's
+    ``per_problem``), or None when the results do not carry them."""
+    from dphrl.evaluation.metrics import pass_at_k
+
+    pp, n = lookup(res, dataset, "per_problem"), lookup(res, dataset, "n")
+    if not isinstance(pp, dict) or not n or k > n or not pp.get("id") or not pp.get("correct"):
+        return None
+    return {i: pass_at_k(n, c, k) for i, c in zip(pp["id"], pp["correct"])}
+
+
+def paired_se(run: Run, base: Run, dataset: str, k: int) -> tuple[float, int] | None:
+    """(standard error, problems) of ``run``'s pass@k minus the base's, paired by problem.
+
+    Per seed of ``run``: the per-problem differences to the base's per-problem mean over its seeds,
+    their sample std / sqrt(problems); then the mean over seeds (not shrunk by sqrt(seeds): a shared
+    base's sampling noise does not average out). None without per-problem counts or under 2 problems.
+    """
+    bases = [b for r in base.results if (b := per_problem_passk(r, dataset, k)) is not None]
+    if not bases:
+        return None
+    ref = {i: statistics.mean(b[i] for b in bases) for i in set.intersection(*(set(b) for b in bases))}
+    ses, counts = [], []
+    for r in run.results:
+        mine = per_problem_passk(r, dataset, k)
+        diffs = [v - ref[i] for i, v in (mine or {}).items() if i in ref]
+        if len(diffs) >= 2:
+            ses.append(statistics.stdev(diffs) / math.sqrt(len(diffs)))
+            counts.append(len(diffs))
+    return (statistics.mean(ses), min(counts)) if ses else None
+
+
 def base_run(runs: Sequence[Run], base_name: str) -> Run | None:
     """The run named ``base_name`` (the reference of Δ columns and findings), if there is one."""
     return next((r for r in runs if r.name == base_name), None)
