@@ -46,6 +46,8 @@ def test_the_real_model_experiment_runs_in_tiny_mode(tmp_path):
     ev.update(max_new_tokens=4)  # n stays: the claims read pass@n
     exp["forgetting"].update(data={**_absolute(exp["forgetting"]["data"]), "limit": 2}, n=1, max_new_tokens=4)
     exp["seeds"] = 1
+    assert list(exp["sweeps"]) == ["grpo"]  # the matched-Pass@1 control: GRPO with fewer steps
+    exp["sweeps"] = {"grpo": {"max_steps": [2]}}
     path = tmp_path / "experiment.yaml"
     path.write_text(yaml.safe_dump(exp, sort_keys=False))
 
@@ -54,7 +56,8 @@ def test_the_real_model_experiment_runs_in_tiny_mode(tmp_path):
     methods = {"grpo", "rkl", "rkl-k3", "dph-f", "dph-js"}
     assert set(summary["table"]) == {"base"} | methods
     assert not summary.get("failed")
-    assert set(summary["forgetting"]) == {"base"} | methods
+    assert set(summary["sweep"]) == {"grpo@max_steps=2"}
+    assert set(summary["forgetting"]) == {"base", "grpo@max_steps=2"} | methods
     assert len(summary["claims"]) == len(exp["claims"])
     for claim in summary["claims"]:  # every claim names runs and sets that exist: each one is checked
         assert isinstance(claim["ok"], bool), claim
