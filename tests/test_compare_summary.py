@@ -141,3 +141,33 @@ def test_a_failed_claim_shows_the_relation_that_holds():
     exp = _exp([{"metric": "pass@4", "left": "a", "op": ">", "right": "base"}])
     ok, detail = check_claim(exp.claim_specs[0], exp, SEEDS)
     assert ok is False and detail == "a 0.820 <= base 0.900"
+
+
+def test_against_curves_reads_the_family_at_the_methods_own_pass1():
+    from dphrl.compare.summary import against_curves
+    from dphrl.compare.summary_md import summary_markdown
+
+    def res(p1: float, p4: float, kl: float) -> dict:
+        return {"datasets": {IN: {"pass@k": {"1": p1, "4": p4}}},
+                "forgetting": {"forgetting/kl_per_token": kl}}
+
+    cols = [("pass@1", IN, "pass@1"), ("pass@4", IN, "pass@4")]
+    fam = {"g": ["g", "g@max_steps=6"]}
+    seeds = [
+        # curve through (0.6, 0.95 / 0.01) and (0.8, 0.90 / 0.02); d at 0.7: 0.96 - 0.925, 0.005 - 0.015
+        {"g": res(0.8, 0.90, 0.02), "g@max_steps=6": res(0.6, 0.95, 0.01), "d": res(0.7, 0.96, 0.005)},
+        # the same curve; d at 0.65: 0.90 - 0.9375, 0.004 - 0.0125
+        {"g": res(0.8, 0.90, 0.02), "g@max_steps=6": res(0.6, 0.95, 0.01), "d": res(0.65, 0.90, 0.004)},
+        # d above the family's range: left out, counted
+        {"g": res(0.8, 0.90, 0.02), "g@max_steps=6": res(0.6, 0.95, 0.01), "d": res(0.9, 0.99, 0.001)},
+    ]
+    out = against_curves(seeds, fam, ["g", "d"], cols, IN)
+    assert list(out) == ["d vs g"]  # a run of the family is not compared with its own curve
+    row = out["d vs g"]
+    assert "pass@1" not in row  # matched by construction
+    p4, kl = row["pass@4"], row["forgetting"]
+    assert p4["n"] == 2 and p4["outside"] == 1 and p4["agree"] == 1 and p4["clear"] is False
+    assert p4["mean"] == pytest.approx((0.035 - 0.0375) / 2)
+    assert kl["mean"] == pytest.approx((-0.010 - 0.0085) / 2) and kl["clear"] is True  # std 0.00106
+    md = summary_markdown({"seeds": 3, "table": {}, "sweep": {}, "against_curves": out}, title="t", k=4)
+    assert "| d vs g | -0.001 ± 0.051 (1/2); outside on 1 | **-0.0092 ± 0.0011 (2/2)**; outside on 1 |" in md

@@ -16,8 +16,8 @@ from typing import Any
 
 from dphrl.compare.experiment import Claim, Experiment
 
-__all__ = ["check_claim", "interp", "load_seed_results", "matched_frontier", "metric", "paired_differences",
-           "summarize"]
+__all__ = ["against_curves", "check_claim", "interp", "load_seed_results", "matched_frontier", "metric",
+           "paired_differences", "summarize"]
 
 #: run -> results.json content, one dict per seed
 SeedResults = list[dict[str, dict[str, Any]]]
@@ -147,6 +147,54 @@ def paired_differences(res: SeedResults, runs: Sequence[str],
     return out
 
 
+def against_curves(res: SeedResults, families: dict[str, list[str]], runs: Sequence[str],
+                   cols: Sequence[tuple[str, str, str]], in_set: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each run against each swept family's curve at the run's own in-domain Pass@1.
+
+    Per seed: the family's runs give (Pass@1, metric) points; the metric is interpolated linearly at the
+    run's Pass@1 when it lies inside the family's Pass@1 range on that seed (else the seed is left out
+    and counted in ``outside``); the difference run − curve is aggregated as in
+    :func:`paired_differences`. Every column of ``cols`` and ``forgetting``. A run of the family itself
+    is not compared with it. Key ``"run vs family"``; {} when no family has 2 runs.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    keys = [*cols, ("forgetting", "", "forgetting")]
+    for fam, members in families.items():
+        for run in runs:
+            if run in members:
+                continue
+            row = {}
+            for key, set_name, name in keys:
+                if set_name == in_set and name == "pass@1":
+                    continue  # matched by construction
+                diffs, outside = [], 0
+                for r in res:
+                    pts = [(metric(r[n], in_set, "pass@1"), metric(r[n], set_name, name)) for n in members
+                           if n in r]
+                    pts = [(x, y) for x, y in pts if x is not None and y is not None]
+                    x, y = ((metric(r[run], in_set, "pass@1"), metric(r[run], set_name, name)) if run in r
+                            else (None, None))
+                    if len(pts) < 2 or x is None or y is None:
+                        continue
+                    at = interp(pts, x)
+                    if at is None:
+                        outside += 1
+                    else:
+                        diffs.append(y - at)
+                if not diffs and not outside:
+                    continue
+                cell: dict[str, Any] = {"n": len(diffs), "outside": outside}
+                if diffs:
+                    mean, std = _ms(diffs)
+                    agree = sum(1 for d in diffs if d * mean > 0)
+                    cell.update(mean=mean, std=std, agree=agree,
+                                clear=(agree == len(diffs) and abs(mean) > std) if len(diffs) > 1 else None)
+                row[key] = cell
+            if row:
+                out[f"{run} vs {fam}"] = row
+    return out
+
+
 # -------------------------------------------------------------------------------------- matched frontier
 def interp(points: list[tuple[float, float]], x: float) -> float | None:
     """Piecewise-linear interpolation of y at x through the points sorted by x (None outside their range)."""
@@ -244,6 +292,7 @@ def summarize(exp: Experiment, per_seed: Sequence[dict[str, Path]],
         "checks": {f"{c['claim']} ({c['detail']})": c["ok"] for c in claims},
         "claims": claims,
         "paired": paired_differences(res, list(exp.methods), cols),
+        "against_curves": against_curves(res, families, list(exp.methods), cols, exp.eval_spec.in_name),
         "matched": matched_frontier(res, families, {labels[s]: s for s in labels}, exp.eval_spec.n),
         "forgetting": forgetting,
         "timing": _timing(status, jobs or []),

@@ -114,6 +114,33 @@ def _paired(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _against_curves(summary: dict[str, Any]) -> list[str]:
+    rows = summary.get("against_curves") or {}
+    if not rows:
+        return []
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row))
+    lines = ["", "## Each method against each swept family at the method's own Pass@1", "",
+             "Each cell: on every seed, the method's number minus the family's curve (its runs' in-domain "
+             "Pass@1 against the number, linear between points) read at the method's Pass@1; mean ± std "
+             "over the seeds where that Pass@1 lies inside the family's range, and on how many the "
+             "difference has the mean's sign. **Bold** as above; 'outside' counts the seeds out of range.",
+             "", "| method vs family | " + " | ".join("forgetting (KL)" if k == "forgetting" else _header(k)
+                                                      for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, row in rows.items():
+        cells = []
+        for k in keys:
+            d = row.get(k)
+            if d is None:
+                cells.append("-")
+                continue
+            f = ".4f" if k == "forgetting" else ".3f"
+            cell = (f"{d['mean']:+{f}} ± {d['std']:{f}} ({d['agree']}/{d['n']})" if d["n"] else "")
+            cell = f"**{cell}**" if d.get("clear") else cell
+            cells.append(cell + (f"{'; ' if cell else ''}outside on {d['outside']}" if d["outside"] else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _timing(summary: dict[str, Any]) -> list[str]:
     t = summary.get("timing") or {}
     if not t.get("runs"):
@@ -152,6 +179,7 @@ def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description
               "[report.html](report.html)."]
     lines += _claims(summary)
     lines += _paired(summary)
+    lines += _against_curves(summary)
     lines += _matched(summary.get("matched") or {}, k)
     if summary.get("forgetting"):
         lines += ["", "## Forgetting (forward KL from the base per token, on the base's samples of "
