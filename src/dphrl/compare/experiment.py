@@ -145,12 +145,13 @@ class Experiment:
 
     # ------------------------------------------------------------------------------------------- runs
     def sweep_runs(self) -> dict[str, list[tuple[Any, str]]]:
-        """Family (a swept method) -> [(coefficient, run name)], the method's own run first (value None
-        when the method leaves the key to its algorithm's default)."""
+        """Family (a swept method) -> [(coefficient, run name)], the method's own run first (its value
+        from the method, else from ``base``; None when both leave the key to the algorithm's default)."""
         out = {}
         for fam, spec in self.sweeps.items():
             (key, values), = spec.items()
-            out[fam] = [(self.methods[fam].get(key), fam)] + [(v, f"{fam}@{key}={v}") for v in values]
+            own = self.methods[fam].get(key, self.base.get(key))
+            out[fam] = [(own, fam)] + [(v, f"{fam}@{key}={v}") for v in values]
         return out
 
     def run_overrides(self) -> dict[str, tuple[dict, dict[str, str]]]:

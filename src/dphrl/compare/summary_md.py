@@ -227,7 +227,8 @@ def plot_frontier(summary: dict[str, Any], sweeps: dict[str, list[tuple[Any, str
                 ax.annotate("default" if v is None else f"{v:g}" if isinstance(v, float) else str(v),
                             (x, p[ykey][0]), textcoords="offset points", xytext=(4, 3), fontsize=7,
                             color=line[0].get_color())
-        for n, mk in [(n, mk) for n, mk in zip(markers, "sD*") if n in rows and ykey in rows[n]]:
+        for n, mk in [(n, mk) for n, mk in zip(markers, "sD*")
+                      if n in rows and ykey in rows[n] and n not in fams]:  # a swept marker is its curve
             p = rows[n]
             ax.errorbar([p["pass@1"][0]], [p[ykey][0]], xerr=[p["pass@1"][1]], yerr=[p[ykey][1]], fmt=mk,
                         markersize=11 if n == "base" else 8, color="black" if n == "base" else None, label=n)
