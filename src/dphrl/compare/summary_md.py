@@ -187,7 +187,9 @@ def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description
         lines += [f"| {n}{f' ({have[n]} of {n_seeds} seeds)' if have.get(n, n_seeds) < n_seeds else ''} | "
                   f"{m:.4f} ± {s:.4f} |" for n, (m, s) in summary["forgetting"].items()]
     if summary["sweep"]:
-        lines += ["", "## Sweep and ablations", "", *_table(summary["sweep"], "run")]
+        sweep = {(f"{n} ({have[n]} of {n_seeds} seeds)" if have.get(n, n_seeds) < n_seeds else n): r
+                 for n, r in summary["sweep"].items()}
+        lines += ["", "## Sweep and ablations", "", *_table(sweep, "run")]
     if frontier:
         lines += ["", f"![trade-off]({frontier.name})"]
     if summary.get("failed"):
