@@ -117,6 +117,15 @@ def check_claim(claim: Claim, exp: Experiment, res: SeedResults) -> tuple[bool |
 
 
 # ------------------------------------------------------------------------------------ paired differences
+def _diff_stats(diffs: Sequence[float]) -> dict[str, Any]:
+    """mean, sample std, n, agree (differences with the mean's sign) and clear (2+ seeds, all agree,
+    |mean| > std; None with one) of per-seed differences."""
+    mean, std = _ms(diffs)
+    agree = sum(1 for d in diffs if d * mean > 0)
+    return {"mean": mean, "std": std, "n": len(diffs), "agree": agree,
+            "clear": (agree == len(diffs) and abs(mean) > std) if len(diffs) > 1 else None}
+
+
 def paired_differences(res: SeedResults, runs: Sequence[str],
                        cols: Sequence[tuple[str, str, str]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Every pair of ``runs`` (later minus earlier), every column of ``cols`` and ``forgetting``: the
@@ -138,10 +147,7 @@ def paired_differences(res: SeedResults, runs: Sequence[str],
                          if va is not None and vb is not None]
                 if not diffs:
                     continue
-                mean, std = _ms(diffs)
-                agree = sum(1 for d in diffs if d * mean > 0)
-                row[key] = {"mean": mean, "std": std, "n": len(diffs), "agree": agree,
-                            "clear": (agree == len(diffs) and abs(mean) > std) if len(diffs) > 1 else None}
+                row[key] = _diff_stats(diffs)
             if row:
                 out[f"{a} - {b}"] = row
     return out
@@ -183,13 +189,7 @@ def against_curves(res: SeedResults, families: dict[str, list[str]], runs: Seque
                         diffs.append(y - at)
                 if not diffs and not outside:
                     continue
-                cell: dict[str, Any] = {"n": len(diffs), "outside": outside}
-                if diffs:
-                    mean, std = _ms(diffs)
-                    agree = sum(1 for d in diffs if d * mean > 0)
-                    cell.update(mean=mean, std=std, agree=agree,
-                                clear=(agree == len(diffs) and abs(mean) > std) if len(diffs) > 1 else None)
-                row[key] = cell
+                row[key] = {**(_diff_stats(diffs) if diffs else {"n": 0}), "outside": outside}
             if row:
                 out[f"{run} vs {fam}"] = row
     return out

@@ -102,16 +102,19 @@ def _paired(summary: dict[str, Any]) -> list[str]:
              "", "| runs | " + " | ".join("forgetting (KL)" if k == "forgetting" else _header(k)
                                           for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for pair, row in paired.items():
-        cells = []
-        for k in keys:
-            if k not in row:
-                cells.append("-")
-                continue
-            d, f = row[k], ".4f" if k == "forgetting" else ".3f"
-            cell = f"{d['mean']:+{f}} ± {d['std']:{f}} ({d['agree']}/{d['n']})"
-            cells.append(f"**{cell}**" if d["clear"] else cell)
-        lines.append(f"| {pair.replace(' - ', ' − ')} | " + " | ".join(cells) + " |")
+        cells = " | ".join(_diff_cell(row.get(k), k) for k in keys)
+        lines.append(f"| {pair.replace(' - ', ' − ')} | {cells} |")
     return lines
+
+
+def _diff_cell(d: dict[str, Any] | None, key: str) -> str:
+    """``+0.050 ± 0.042 (2/2)``, bold when clear, ``; outside on N`` when seeds were out of range."""
+    if d is None:
+        return "-"
+    f = ".4f" if key == "forgetting" else ".3f"
+    cell = f"{d['mean']:+{f}} ± {d['std']:{f}} ({d['agree']}/{d['n']})" if d["n"] else ""
+    cell = f"**{cell}**" if d.get("clear") else cell
+    return cell + (f"{'; ' if cell else ''}outside on {d['outside']}" if d.get("outside") else "")
 
 
 def _against_curves(summary: dict[str, Any]) -> list[str]:
@@ -127,17 +130,7 @@ def _against_curves(summary: dict[str, Any]) -> list[str]:
              "", "| method vs family | " + " | ".join("forgetting (KL)" if k == "forgetting" else _header(k)
                                                       for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for name, row in rows.items():
-        cells = []
-        for k in keys:
-            d = row.get(k)
-            if d is None:
-                cells.append("-")
-                continue
-            f = ".4f" if k == "forgetting" else ".3f"
-            cell = (f"{d['mean']:+{f}} ± {d['std']:{f}} ({d['agree']}/{d['n']})" if d["n"] else "")
-            cell = f"**{cell}**" if d.get("clear") else cell
-            cells.append(cell + (f"{'; ' if cell else ''}outside on {d['outside']}" if d["outside"] else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(_diff_cell(row.get(k), k) for k in keys) + " |")
     return lines
 
 
