@@ -283,6 +283,12 @@ def w_reinforce_advantages(
     so the gradient is -A grad log pi, weighted REINFORCE as in the paper; with more epochs the ratio
     clip bounds each update as for any advantage. ``adv/zero_std_frac`` reports the all-equal groups
     (those other estimators would zero), not zero advantages.
+
+    Aggregation matters more than for a zero-mean advantage: the advantages mostly sum to a negative
+    number, and ``loss_agg: seq-mean-token-mean`` divides each response's gradient by its own length, so
+    the short wrong responses are pushed down hardest and the policy drifts to long ones whatever their
+    reward. Use ``token-mean`` (the aggregation of the authors' verl code); the README's sweep of
+    both (``dphrl demo --more-families --sweep``) measures the difference.
     """
     if lam < 0 or not math.isfinite(lam):
         raise ValueError(f"w_reinforce: lam (w_reinforce_lambda) must be finite and >= 0, got {lam}")

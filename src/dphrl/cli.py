@@ -423,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "rkl-k3).")
     d.add_argument("--more-families", action="store_true",
                    help="Also train the other diversity methods under the shared loss: passk, pkpo, "
-                        "w-reinforce, kl-cov, clip-cov (with --sweep: 3 coefficients each, on the same "
-                        "matched-Pass@1 frontier).")
+                        "w-reinforce (and w-reinforce-tm: token-mean, the authors' aggregation), kl-cov, "
+                        "clip-cov (with --sweep: 3 coefficients each, on the same matched-Pass@1 frontier).")
     d.add_argument("--ablation", action="store_true",
                    help="Also train grpo, rkl-k3 and dph-f with the DAPO-style policy loss (clip-higher, "
                         "token-mean).")

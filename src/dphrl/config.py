@@ -269,7 +269,9 @@ class TrainConfig:
     w_reinforce_lambda: float = _f(
         0.1,
         "advantage w_reinforce: weight of correct responses (incorrect ones get -1); the paper's default "
-        '0.1.',
+        '0.1. Pair it with loss_agg token-mean (the authors\' aggregation): with no baseline the advantages'
+        ' sum below 0, and seq-mean-token-mean pushes short wrong responses down hardest, so the policy '
+        'drifts to long responses.',
         check=Range(ge=0),
     )
     policy_loss: str = _f(

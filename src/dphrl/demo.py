@@ -104,12 +104,18 @@ QUICK = replace(
 #: policy loss (the advantage or the loss is the only difference to grpo), at their paper's default and,
 #: with ``--sweep``, 2 more values (3 points on the matched-Pass@1 frontier): Pass@k training
 #: advantage (Chen et al. 2025, k), PKPO (Walder and Karkhanis 2025, k), W-REINFORCE (Zhu et al. 2025,
-#: weight of the correct samples), KL-Cov and Clip-Cov (Cui et al. 2025, share of tokens).
+#: weight of the correct samples; also with token-mean aggregation, the authors'), KL-Cov and Clip-Cov
+#: (Cui et al. 2025, share of tokens).
 MORE_METHODS: dict[str, dict[str, Any]] = {
     "passk": {"algorithm": "grpo", "advantage": "passk", "passk_k": 4, **SHARED_LOSS},
     "pkpo": {"algorithm": "grpo", "advantage": "pkpo", "passk_k": 4, **SHARED_LOSS},
     "w-reinforce": {"algorithm": "grpo", "advantage": "w_reinforce", "w_reinforce_lambda": 0.1,
                     **SHARED_LOSS},
+    # the one exception to the shared loss: W-REINFORCE's advantages sum below 0 (no baseline), so the
+    # per-response length normalization of seq-mean-token-mean pushes short wrong answers down hardest;
+    # token-mean is the authors' aggregation (verl's), run beside it to measure the difference
+    "w-reinforce-tm": {"algorithm": "grpo", "advantage": "w_reinforce", "w_reinforce_lambda": 0.1,
+                       **SHARED_LOSS, "loss_agg": "token-mean"},
     "kl-cov": {"algorithm": "grpo", "policy_loss": "kl_cov", "kl_cov_ratio": 0.002, **SHARED_LOSS},
     "clip-cov": {"algorithm": "grpo", "policy_loss": "clip_cov", "clip_cov_ratio": 0.0002, **SHARED_LOSS},
 }
@@ -117,6 +123,7 @@ MORE_SWEEP: dict[str, tuple[str, list[float]]] = {
     "passk": ("passk_k", [2, 8]),
     "pkpo": ("passk_k", [2, 8]),
     "w-reinforce": ("w_reinforce_lambda", [0.03, 0.3]),
+    "w-reinforce-tm": ("w_reinforce_lambda", [0.03, 0.3]),
     "kl-cov": ("kl_cov_ratio", [0.0005, 0.01]),
     "clip-cov": ("clip_cov_ratio", [0.00005, 0.001]),
 }
