@@ -171,3 +171,42 @@ def test_against_curves_reads_the_family_at_the_methods_own_pass1():
     assert kl["mean"] == pytest.approx((-0.010 - 0.0085) / 2) and kl["clear"] is True  # std 0.00106
     md = summary_markdown({"seeds": 3, "table": {}, "sweep": {}, "against_curves": out}, title="t", k=4)
     assert "| d vs g | -0.001 ± 0.051 (1/2); outside on 1 | **-0.0092 ± 0.0011 (2/2)**; outside on 1 |" in md
+
+
+def test_family_gaps_average_two_curves_over_the_pass1_range_both_cover():
+    """Family vs family at matched Pass@1 needs no range common to every family: each pair is read over
+    its own overlap, per seed, and a seed whose ranges do not meet is counted, not extrapolated."""
+    from dphrl.compare.summary import family_gaps
+    from dphrl.compare.summary_md import summary_markdown
+
+    def res(p1: float, p4: float) -> dict:
+        return {"datasets": {IN: {"pass@k": {"1": p1, "4": p4}}}}
+
+    cols = [("pass@1", IN, "pass@1"), ("pass@4", IN, "pass@4")]
+    fams = {"a": ["a1", "a2"], "b": ["b1", "b2", "b3"], "c": ["c1", "c2"]}
+    a = {"a1": res(0.5, 0.90), "a2": res(0.7, 0.80)}  # y_a = 0.90 - 0.5 (x - 0.5)
+    seeds = [
+        # b: y = 0.70 + (x - 0.6) on [0.6, 0.8]; overlap [0.6, 0.7]; b - a linear: its value at 0.65,
+        # 0.75 - 0.825 = -0.075. c: overlap with a is the single point 0.7: 0.5 - 0.8 = -0.3; with b
+        # [0.7, 0.75], at its middle 0.725: 0.55 - 0.825 = -0.275
+        {**a, "b1": res(0.6, 0.70), "b2": res(0.8, 0.90), "c1": res(0.7, 0.5), "c2": res(0.75, 0.6)},
+        # b bends at 0.6; overlap [0.5, 0.7]; at 0.5, 0.55, 0.6, 0.65, 0.7: b - a = 0, 0, 0, 0.025, 0.05
+        {**a, "b1": res(0.4, 0.95), "b2": res(0.6, 0.85), "b3": res(0.9, 0.85)},
+        # b entirely above a's range: counted in outside; c absent: not counted
+        {**a, "b1": res(0.8, 0.95), "b2": res(0.9, 0.90)},
+    ]
+    out = family_gaps(seeds, fams, cols, IN)
+    assert list(out) == ["b vs a", "c vs a", "c vs b"]
+    ba = out["b vs a"]
+    assert "pass@1" not in ba and "forgetting" not in ba  # matched by construction; not measured
+    p4 = ba["pass@4"]
+    assert p4["mean"] == pytest.approx((-0.075 + 0.015) / 2)
+    assert p4["std"] == pytest.approx(0.09 / 2**0.5)
+    assert (p4["n"], p4["agree"], p4["outside"], p4["clear"]) == (2, 1, 1, False)
+    assert ba["overlap"] == pytest.approx([0.55, 0.7])
+    assert out["c vs a"]["pass@4"]["mean"] == pytest.approx(-0.3) and out["c vs a"]["pass@4"]["n"] == 1
+    assert out["c vs b"]["pass@4"]["mean"] == pytest.approx(-0.275)
+    assert out["c vs b"]["overlap"] == pytest.approx([0.7, 0.75])
+    md = summary_markdown({"seeds": 3, "table": {}, "sweep": {}, "family_gaps": out}, title="t", k=4)
+    assert "| b vs a | 0.550-0.700 | -0.030 ± 0.064 (1/2); outside on 1 |" in md
+    assert "| c vs a | 0.700-0.700 | -0.300 ± 0.000 (1/1) |" in md

@@ -175,9 +175,7 @@ def against_curves(res: SeedResults, families: dict[str, list[str]], runs: Seque
                     continue  # matched by construction
                 diffs, outside = [], 0
                 for r in res:
-                    pts = [(metric(r[n], in_set, "pass@1"), metric(r[n], set_name, name)) for n in members
-                           if n in r]
-                    pts = [(x, y) for x, y in pts if x is not None and y is not None]
+                    pts = _curve(r, members, in_set, set_name, name)
                     x, y = ((metric(r[run], in_set, "pass@1"), metric(r[run], set_name, name)) if run in r
                             else (None, None))
                     if len(pts) < 2 or x is None or y is None:
@@ -205,6 +203,58 @@ def interp(points: list[tuple[float, float]], x: float) -> float | None:
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return pts[-1][1] if abs(x - pts[-1][0]) < 1e-12 else pts[0][1]
+
+
+def _curve(r: dict[str, dict[str, Any]], members: Sequence[str], in_set: str, set_name: str,
+           name: str) -> list[tuple[float, float]]:
+    """One seed's (in-domain Pass@1, metric) points of a family's runs that have both numbers."""
+    pts = [(metric(r[n], in_set, "pass@1"), metric(r[n], set_name, name)) for n in members if n in r]
+    return [(x, y) for x, y in pts if x is not None and y is not None]
+
+
+def family_gaps(res: SeedResults, families: dict[str, list[str]], cols: Sequence[tuple[str, str, str]],
+                in_set: str, grid: int = 5) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every pair of swept families at matched in-domain Pass@1, over the Pass@1 range both cover.
+
+    Per seed: each family's runs give a curve (in-domain Pass@1 against the metric, linear between
+    points); on the overlap [lo, hi] of the two curves' Pass@1 ranges the difference later − earlier
+    family is averaged over ``grid`` evenly spaced Pass@1 values (one value when lo == hi). A seed where
+    the ranges do not overlap (or a family has fewer than 2 points) is left out; those that do not
+    overlap are counted in ``outside``. Aggregated over seeds as :func:`paired_differences`, plus
+    ``overlap``: the mean [lo, hi] over the seeds used. Unlike :func:`matched_frontier` this needs no
+    range common to every family, so a family far along the frontier still meets its neighbours.
+    Every column of ``cols`` but in-domain Pass@1 (matched) and ``forgetting``. Key ``"a vs b"``.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    keys = [c for c in [*cols, ("forgetting", "", "forgetting")] if (c[1], c[2]) != (in_set, "pass@1")]
+    fams = list(families)
+    for j, a in enumerate(fams):
+        for b in fams[:j]:
+            row: dict[str, Any] = {}
+            for key, set_name, name in keys:
+                diffs, outside, spans = [], 0, []
+                for r in res:
+                    ca = _curve(r, families[a], in_set, set_name, name)
+                    cb = _curve(r, families[b], in_set, set_name, name)
+                    if len(ca) < 2 or len(cb) < 2:
+                        continue
+                    lo = max(min(x for x, _ in ca), min(x for x, _ in cb))
+                    hi = min(max(x for x, _ in ca), max(x for x, _ in cb))
+                    if hi < lo:
+                        outside += 1
+                        continue
+                    xs = [lo + (hi - lo) * i / (grid - 1) for i in range(grid)] if hi > lo else [lo]
+                    diffs.append(sum(interp(ca, x) - interp(cb, x) for x in xs) / len(xs))
+                    spans.append((lo, hi))
+                if not diffs and not outside:
+                    continue
+                row[key] = {**(_diff_stats(diffs) if diffs else {"n": 0}), "outside": outside}
+                if spans:  # the same for every column (in-domain Pass@1) unless a number is missing
+                    row["overlap"] = [sum(x for x, _ in spans) / len(spans),
+                                      sum(y for _, y in spans) / len(spans)]
+            if row:
+                out[f"{a} vs {b}"] = row
+    return out
 
 
 def matched_frontier(res: SeedResults, families: dict[str, list[str]], sets: dict[str, str], k: int,
@@ -294,6 +344,7 @@ def summarize(exp: Experiment, per_seed: Sequence[dict[str, Path]],
         "paired": paired_differences(res, list(exp.methods), cols),
         "against_curves": against_curves(res, families, list(exp.methods), cols, exp.eval_spec.in_name),
         "matched": matched_frontier(res, families, {labels[s]: s for s in labels}, exp.eval_spec.n),
+        "family_gaps": family_gaps(res, families, cols, exp.eval_spec.in_name),
         "forgetting": forgetting,
         "timing": _timing(status, jobs or []),
         "failed": {i: s.get("error") for i, s in status.items() if s.get("state") in ("failed", "skipped")},

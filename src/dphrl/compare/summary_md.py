@@ -99,12 +99,16 @@ def _paired(summary: dict[str, Any]) -> list[str]:
              "Each cell: the mean ± std over seeds of (first run - second run) on the same seed, and on how "
              "many seeds the difference has the mean's sign. **Bold**: every seed agrees and |mean| > std "
              "(needs 2+ seeds). Forgetting is a KL: negative means the first run moved less from the base.",
-             "", "| runs | " + " | ".join("forgetting (KL)" if k == "forgetting" else _header(k)
-                                          for k in keys) + " |", "|---|" + "---|" * len(keys)]
+             "", "| runs | " + " | ".join(_col(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
     for pair, row in paired.items():
         cells = " | ".join(_diff_cell(row.get(k), k) for k in keys)
         lines.append(f"| {pair.replace(' - ', ' − ')} | {cells} |")
     return lines
+
+
+def _col(key: str) -> str:
+    """A difference table's column header."""
+    return "forgetting (KL)" if key == "forgetting" else _header(key)
 
 
 def _diff_cell(d: dict[str, Any] | None, key: str) -> str:
@@ -127,10 +131,29 @@ def _against_curves(summary: dict[str, Any]) -> list[str]:
              "Pass@1 against the number, linear between points) read at the method's Pass@1; mean ± std "
              "over the seeds where that Pass@1 lies inside the family's range, and on how many the "
              "difference has the mean's sign. **Bold** as above; 'outside' counts the seeds out of range.",
-             "", "| method vs family | " + " | ".join("forgetting (KL)" if k == "forgetting" else _header(k)
-                                                      for k in keys) + " |", "|---|" + "---|" * len(keys)]
+             "", "| method vs family | " + " | ".join(_col(k) for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(_diff_cell(row.get(k), k) for k in keys) + " |")
+    return lines
+
+
+def _family_gaps(summary: dict[str, Any]) -> list[str]:
+    rows = summary.get("family_gaps") or {}
+    if not rows:
+        return []
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row if k != "overlap"))
+    lines = ["", "## Family against family at matched Pass@1, over the range both cover", "",
+             "Each cell: on every seed, the first family's curve minus the second's (in-domain Pass@1 "
+             "against the number, linear between points), averaged over the Pass@1 range both families "
+             "cover on that seed (its mean over seeds in the second column); mean ± std over the seeds "
+             "where the ranges overlap, and on how many the difference has the mean's sign. **Bold** as "
+             "above; 'outside' counts the seeds whose ranges do not overlap.", "",
+             "| families | Pass@1 range | " + " | ".join(_col(k) for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for name, row in rows.items():
+        span = f"{row['overlap'][0]:.3f}-{row['overlap'][1]:.3f}" if row.get("overlap") else "none"
+        lines.append(f"| {name} | {span} | " + " | ".join(_diff_cell(row.get(k), k) for k in keys) + " |")
     return lines
 
 
@@ -174,6 +197,7 @@ def summary_markdown(summary: dict[str, Any], *, title: str, k: int, description
     lines += _paired(summary)
     lines += _against_curves(summary)
     lines += _matched(summary.get("matched") or {}, k)
+    lines += _family_gaps(summary)
     if summary.get("forgetting"):
         lines += ["", "## Forgetting (forward KL from the base per token, on the base's samples of "
                   "held-out prompts)", "", "| run | KL per token |", "|---|---|"]
