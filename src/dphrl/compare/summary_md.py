@@ -235,13 +235,14 @@ def plot_frontier(summary: dict[str, Any], sweeps: dict[str, list[tuple[Any, str
     ykeys = [(f"pass@{k}" if lab == "in" else f"{lab} pass@{k}", name) for lab, name in sets.items()]
     fig, axes = plt.subplots(1, len(ykeys), figsize=(6 * len(ykeys), 5), squeeze=False)
     for ax, (ykey, name) in zip(axes[0], ykeys):
-        for fam, pts in fams.items():
+        for i, (fam, pts) in enumerate(fams.items()):
             have = sorted(((rows[n]["pass@1"][0], v, rows[n]) for v, n in pts if n in rows),
                           key=lambda t: t[0])
+            # 10 colours, then the same colours dashed with triangles: no two families look alike
             line = ax.errorbar([x for x, _, _ in have], [p[ykey][0] for _, _, p in have],
                                xerr=[p["pass@1"][1] for _, _, p in have],
                                yerr=[p[ykey][1] for _, _, p in have],
-                               fmt="o-", capsize=2, label=fam)
+                               fmt="o-" if i < 10 else "^--", color=f"C{i % 10}", capsize=2, label=fam)
             for x, v, p in have:
                 ax.annotate("default" if v is None else f"{v:g}" if isinstance(v, float) else str(v),
                             (x, p[ykey][0]), textcoords="offset points", xytext=(4, 3), fontsize=7,
@@ -250,7 +251,8 @@ def plot_frontier(summary: dict[str, Any], sweeps: dict[str, list[tuple[Any, str
                       if n in rows and ykey in rows[n] and n not in fams]:  # a swept marker is its curve
             p = rows[n]
             ax.errorbar([p["pass@1"][0]], [p[ykey][0]], xerr=[p["pass@1"][1]], yerr=[p[ykey][1]], fmt=mk,
-                        markersize=11 if n == "base" else 8, color="black" if n == "base" else None, label=n)
+                        markersize=11 if n == "base" else 8, color="black",
+                        markerfacecolor="black" if n == "base" else "white", label=n)
         ax.set_xlabel("Pass@1 (in domain)")
         ax.set_ylabel(f"Pass@{k} ({name})")
         ax.set_title(f"Pass@1 vs Pass@{k}, {name}")
