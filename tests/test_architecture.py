@@ -296,6 +296,14 @@ def test_diversity_entries_train_from_their_config_keys(tmp_path, tok, make_mode
 def test_diversity_entries_refuse_impossible_settings(tmp_path):
     with pytest.raises(ConfigError, match="'passk_k'.*<= rollout_n"):
         base_cfg(tmp_path, "grpo", advantage="passk", passk_k=9, rollout_n=4)
+    # k = rollout_n: every group's pass@k is 0 or 1, every advantage 0 (pkpo still learns there)
+    with pytest.raises(ConfigError, match="'passk_k'.*every advantage is 0"):
+        base_cfg(tmp_path, "grpo", advantage="passk", passk_k=4, rollout_n=4)
+    with pytest.raises(ConfigError, match="'passk_k_final'.*every advantage is 0"):
+        base_cfg(tmp_path, "grpo", advantage="passk", passk_k=2, passk_k_final=4, passk_anneal_step=3,
+                 rollout_n=4)
+    assert base_cfg(tmp_path, "grpo", advantage="pkpo", passk_k=4, rollout_n=4).passk_k == 4
+    assert base_cfg(tmp_path, "grpo", advantage="passk", passk_k=3, passk_k_final=4, rollout_n=4).passk_k == 3
     with pytest.raises(ConfigError, match="'dual_clip'.*kl_cov"):
         TrainConfig(model="m", algorithm="dph", reference_store="s", policy_loss="kl_cov")
     assert (

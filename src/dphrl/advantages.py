@@ -163,7 +163,8 @@ def passk_advantages(
 
     (``eps`` as in the authors' code and ``grpo``; ``eps=0`` is the paper's formula.) Groups with
     rho in {0, 1} get exactly 0: no correct response, or k > n - c (every k-subset holds a correct
-    one; the formula is 0/0 there). k = 1 is GRPO with the population std: A = (r - p)/sqrt(p(1-p)).
+    one; the formula is 0/0 there), so at k = n every advantage is 0 (the config refuses
+    ``passk_k = rollout_n``). k = 1 is GRPO with the population std: A = (r - p)/sqrt(p(1-p)).
 
     Non-binary rewards are thresholded, not refused: pass@k is defined on correctness, and the project
     defines correctness once (``reward >= CORRECT_THRESHOLD``, also for -1/+1 and partial-credit

@@ -556,6 +556,11 @@ class TrainConfig:
                 f"<= rollout_n ({self.rollout_n}): pass@k of a group of rollout_n responses",
             )
             need(self.passk_k_final <= self.rollout_n, "passk_k_final", f"<= rollout_n ({self.rollout_n})")
+        if self.advantage == "passk":  # k = n: every k-subset is the whole group, rho is 0 or 1, A = 0
+            why = (f"< rollout_n ({self.rollout_n}) with advantage passk: at k = rollout_n every group's "
+                   "pass@k is 0 or 1 and every advantage is 0 (the run would not learn)")
+            need(self.passk_k < self.rollout_n, "passk_k", why)
+            need(not self.passk_anneal_step or self.passk_k_final < self.rollout_n, "passk_k_final", why)
         if "clip_cov_lb" in self.entry_params("policy_loss").values():
             need(self.clip_cov_lb < self.clip_cov_ub, "clip_cov_ub", f"> clip_cov_lb ({self.clip_cov_lb})")
         if "kl_cov_ratio" in self.entry_params("policy_loss").values():

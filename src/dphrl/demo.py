@@ -120,7 +120,7 @@ MORE_METHODS: dict[str, dict[str, Any]] = {
     "clip-cov": {"algorithm": "grpo", "policy_loss": "clip_cov", "clip_cov_ratio": 0.0002, **SHARED_LOSS},
 }
 MORE_SWEEP: dict[str, tuple[str, list[float]]] = {
-    "passk": ("passk_k", [2, 8]),
+    "passk": ("passk_k", [2, 6]),  # k = 8 = rollout_n gives every group advantage 0 (the base, exactly)
     "pkpo": ("passk_k", [2, 8]),
     "w-reinforce": ("w_reinforce_lambda", [0.03, 0.3]),
     "w-reinforce-tm": ("w_reinforce_lambda", [0.03, 0.3]),
