@@ -290,7 +290,9 @@ class TrainConfig:
     )
     ppo_kl_coef: float = _f(
         1.0,
-        "policy_loss kl_cov: weight of the |log ratio| penalty (the paper's 1).",
+        "policy_loss kl_cov: weight of the |log ratio| penalty (the paper's 1). The penalty acts only "
+        'when pi moves away from pi_old within a step (ppo_epochs > 1 or mini_batches > 1); on-policy '
+        '|log ratio| is rounding noise (~3e-7 in the demo) and its gradient that noise\'s sign.',
         check=Range(ge=0),
     )
     clip_cov_ratio: float = _f(

@@ -328,8 +328,10 @@ def kl_cov_loss(
     then aggregated by ``agg``. No ratio clipping (as the paper's objective and the authors' verl code):
     the penalty is the only trust region, so ``clip_low`` / ``clip_high`` are accepted for a uniform call
     and ignored, and ``dual_clip`` is refused. Paper defaults: kl_cov_ratio 2e-3 (Qwen2.5-7B; 2e-4 for
-    32B), ppo_kl_coef 1. The |log-ratio| has gradient sign(logp - old_logp) (0 on the first on-policy
-    step, where logp == old_logp). Selection is per call, i.e. per micro-batch, as in verl.
+    32B), ppo_kl_coef 1. The |log-ratio| has gradient sign(logp - old_logp): 0 where logp == old_logp
+    exactly, but on-policy with pi_old from the rollout engine the two differ by rounding (~3e-7 in the
+    demo), so the penalty acts only through that noise's sign; it is meant for updates where pi leaves
+    pi_old (ppo_epochs > 1 or mini_batches > 1). Selection is per call, i.e. per micro-batch, as in verl.
     Metrics: ``pg/kl_cov_frac`` (selected / real tokens), ``pg/abs_log_ratio`` (mean |logp - old_logp|),
     ``pg/approx_kl``, ``pg/ratio_mean``, ``pg/ratio_max``.
     """
