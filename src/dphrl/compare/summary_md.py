@@ -90,20 +90,31 @@ def _claims(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _paired(summary: dict[str, Any]) -> list[str]:
-    paired = summary.get("paired") or {}
-    if not paired:
+def _diff_table(rows: dict[str, dict[str, Any]], title: str, intro: str, first: str,
+                span: bool = False) -> list[str]:
+    """One table of per-seed difference stats (paired, against curves, family against family): a row per
+    comparison, a column per metric; ``span`` adds the rows' Pass@1 ``overlap`` as a second column."""
+    if not rows:
         return []
-    keys = list(dict.fromkeys(k for row in paired.values() for k in row))
-    lines = ["", "## Differences between methods, paired by seed", "",
-             "Each cell: the mean ± std over seeds of (first run - second run) on the same seed, and on how "
-             "many seeds the difference has the mean's sign. **Bold**: every seed agrees and |mean| > std "
-             "(needs 2+ seeds). Forgetting is a KL: negative means the first run moved less from the base.",
-             "", "| runs | " + " | ".join(_col(k) for k in keys) + " |", "|---|" + "---|" * len(keys)]
-    for pair, row in paired.items():
-        cells = " | ".join(_diff_cell(row.get(k), k) for k in keys)
-        lines.append(f"| {pair.replace(' - ', ' − ')} | {cells} |")
+    keys = list(dict.fromkeys(k for row in rows.values() for k in row if k != "overlap"))
+    lines = ["", f"## {title}", "", intro, "",
+             f"| {first} | " + ("Pass@1 range | " if span else "") + " | ".join(_col(k) for k in keys) + " |",
+             "|---|" + ("---|" if span else "") + "---|" * len(keys)]
+    for name, row in rows.items():
+        ov = row.get("overlap")
+        lead = (f"{ov[0]:.3f}-{ov[1]:.3f} | " if ov else "none | ") if span else ""
+        lines.append(f"| {name} | {lead}" + " | ".join(_diff_cell(row.get(k), k) for k in keys) + " |")
     return lines
+
+
+def _paired(summary: dict[str, Any]) -> list[str]:
+    rows = {pair.replace(" - ", " − "): row for pair, row in (summary.get("paired") or {}).items()}
+    return _diff_table(
+        rows, "Differences between methods, paired by seed",
+        "Each cell: the mean ± std over seeds of (first run - second run) on the same seed, and on how "
+        "many seeds the difference has the mean's sign. **Bold**: every seed agrees and |mean| > std "
+        "(needs 2+ seeds). Forgetting is a KL: negative means the first run moved less from the base.",
+        "runs")
 
 
 def _col(key: str) -> str:
@@ -122,39 +133,26 @@ def _diff_cell(d: dict[str, Any] | None, key: str) -> str:
 
 
 def _against_curves(summary: dict[str, Any]) -> list[str]:
-    rows = summary.get("against_curves") or {}
-    if not rows:
-        return []
-    keys = list(dict.fromkeys(k for row in rows.values() for k in row))
-    lines = ["", "## Each method against each swept family at the method's own Pass@1", "",
-             "Each cell: on every seed, the method's number minus the family's curve (its runs' in-domain "
-             "Pass@1 against the number, linear between points) read at the method's Pass@1; mean ± std "
-             "over the seeds where that Pass@1 lies inside the family's range, and on how many the "
-             "difference has the mean's sign. **Bold** as above; 'outside' counts the seeds out of range.",
-             "", "| method vs family | " + " | ".join(_col(k) for k in keys) + " |",
-             "|---|" + "---|" * len(keys)]
-    for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_diff_cell(row.get(k), k) for k in keys) + " |")
-    return lines
+    return _diff_table(
+        summary.get("against_curves") or {},
+        "Each method against each swept family at the method's own Pass@1",
+        "Each cell: on every seed, the method's number minus the family's curve (its runs' in-domain "
+        "Pass@1 against the number, linear between points) read at the method's Pass@1; mean ± std "
+        "over the seeds where that Pass@1 lies inside the family's range, and on how many the "
+        "difference has the mean's sign. **Bold** as above; 'outside' counts the seeds out of range.",
+        "method vs family")
 
 
 def _family_gaps(summary: dict[str, Any]) -> list[str]:
-    rows = summary.get("family_gaps") or {}
-    if not rows:
-        return []
-    keys = list(dict.fromkeys(k for row in rows.values() for k in row if k != "overlap"))
-    lines = ["", "## Family against family at matched Pass@1, over the range both cover", "",
-             "Each cell: on every seed, the first family's curve minus the second's (in-domain Pass@1 "
-             "against the number, linear between points), averaged over the Pass@1 range both families "
-             "cover on that seed (its mean over seeds in the second column); mean ± std over the seeds "
-             "where the ranges overlap, and on how many the difference has the mean's sign. **Bold** as "
-             "above; 'outside' counts the seeds whose ranges do not overlap.", "",
-             "| families | Pass@1 range | " + " | ".join(_col(k) for k in keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
-    for name, row in rows.items():
-        span = f"{row['overlap'][0]:.3f}-{row['overlap'][1]:.3f}" if row.get("overlap") else "none"
-        lines.append(f"| {name} | {span} | " + " | ".join(_diff_cell(row.get(k), k) for k in keys) + " |")
-    return lines
+    return _diff_table(
+        summary.get("family_gaps") or {},
+        "Family against family at matched Pass@1, over the range both cover",
+        "Each cell: on every seed, the first family's curve minus the second's (in-domain Pass@1 "
+        "against the number, linear between points), averaged over the Pass@1 range both families "
+        "cover on that seed (its mean over seeds in the second column); mean ± std over the seeds "
+        "where the ranges overlap, and on how many the difference has the mean's sign. **Bold** as "
+        "above; 'outside' counts the seeds whose ranges do not overlap.",
+        "families", span=True)
 
 
 def _timing(summary: dict[str, Any]) -> list[str]:
